@@ -1,0 +1,86 @@
+"""Input checks shared by every public entry point.
+
+Each check raises a ``ValueError`` that names the argument, what was expected and what came.
+Checks never modify a model: callers validate everything before they change any state.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+
+def as_float_tensor(
+    value: Any, name: str, *, device: torch.device | None, dtype: torch.dtype | None
+) -> torch.Tensor:
+    """Convert a tensor, numpy array or nested sequence to a floating tensor.
+
+    ``dtype=None`` keeps a floating input's dtype (numpy float64 stays float64) and turns
+    anything else into torch's default dtype.
+    """
+    if isinstance(value, torch.Tensor):
+        tensor = value
+    else:
+        try:
+            tensor = torch.as_tensor(np.asarray(value))
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise ValueError(f"{name} must be a tensor or array of numbers, got {type(value).__name__}") from err
+    if tensor.is_complex() or tensor.dtype == torch.bool:
+        raise ValueError(f"{name} must hold real numbers, got dtype {tensor.dtype}")
+    if dtype is None:
+        dtype = tensor.dtype if tensor.is_floating_point() else torch.get_default_dtype()
+    return tensor.to(device=device, dtype=dtype)
+
+
+def check_finite(tensor: torch.Tensor, name: str) -> None:
+    """Reject NaN and infinity, saying how many entries are bad."""
+    bad = ~torch.isfinite(tensor)
+    if bool(bad.any()):
+        raise ValueError(f"{name} must be finite, got {int(bad.sum())} NaN or infinite value(s)")
+
+
+def check_data(
+    X: torch.Tensor,
+    name: str,
+    *,
+    n_features: int | None,
+    batch_shape: torch.Size,
+    min_samples: int = 1,
+) -> None:
+    """Check that data has shape ``(N, D)`` or ``(*batch_shape, N, D)`` and is finite."""
+    batch = tuple(batch_shape)
+    d = "D" if n_features is None else f"D={n_features}"
+    expected = f"(N, {d})" + (f" or ({', '.join(map(str, batch))}, N, {d})" if batch else "")
+    shape_ok = X.dim() == 2 or (X.dim() == 2 + len(batch) and tuple(X.shape[:-2]) == batch)
+    if not shape_ok or (n_features is not None and X.shape[-1] != n_features):
+        raise ValueError(f"{name} must have shape {expected}, got {tuple(X.shape)}")
+    if X.shape[-2] < min_samples:
+        raise ValueError(
+            f"{name} must have at least {min_samples} sample(s) (one per component), got N={X.shape[-2]}"
+        )
+    check_finite(X, name)
+
+
+def check_positive(value: float, name: str, *, allow_zero: bool = False) -> None:
+    ok = value >= 0 if allow_zero else value > 0
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not ok or value != value:
+        raise ValueError(f"{name} must be a {'non-negative' if allow_zero else 'positive'} number, got {value!r}")
+
+
+def check_int(value: int, name: str, *, minimum: int) -> None:
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def check_choice(value: str, name: str, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+
+
+def check_shape(tensor: torch.Tensor, name: str, per_model: tuple[int, ...], batch_shape: torch.Size) -> None:
+    """An initial parameter has its per-model shape, optionally preceded by the batch shape."""
+    full = tuple(batch_shape) + per_model
+    if tuple(tensor.shape) not in (per_model, full):
+        options = f"{per_model}" + (f" or {full}" if full != per_model else "")
+        raise ValueError(f"{name} must have shape {options}, got {tuple(tensor.shape)}")

@@ -1,0 +1,294 @@
+"""The EM engine shared by every family: chunked E-step, M-step with re-seeding, the EM loop.
+
+Inside a fit every tensor carries a working batch ``(R, M)``: ``R`` restarts (``n_init``) times
+``M`` independent models (the flattened ``batch_shape``). Data are either shared by all models,
+``X (N, D)``, or one dataset per model, ``X (M, N, D)``. Component log-densities are laid out to
+make the GEMMs free of copies:
+
+    shared data:    log_prob (n, R, M, K)     one GEMM  T (n, F) @ eta^T (F, R*M*K)
+    per-model data: log_prob (R, M, n, K)     one batched GEMM  T (M, n, F) @ eta^T (R, M, F, K)
+
+so the point axis is ``0`` or ``2`` (``Data.point_dim``); K is always last.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+
+from .families.base import ComponentFamily, IllConditionedError, Theta
+
+#: Log-density rows per chunk are chosen so one chunk's (n, R*M*K) block stays near this size.
+CHUNK_ELEMENTS = 1 << 21
+#: Features of the whole dataset are computed once per fit when they take at most this many bytes.
+FEATURE_CACHE_BYTES = 256 << 20
+
+
+def default_chunk_size(n_models: int, n_components: int, n_stats: int) -> int:
+    return max(256, CHUNK_ELEMENTS // max(1, n_models * n_components + n_stats))
+
+
+class Data:
+    """Data prepared for EM: features ``T(x)`` of fixed-size row chunks, cached when small.
+
+    X: (N, D) shared by every model or (M, N, D) one dataset per model.
+    shift: the family's reference point, broadcastable to data and parameters, or None.
+    """
+
+    def __init__(self, family: ComponentFamily, X: torch.Tensor, shift: torch.Tensor | None, chunk_size: int):
+        self.family = family
+        self.X = X
+        self.shift = shift
+        self.shared = X.dim() == 2
+        self.point_dim = 0 if self.shared else 2
+        self.n_points = X.shape[-2]
+        self.bounds = [(start, min(start + chunk_size, self.n_points)) for start in range(0, self.n_points, chunk_size)]
+        self._cache: list[tuple[torch.Tensor, torch.Tensor | None]] | None = None
+        first, _ = family.features(X[..., :1, :], shift)
+        if X.numel() // X.shape[-1] * first.shape[-1] * X.element_size() <= FEATURE_CACHE_BYTES:
+            self._cache = [self._features(start, stop) for start, stop in self.bounds]
+
+    def _features(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.family.features(self.X[..., start:stop, :], self.shift)
+
+    def chunks(self) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+        """Yields ``(T, h)``: T (n, F) or (M, n, F); h (n,) or (M, n) or None."""
+        if self._cache is not None:
+            yield from self._cache
+        else:
+            for start, stop in self.bounds:
+                yield self._features(start, stop)
+
+
+def component_log_prob(
+    T: torch.Tensor, h: torch.Tensor | None, eta: torch.Tensor, const: torch.Tensor
+) -> torch.Tensor:
+    """``log p(x_n | component k of model (r, m)) + const`` for one chunk.
+
+    T (n, F) shared or (M, n, F); eta (R, M, K, F); const (R, M, K).
+    Returns (n, R, M, K) for shared data, (R, M, n, K) otherwise.
+    """
+    if T.dim() == 2:
+        lp = (T @ eta.reshape(-1, eta.shape[-1]).T).view(T.shape[0], *eta.shape[:-1])  # (n, R, M, K)
+        lp = lp + const
+        return lp if h is None else lp + h[:, None, None, None]
+    lp = T @ eta.mT + const.unsqueeze(-2)  # (R, M, n, K)
+    return lp if h is None else lp + h.unsqueeze(-1)
+
+
+def normalise(log_joint: torch.Tensor, inplace: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Responsibilities and per-point log-likelihood from ``log_joint`` (..., K).
+
+    Written out (max-subtract, exp, normalise) rather than ``softmax``/``logsumexp``: it is one
+    exp per entry and several times faster over a short last dimension.
+    Returns resp (..., K) and log-likelihood (...).
+    """
+    peak = log_joint.amax(-1, keepdim=True)
+    resp = log_joint.sub_(peak).exp_() if inplace else (log_joint - peak).exp()
+    total = resp.sum(-1, keepdim=True)
+    resp = resp.div_(total) if inplace else resp / total
+    return resp, (peak + total.log()).squeeze(-1)
+
+
+def weighted_statistics(T: torch.Tensor, resp: torch.Tensor) -> torch.Tensor:
+    """``S[r, m, k] = sum_n resp[n, k] T(x_n)``: (R, M, K, F) from T (n, F) with resp (n, R, M, K),
+    or from T (M, n, F) with resp (R, M, n, K)."""
+    if T.dim() == 2:
+        n, R, M, K = resp.shape
+        return (resp.reshape(n, R * M * K).T @ T).view(R, M, K, T.shape[-1])
+    return resp.mT @ T
+
+
+@dataclass
+class Statistics:
+    """Sums over points for a working batch (R, M)."""
+
+    counts: torch.Tensor  # (R, M, K) expected number of points per component
+    sums: torch.Tensor  # (R, M, K, F) expected sufficient statistics
+    log_likelihood: torch.Tensor  # (R, M) total log-likelihood of the data (nan if not computed)
+
+
+def e_step(data: Data, eta: torch.Tensor, const: torch.Tensor) -> Statistics:
+    """One pass over the data: statistics and total log-likelihood under (eta, const + log w)."""
+    counts = sums = total = None
+    for T, h in data.chunks():
+        resp, ll = normalise(component_log_prob(T, h, eta, const), inplace=True)
+        chunk_counts, chunk_sums = resp.sum(data.point_dim), weighted_statistics(T, resp)
+        chunk_total = ll.sum(data.point_dim)
+        if counts is None:
+            counts, sums, total = chunk_counts, chunk_sums, chunk_total
+        else:
+            counts, sums, total = counts + chunk_counts, sums + chunk_sums, total + chunk_total
+    return Statistics(counts, sums, total)
+
+
+def statistics_from_responsibilities(data: Data, resp_fn: Callable[[int, int], torch.Tensor]) -> Statistics:
+    """Statistics for given responsibilities; ``resp_fn(start, stop)`` -> (R, M, n, K)."""
+    counts = sums = None
+    for (start, stop), (T, _) in zip(data.bounds, data.chunks()):
+        resp = resp_fn(start, stop)
+        if data.shared:
+            resp = resp.permute(2, 0, 1, 3)  # (n, R, M, K)
+        chunk_counts, chunk_sums = resp.sum(data.point_dim), weighted_statistics(T, resp)
+        counts = chunk_counts if counts is None else counts + chunk_counts
+        sums = chunk_sums if sums is None else sums + chunk_sums
+    nan = torch.full(counts.shape[:2], math.nan, dtype=counts.dtype, device=counts.device)
+    return Statistics(counts, sums, nan)
+
+
+def worst_point_features(data: Data, eta: torch.Tensor, const: torch.Tensor, k: int) -> torch.Tensor:
+    """Features (R, M, k, F) of the k points with the lowest log-likelihood per model, worst first."""
+    best_values = best_features = None
+    for T, h in data.chunks():
+        _, ll = normalise(component_log_prob(T, h, eta, const), inplace=True)
+        if data.shared:
+            ll = ll.permute(1, 2, 0)  # (R, M, n)
+        values, index = ll.topk(min(k, ll.shape[-1]), dim=-1, largest=False)  # (R, M, k')
+        if data.shared:
+            feats = T[index]  # (R, M, k', F)
+        else:
+            expanded = T.expand(ll.shape[0], *T.shape)
+            feats = expanded.gather(2, index.unsqueeze(-1).expand(*index.shape, T.shape[-1]))
+        if best_values is not None:
+            values = torch.cat([best_values, values], -1)
+            feats = torch.cat([best_features, feats], -2)
+            values, keep = values.topk(min(k, values.shape[-1]), dim=-1, largest=False)
+            feats = feats.gather(2, keep.unsqueeze(-1).expand(*keep.shape, feats.shape[-1]))
+        best_values, best_features = values, feats
+    if best_features.shape[2] < k:  # fewer points than components: repeat the worst ones
+        repeats = math.ceil(k / best_features.shape[2])
+        best_features = best_features.repeat(1, 1, repeats, 1)[:, :, :k]
+    return best_features
+
+
+def reseed_empty(
+    family: ComponentFamily, stats: Statistics, candidates: Callable[[int], torch.Tensor], active: torch.Tensor
+) -> Statistics:
+    """Replace the statistics of components with fewer than ``family.min_count`` points (in
+    active models) by one pseudo-point each at the worst-explained data points.
+
+    ``candidates(k)`` returns the features (R, M, k, F) of the k worst points, worst first; it is
+    only called when a component is empty, so the extra pass over the data is rare.
+    """
+    empty = (stats.counts < family.min_count) & active.unsqueeze(-1)  # (R, M, K)
+    if not bool(empty.any()):
+        return stats
+    n_components = stats.counts.shape[-1]
+    points = candidates(n_components)  # (R, M, K, F)
+    rank = (empty.cumsum(-1) - 1).clamp_min(0)  # j-th empty component takes the j-th worst point
+    chosen = points.gather(2, rank.unsqueeze(-1).expand(*rank.shape, points.shape[-1]))
+    total_count = stats.counts.sum(-1, keepdim=True)  # (R, M, 1)
+    mean_features = stats.sums.sum(-2, keepdim=True) / total_count.unsqueeze(-1)  # (R, M, 1, F)
+    pseudo = family.reseed_statistics(chosen, mean_features.expand_as(chosen))
+    counts = torch.where(empty, torch.ones_like(stats.counts), stats.counts)
+    sums = torch.where(empty.unsqueeze(-1), pseudo, stats.sums)
+    return Statistics(counts, sums, stats.log_likelihood)
+
+
+def m_step(
+    family: ComponentFamily, stats: Statistics, shift: torch.Tensor | None, active: torch.Tensor,
+    describe_model: Callable[[int, int], str], when: str,
+) -> tuple[torch.Tensor, Theta]:
+    """Closed-form M-step for the working batch: (log_weights (R, M, K), theta).
+
+    Raises IllConditionedError naming the first invalid component of an active model.
+    """
+    counts = stats.counts + 10 * torch.finfo(stats.counts.dtype).eps
+    log_weights = counts.log() - counts.sum(-1, keepdim=True).log()
+    theta, valid = family.m_step(counts, stats.sums, shift)
+    invalid = ~valid & active.unsqueeze(-1)
+    if bool(invalid.any()):
+        r, m, k = (int(i) for i in invalid.nonzero()[0])
+        raise IllConditionedError(
+            f"{when}: component {k} of {describe_model(r, m)} is invalid: {family.invalid_component_advice()}"
+        )
+    return log_weights, theta
+
+
+def natural_with_weights(
+    family: ComponentFamily, theta: Theta, log_weights: torch.Tensor, shift: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    eta, const = family.natural_parameters(theta, shift)
+    return eta, const + log_weights
+
+
+@dataclass
+class EMResult:
+    log_weights: torch.Tensor  # (R, M, K)
+    theta: Theta  # (R, M, ...)
+    lower_bound: torch.Tensor  # (R, M) mean log-likelihood at the last E-step of each model
+    n_iter: torch.Tensor  # (R, M) iterations run by each model
+    converged: torch.Tensor  # (R, M) bool
+    history: torch.Tensor  # (R, M, n_iterations) lower bound per iteration, padded with the last
+
+
+def run_em(
+    family: ComponentFamily, data: Data, log_weights: torch.Tensor, theta: Theta, *,
+    max_iter: int, tol: float, describe_model: Callable[[int, int], str], progress=None,
+) -> EMResult:
+    """EM until every model has converged (|change of the mean log-likelihood| < tol) or
+    ``max_iter`` iterations. A converged model keeps its parameters while the others go on.
+
+    Semantics follow scikit-learn: in iteration i the E-step gives the lower bound of the current
+    parameters, then the M-step updates them; a model converges in the iteration whose lower
+    bound changed by less than tol, and keeps that iteration's M-step.
+    """
+    R, M = log_weights.shape[:2]
+    device = log_weights.device
+    active = torch.ones(R, M, dtype=torch.bool, device=device)
+    converged = torch.zeros_like(active)
+    n_iter = torch.zeros(R, M, dtype=torch.long, device=device)
+    previous = torch.full((R, M), -math.inf, dtype=log_weights.dtype, device=device)
+    lower_bound = torch.full_like(previous, math.nan)
+    history = []
+    for iteration in range(1, max_iter + 1):
+        eta, const = natural_with_weights(family, theta, log_weights, data.shift)
+        stats = e_step(data, eta, const)
+        current = stats.log_likelihood / data.n_points
+        bad = ~torch.isfinite(current) & active
+        if bool(bad.any()):
+            r, m = (int(i) for i in bad.nonzero()[0])
+            raise IllConditionedError(
+                f"EM iteration {iteration}: the log-likelihood of {describe_model(r, m)} is not finite; "
+                "use float64, scale the data or increase the regularisation"
+            )
+        stats = reseed_empty(family, stats, lambda k: worst_point_features(data, eta, const, k), active)
+        new_log_weights, new_theta = m_step(
+            family, stats, data.shift, active, describe_model, f"EM iteration {iteration}"
+        )
+        log_weights = _where_active(active, new_log_weights, log_weights)
+        theta = {name: _where_active(active, new_theta[name], value) for name, value in theta.items()}
+        lower_bound = torch.where(active, current, lower_bound)
+        n_iter = torch.where(active, iteration, n_iter)
+        history.append(lower_bound)
+        newly_converged = active & ((current - previous).abs() < tol)
+        converged |= newly_converged
+        active &= ~newly_converged
+        previous = current
+        n_active = int(active.sum())
+        if progress is not None:
+            progress.update(1)
+            progress.set_postfix(lower_bound=f"{lower_bound.mean().item():.6g}", active=n_active)
+        if n_active == 0:
+            break
+    if not bool(converged.all()):
+        warnings.warn(
+            f"{int((~converged).sum())} of {R * M} fits did not converge in max_iter={max_iter} iterations; "
+            "increase max_iter or tol, or check the data",
+            ConvergenceWarning,
+            stacklevel=3,
+        )
+    history_tensor = torch.stack(history, -1) if history else lower_bound.unsqueeze(-1)[..., :0]
+    return EMResult(log_weights, theta, lower_bound, n_iter, converged, history_tensor)
+
+
+def _where_active(active: torch.Tensor, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+    mask = active.view(*active.shape, *([1] * (new.dim() - active.dim())))
+    return torch.where(mask, new, old)
+
+
+class ConvergenceWarning(UserWarning):
+    """EM stopped at max_iter before the lower bound settled."""

@@ -1,0 +1,119 @@
+"""The protocol every component family implements.
+
+Every family here is an exponential family, so a component's log-density is linear in a
+sufficient-statistic vector ``T(x)`` of length F::
+
+    log p(x | theta_k) = T(x) . eta_k + c_k + h(x)
+
+with natural parameters ``eta_k``, log-normaliser term ``c_k`` and base measure ``h(x)``. The
+mixture (``torch_em.em``) then evaluates all components of all models with one GEMM, and the
+E-step statistics are one more GEMM: ``S = resp^T @ T(X)``. A family only describes:
+
+    T, h    = features(X, shift)            # (..., n, F), (..., n) or None: data transform
+    eta, c  = natural_parameters(theta, shift)   # (*batch, K, F), (*batch, K): differentiable
+    theta   = m_step(counts, S, shift)      # closed-form maximiser from (*batch, K) and (*batch, K, F)
+
+Statistics are sums, so full-batch, chunked, streaming and distributed EM all reuse them.
+``shift`` is an optional reference point (the data mean for Gaussians) about which features and
+statistics are taken, which keeps second moments well conditioned; it has shape ``(D,)`` or
+``(M, 1, D)`` so that it broadcasts against both data ``(..., n, D)`` and parameters
+``(R, M, K, D)``. Families that need none return ``None`` from :meth:`reference`.
+
+``theta`` is a dictionary of unconstrained tensors shaped ``(*batch, *event_shape)``: the same
+tensors are the module's ``nn.Parameter`` s, so autograd and EM share one storage.
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+
+Theta = dict[str, torch.Tensor]
+
+
+class IllConditionedError(ValueError):
+    """An M-step produced a component whose parameters are not valid (e.g. a covariance that is
+    not positive definite). The message names the model and component and the remedies."""
+
+
+class ComponentFamily:
+    """K components of one exponential family for a batch of independent models."""
+
+    #: A component with fewer expected points than this is re-seeded by the mixture.
+    min_count: float = 1e-3
+
+    # --- parameter layout -------------------------------------------------------------------
+    def event_shapes(self, n_components: int, n_features: int) -> dict[str, tuple[int, ...]]:
+        """Per-model shape of every unconstrained parameter."""
+        raise NotImplementedError
+
+    def n_free_parameters(self, n_components: int, n_features: int) -> int:
+        """Number of free parameters of the K components (for BIC/AIC)."""
+        raise NotImplementedError
+
+    def default_parameters(
+        self, batch_shape: tuple[int, ...], n_components: int, n_features: int,
+        generator: torch.Generator, device: torch.device, dtype: torch.dtype,
+    ) -> Theta:
+        """Parameters for a module built before any fit (random, but not degenerate)."""
+        raise NotImplementedError
+
+    def user_initial_parameters(
+        self, batch_shape: tuple[int, ...], n_components: int, n_features: int,
+        device: torch.device, dtype: torch.dtype,
+    ) -> Theta:
+        """Validated user-supplied initial parameters (any subset of theta); raises ValueError.
+        Each tensor has the batch dimensions in front, broadcast to ``batch_shape``."""
+        return {}
+
+    def initial_centres(self, batch_shape: tuple[int, ...], n_components: int, n_features: int,
+                        device: torch.device, dtype: torch.dtype) -> torch.Tensor | None:
+        """User-supplied component locations ``(*batch, K, D)`` that seed the initial assignment
+        of points (e.g. ``means_init``), or None."""
+        return None
+
+    def n_features_of(self, theta: Mapping[str, torch.Tensor]) -> int:
+        """D, read off parameters (by default the last dimension of the first one)."""
+        return next(iter(theta.values())).shape[-1]
+
+    # --- data ------------------------------------------------------------------------------
+    def check_domain(self, X: torch.Tensor, name: str) -> None:
+        """Raise ValueError if X is outside the family's support (finiteness is already checked)."""
+
+    def reference(self, X: torch.Tensor) -> torch.Tensor | None:
+        """Point about which statistics are taken, ``X.mean`` over points, or None."""
+        return None
+
+    # --- the EM functions ------------------------------------------------------------------
+    def features(self, X: torch.Tensor, shift: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Sufficient statistics ``T(x)`` (..., n, F) and base measure ``h(x)`` (..., n) or None."""
+        raise NotImplementedError
+
+    def natural_parameters(
+        self, theta: Mapping[str, torch.Tensor], shift: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``eta`` (*batch, K, F) and ``c`` (*batch, K) such that log p = T(x).eta + c + h(x)."""
+        raise NotImplementedError
+
+    def m_step(
+        self, counts: torch.Tensor, stats: torch.Tensor, shift: torch.Tensor | None
+    ) -> tuple[Theta, torch.Tensor]:
+        """Closed-form maximiser. Returns theta and a (*batch, K) bool mask of components whose
+        parameters are valid (False: e.g. a failed Cholesky factorisation)."""
+        raise NotImplementedError
+
+    def invalid_component_advice(self) -> str:
+        """What a user can do when :meth:`m_step` reports an invalid component."""
+        return "use float64 or rescale the data"
+
+    def reseed_statistics(self, point_features: torch.Tensor, mean_features: torch.Tensor) -> torch.Tensor:
+        """Statistics of one pseudo-point that replace those of an empty component.
+
+        point_features (..., F): features of the worst-explained data point;
+        mean_features (..., F): the model's average feature vector over all points.
+        """
+        return point_features
+
+    def sample(self, theta: Mapping[str, torch.Tensor], labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Draw one point per label; labels (*batch, n) -> samples (*batch, n, D)."""
+        raise NotImplementedError

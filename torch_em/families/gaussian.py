@@ -1,0 +1,302 @@
+"""Multivariate Gaussian components with full, tied, diagonal or spherical covariance.
+
+Unconstrained parameters (``K`` components, ``D`` features, batch dims in front):
+
+    loc                      (*b, K, D)     component means
+    raw_precision_cholesky   full (*b, K, D, D) | tied (*b, D, D) | diag (*b, K, D) | spherical (*b, K)
+
+``raw_precision_cholesky`` is the upper-triangular Cholesky factor ``P`` of the precision
+(``Lambda = P P^T``, scikit-learn's ``precisions_cholesky_``) with its diagonal stored as a
+logarithm, so any real tensor is a valid parameter (entries below the diagonal are ignored).
+
+Exponential-family form. With ``x~ = x - s`` and ``mu~ = mu - s`` for a fixed shift ``s`` (the data
+mean), ``log N(x | mu, Sigma) = T(x~).eta + c`` where
+
+    full / tied: T = [x~, triu(x~ x~^T)]  eta = [Lambda mu~, -1/2 triu(Lambda) * (2 off the diagonal)]
+    diag:        T = [x~, x~^2]           eta = [lambda * mu~, -lambda / 2]
+    spherical:   T = [x~, |x~|^2]         eta = [lambda * mu~, -lambda / 2]
+    c = 1/2 log|Lambda| - 1/2 mu~^T Lambda mu~ - D/2 log(2 pi)
+
+Centring keeps the expanded quadratic form from cancelling catastrophically: its relative
+error grows like eps * (|mu~| / sigma)^2, small when the data are centred.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+import torch
+
+from .._validation import as_float_tensor, check_finite, check_positive, check_shape
+from .base import ComponentFamily, Theta
+
+COVARIANCE_TYPES = ("full", "tied", "diag", "spherical")
+
+
+def _triu_indices(n_features: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    rows, cols = torch.triu_indices(n_features, n_features, device=device)
+    return rows, cols
+
+
+def upper_cholesky_from_precision(precision: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Upper-triangular ``P`` with ``precision = P P^T`` (..., D, D), and the cholesky_ex info.
+
+    Reversing the order of the features (J) turns the lower factor of ``J Lambda J`` into the
+    upper factor of ``Lambda``: ``Lambda = (J L J)(J L J)^T``.
+    """
+    flipped = precision.flip(-1, -2)
+    lower, info = torch.linalg.cholesky_ex(flipped)
+    return lower.flip(-1, -2), info
+
+
+def precision_cholesky_from_covariance(covariance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Upper ``P = L^{-T}`` for ``covariance = L L^T`` (..., D, D), and the cholesky_ex info."""
+    lower, info = torch.linalg.cholesky_ex(covariance)
+    eye = torch.eye(covariance.shape[-1], dtype=covariance.dtype, device=covariance.device)
+    # Where the factorisation failed, solve with the identity so no NaN/inf is produced.
+    lower = torch.where((info > 0)[..., None, None], eye, lower)
+    inverse = torch.linalg.solve_triangular(lower, eye.expand_as(lower), upper=False)
+    return inverse.mT, info
+
+
+def pack_raw_triangular(upper: torch.Tensor) -> torch.Tensor:
+    """Upper-triangular factor with positive diagonal -> unconstrained form (log diagonal)."""
+    return upper.triu(1) + torch.diag_embed(upper.diagonal(dim1=-2, dim2=-1).log())
+
+
+def unpack_raw_triangular(raw: torch.Tensor) -> torch.Tensor:
+    """Unconstrained form -> upper-triangular factor with positive diagonal."""
+    return raw.triu(1) + torch.diag_embed(raw.diagonal(dim1=-2, dim2=-1).exp())
+
+
+class Gaussian(ComponentFamily):
+    """Gaussian components. ``covariance_type`` has scikit-learn's meaning.
+
+    ``means_init`` (K, D) and ``precisions_init`` (full (K, D, D), tied (D, D), diag (K, D),
+    spherical (K,)) may carry the mixture's batch dimensions in front.
+    """
+
+    #: Components with fewer expected points than this are re-seeded.
+    min_count = 1e-3
+
+    def __init__(
+        self, covariance_type: str = "full", reg_covar: float = 1e-6, *,
+        means_init: Any = None, precisions_init: Any = None,
+    ) -> None:
+        if covariance_type not in COVARIANCE_TYPES:
+            raise ValueError(f"covariance_type must be one of {list(COVARIANCE_TYPES)}, got {covariance_type!r}")
+        check_positive(reg_covar, "reg_covar", allow_zero=True)
+        self.covariance_type = covariance_type
+        self.reg_covar = float(reg_covar)
+        self.means_init = means_init
+        self.precisions_init = precisions_init
+
+    # --- parameter layout -------------------------------------------------------------------
+    def precision_shape(self, n_components: int, n_features: int) -> tuple[int, ...]:
+        return {
+            "full": (n_components, n_features, n_features),
+            "tied": (n_features, n_features),
+            "diag": (n_components, n_features),
+            "spherical": (n_components,),
+        }[self.covariance_type]
+
+    def event_shapes(self, n_components: int, n_features: int) -> dict[str, tuple[int, ...]]:
+        return {
+            "loc": (n_components, n_features),
+            "raw_precision_cholesky": self.precision_shape(n_components, n_features),
+        }
+
+    def n_free_parameters(self, n_components: int, n_features: int) -> int:
+        per_covariance = {
+            "full": n_components * n_features * (n_features + 1) // 2,
+            "tied": n_features * (n_features + 1) // 2,
+            "diag": n_components * n_features,
+            "spherical": n_components,
+        }[self.covariance_type]
+        return n_components * n_features + per_covariance
+
+    def default_parameters(self, batch_shape, n_components, n_features, generator, device, dtype) -> Theta:
+        loc = torch.randn(*batch_shape, n_components, n_features, generator=generator, device=device, dtype=dtype)
+        raw = torch.zeros(*batch_shape, *self.precision_shape(n_components, n_features), device=device, dtype=dtype)
+        return {"loc": loc, "raw_precision_cholesky": raw}
+
+    def user_initial_parameters(self, batch_shape, n_components, n_features, device, dtype) -> Theta:
+        theta: Theta = {}
+        if self.means_init is not None:
+            theta["loc"] = self.initial_centres(batch_shape, n_components, n_features, device, dtype)
+        if self.precisions_init is not None:
+            shape = self.precision_shape(n_components, n_features)
+            precision = as_float_tensor(self.precisions_init, "precisions_init", device=device, dtype=dtype)
+            check_shape(precision, "precisions_init", shape, batch_shape)
+            check_finite(precision, "precisions_init")
+            precision = precision.expand(*batch_shape, *shape)
+            if self.covariance_type in ("full", "tied"):
+                if not torch.equal(precision, precision.mT):
+                    raise ValueError("precisions_init must hold symmetric matrices, got a non-symmetric one")
+                upper, info = upper_cholesky_from_precision(precision)
+                if bool((info > 0).any()):
+                    raise ValueError("precisions_init must hold positive-definite matrices, got one that is not")
+                theta["raw_precision_cholesky"] = pack_raw_triangular(upper)
+            else:
+                if bool((precision <= 0).any()):
+                    raise ValueError(
+                        f"precisions_init must be positive for covariance_type={self.covariance_type!r}, "
+                        f"got minimum {precision.min().item():.3g}"
+                    )
+                theta["raw_precision_cholesky"] = 0.5 * precision.log()
+        return theta
+
+    def initial_centres(self, batch_shape, n_components, n_features, device, dtype) -> torch.Tensor | None:
+        if self.means_init is None:
+            return None
+        means = as_float_tensor(self.means_init, "means_init", device=device, dtype=dtype)
+        check_shape(means, "means_init", (n_components, n_features), batch_shape)
+        check_finite(means, "means_init")
+        return means.expand(*batch_shape, n_components, n_features).clone()
+
+    # --- data --------------------------------------------------------------------------------
+    def reference(self, X: torch.Tensor) -> torch.Tensor:
+        return X.mean(-2, keepdim=True)
+
+    def n_statistics(self, n_features: int) -> int:
+        return {
+            "full": n_features + n_features * (n_features + 1) // 2,
+            "tied": n_features + n_features * (n_features + 1) // 2,
+            "diag": 2 * n_features,
+            "spherical": n_features + 1,
+        }[self.covariance_type]
+
+    def features(self, X: torch.Tensor, shift: torch.Tensor | None) -> tuple[torch.Tensor, None]:
+        centred = X if shift is None else X - shift
+        if self.covariance_type == "diag":
+            second = centred.square()
+        elif self.covariance_type == "spherical":
+            second = centred.square().sum(-1, keepdim=True)
+        else:
+            rows, cols = _triu_indices(X.shape[-1], X.device)
+            second = centred[..., rows] * centred[..., cols]
+        return torch.cat([centred, second], dim=-1), None
+
+    # --- constrained views -------------------------------------------------------------------
+    def precision_cholesky(self, theta: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        raw = theta["raw_precision_cholesky"]
+        return unpack_raw_triangular(raw) if self.covariance_type in ("full", "tied") else raw.exp()
+
+    def covariance(self, theta: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        chol = self.precision_cholesky(theta)
+        if self.covariance_type in ("full", "tied"):
+            eye = torch.eye(chol.shape[-1], dtype=chol.dtype, device=chol.device)
+            inverse = torch.linalg.solve_triangular(chol, eye.expand_as(chol), upper=True)
+            return inverse.mT @ inverse
+        return chol.square().reciprocal()
+
+    def precision(self, theta: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        chol = self.precision_cholesky(theta)
+        if self.covariance_type in ("full", "tied"):
+            return chol @ chol.mT
+        return chol.square()
+
+    # --- EM ----------------------------------------------------------------------------------
+    def natural_parameters(self, theta, shift) -> tuple[torch.Tensor, torch.Tensor]:
+        loc = theta["loc"]  # (*b, K, D)
+        n_features = loc.shape[-1]
+        centred = loc if shift is None else loc - shift
+        raw = theta["raw_precision_cholesky"]
+        precision = self.precision(theta)
+        if self.covariance_type in ("full", "tied"):
+            half_logdet = raw.diagonal(dim1=-2, dim2=-1).sum(-1)  # (*b, K) or (*b,)
+            if self.covariance_type == "tied":
+                precision = precision.unsqueeze(-3)  # (*b, 1, D, D)
+                half_logdet = half_logdet.unsqueeze(-1)
+            linear = (precision @ centred.unsqueeze(-1)).squeeze(-1)  # (*b, K, D)
+            rows, cols = _triu_indices(n_features, loc.device)
+            off_diagonal_twice = torch.where(rows == cols, 1.0, 2.0).to(loc.dtype)
+            quadratic = -0.5 * precision[..., rows, cols] * off_diagonal_twice  # (*b, K or 1, P)
+            quadratic = quadratic.expand(*linear.shape[:-1], quadratic.shape[-1])
+        else:
+            if self.covariance_type == "diag":
+                half_logdet = raw.sum(-1)
+            else:
+                half_logdet = n_features * raw
+                precision = precision.unsqueeze(-1)  # (*b, K, 1)
+            linear = precision * centred
+            quadratic = -0.5 * precision
+        mahalanobis_mean = (linear * centred).sum(-1)
+        const = half_logdet - 0.5 * mahalanobis_mean - 0.5 * n_features * math.log(2 * math.pi)
+        return torch.cat([linear, quadratic], dim=-1), const
+
+    def m_step(self, counts, stats, shift) -> tuple[Theta, torch.Tensor]:
+        n_features = self._n_features_from_stats(stats.shape[-1])
+        centred_mean = stats[..., :n_features] / counts.unsqueeze(-1)  # (*b, K, D)
+        second = stats[..., n_features:]
+        loc = centred_mean if shift is None else centred_mean + shift
+        if self.covariance_type in ("full", "tied"):
+            rows, cols = _triu_indices(n_features, stats.device)
+            scatter = stats.new_zeros(*second.shape[:-1], n_features, n_features)
+            scatter[..., rows, cols] = second
+            scatter = scatter + scatter.triu(1).mT  # symmetric Σ_n r x~ x~^T, (*b, K, D, D)
+            outer_means = centred_mean.unsqueeze(-1) * centred_mean.unsqueeze(-2)
+            if self.covariance_type == "full":
+                covariance = scatter / counts[..., None, None] - outer_means
+            else:
+                weighted = (counts[..., None, None] * outer_means).sum(-3)
+                covariance = (scatter.sum(-3) - weighted) / counts.sum(-1)[..., None, None]
+            covariance = covariance + self.reg_covar * torch.eye(n_features, dtype=stats.dtype, device=stats.device)
+            upper, info = precision_cholesky_from_covariance(covariance)
+            valid = info == 0
+            if self.covariance_type == "tied":
+                valid = valid.unsqueeze(-1).expand_as(counts)
+            raw = pack_raw_triangular(upper)
+        else:
+            if self.covariance_type == "diag":
+                variance = second / counts.unsqueeze(-1) - centred_mean.square() + self.reg_covar
+                valid = (variance > 0).all(-1)
+            else:
+                variance = (second[..., 0] / counts - centred_mean.square().sum(-1)) / n_features + self.reg_covar
+                valid = variance > 0
+            raw = -0.5 * variance.clamp_min(torch.finfo(stats.dtype).tiny).log()
+        return {"loc": loc, "raw_precision_cholesky": raw}, valid
+
+    def invalid_component_advice(self) -> str:
+        return ("its covariance is not positive definite. Increase reg_covar (now "
+                f"{self.reg_covar:g}), use float64, scale the data, or use fewer components")
+
+    def reseed_statistics(self, point_features, mean_features) -> torch.Tensor:
+        # One pseudo-point at the data point carrying the model's overall spread:
+        # T(x*) + (mean T - T(mean x)) adds the global covariance to the point's outer product.
+        n_features = self._n_features_from_stats(point_features.shape[-1])
+        global_mean = mean_features[..., :n_features]
+        return point_features + mean_features - self.features(global_mean, None)[0]
+
+    def _n_features_from_stats(self, n_stats: int) -> int:
+        if self.covariance_type == "diag":
+            return n_stats // 2
+        if self.covariance_type == "spherical":
+            return n_stats - 1
+        return _n_features_from_packed(n_stats)
+
+    def sample(self, theta, labels, generator) -> torch.Tensor:
+        loc = theta["loc"]  # (*b, K, D)
+        chol = self.precision_cholesky(theta)
+        index = labels.unsqueeze(-1).expand(*labels.shape, loc.shape[-1])
+        means = loc.gather(-2, index)  # (*b, n, D)
+        noise = torch.randn(means.shape, generator=generator, device=loc.device, dtype=loc.dtype)
+        if self.covariance_type in ("full", "tied"):
+            if self.covariance_type == "full":
+                d = loc.shape[-1]
+                gathered = chol.gather(-3, labels[..., None, None].expand(*labels.shape, d, d))  # (*b, n, D, D)
+            else:
+                gathered = chol.unsqueeze(-3).expand(*labels.shape, *chol.shape[-2:])
+            # x = mu + P^{-T} z has covariance P^{-T} P^{-1} = Lambda^{-1}.
+            offset = torch.linalg.solve_triangular(gathered.mT, noise.unsqueeze(-1), upper=False).squeeze(-1)
+        else:
+            scale = chol.reciprocal()  # (*b, K, D) or (*b, K)
+            if self.covariance_type == "spherical":
+                scale = scale.unsqueeze(-1).expand_as(loc)
+            offset = noise * scale.gather(-2, index)
+        return means + offset
+
+
+def _n_features_from_packed(n_stats: int) -> int:
+    # n_stats = D + D (D + 1) / 2  =>  D^2 + 3 D - 2 n_stats = 0
+    return int(round((-3 + math.sqrt(9 + 8 * n_stats)) / 2))

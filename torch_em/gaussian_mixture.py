@@ -1,0 +1,80 @@
+"""``GaussianMixture``: the mixture with the Gaussian family and scikit-learn's API."""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+
+from .families.gaussian import Gaussian
+from .mixture import Mixture
+
+
+class GaussianMixture(Mixture):
+    """A batch of Gaussian mixtures fitted by EM, as an ``nn.Module``.
+
+    Arguments as :class:`torch_em.Mixture`, plus scikit-learn's ``covariance_type`` (``"full"``,
+    ``"tied"``, ``"diag"``, ``"spherical"``), ``reg_covar`` (added to the covariance diagonals),
+    ``means_init`` ``(K, D)`` and ``precisions_init`` (full ``(K, D, D)``, tied ``(D, D)``, diag
+    ``(K, D)``, spherical ``(K,)``); initial arrays may carry ``batch_shape`` in front.
+
+    Shape:
+        means ``(*b, K, D)``; covariances, precisions and precisions_cholesky have scikit-learn's
+        per-model shapes (full ``(*b, K, D, D)``, tied ``(*b, D, D)``, diag ``(*b, K, D)``,
+        spherical ``(*b, K)``) with ``precisions = P P^T`` for the upper-triangular ``P``.
+    """
+
+    family: Gaussian
+
+    def __init__(
+        self,
+        n_components: int,
+        n_features: int | None = None,
+        *,
+        covariance_type: str = "full",
+        batch_shape: Sequence[int] = (),
+        tol: float = 1e-3,
+        reg_covar: float = 1e-6,
+        max_iter: int = 100,
+        n_init: int = 1,
+        init_params: str = "k-means++",
+        weights_init: Any = None,
+        means_init: Any = None,
+        precisions_init: Any = None,
+        seed: int | None = None,
+        chunk_size: int | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        family = Gaussian(covariance_type, reg_covar, means_init=means_init, precisions_init=precisions_init)
+        super().__init__(
+            family, n_components, n_features, batch_shape=batch_shape, tol=tol, max_iter=max_iter,
+            n_init=n_init, init_params=init_params, weights_init=weights_init, seed=seed,
+            chunk_size=chunk_size, device=device, dtype=dtype,
+        )
+
+    @property
+    def covariance_type(self) -> str:
+        return self.family.covariance_type
+
+    @property
+    def reg_covar(self) -> float:
+        return self.family.reg_covar
+
+    @property
+    def means(self) -> torch.Tensor:
+        return self.theta()["loc"]
+
+    @property
+    def precisions_cholesky(self) -> torch.Tensor:
+        return self.family.precision_cholesky(self.theta())
+
+    @property
+    def precisions(self) -> torch.Tensor:
+        return self.family.precision(self.theta())
+
+    @property
+    def covariances(self) -> torch.Tensor:
+        return self.family.covariance(self.theta())
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", covariance_type={self.covariance_type!r}"

@@ -1,0 +1,150 @@
+"""Batched initial responsibilities for EM: k-means++, Lloyd's k-means, random, random points.
+
+All functions work on a working batch ``(R, M)`` (restarts x models) and on data shared by
+every model, ``X (N, D)``, or one dataset per model, ``X (M, N, D)``; data are expected to be
+centred already (the caller subtracts its shift). Centres are ``(R, M, K, D)``, labels
+``(R, M, N)``. Randomness comes from one ``torch.Generator``, so a seed reproduces everything.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+
+METHODS = ("k-means++", "kmeans", "random", "random_from_data")
+#: Lloyd iterations run after k-means++ seeding by the default initialisation.
+SEEDING_LLOYD_ITERATIONS = 5
+
+
+def _row_chunks(n_points: int, chunk_size: int) -> list[tuple[int, int]]:
+    return [(start, min(start + chunk_size, n_points)) for start in range(0, n_points, chunk_size)]
+
+
+def _broadcast_points(X: torch.Tensor) -> torch.Tensor:
+    """(N, D) -> (1, 1, N, D); (M, N, D) -> (1, M, N, D): broadcasts against (R, M, ...)."""
+    return X.unsqueeze(0).unsqueeze(0) if X.dim() == 2 else X.unsqueeze(0)
+
+
+def squared_distances(X: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
+    """Squared Euclidean distances (R, M, n, C) between points X (n, D) / (M, n, D) and centres
+    (R, M, C, D), as one GEMM: |x|^2 - 2 x.c + |c|^2 (clamped at 0)."""
+    points = _broadcast_points(X)
+    cross = points @ centres.mT  # (R, M, n, C)
+    dist = points.square().sum(-1, keepdim=True) - 2 * cross + centres.square().sum(-1).unsqueeze(-2)
+    return dist.clamp_min_(0)
+
+
+def gather_points(X: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Points X[..., index, :] for index (R, M, C) -> (R, M, C, D)."""
+    points = _broadcast_points(X).expand(*index.shape[:2], *X.shape[-2:])
+    return points.gather(2, index.unsqueeze(-1).expand(*index.shape, X.shape[-1]))
+
+
+def nearest(X: torch.Tensor, centres: torch.Tensor, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Index of and squared distance to the nearest centre: labels (R, M, N), dist (R, M, N)."""
+    labels, dists = [], []
+    for start, stop in _row_chunks(X.shape[-2], chunk_size):
+        d, i = squared_distances(X[..., start:stop, :], centres).min(-1)
+        labels.append(i)
+        dists.append(d)
+    return torch.cat(labels, -1), torch.cat(dists, -1)
+
+
+def random_points(X: torch.Tensor, R: int, M: int, K: int, generator: torch.Generator) -> torch.Tensor:
+    """K distinct random data points per model: (R, M, K, D)."""
+    keys = torch.rand(R, M, X.shape[-2], generator=generator, device=X.device)
+    return gather_points(X, keys.topk(K, dim=-1).indices)
+
+
+def kmeans_plusplus(X: torch.Tensor, R: int, M: int, K: int, generator: torch.Generator, chunk_size: int) -> torch.Tensor:
+    """Greedy k-means++ seeding (as scikit-learn): each new centre is the best of 2 + log K
+    candidates drawn with probability proportional to the squared distance to the nearest
+    centre chosen so far. Returns centres (R, M, K, D)."""
+    n_points = X.shape[-2]
+    n_trials = 2 + int(math.log(K))
+    first = torch.randint(n_points, (R, M, 1), generator=generator, device=X.device)
+    centres = [gather_points(X, first)]
+    closest = nearest(X, centres[0], chunk_size)[1]  # (R, M, N)
+    for _ in range(1, K):
+        cumulative = closest.cumsum(-1)
+        targets = torch.rand(R, M, n_trials, generator=generator, device=X.device, dtype=X.dtype)
+        targets = targets * cumulative[..., -1:]
+        candidates = torch.searchsorted(cumulative, targets).clamp_max_(n_points - 1)  # (R, M, t)
+        candidate_points = gather_points(X, candidates)  # (R, M, t, D)
+        potentials = torch.zeros(R, M, n_trials, dtype=X.dtype, device=X.device)
+        for start, stop in _row_chunks(n_points, chunk_size):
+            d = squared_distances(X[..., start:stop, :], candidate_points)  # (R, M, n, t)
+            potentials += torch.minimum(d, closest[..., start:stop, None]).sum(-2)
+        best = potentials.argmin(-1, keepdim=True)  # (R, M, 1)
+        chosen = candidate_points.gather(2, best.unsqueeze(-1).expand(R, M, 1, X.shape[-1]))
+        centres.append(chosen)
+        closest = torch.minimum(closest, nearest(X, chosen, chunk_size)[1])
+    return torch.cat(centres, 2)
+
+
+def lloyd(
+    X: torch.Tensor, centres: torch.Tensor, *, max_iter: int, tol: float, chunk_size: int
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Lloyd iterations from ``centres`` (R, M, K, D) until every model's squared centre shift is
+    at most ``tol`` or ``max_iter``. An empty cluster is moved to the point farthest from its
+    centre (distinct points for several empty clusters). Returns (centres, labels (R, M, N),
+    iterations run)."""
+    R, M, K, D = centres.shape
+    iterations = 0
+    labels, dist = nearest(X, centres, chunk_size)
+    for iterations in range(1, max_iter + 1):
+        sums = centres.new_zeros(R, M, K, D)
+        counts = centres.new_zeros(R, M, K)
+        for start, stop in _row_chunks(X.shape[-2], chunk_size):
+            one_hot = torch.nn.functional.one_hot(labels[..., start:stop], K).to(X.dtype)  # (R, M, n, K)
+            sums += one_hot.mT @ _broadcast_points(X[..., start:stop, :])
+            counts += one_hot.sum(-2)
+        new = sums / counts.clamp_min(1).unsqueeze(-1)
+        empty = counts == 0
+        if bool(empty.any()):
+            far = gather_points(X, dist.topk(K, dim=-1).indices)  # (R, M, K, D), farthest first
+            rank = (empty.cumsum(-1) - 1).clamp_min(0)
+            replacement = far.gather(2, rank.unsqueeze(-1).expand(R, M, K, D))
+            new = torch.where(empty.unsqueeze(-1), replacement, new)
+        shift = (new - centres).square().sum((-1, -2))  # (R, M)
+        centres = new
+        labels, dist = nearest(X, centres, chunk_size)
+        if bool((shift <= tol).all()):
+            break
+    return centres, labels, iterations
+
+
+def initial_responsibilities(
+    method: str, X: torch.Tensor, R: int, M: int, K: int, generator: torch.Generator, chunk_size: int,
+    centres: torch.Tensor | None = None,
+) -> Callable[[int, int], torch.Tensor]:
+    """Initial responsibilities as a function ``resp(start, stop) -> (R, M, stop - start, K)``
+    (generated chunk by chunk, so N x K is never materialised for random responsibilities).
+
+    ``centres`` (R, M, K, D), when given (e.g. ``means_init``), replace the seeding: points are
+    assigned to the nearest given centre.
+    """
+    if method == "random" and centres is None:
+        def random_resp(start: int, stop: int) -> torch.Tensor:
+            resp = torch.rand(R, M, stop - start, K, generator=generator, device=X.device, dtype=X.dtype)
+            return resp / resp.sum(-1, keepdim=True)
+
+        return random_resp
+    if centres is None:
+        if method == "random_from_data":
+            centres = random_points(X, R, M, K, generator)
+        else:
+            centres = kmeans_plusplus(X, R, M, K, generator, chunk_size)
+            # Lloyd's tolerance as scikit-learn: relative to the mean variance of the data.
+            tol = 1e-4 * X.var(-2).mean().item() if X.shape[-2] > 1 else 0.0
+            n_lloyd = SEEDING_LLOYD_ITERATIONS if method == "k-means++" else 300
+            centres = lloyd(X, centres, max_iter=n_lloyd, tol=tol, chunk_size=chunk_size)[0]
+    labels = nearest(X, centres, chunk_size)[0]  # (R, M, N)
+
+    def hard_resp(start: int, stop: int) -> torch.Tensor:
+        return torch.nn.functional.one_hot(labels[..., start:stop], K).to(X.dtype)
+
+    return hard_resp
+
+

@@ -1,0 +1,342 @@
+"""``Mixture``: a finite mixture of any component family as an ``nn.Module``.
+
+One module holds a batch of independent mixtures (``batch_shape``). Its parameters are
+unconstrained ``nn.Parameter`` s shaped ``(*batch_shape, *event_shape)``: ``logits (*b, K)`` for the
+mixing weights plus the family's own (e.g. ``loc`` and ``raw_precision_cholesky`` for Gaussians).
+EM writes them in place under ``no_grad``, so optimizers, ``.to()``, ``state_dict()`` and hooks
+keep working on the same objects; ``forward``/``log_prob`` is pure and differentiable.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import em
+from ._validation import as_float_tensor, check_choice, check_data, check_finite, check_int, check_positive, check_shape
+from .families.base import ComponentFamily, Theta
+from .initialization import METHODS, initial_responsibilities, random_points
+
+
+class Mixture(nn.Module):
+    """A batch of finite mixtures of ``n_components`` components of ``family``.
+
+    Args:
+        family: the component family (e.g. ``torch_em.families.Gaussian("diag")``).
+        n_components: K, components per mixture.
+        n_features: D. When given, parameters exist at construction; otherwise the first
+            ``fit`` creates them.
+        batch_shape: shape of the batch of independent models fitted together.
+        tol: a model has converged when its mean log-likelihood changes by less than ``tol``.
+        max_iter: EM iterations at most.
+        n_init: restarts per model, run as an extra batch dimension; the best lower bound wins.
+        init_params: ``"k-means++"`` (seeding plus a few Lloyd iterations), ``"kmeans"``,
+            ``"random"`` (random responsibilities) or ``"random_from_data"``.
+        weights_init: initial mixing weights ``(K,)`` or ``(*batch_shape, K)``.
+        seed: seed of all randomness; the same seed gives the same fit.
+        chunk_size: rows of data per chunk of the E-step (default: from a memory budget).
+        device, dtype: where the parameters live (default: CPU, torch's default dtype).
+
+    Shape:
+        X: ``(N, D)`` shared by every model of the batch, or ``(*batch_shape, N, D)``.
+        log_prob(X): ``(*batch_shape, N)``; predict_proba(X): ``(*batch_shape, N, K)``.
+    """
+
+    def __init__(
+        self,
+        family: ComponentFamily,
+        n_components: int,
+        n_features: int | None = None,
+        *,
+        batch_shape: Sequence[int] = (),
+        tol: float = 1e-3,
+        max_iter: int = 100,
+        n_init: int = 1,
+        init_params: str = "k-means++",
+        weights_init: Any = None,
+        seed: int | None = None,
+        chunk_size: int | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        check_int(n_components, "n_components", minimum=1)
+        if n_features is not None:
+            check_int(n_features, "n_features", minimum=1)
+        if isinstance(batch_shape, int) or not all(isinstance(b, (int, np.integer)) and b >= 1 for b in batch_shape):
+            raise ValueError(f"batch_shape must be a sequence of positive integers, got {batch_shape!r}")
+        check_positive(tol, "tol", allow_zero=True)
+        check_int(max_iter, "max_iter", minimum=1)
+        check_int(n_init, "n_init", minimum=1)
+        check_choice(init_params, "init_params", METHODS)
+        if chunk_size is not None:
+            check_int(chunk_size, "chunk_size", minimum=1)
+        if seed is not None:
+            check_int(seed, "seed", minimum=0)
+        dtype = dtype if dtype is not None else torch.get_default_dtype()
+        if not dtype.is_floating_point:
+            raise ValueError(f"dtype must be a floating-point dtype, got {dtype}")
+
+        self.family = family
+        self.n_components = int(n_components)
+        self.n_features = None if n_features is None else int(n_features)
+        self.batch_shape = torch.Size(int(b) for b in batch_shape)
+        self.tol = float(tol)
+        self.max_iter = int(max_iter)
+        self.n_init = int(n_init)
+        self.init_params = init_params
+        self.weights_init = weights_init
+        self.seed = seed
+        self.chunk_size = chunk_size
+        # Follows .to()/.double() so that parameters created later land on the right device/dtype.
+        self.register_buffer("_anchor", torch.empty(0, device=device, dtype=dtype), persistent=False)
+        self._parameter_names = ("logits", *family.event_shapes(1, 1))
+        for name in self._parameter_names:
+            self.register_parameter(name, None)
+        self._register_load_state_dict_pre_hook(self._create_parameters_before_load, with_module=False)
+        self.converged_: torch.Tensor | None = None
+        self.n_iter_: torch.Tensor | None = None
+        self.lower_bound_: torch.Tensor | None = None
+        self.lower_bound_history_: torch.Tensor | None = None
+
+        if self.n_features is not None:
+            generator = self._generator()
+            theta = family.default_parameters(
+                tuple(self.batch_shape), self.n_components, self.n_features, generator, self.device, self.dtype
+            )
+            theta.update(self._user_initial_parameters(self.n_features))
+            self._assign(theta, create=True)
+
+    # --- basic properties -----------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self._anchor.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._anchor.dtype
+
+    @property
+    def is_initialized(self) -> bool:
+        return self.logits is not None
+
+    @property
+    def n_models(self) -> int:
+        return math.prod(self.batch_shape)
+
+    @property
+    def weights(self) -> torch.Tensor:
+        """Mixing weights ``(*batch_shape, K)``."""
+        return self._require_parameters().softmax(-1)
+
+    def theta(self) -> Theta:
+        """The family's parameters (the live ``nn.Parameter`` s) by name."""
+        self._require_parameters()
+        return {name: getattr(self, name) for name in self._parameter_names[1:]}
+
+    def n_parameters(self) -> int:
+        """Free parameters of one model (for BIC/AIC)."""
+        self._require_parameters()
+        return self.family.n_free_parameters(self.n_components, self.n_features) + self.n_components - 1
+
+    def extra_repr(self) -> str:
+        batch = f", batch_shape={tuple(self.batch_shape)}" if self.batch_shape else ""
+        return f"n_components={self.n_components}, n_features={self.n_features}{batch}"
+
+    # --- fitting ----------------------------------------------------------------------------
+    def fit(self, X: Any, verbose: bool = False) -> "Mixture":
+        """Fit every model of the batch by EM (restarts as an extra batch dimension).
+
+        Raises ValueError before changing anything when X or the initial parameters are invalid.
+        """
+        X = self._validated_input(X, "X", min_samples=self.n_components)
+        n_features = X.shape[-1]
+        user_theta = self._user_initial_parameters(n_features)
+        user_centres = self.family.initial_centres(
+            tuple(self.batch_shape), self.n_components, n_features, self.device, self.dtype
+        )
+        R, M, K = self.n_init, self.n_models, self.n_components
+        X = X if X.dim() == 2 else X.reshape(M, *X.shape[-2:])  # working layout (N, D) or (M, N, D)
+        shift = self.family.reference(X)
+        chunk = self.chunk_size or em.default_chunk_size(R * M, K, X.shape[-1] * 2)
+        data = em.Data(self.family, X, shift, chunk)
+        generator = self._generator()
+
+        centred = X if shift is None else X - shift
+        if user_centres is not None:
+            user_centres = user_centres.reshape(1, M, K, n_features).expand(R, M, K, n_features)
+            user_centres = user_centres if shift is None else user_centres - shift
+        resp = initial_responsibilities(self.init_params, centred, R, M, K, generator, chunk, user_centres)
+        stats = em.statistics_from_responsibilities(data, resp)
+
+        def random_candidates(k: int) -> torch.Tensor:
+            return self.family.features(random_points(X, R, M, k, generator), shift)[0]
+
+        stats = em.reseed_empty(self.family, stats, random_candidates, torch.ones(R, M, dtype=torch.bool, device=X.device))
+        log_weights, theta = em.m_step(
+            self.family, stats, shift, torch.ones(R, M, dtype=torch.bool, device=X.device),
+            self._describe_model, "initialisation",
+        )
+        for name, value in user_theta.items():
+            working = value.reshape(1, M, *value.shape[len(self.batch_shape):]).expand(R, M, *value.shape[len(self.batch_shape):])
+            if name == "logits":
+                log_weights = working
+            else:
+                theta[name] = working
+
+        with tqdm(total=self.max_iter, desc="EM", disable=not verbose, leave=False) as progress:
+            result = em.run_em(
+                self.family, data, log_weights, theta, max_iter=self.max_iter, tol=self.tol,
+                describe_model=self._describe_model, progress=progress if verbose else None,
+            )
+        best = result.lower_bound.argmax(0)  # (M,) best restart per model
+
+        def pick(value: torch.Tensor) -> torch.Tensor:
+            index = best.view(1, M, *([1] * (value.dim() - 2))).expand(1, *value.shape[1:])
+            chosen = value.gather(0, index)[0]  # (M, ...)
+            return chosen.reshape((*self.batch_shape, *chosen.shape[1:]))
+
+        fitted = {name: pick(value) for name, value in result.theta.items()}
+        fitted["logits"] = pick(result.log_weights)
+        self._assign(fitted, create=not self.is_initialized)
+        self.n_features = n_features
+        self.lower_bound_ = pick(result.lower_bound)
+        self.n_iter_ = pick(result.n_iter)
+        self.converged_ = pick(result.converged)
+        self.lower_bound_history_ = pick(result.history)
+        return self
+
+    # --- evaluation ---------------------------------------------------------------------------
+    def log_joint(self, X: Any) -> torch.Tensor:
+        """``log w_k + log p(x_n | component k)`` for every model: ``(*batch_shape, N, K)``.
+        Differentiable with respect to the parameters and to X."""
+        self._require_parameters()
+        X = self._validated_input(X, "X")
+        M, N = self.n_models, X.shape[-2]
+        X = X if X.dim() == 2 else X.reshape(M, *X.shape[-2:])
+        shift = self.family.reference(X)
+        shift = None if shift is None else shift.detach()  # the density does not depend on it
+        theta = {name: value.reshape(1, M, *value.shape[len(self.batch_shape):]) for name, value in self.theta().items()}
+        log_weights = self.logits.log_softmax(-1).reshape(1, M, self.n_components)
+        eta, const = em.natural_with_weights(self.family, theta, log_weights, shift)
+        T, h = self.family.features(X, shift)
+        lp = em.component_log_prob(T, h, eta, const)  # (N, 1, M, K) or (1, M, N, K)
+        if X.dim() == 2:
+            lp = lp.permute(1, 2, 0, 3)
+        return lp.reshape(*self.batch_shape, N, self.n_components)
+
+    def log_prob(self, X: Any) -> torch.Tensor:
+        """Per-point log-likelihood ``(*batch_shape, N)``; differentiable and pure."""
+        return em.normalise(self.log_joint(X))[1]
+
+    def forward(self, X: Any) -> torch.Tensor:
+        """Same as :meth:`log_prob`."""
+        return self.log_prob(X)
+
+    @torch.no_grad()
+    def score_samples(self, X: Any) -> torch.Tensor:
+        """Per-point log-likelihood ``(*batch_shape, N)`` (no graph)."""
+        return self.log_prob(X)
+
+    @torch.no_grad()
+    def score(self, X: Any) -> torch.Tensor:
+        """Mean log-likelihood per point ``(*batch_shape)``."""
+        return self.log_prob(X).mean(-1)
+
+    @torch.no_grad()
+    def predict_proba(self, X: Any) -> torch.Tensor:
+        """Posterior responsibilities ``(*batch_shape, N, K)``."""
+        return em.normalise(self.log_joint(X))[0]
+
+    @torch.no_grad()
+    def predict(self, X: Any) -> torch.Tensor:
+        """Most probable component ``(*batch_shape, N)``."""
+        return self.log_joint(X).argmax(-1)
+
+    @torch.no_grad()
+    def bic(self, X: Any) -> torch.Tensor:
+        """Bayesian information criterion per model ``(*batch_shape)``; lower is better."""
+        log_prob = self.log_prob(X)
+        n_points = log_prob.shape[-1]
+        return -2 * log_prob.sum(-1) + self.n_parameters() * math.log(n_points)
+
+    @torch.no_grad()
+    def aic(self, X: Any) -> torch.Tensor:
+        """Akaike information criterion per model ``(*batch_shape)``; lower is better."""
+        return -2 * self.log_prob(X).sum(-1) + 2 * self.n_parameters()
+
+    @torch.no_grad()
+    def sample(self, n_samples: int = 1, seed: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Draw ``n_samples`` points per model: samples ``(*batch_shape, n, D)`` and their
+        components ``(*batch_shape, n)``."""
+        check_int(n_samples, "n_samples", minimum=1)
+        self._require_parameters()
+        generator = self._generator(seed)
+        M = self.n_models
+        labels = torch.multinomial(self.weights.reshape(M, self.n_components), n_samples, replacement=True, generator=generator)
+        theta = {name: value.reshape(M, *value.shape[len(self.batch_shape):]) for name, value in self.theta().items()}
+        samples = self.family.sample(theta, labels, generator)
+        return samples.reshape(*self.batch_shape, n_samples, -1), labels.reshape(*self.batch_shape, n_samples)
+
+    # --- internals ---------------------------------------------------------------------------
+    def _require_parameters(self) -> torch.Tensor:
+        if self.logits is None:
+            raise RuntimeError(
+                f"{type(self).__name__} has no parameters yet: call fit(X) first or pass n_features"
+            )
+        return self.logits
+
+    def _validated_input(self, X: Any, name: str, min_samples: int = 1) -> torch.Tensor:
+        X = as_float_tensor(X, name, device=self.device, dtype=self.dtype)
+        check_data(X, name, n_features=self.n_features, batch_shape=self.batch_shape, min_samples=min_samples)
+        self.family.check_domain(X, name)
+        return X
+
+    def _generator(self, seed: int | None = None) -> torch.Generator:
+        seed = seed if seed is not None else self.seed
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, (), device="cpu"))
+        return torch.Generator(device=self.device).manual_seed(seed)
+
+    def _user_initial_parameters(self, n_features: int) -> Theta:
+        """Validated ``weights_init`` and the family's initial parameters, with batch dims."""
+        batch = tuple(self.batch_shape)
+        theta = self.family.user_initial_parameters(batch, self.n_components, n_features, self.device, self.dtype)
+        if self.weights_init is not None:
+            weights = as_float_tensor(self.weights_init, "weights_init", device=self.device, dtype=self.dtype)
+            check_shape(weights, "weights_init", (self.n_components,), self.batch_shape)
+            check_finite(weights, "weights_init")
+            tolerance = max(1e-6, 1000 * torch.finfo(self.dtype).eps)
+            if bool((weights < 0).any()) or bool(((weights.sum(-1) - 1).abs() > tolerance).any()):
+                raise ValueError(
+                    f"weights_init must be non-negative and sum to 1, got sums {weights.sum(-1).flatten()[:5].tolist()}"
+                )
+            tiny = torch.finfo(self.dtype).tiny
+            theta["logits"] = weights.clamp_min(tiny).log().expand(*batch, self.n_components)
+        return theta
+
+    def _assign(self, theta: Theta, *, create: bool) -> None:
+        """Write parameters in place (EM update) or create them (first fit / construction)."""
+        with torch.no_grad():
+            for name, value in theta.items():
+                if create:
+                    setattr(self, name, nn.Parameter(value.detach().clone()))
+                else:
+                    getattr(self, name).copy_(value)
+
+    def _create_parameters_before_load(self, state_dict, prefix, *args) -> None:
+        # A module built without n_features can still load a fitted state_dict.
+        if self.logits is None and prefix + "logits" in state_dict:
+            for name in self._parameter_names:
+                value = state_dict[prefix + name]
+                setattr(self, name, nn.Parameter(torch.empty(value.shape, device=self.device, dtype=self.dtype)))
+            theta = {name: state_dict[prefix + name] for name in self._parameter_names[1:]}
+            self.n_features = self.family.n_features_of(theta)
+
+    def _describe_model(self, restart: int, model: int) -> str:
+        where = f"model {tuple(int(i) for i in np.unravel_index(model, tuple(self.batch_shape)))}" if self.batch_shape else "the model"
+        return where + (f" (restart {restart})" if self.n_init > 1 else "")

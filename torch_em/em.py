@@ -2,13 +2,13 @@
 
 Inside a fit every tensor carries a working batch ``(R, M)``: ``R`` restarts (``n_init``) times
 ``M`` independent models (the flattened ``batch_shape``). Data are either shared by all models,
-``X (N, D)``, or one dataset per model, ``X (M, N, D)``. Component log-densities are laid out to
-make the GEMMs free of copies:
+``X (N, D)``, or one dataset per model, ``X (M, N, D)``. Component log-densities are laid out as
+``(R, M, K, n)`` with the points last, which makes both GEMMs copy-free and keeps the reductions
+over a short K axis vectorised along the points:
 
-    shared data:    log_prob (n, R, M, K)     one GEMM  T (n, F) @ eta^T (F, R*M*K)
-    per-model data: log_prob (R, M, n, K)     one batched GEMM  T (M, n, F) @ eta^T (R, M, F, K)
-
-so the point axis is ``0`` or ``2`` (``Data.point_dim``); K is always last.
+    shared data:    log_prob (R*M*K, n) = eta (R*M*K, F) @ T^T (F, n)
+    per-model data: log_prob (R, M, K, n) = eta (R, M, K, F) @ T^T (M, F, n)
+    statistics:     S (R, M, K, F) = resp (R, M, K, n) @ T (n, F) or (M, n, F)
 """
 from __future__ import annotations
 
@@ -42,8 +42,6 @@ class Data:
         self.family = family
         self.X = X
         self.shift = shift
-        self.shared = X.dim() == 2
-        self.point_dim = 0 if self.shared else 2
         self.n_points = X.shape[-2]
         self.bounds = [(start, min(start + chunk_size, self.n_points)) for start in range(0, self.n_points, chunk_size)]
         self._cache: list[tuple[torch.Tensor, torch.Tensor | None]] | None = None
@@ -66,40 +64,42 @@ class Data:
 def component_log_prob(
     T: torch.Tensor, h: torch.Tensor | None, eta: torch.Tensor, const: torch.Tensor
 ) -> torch.Tensor:
-    """``log p(x_n | component k of model (r, m)) + const`` for one chunk.
+    """``log p(x_n | component k of model (r, m)) + const[r, m, k]`` for one chunk: (R, M, K, n).
 
-    T (n, F) shared or (M, n, F); eta (R, M, K, F); const (R, M, K).
-    Returns (n, R, M, K) for shared data, (R, M, n, K) otherwise.
+    T (n, F) shared by all models or (M, n, F); h (n,) or (M, n) or None; eta (R, M, K, F);
+    const (R, M, K).
     """
     if T.dim() == 2:
-        lp = (T @ eta.reshape(-1, eta.shape[-1]).T).view(T.shape[0], *eta.shape[:-1])  # (n, R, M, K)
-        lp = lp + const
-        return lp if h is None else lp + h[:, None, None, None]
-    lp = T @ eta.mT + const.unsqueeze(-2)  # (R, M, n, K)
-    return lp if h is None else lp + h.unsqueeze(-1)
+        lp = torch.addmm(const.reshape(-1, 1), eta.reshape(-1, eta.shape[-1]), T.T)  # (R*M*K, n)
+        lp = lp.view(*eta.shape[:-1], T.shape[0])
+    else:
+        if eta.shape[0] == 1:  # one restart: fuse the constant into the batched GEMM
+            lp = torch.baddbmm(const[0].unsqueeze(-1), eta[0], T.mT).unsqueeze(0)
+        else:
+            lp = eta @ T.mT + const.unsqueeze(-1)
+    return lp if h is None else lp + h.unsqueeze(-2)
 
 
-def normalise(log_joint: torch.Tensor, inplace: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Responsibilities and per-point log-likelihood from ``log_joint`` (..., K).
+def normalise(log_joint: torch.Tensor, inplace: bool = False, dim: int = -2) -> tuple[torch.Tensor, torch.Tensor]:
+    """Responsibilities and per-point log-likelihood from ``log_joint`` with components on ``dim``.
 
     Written out (max-subtract, exp, normalise) rather than ``softmax``/``logsumexp``: it is one
-    exp per entry and several times faster over a short last dimension.
-    Returns resp (..., K) and log-likelihood (...).
+    exp per entry and several times faster over a short component axis.
+    Returns resp (same shape) and the log-likelihood (``dim`` removed).
     """
-    peak = log_joint.amax(-1, keepdim=True)
+    peak = log_joint.amax(dim, keepdim=True)
     resp = log_joint.sub_(peak).exp_() if inplace else (log_joint - peak).exp()
-    total = resp.sum(-1, keepdim=True)
+    total = resp.sum(dim, keepdim=True)
     resp = resp.div_(total) if inplace else resp / total
-    return resp, (peak + total.log()).squeeze(-1)
+    return resp, (peak + total.log()).squeeze(dim)
 
 
 def weighted_statistics(T: torch.Tensor, resp: torch.Tensor) -> torch.Tensor:
-    """``S[r, m, k] = sum_n resp[n, k] T(x_n)``: (R, M, K, F) from T (n, F) with resp (n, R, M, K),
-    or from T (M, n, F) with resp (R, M, n, K)."""
+    """``S[r, m, k] = sum_n resp[r, m, k, n] T(x_n)``: (R, M, K, F) from resp (R, M, K, n) and
+    T (n, F) or (M, n, F)."""
     if T.dim() == 2:
-        n, R, M, K = resp.shape
-        return (resp.reshape(n, R * M * K).T @ T).view(R, M, K, T.shape[-1])
-    return resp.mT @ T
+        return (resp.reshape(-1, resp.shape[-1]) @ T).view(*resp.shape[:-1], T.shape[-1])
+    return resp @ T
 
 
 @dataclass
@@ -115,9 +115,8 @@ def e_step(data: Data, eta: torch.Tensor, const: torch.Tensor) -> Statistics:
     """One pass over the data: statistics and total log-likelihood under (eta, const + log w)."""
     counts = sums = total = None
     for T, h in data.chunks():
-        resp, ll = normalise(component_log_prob(T, h, eta, const), inplace=True)
-        chunk_counts, chunk_sums = resp.sum(data.point_dim), weighted_statistics(T, resp)
-        chunk_total = ll.sum(data.point_dim)
+        resp, ll = normalise(component_log_prob(T, h, eta, const), inplace=True)  # (R, M, K, n), (R, M, n)
+        chunk_counts, chunk_sums, chunk_total = resp.sum(-1), weighted_statistics(T, resp), ll.sum(-1)
         if counts is None:
             counts, sums, total = chunk_counts, chunk_sums, chunk_total
         else:
@@ -126,13 +125,11 @@ def e_step(data: Data, eta: torch.Tensor, const: torch.Tensor) -> Statistics:
 
 
 def statistics_from_responsibilities(data: Data, resp_fn: Callable[[int, int], torch.Tensor]) -> Statistics:
-    """Statistics for given responsibilities; ``resp_fn(start, stop)`` -> (R, M, n, K)."""
+    """Statistics for given responsibilities; ``resp_fn(start, stop)`` -> (R, M, K, n)."""
     counts = sums = None
     for (start, stop), (T, _) in zip(data.bounds, data.chunks()):
         resp = resp_fn(start, stop)
-        if data.shared:
-            resp = resp.permute(2, 0, 1, 3)  # (n, R, M, K)
-        chunk_counts, chunk_sums = resp.sum(data.point_dim), weighted_statistics(T, resp)
+        chunk_counts, chunk_sums = resp.sum(-1), weighted_statistics(T, resp)
         counts = chunk_counts if counts is None else counts + chunk_counts
         sums = chunk_sums if sums is None else sums + chunk_sums
     nan = torch.full(counts.shape[:2], math.nan, dtype=counts.dtype, device=counts.device)
@@ -143,11 +140,9 @@ def worst_point_features(data: Data, eta: torch.Tensor, const: torch.Tensor, k: 
     """Features (R, M, k, F) of the k points with the lowest log-likelihood per model, worst first."""
     best_values = best_features = None
     for T, h in data.chunks():
-        _, ll = normalise(component_log_prob(T, h, eta, const), inplace=True)
-        if data.shared:
-            ll = ll.permute(1, 2, 0)  # (R, M, n)
+        _, ll = normalise(component_log_prob(T, h, eta, const), inplace=True)  # ll (R, M, n)
         values, index = ll.topk(min(k, ll.shape[-1]), dim=-1, largest=False)  # (R, M, k')
-        if data.shared:
+        if T.dim() == 2:
             feats = T[index]  # (R, M, k', F)
         else:
             expanded = T.expand(ll.shape[0], *T.shape)

@@ -119,7 +119,7 @@ def initial_responsibilities(
     method: str, X: torch.Tensor, R: int, M: int, K: int, generator: torch.Generator, chunk_size: int,
     centres: torch.Tensor | None = None,
 ) -> Callable[[int, int], torch.Tensor]:
-    """Initial responsibilities as a function ``resp(start, stop) -> (R, M, stop - start, K)``
+    """Initial responsibilities as a function ``resp(start, stop) -> (R, M, K, stop - start)``
     (generated chunk by chunk, so N x K is never materialised for random responsibilities).
 
     ``centres`` (R, M, K, D), when given (e.g. ``means_init``), replace the seeding: points are
@@ -127,8 +127,8 @@ def initial_responsibilities(
     """
     if method == "random" and centres is None:
         def random_resp(start: int, stop: int) -> torch.Tensor:
-            resp = torch.rand(R, M, stop - start, K, generator=generator, device=X.device, dtype=X.dtype)
-            return resp / resp.sum(-1, keepdim=True)
+            resp = torch.rand(R, M, K, stop - start, generator=generator, device=X.device, dtype=X.dtype)
+            return resp / resp.sum(-2, keepdim=True)
 
         return random_resp
     if centres is None:
@@ -143,7 +143,7 @@ def initial_responsibilities(
     labels = nearest(X, centres, chunk_size)[0]  # (R, M, N)
 
     def hard_resp(start: int, stop: int) -> torch.Tensor:
-        return torch.nn.functional.one_hot(labels[..., start:stop], K).to(X.dtype)
+        return torch.nn.functional.one_hot(labels[..., start:stop], K).to(X.dtype).mT
 
     return hard_resp
 

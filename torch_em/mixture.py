@@ -160,42 +160,21 @@ class Mixture(nn.Module):
             tuple(self.batch_shape), self.n_components, n_features, self.device, self.dtype
         )
         R, M, K = self.n_init, self.n_models, self.n_components
-        X = X if X.dim() == 2 else X.reshape(M, *X.shape[-2:])  # working layout (N, D) or (M, N, D)
+        X = self._working_data(X)
         shift = self.family.reference(X)
         chunk = self.chunk_size or em.default_chunk_size(R * M, K, X.shape[-1] * 2)
         data = em.Data(self.family, X, shift, chunk)
-        generator = self._generator()
-
-        centred = X if shift is None else X - shift
-        if user_centres is not None:
-            user_centres = user_centres.reshape(1, M, K, n_features).expand(R, M, K, n_features)
-            user_centres = user_centres if shift is None else user_centres - shift
-        resp = initial_responsibilities(self.init_params, centred, R, M, K, generator, chunk, user_centres)
-        stats = em.statistics_from_responsibilities(data, resp)
-
-        def random_candidates(k: int) -> torch.Tensor:
-            return self.family.features(random_points(X, R, M, k, generator), shift)[0]
-
-        stats = em.reseed_empty(self.family, stats, random_candidates, torch.ones(R, M, dtype=torch.bool, device=X.device))
-        log_weights, theta = em.m_step(
-            self.family, stats, shift, torch.ones(R, M, dtype=torch.bool, device=X.device),
-            self._describe_model, "initialisation",
-        )
-        for name, value in user_theta.items():
-            working = value.reshape(1, M, *value.shape[len(self.batch_shape):]).expand(R, M, *value.shape[len(self.batch_shape):])
-            if name == "logits":
-                log_weights = working
-            else:
-                theta[name] = working
-
+        log_weights, theta = self._initial_parameters(data, chunk, user_theta, user_centres)
         with tqdm(total=self.max_iter, desc="EM", disable=not verbose, leave=False) as progress:
             result = em.run_em(
                 self.family, data, log_weights, theta, max_iter=self.max_iter, tol=self.tol,
                 describe_model=self._describe_model, progress=progress if verbose else None,
             )
+
         best = result.lower_bound.argmax(0)  # (M,) best restart per model
 
         def pick(value: torch.Tensor) -> torch.Tensor:
+            """(R, M, ...) -> (*batch_shape, ...) at the best restart of each model."""
             index = best.view(1, M, *([1] * (value.dim() - 2))).expand(1, *value.shape[1:])
             chosen = value.gather(0, index)[0]  # (M, ...)
             return chosen.reshape((*self.batch_shape, *chosen.shape[1:]))
@@ -210,28 +189,56 @@ class Mixture(nn.Module):
         self.lower_bound_history_ = pick(result.history)
         return self
 
+    def _initial_parameters(
+        self, data: em.Data, chunk: int, user_theta: Theta, user_centres: torch.Tensor | None
+    ) -> tuple[torch.Tensor, Theta]:
+        """Working initial parameters (R, M, ...): an M-step from the initial responsibilities,
+        then overridden by whatever the user supplied."""
+        R, M, K = self.n_init, self.n_models, self.n_components
+        X, shift = data.X, data.shift
+        generator = self._generator()
+        if user_centres is not None:
+            user_centres = self._to_working(user_centres).expand(R, M, *user_centres.shape[-2:])
+            user_centres = user_centres if shift is None else user_centres - shift
+        centred = X if shift is None else X - shift
+        resp = initial_responsibilities(self.init_params, centred, R, M, K, generator, chunk, user_centres)
+        stats = em.statistics_from_responsibilities(data, resp)
+        every_model = torch.ones(R, M, dtype=torch.bool, device=X.device)
+
+        def random_candidates(k: int) -> torch.Tensor:
+            return self.family.features(random_points(X, R, M, k, generator), shift)[0]
+
+        stats = em.reseed_empty(self.family, stats, random_candidates, every_model)
+        log_weights, theta = em.m_step(self.family, stats, shift, every_model, self._describe_model, "initialisation")
+        for name, value in user_theta.items():
+            working = self._to_working(value)
+            working = working.expand(R, *working.shape[1:])
+            if name == "logits":
+                log_weights = working
+            else:
+                theta[name] = working
+        return log_weights, theta
+
     # --- evaluation ---------------------------------------------------------------------------
     def log_joint(self, X: Any) -> torch.Tensor:
         """``log w_k + log p(x_n | component k)`` for every model: ``(*batch_shape, N, K)``.
         Differentiable with respect to the parameters and to X."""
         self._require_parameters()
         X = self._validated_input(X, "X")
-        M, N = self.n_models, X.shape[-2]
-        X = X if X.dim() == 2 else X.reshape(M, *X.shape[-2:])
+        N = X.shape[-2]
+        X = self._working_data(X)
         shift = self.family.reference(X)
         shift = None if shift is None else shift.detach()  # the density does not depend on it
-        theta = {name: value.reshape(1, M, *value.shape[len(self.batch_shape):]) for name, value in self.theta().items()}
-        log_weights = self.logits.log_softmax(-1).reshape(1, M, self.n_components)
+        theta = {name: self._to_working(value) for name, value in self.theta().items()}
+        log_weights = self._to_working(self.logits.log_softmax(-1))
         eta, const = em.natural_with_weights(self.family, theta, log_weights, shift)
         T, h = self.family.features(X, shift)
-        lp = em.component_log_prob(T, h, eta, const)  # (N, 1, M, K) or (1, M, N, K)
-        if X.dim() == 2:
-            lp = lp.permute(1, 2, 0, 3)
-        return lp.reshape(*self.batch_shape, N, self.n_components)
+        lp = em.component_log_prob(T, h, eta, const)  # (1, M, K, N)
+        return lp.mT.reshape(*self.batch_shape, N, self.n_components)
 
     def log_prob(self, X: Any) -> torch.Tensor:
         """Per-point log-likelihood ``(*batch_shape, N)``; differentiable and pure."""
-        return em.normalise(self.log_joint(X))[1]
+        return em.normalise(self.log_joint(X), dim=-1)[1]
 
     def forward(self, X: Any) -> torch.Tensor:
         """Same as :meth:`log_prob`."""
@@ -250,7 +257,7 @@ class Mixture(nn.Module):
     @torch.no_grad()
     def predict_proba(self, X: Any) -> torch.Tensor:
         """Posterior responsibilities ``(*batch_shape, N, K)``."""
-        return em.normalise(self.log_joint(X))[0]
+        return em.normalise(self.log_joint(X), dim=-1)[0]
 
     @torch.no_grad()
     def predict(self, X: Any) -> torch.Tensor:
@@ -278,7 +285,7 @@ class Mixture(nn.Module):
         generator = self._generator(seed)
         M = self.n_models
         labels = torch.multinomial(self.weights.reshape(M, self.n_components), n_samples, replacement=True, generator=generator)
-        theta = {name: value.reshape(M, *value.shape[len(self.batch_shape):]) for name, value in self.theta().items()}
+        theta = {name: self._to_working(value)[0] for name, value in self.theta().items()}
         samples = self.family.sample(theta, labels, generator)
         return samples.reshape(*self.batch_shape, n_samples, -1), labels.reshape(*self.batch_shape, n_samples)
 
@@ -289,6 +296,14 @@ class Mixture(nn.Module):
                 f"{type(self).__name__} has no parameters yet: call fit(X) first or pass n_features"
             )
         return self.logits
+
+    def _working_data(self, X: torch.Tensor) -> torch.Tensor:
+        """(N, D) stays shared; (*batch_shape, N, D) -> (M, N, D)."""
+        return X if X.dim() == 2 else X.reshape(self.n_models, *X.shape[-2:])
+
+    def _to_working(self, value: torch.Tensor) -> torch.Tensor:
+        """(*batch_shape, *event) -> (1, M, *event): the working layout with one restart."""
+        return value.reshape(1, self.n_models, *value.shape[len(self.batch_shape):])
 
     def _validated_input(self, X: Any, name: str, min_samples: int = 1) -> torch.Tensor:
         X = as_float_tensor(X, name, device=self.device, dtype=self.dtype)

@@ -49,14 +49,35 @@ def upper_cholesky_from_precision(precision: torch.Tensor) -> tuple[torch.Tensor
     return lower.flip(-1, -2), info
 
 
+#: Below this size, many small triangular inverses are faster as vectorised substitution than as
+#: one LAPACK call per matrix (the batched-fitting case: thousands of 2x2 or 3x3 factors).
+SMALL_TRIANGULAR = 4
+
+
+def lower_triangular_inverse(lower: torch.Tensor) -> torch.Tensor:
+    """Inverse of lower-triangular matrices (..., D, D) with non-zero diagonals."""
+    n = lower.shape[-1]
+    eye = torch.eye(n, dtype=lower.dtype, device=lower.device)
+    if n > SMALL_TRIANGULAR or lower[..., 0, 0].numel() < 64:
+        return torch.linalg.solve_triangular(lower, eye.expand_as(lower), upper=False)
+    # Forward substitution, one row at a time, vectorised over the batch:
+    # X[i] = (e_i - sum_{k<i} L[i, k] X[k]) / L[i, i].
+    rows: list[torch.Tensor] = []
+    for i in range(n):
+        row = eye[i].expand(lower.shape[:-1])
+        for k in range(i):
+            row = row - lower[..., i, k, None] * rows[k]
+        rows.append(row / lower[..., i, i, None])
+    return torch.stack(rows, -2)
+
+
 def precision_cholesky_from_covariance(covariance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Upper ``P = L^{-T}`` for ``covariance = L L^T`` (..., D, D), and the cholesky_ex info."""
     lower, info = torch.linalg.cholesky_ex(covariance)
     eye = torch.eye(covariance.shape[-1], dtype=covariance.dtype, device=covariance.device)
-    # Where the factorisation failed, solve with the identity so no NaN/inf is produced.
+    # Where the factorisation failed, invert the identity instead so no NaN/inf is produced.
     lower = torch.where((info > 0)[..., None, None], eye, lower)
-    inverse = torch.linalg.solve_triangular(lower, eye.expand_as(lower), upper=False)
-    return inverse.mT, info
+    return lower_triangular_inverse(lower).mT, info
 
 
 def pack_raw_triangular(upper: torch.Tensor) -> torch.Tensor:

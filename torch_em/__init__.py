@@ -2,6 +2,7 @@
 from .em import ConvergenceWarning
 from .families import ComponentFamily, Gaussian, IllConditionedError
 from .gaussian_mixture import GaussianMixture
+from .kmeans import KMeans
 from .mixture import Mixture
 
 __version__ = "0.1.0"
@@ -12,5 +13,6 @@ __all__ = [
     "Gaussian",
     "GaussianMixture",
     "IllConditionedError",
+    "KMeans",
     "Mixture",
 ]

@@ -8,6 +8,7 @@ centred already (the caller subtracts its shift). Centres are ``(R, M, K, D)``, 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -27,11 +28,11 @@ def _broadcast_points(X: torch.Tensor) -> torch.Tensor:
 
 
 def squared_distances(X: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
-    """Squared Euclidean distances (R, M, n, C) between points X (n, D) / (M, n, D) and centres
-    (R, M, C, D), as one GEMM: |x|^2 - 2 x.c + |c|^2 (clamped at 0)."""
+    """Squared Euclidean distances (R, M, C, n) between centres (R, M, C, D) and points X (n, D)
+    or (M, n, D), as one GEMM: |c|^2 - 2 c.x + |x|^2 (clamped at 0). Points last, as in EM."""
     points = _broadcast_points(X)
-    cross = points @ centres.mT  # (R, M, n, C)
-    dist = points.square().sum(-1, keepdim=True) - 2 * cross + centres.square().sum(-1).unsqueeze(-2)
+    cross = centres @ points.mT  # (R, M, C, n)
+    dist = centres.square().sum(-1, keepdim=True) - 2 * cross + points.square().sum(-1).unsqueeze(-2)
     return dist.clamp_min_(0)
 
 
@@ -45,7 +46,7 @@ def nearest(X: torch.Tensor, centres: torch.Tensor, chunk_size: int) -> tuple[to
     """Index of and squared distance to the nearest centre: labels (R, M, N), dist (R, M, N)."""
     labels, dists = [], []
     for start, stop in _row_chunks(X.shape[-2], chunk_size):
-        d, i = squared_distances(X[..., start:stop, :], centres).min(-1)
+        d, i = squared_distances(X[..., start:stop, :], centres).min(-2)
         labels.append(i)
         dists.append(d)
     return torch.cat(labels, -1), torch.cat(dists, -1)
@@ -74,8 +75,8 @@ def kmeans_plusplus(X: torch.Tensor, R: int, M: int, K: int, generator: torch.Ge
         candidate_points = gather_points(X, candidates)  # (R, M, t, D)
         potentials = torch.zeros(R, M, n_trials, dtype=X.dtype, device=X.device)
         for start, stop in _row_chunks(n_points, chunk_size):
-            d = squared_distances(X[..., start:stop, :], candidate_points)  # (R, M, n, t)
-            potentials += torch.minimum(d, closest[..., start:stop, None]).sum(-2)
+            d = squared_distances(X[..., start:stop, :], candidate_points)  # (R, M, t, n)
+            potentials += torch.minimum(d, closest[..., None, start:stop]).sum(-1)
         best = potentials.argmin(-1, keepdim=True)  # (R, M, 1)
         chosen = candidate_points.gather(2, best.unsqueeze(-1).expand(R, M, 1, X.shape[-1]))
         centres.append(chosen)
@@ -83,36 +84,63 @@ def kmeans_plusplus(X: torch.Tensor, R: int, M: int, K: int, generator: torch.Ge
     return torch.cat(centres, 2)
 
 
+def relative_tolerance(X: torch.Tensor, tol: float) -> torch.Tensor:
+    """scikit-learn's k-means tolerance: ``tol`` times the mean per-feature variance of each
+    model's data, () for shared X or (M,) for per-model X."""
+    if X.shape[-2] < 2:
+        return X.new_zeros(X.shape[:-2])
+    return tol * X.var(-2).mean(-1)
+
+
+@dataclass
+class LloydResult:
+    centres: torch.Tensor  # (R, M, K, D)
+    labels: torch.Tensor  # (R, M, N) nearest centre of each point
+    distances: torch.Tensor  # (R, M, N) squared distance to it
+    n_iter: torch.Tensor  # (R, M) iterations run per model
+    converged: torch.Tensor  # (R, M) bool
+
+
 def lloyd(
-    X: torch.Tensor, centres: torch.Tensor, *, max_iter: int, tol: float, chunk_size: int
-) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Lloyd iterations from ``centres`` (R, M, K, D) until every model's squared centre shift is
-    at most ``tol`` or ``max_iter``. An empty cluster is moved to the point farthest from its
-    centre (distinct points for several empty clusters). Returns (centres, labels (R, M, N),
-    iterations run)."""
+    X: torch.Tensor, centres: torch.Tensor, *, max_iter: int, tol: float | torch.Tensor, chunk_size: int
+) -> LloydResult:
+    """Lloyd iterations from ``centres`` (R, M, K, D); each model stops on its own once its
+    squared centre shift is at most ``tol`` (absolute; broadcastable to (R, M)).
+
+    As in scikit-learn, an empty cluster takes the point farthest from its centre (the j-th
+    empty cluster the j-th farthest point), which leaves its former cluster.
+    """
     R, M, K, D = centres.shape
-    iterations = 0
+    active = torch.ones(R, M, dtype=torch.bool, device=X.device)
+    n_iter = torch.zeros(R, M, dtype=torch.long, device=X.device)
     labels, dist = nearest(X, centres, chunk_size)
-    for iterations in range(1, max_iter + 1):
+    for iteration in range(1, max_iter + 1):
         sums = centres.new_zeros(R, M, K, D)
         counts = centres.new_zeros(R, M, K)
         for start, stop in _row_chunks(X.shape[-2], chunk_size):
             one_hot = torch.nn.functional.one_hot(labels[..., start:stop], K).to(X.dtype)  # (R, M, n, K)
             sums += one_hot.mT @ _broadcast_points(X[..., start:stop, :])
             counts += one_hot.sum(-2)
-        new = sums / counts.clamp_min(1).unsqueeze(-1)
         empty = counts == 0
         if bool(empty.any()):
-            far = gather_points(X, dist.topk(K, dim=-1).indices)  # (R, M, K, D), farthest first
             rank = (empty.cumsum(-1) - 1).clamp_min(0)
-            replacement = far.gather(2, rank.unsqueeze(-1).expand(R, M, K, D))
-            new = torch.where(empty.unsqueeze(-1), replacement, new)
+            chosen = dist.topk(K, dim=-1).indices.gather(-1, rank)  # (R, M, K) point per component
+            points = gather_points(X, chosen)  # (R, M, K, D)
+            donor = labels.gather(-1, chosen)  # the cluster each chosen point leaves
+            moved = empty.to(X.dtype)
+            sums.scatter_add_(2, donor.unsqueeze(-1).expand(R, M, K, D), -points * moved.unsqueeze(-1))
+            counts.scatter_add_(2, donor, -moved)
+            sums = torch.where(empty.unsqueeze(-1), points, sums)
+            counts = torch.where(empty, torch.ones_like(counts), counts)
+        new = sums / counts.clamp_min(1).unsqueeze(-1)
         shift = (new - centres).square().sum((-1, -2))  # (R, M)
-        centres = new
+        centres = torch.where(active[..., None, None], new, centres)
+        n_iter = torch.where(active, iteration, n_iter)
         labels, dist = nearest(X, centres, chunk_size)
-        if bool((shift <= tol).all()):
+        active &= shift > tol
+        if not bool(active.any()):
             break
-    return centres, labels, iterations
+    return LloydResult(centres, labels, dist, n_iter, ~active)
 
 
 def initial_responsibilities(
@@ -136,10 +164,9 @@ def initial_responsibilities(
             centres = random_points(X, R, M, K, generator)
         else:
             centres = kmeans_plusplus(X, R, M, K, generator, chunk_size)
-            # Lloyd's tolerance as scikit-learn: relative to the mean variance of the data.
-            tol = 1e-4 * X.var(-2).mean().item() if X.shape[-2] > 1 else 0.0
             n_lloyd = SEEDING_LLOYD_ITERATIONS if method == "k-means++" else 300
-            centres = lloyd(X, centres, max_iter=n_lloyd, tol=tol, chunk_size=chunk_size)[0]
+            tol = relative_tolerance(X, 1e-4)
+            centres = lloyd(X, centres, max_iter=n_lloyd, tol=tol, chunk_size=chunk_size).centres
     labels = nearest(X, centres, chunk_size)[0]  # (R, M, N)
 
     def hard_resp(start: int, stop: int) -> torch.Tensor:

@@ -148,6 +148,7 @@ class Mixture(nn.Module):
         return f"n_components={self.n_components}, n_features={self.n_features}{batch}"
 
     # --- fitting ----------------------------------------------------------------------------
+    @torch.no_grad()
     def fit(self, X: Any, verbose: bool = False) -> "Mixture":
         """Fit every model of the batch by EM (restarts as an extra batch dimension).
 

@@ -1,0 +1,189 @@
+"""``KMeans``: batched Lloyd's algorithm, the hard-assignment limit of Gaussian-mixture EM."""
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from ._validation import as_float_tensor, check_data, check_finite, check_int, check_positive, check_shape
+from .initialization import kmeans_plusplus, lloyd, nearest, random_points, relative_tolerance, squared_distances
+
+#: Rows per chunk keep one chunk's (R*M*K, n) distance block near this many elements.
+CHUNK_ELEMENTS = 1 << 22
+
+
+class KMeans(nn.Module):
+    """A batch of k-means clusterings fitted by Lloyd's algorithm with batched tensor ops.
+
+    Args:
+        n_clusters: K.
+        init: ``"k-means++"`` (greedy, as scikit-learn), ``"random"`` (K distinct data points) or
+            initial centres ``(K, D)`` / ``(*batch_shape, K, D)``.
+        n_init: restarts per model (an extra batch dimension); the lowest inertia wins.
+        max_iter: Lloyd iterations at most.
+        tol: a model stops when its squared centre shift is at most ``tol`` times the mean
+            per-feature variance of its data (scikit-learn's convention).
+        batch_shape: independent clusterings fitted together.
+        seed, chunk_size, device, dtype: as for :class:`torch_em.Mixture`.
+
+    Shape:
+        X: ``(N, D)`` shared by every model, or ``(*batch_shape, N, D)``.
+        cluster_centers_: ``(*batch_shape, K, D)``; labels_: ``(*batch_shape, N)``;
+        inertia_, n_iter_: ``(*batch_shape)``; transform(X): ``(*batch_shape, N, K)``.
+    """
+
+    def __init__(
+        self,
+        n_clusters: int,
+        *,
+        init: str | Any = "k-means++",
+        n_init: int = 1,
+        max_iter: int = 300,
+        tol: float = 1e-4,
+        batch_shape: Sequence[int] = (),
+        seed: int | None = None,
+        chunk_size: int | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        check_int(n_clusters, "n_clusters", minimum=1)
+        if isinstance(init, str) and init not in ("k-means++", "random"):
+            raise ValueError(f"init must be 'k-means++', 'random' or an array of centres, got {init!r}")
+        check_int(n_init, "n_init", minimum=1)
+        check_int(max_iter, "max_iter", minimum=1)
+        check_positive(tol, "tol", allow_zero=True)
+        if isinstance(batch_shape, int) or not all(isinstance(b, (int, np.integer)) and b >= 1 for b in batch_shape):
+            raise ValueError(f"batch_shape must be a sequence of positive integers, got {batch_shape!r}")
+        if chunk_size is not None:
+            check_int(chunk_size, "chunk_size", minimum=1)
+        if seed is not None:
+            check_int(seed, "seed", minimum=0)
+        self.n_clusters = int(n_clusters)
+        self.init = init
+        self.n_init = int(n_init)
+        self.max_iter = int(max_iter)
+        self.tol = float(tol)
+        self.batch_shape = torch.Size(int(b) for b in batch_shape)
+        self.seed = seed
+        self.chunk_size = chunk_size
+        dtype = dtype if dtype is not None else torch.get_default_dtype()
+        self.register_buffer("cluster_centers_", torch.empty(0, device=device, dtype=dtype))
+        self.labels_: torch.Tensor | None = None
+        self.inertia_: torch.Tensor | None = None
+        self.n_iter_: torch.Tensor | None = None
+        self.converged_: torch.Tensor | None = None
+
+    @property
+    def n_models(self) -> int:
+        return math.prod(self.batch_shape)
+
+    @property
+    def n_features(self) -> int | None:
+        return self.cluster_centers_.shape[-1] if self.cluster_centers_.numel() else None
+
+    @torch.no_grad()
+    def fit(self, X: Any) -> "KMeans":
+        """Cluster every model's data; raises ValueError before changing anything."""
+        X = self._validated_input(X, fitting=True)
+        R, M, K, D = self.n_init, self.n_models, self.n_clusters, X.shape[-1]
+        centres = self._user_centres(D)
+        X = X if X.dim() == 2 else X.reshape(M, *X.shape[-2:])
+        shift = X.mean(-2, keepdim=True)  # centre the data: distances as GEMMs cancel less
+        X = X - shift
+        chunk = self._chunk(R * M * K)
+        generator = torch.Generator(device=X.device).manual_seed(
+            self.seed if self.seed is not None else int(torch.randint(0, 2**62, ()))
+        )
+        if centres is not None:
+            centres = centres.reshape(1, M, K, D).expand(R, M, K, D) - shift
+        elif self.init == "random":
+            centres = random_points(X, R, M, K, generator)
+        else:
+            centres = kmeans_plusplus(X, R, M, K, generator, chunk)
+        result = lloyd(X, centres, max_iter=self.max_iter, tol=relative_tolerance(X, self.tol), chunk_size=chunk)
+        inertia = result.distances.sum(-1)  # (R, M)
+        best = inertia.argmin(0)  # (M,)
+
+        def pick(value: torch.Tensor) -> torch.Tensor:
+            index = best.view(1, M, *([1] * (value.dim() - 2))).expand(1, *value.shape[1:])
+            chosen = value.gather(0, index)[0]
+            return chosen.reshape((*self.batch_shape, *chosen.shape[1:]))
+
+        self.cluster_centers_ = pick(result.centres + shift)  # shift (1, D) or (M, 1, D) broadcasts
+        self.labels_ = pick(result.labels)
+        self.inertia_ = pick(inertia)
+        self.n_iter_ = pick(result.n_iter)
+        self.converged_ = pick(result.converged)
+        return self
+
+    @torch.no_grad()
+    def fit_predict(self, X: Any) -> torch.Tensor:
+        return self.fit(X).labels_
+
+    @torch.no_grad()
+    def predict(self, X: Any) -> torch.Tensor:
+        """Index of the nearest centre ``(*batch_shape, N)``."""
+        return self._nearest(X)[0]
+
+    @torch.no_grad()
+    def transform(self, X: Any) -> torch.Tensor:
+        """Euclidean distances to every centre ``(*batch_shape, N, K)``."""
+        X, centres = self._working(X)
+        chunk = self._chunk(self.n_models * self.n_clusters)
+        blocks = [squared_distances(X[..., a:a + chunk, :], centres) for a in range(0, X.shape[-2], chunk)]
+        distances = torch.cat(blocks, -1).sqrt()[0]  # (M, K, N)
+        return distances.mT.reshape(*self.batch_shape, X.shape[-2], self.n_clusters)
+
+    @torch.no_grad()
+    def score(self, X: Any) -> torch.Tensor:
+        """Negative inertia of X under the fitted centres ``(*batch_shape)``."""
+        return -self._nearest(X)[1].sum(-1)
+
+    def _nearest(self, X: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Nearest centre and squared distance to it, both ``(*batch_shape, N)``."""
+        X, centres = self._working(X)
+        labels, dist = nearest(X, centres, self._chunk(self.n_models * self.n_clusters))
+        return labels.reshape(*self.batch_shape, X.shape[-2]), dist.reshape(*self.batch_shape, X.shape[-2])
+
+    def _working(self, X: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Validated, centred data (N, D) or (M, N, D) and centres (1, M, K, D) in the same frame."""
+        X = self._validated_input(X)
+        M, K, D = self.n_models, self.n_clusters, X.shape[-1]
+        X = X if X.dim() == 2 else X.reshape(M, X.shape[-2], D)
+        shift = X.mean(-2, keepdim=True)
+        return X - shift, self.cluster_centers_.reshape(1, M, K, D) - shift
+
+    def _chunk(self, n_centres: int) -> int:
+        return self.chunk_size or max(256, CHUNK_ELEMENTS // n_centres)
+
+    def _validated_input(self, X: Any, fitting: bool = False) -> torch.Tensor:
+        if not fitting and self.n_features is None:
+            raise RuntimeError("KMeans has no centres yet: call fit(X) first")
+        X = as_float_tensor(X, "X", device=self.cluster_centers_.device, dtype=self.cluster_centers_.dtype)
+        check_data(X, "X", n_features=None if fitting else self.n_features, batch_shape=self.batch_shape,
+                   min_samples=self.n_clusters if fitting else 1)
+        return X
+
+    def _user_centres(self, n_features: int) -> torch.Tensor | None:
+        if isinstance(self.init, str):
+            return None
+        centres = as_float_tensor(self.init, "init", device=self.cluster_centers_.device, dtype=self.cluster_centers_.dtype)
+        check_shape(centres, "init", (self.n_clusters, n_features), self.batch_shape)
+        check_finite(centres, "init")
+        return centres.expand(*self.batch_shape, self.n_clusters, n_features)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # A fresh module holds an empty placeholder; adopt the saved centres' shape.
+        key = prefix + "cluster_centers_"
+        if key in state_dict:
+            self.cluster_centers_ = torch.empty_like(state_dict[key], device=self.cluster_centers_.device,
+                                                     dtype=self.cluster_centers_.dtype)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        batch = f", batch_shape={tuple(self.batch_shape)}" if self.batch_shape else ""
+        return f"n_clusters={self.n_clusters}{batch}"

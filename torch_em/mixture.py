@@ -163,7 +163,7 @@ class Mixture(nn.Module):
         R, M, K = self.n_init, self.n_models, self.n_components
         X = self._working_data(X)
         shift = self.family.reference(X)
-        chunk = self.chunk_size or em.default_chunk_size(R * M, K, X.shape[-1] * 2)
+        chunk = self.chunk_size or em.default_chunk_size(R * M, K, self.family.n_statistics(n_features))
         data = em.Data(self.family, X, shift, chunk)
         log_weights, theta = self._initial_parameters(data, chunk, user_theta, user_centres)
         with tqdm(total=self.max_iter, desc="EM", disable=not verbose, leave=False) as progress:
@@ -200,9 +200,9 @@ class Mixture(nn.Module):
         generator = self._generator()
         if user_centres is not None:
             user_centres = self._to_working(user_centres).expand(R, M, *user_centres.shape[-2:])
-            user_centres = user_centres if shift is None else user_centres - shift
-        centred = X if shift is None else X - shift
-        resp = initial_responsibilities(self.init_params, centred, R, M, K, generator, chunk, user_centres)
+            user_centres = self.family.embedding(user_centres, shift)
+        embedded = self.family.embedding(X, shift)
+        resp = initial_responsibilities(self.init_params, embedded, R, M, K, generator, chunk, user_centres)
         stats = em.statistics_from_responsibilities(data, resp)
         every_model = torch.ones(R, M, dtype=torch.bool, device=X.device)
 

@@ -72,6 +72,10 @@ class ComponentFamily:
         of points (e.g. ``means_init``), or None."""
         return None
 
+    def n_statistics(self, n_features: int) -> int:
+        """F, the length of the sufficient-statistic vector T(x) for D features."""
+        raise NotImplementedError
+
     def n_features_of(self, theta: Mapping[str, torch.Tensor]) -> int:
         """D, read off parameters (by default the last dimension of the first one)."""
         return next(iter(theta.values())).shape[-1]
@@ -81,8 +85,13 @@ class ComponentFamily:
         """Raise ValueError if X is outside the family's support (finiteness is already checked)."""
 
     def reference(self, X: torch.Tensor) -> torch.Tensor | None:
-        """Point about which statistics are taken, ``X.mean`` over points, or None."""
+        """Point about which statistics are taken, ``X.mean(-2, keepdim=True)``, or None."""
         return None
+
+    def embedding(self, X: torch.Tensor, shift: torch.Tensor | None) -> torch.Tensor:
+        """Pointwise map of data (..., n, D) -> (..., n, E) in which the initialisation clusters
+        with Euclidean k-means (e.g. one-hot codes for categorical data). Default: X - shift."""
+        return X if shift is None else X - shift
 
     # --- the EM functions ------------------------------------------------------------------
     def features(self, X: torch.Tensor, shift: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -3,7 +3,8 @@
 All functions work on a working batch ``(R, M)`` (restarts x models) and on data shared by
 every model, ``X (N, D)``, or one dataset per model, ``X (M, N, D)``; data are expected to be
 centred already (the caller subtracts its shift). Centres are ``(R, M, K, D)``, labels
-``(R, M, N)``. Randomness comes from one ``torch.Generator``, so a seed reproduces everything.
+``(R, M, N)``. Randomness comes from one generator per restart (``RestartStreams``), so a seed
+reproduces everything and restart r does not depend on how many restarts run.
 """
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+
+from ._random import RestartStreams
 
 METHODS = ("k-means++", "kmeans", "random", "random_from_data")
 #: Lloyd iterations run after k-means++ seeding by the default initialisation.
@@ -52,24 +55,24 @@ def nearest(X: torch.Tensor, centres: torch.Tensor, chunk_size: int) -> tuple[to
     return torch.cat(labels, -1), torch.cat(dists, -1)
 
 
-def random_points(X: torch.Tensor, R: int, M: int, K: int, generator: torch.Generator) -> torch.Tensor:
+def random_points(X: torch.Tensor, M: int, K: int, streams: RestartStreams) -> torch.Tensor:
     """K distinct random data points per model: (R, M, K, D)."""
-    keys = torch.rand(R, M, X.shape[-2], generator=generator, device=X.device)
+    keys = streams.rand(M, X.shape[-2])
     return gather_points(X, keys.topk(K, dim=-1).indices)
 
 
-def kmeans_plusplus(X: torch.Tensor, R: int, M: int, K: int, generator: torch.Generator, chunk_size: int) -> torch.Tensor:
+def kmeans_plusplus(X: torch.Tensor, M: int, K: int, streams: RestartStreams, chunk_size: int) -> torch.Tensor:
     """Greedy k-means++ seeding (as scikit-learn): each new centre is the best of 2 + log K
     candidates drawn with probability proportional to the squared distance to the nearest
     centre chosen so far. Returns centres (R, M, K, D)."""
-    n_points = X.shape[-2]
+    R, n_points = len(streams), X.shape[-2]
     n_trials = 2 + int(math.log(K))
-    first = torch.randint(n_points, (R, M, 1), generator=generator, device=X.device)
+    first = streams.randint(n_points, M, 1)
     centres = [gather_points(X, first)]
     closest = nearest(X, centres[0], chunk_size)[1]  # (R, M, N)
     for _ in range(1, K):
         cumulative = closest.cumsum(-1)
-        targets = torch.rand(R, M, n_trials, generator=generator, device=X.device, dtype=X.dtype)
+        targets = streams.rand(M, n_trials, dtype=X.dtype)
         targets = targets * cumulative[..., -1:]
         candidates = torch.searchsorted(cumulative, targets).clamp_max_(n_points - 1)  # (R, M, t)
         candidate_points = gather_points(X, candidates)  # (R, M, t, D)
@@ -144,7 +147,7 @@ def lloyd(
 
 
 def initial_responsibilities(
-    method: str, X: torch.Tensor, R: int, M: int, K: int, generator: torch.Generator, chunk_size: int,
+    method: str, X: torch.Tensor, M: int, K: int, streams: RestartStreams, chunk_size: int,
     centres: torch.Tensor | None = None,
 ) -> Callable[[int, int], torch.Tensor]:
     """Initial responsibilities as a function ``resp(start, stop) -> (R, M, K, stop - start)``
@@ -155,15 +158,15 @@ def initial_responsibilities(
     """
     if method == "random" and centres is None:
         def random_resp(start: int, stop: int) -> torch.Tensor:
-            resp = torch.rand(R, M, K, stop - start, generator=generator, device=X.device, dtype=X.dtype)
+            resp = streams.rand(M, K, stop - start, dtype=X.dtype)
             return resp / resp.sum(-2, keepdim=True)
 
         return random_resp
     if centres is None:
         if method == "random_from_data":
-            centres = random_points(X, R, M, K, generator)
+            centres = random_points(X, M, K, streams)
         else:
-            centres = kmeans_plusplus(X, R, M, K, generator, chunk_size)
+            centres = kmeans_plusplus(X, M, K, streams, chunk_size)
             n_lloyd = SEEDING_LLOYD_ITERATIONS if method == "k-means++" else 300
             tol = relative_tolerance(X, 1e-4)
             centres = lloyd(X, centres, max_iter=n_lloyd, tol=tol, chunk_size=chunk_size).centres

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ._validation import as_float_tensor, check_data, check_finite, check_int, check_positive, check_shape
+from ._random import RestartStreams
 from .initialization import kmeans_plusplus, lloyd, nearest, random_points, relative_tolerance, squared_distances
 
 #: Rows per chunk keep one chunk's (R*M*K, n) distance block near this many elements.
@@ -95,15 +96,13 @@ class KMeans(nn.Module):
         shift = X.mean(-2, keepdim=True)  # centre the data: distances as GEMMs cancel less
         X = X - shift
         chunk = self._chunk(R * M * K)
-        generator = torch.Generator(device=X.device).manual_seed(
-            self.seed if self.seed is not None else int(torch.randint(0, 2**62, ()))
-        )
+        streams = RestartStreams(self.seed, R, X.device)
         if centres is not None:
             centres = centres.reshape(1, M, K, D).expand(R, M, K, D) - shift
         elif self.init == "random":
-            centres = random_points(X, R, M, K, generator)
+            centres = random_points(X, M, K, streams)
         else:
-            centres = kmeans_plusplus(X, R, M, K, generator, chunk)
+            centres = kmeans_plusplus(X, M, K, streams, chunk)
         result = lloyd(X, centres, max_iter=self.max_iter, tol=relative_tolerance(X, self.tol), chunk_size=chunk)
         inertia = result.distances.sum(-1)  # (R, M)
         best = inertia.argmin(0)  # (M,)

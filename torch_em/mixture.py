@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from . import em
 from ._validation import as_float_tensor, check_choice, check_data, check_finite, check_int, check_positive, check_shape
 from .families.base import ComponentFamily, Theta
+from ._random import RestartStreams, resolve_seed
 from .initialization import METHODS, initial_responsibilities, random_points
 
 
@@ -197,17 +198,17 @@ class Mixture(nn.Module):
         then overridden by whatever the user supplied."""
         R, M, K = self.n_init, self.n_models, self.n_components
         X, shift = data.X, data.shift
-        generator = self._generator()
+        streams = RestartStreams(self.seed, R, X.device)
         if user_centres is not None:
             user_centres = self._to_working(user_centres).expand(R, M, *user_centres.shape[-2:])
             user_centres = self.family.embedding(user_centres, shift)
         embedded = self.family.embedding(X, shift)
-        resp = initial_responsibilities(self.init_params, embedded, R, M, K, generator, chunk, user_centres)
+        resp = initial_responsibilities(self.init_params, embedded, M, K, streams, chunk, user_centres)
         stats = em.statistics_from_responsibilities(data, resp)
         every_model = torch.ones(R, M, dtype=torch.bool, device=X.device)
 
         def random_candidates(k: int) -> torch.Tensor:
-            return self.family.features(random_points(X, R, M, k, generator), shift)[0]
+            return self.family.features(random_points(X, M, k, streams), shift)[0]
 
         stats = em.reseed_empty(self.family, stats, random_candidates, every_model)
         log_weights, theta = em.m_step(self.family, stats, shift, every_model, self._describe_model, "initialisation")
@@ -313,10 +314,7 @@ class Mixture(nn.Module):
         return X
 
     def _generator(self, seed: int | None = None) -> torch.Generator:
-        seed = seed if seed is not None else self.seed
-        if seed is None:
-            seed = int(torch.randint(0, 2**62, (), device="cpu"))
-        return torch.Generator(device=self.device).manual_seed(seed)
+        return torch.Generator(device=self.device).manual_seed(resolve_seed(seed if seed is not None else self.seed))
 
     def _user_initial_parameters(self, n_features: int) -> Theta:
         """Validated ``weights_init`` and the family's initial parameters, with batch dims."""

@@ -1,0 +1,114 @@
+"""KMeans against scikit-learn from identical initial centres, batching, restarts, bad input."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from sklearn.cluster import KMeans as SklearnKMeans
+
+import torch_em
+
+
+def clusters(n_clusters: int = 6, n_per: int = 300, n_features: int = 5, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(scale=4.0, size=(n_clusters, n_features))
+    return np.concatenate([rng.normal(size=(n_per + 11 * i, n_features)) + c for i, c in enumerate(centres)])
+
+
+@pytest.mark.parametrize("tol", [1e-4, 0.0])
+@pytest.mark.parametrize("n_clusters", [3, 8])
+def test_matches_sklearn_from_same_initial_centres(tol, n_clusters, device):
+    X = clusters()
+    init = X[np.random.default_rng(1).choice(len(X), n_clusters, replace=False)]
+    reference = SklearnKMeans(n_clusters, init=init, n_init=1, tol=tol, algorithm="lloyd").fit(X)
+    ours = torch_em.KMeans(n_clusters, init=init, tol=tol, dtype=torch.float64, device=device).fit(X)
+    assert int(ours.n_iter_) == reference.n_iter_
+    np.testing.assert_allclose(ours.cluster_centers_.cpu().numpy(), reference.cluster_centers_, rtol=1e-10, atol=1e-10)
+    assert float(ours.inertia_) == pytest.approx(reference.inertia_, rel=1e-10)
+    assert (ours.labels_.cpu().numpy() == reference.labels_).all()
+    X_test = clusters(seed=5)
+    assert (ours.predict(X_test).cpu().numpy() == reference.predict(X_test)).all()
+    np.testing.assert_allclose(ours.transform(X_test).cpu().numpy(), reference.transform(X_test), rtol=1e-9, atol=1e-9)
+    assert float(ours.score(X_test)) == pytest.approx(reference.score(X_test), rel=1e-10)
+
+
+def test_empty_cluster_is_relocated_like_sklearn():
+    X = clusters(n_clusters=3)
+    init = np.concatenate([X[:3], np.full((1, X.shape[1]), 1e3)])  # the last centre attracts nothing
+    reference = SklearnKMeans(4, init=init, n_init=1, algorithm="lloyd").fit(X)
+    ours = torch_em.KMeans(4, init=init, dtype=torch.float64).fit(X)
+    assert np.isfinite(ours.cluster_centers_.numpy()).all()
+    assert float(ours.inertia_) == pytest.approx(reference.inertia_, rel=1e-8)
+    np.testing.assert_allclose(ours.cluster_centers_.numpy(), reference.cluster_centers_, rtol=1e-8, atol=1e-8)
+
+
+def test_batched_equals_looped_and_models_stop_on_their_own():
+    data = torch.stack([torch.as_tensor(clusters(4, 100, 3, seed=s)) for s in range(5)])  # (5, N, 3)
+    init = data[:, :4]  # (5, 4, 3): first points as initial centres
+    batched = torch_em.KMeans(4, init=init, batch_shape=(5,), dtype=torch.float64).fit(data)
+    for b in range(5):
+        single = torch_em.KMeans(4, init=init[b], dtype=torch.float64).fit(data[b])
+        torch.testing.assert_close(batched.cluster_centers_[b], single.cluster_centers_, rtol=1e-12, atol=1e-12)
+        assert int(batched.n_iter_[b]) == int(single.n_iter_)
+        assert float(batched.inertia_[b]) == pytest.approx(float(single.inertia_), rel=1e-12)
+    assert len(set(batched.n_iter_.tolist())) > 1
+
+
+def test_restarts_never_worse_and_seed_reproducible():
+    X = torch.as_tensor(clusters(8, 60, 2, seed=3))
+    many = torch_em.KMeans(8, n_init=10, seed=0, dtype=torch.float64).fit(X)
+    again = torch_em.KMeans(8, n_init=10, seed=0, dtype=torch.float64).fit(X)
+    assert torch.equal(many.cluster_centers_, again.cluster_centers_)
+    # Restart r draws from its own stream, so the first of ten restarts is the n_init=1 fit.
+    first = torch_em.KMeans(8, n_init=1, seed=0, dtype=torch.float64).fit(X)
+    assert float(many.inertia_) <= float(first.inertia_) + 1e-9
+    other_seeds = [float(torch_em.KMeans(8, seed=s, dtype=torch.float64).fit(X).inertia_) for s in range(1, 4)]
+    assert len(set(other_seeds + [float(first.inertia_)])) > 1  # seeds do change the result
+
+
+def test_kmeans_plus_plus_quality_close_to_sklearn():
+    X = clusters(10, 200, 4, seed=7)
+    ours = np.median([float(torch_em.KMeans(10, seed=s, dtype=torch.float64).fit(X).inertia_) for s in range(5)])
+    reference = np.median([SklearnKMeans(10, n_init=1, random_state=s).fit(X).inertia_ for s in range(5)])
+    assert ours <= 1.05 * reference
+
+
+def test_state_dict_round_trip():
+    X = clusters()
+    model = torch_em.KMeans(6, seed=0).fit(X)
+    fresh = torch_em.KMeans(6)
+    fresh.load_state_dict(model.state_dict())
+    assert torch.equal(fresh.predict(X), model.predict(X))
+
+
+@pytest.mark.parametrize(
+    "X, message",
+    [
+        (np.full((50, 5), np.nan), "finite"),
+        (np.zeros((50,)), "shape"),
+        (np.zeros((50, 4)), "D=5"),
+    ],
+)
+def test_bad_input_raises_and_leaves_model_unchanged(X, message):
+    model = torch_em.KMeans(3, seed=0).fit(clusters())
+    before = (model.cluster_centers_.clone(), model.labels_.clone(), model.inertia_.clone())
+    with pytest.raises(ValueError, match=message):
+        model.predict(X)
+    with pytest.raises(ValueError, match="X"):
+        model.fit(X if X.ndim == 2 and X.shape[1] == 5 else np.full((2, 5), 0.0))
+    assert torch.equal(model.cluster_centers_, before[0]) and torch.equal(model.labels_, before[1])
+    assert torch.equal(model.inertia_, before[2])
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    ({"n_clusters": 0}, "n_clusters"), ({"n_clusters": 2, "init": "nope"}, "init"),
+    ({"n_clusters": 2, "tol": -1.0}, "tol"), ({"n_clusters": 2, "max_iter": 0}, "max_iter"),
+])
+def test_bad_arguments(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        torch_em.KMeans(**kwargs)
+
+
+def test_init_centres_of_wrong_shape_rejected():
+    with pytest.raises(ValueError, match="init"):
+        torch_em.KMeans(3, init=np.zeros((2, 5))).fit(clusters())

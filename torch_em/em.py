@@ -70,13 +70,11 @@ def component_log_prob(
     const (R, M, K).
     """
     if T.dim() == 2:
-        lp = torch.addmm(const.reshape(-1, 1), eta.reshape(-1, eta.shape[-1]), T.T)  # (R*M*K, n)
+        # mm then an in-place add: addmm with a broadcast column bias copies it first (slow on CPU).
+        lp = (eta.reshape(-1, eta.shape[-1]) @ T.T).add_(const.reshape(-1, 1))  # (R*M*K, n)
         lp = lp.view(*eta.shape[:-1], T.shape[0])
     else:
-        if eta.shape[0] == 1:  # one restart: fuse the constant into the batched GEMM
-            lp = torch.baddbmm(const[0].unsqueeze(-1), eta[0], T.mT).unsqueeze(0)
-        else:
-            lp = eta @ T.mT + const.unsqueeze(-1)
+        lp = (eta @ T.mT).add_(const.unsqueeze(-1))
     return lp if h is None else lp + h.unsqueeze(-2)
 
 

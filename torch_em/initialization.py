@@ -15,6 +15,7 @@ from typing import Callable
 import torch
 
 from ._random import RestartStreams
+from .em import component_log_prob
 
 METHODS = ("k-means++", "kmeans", "random", "random_from_data")
 #: Lloyd iterations run after k-means++ seeding by the default initialisation.
@@ -30,13 +31,17 @@ def _broadcast_points(X: torch.Tensor) -> torch.Tensor:
     return X.unsqueeze(0).unsqueeze(0) if X.dim() == 2 else X.unsqueeze(0)
 
 
+def _centre_scores(X: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
+    """``x.c - |c|^2 / 2`` (R, M, C, n): the Gaussian E-step GEMM with identity covariance, so
+    the nearest centre is the argmax and ``|x - c|^2 = |x|^2 - 2 score``."""
+    return component_log_prob(X, None, centres, -0.5 * centres.square().sum(-1))
+
+
 def squared_distances(X: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
     """Squared Euclidean distances (R, M, C, n) between centres (R, M, C, D) and points X (n, D)
-    or (M, n, D), as one GEMM: |c|^2 - 2 c.x + |x|^2 (clamped at 0). Points last, as in EM."""
-    points = _broadcast_points(X)
-    cross = centres @ points.mT  # (R, M, C, n)
-    dist = centres.square().sum(-1, keepdim=True) - 2 * cross + points.square().sum(-1).unsqueeze(-2)
-    return dist.clamp_min_(0)
+    or (M, n, D), as one GEMM (clamped at 0). Points last, as in EM."""
+    scores = _centre_scores(X, centres)
+    return (X.square().sum(-1).unsqueeze(-2) - 2 * scores).clamp_min_(0)
 
 
 def gather_points(X: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -45,14 +50,51 @@ def gather_points(X: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return points.gather(2, index.unsqueeze(-1).expand(*index.shape, X.shape[-1]))
 
 
-def nearest(X: torch.Tensor, centres: torch.Tensor, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Index of and squared distance to the nearest centre: labels (R, M, N), dist (R, M, N)."""
-    labels, dists = [], []
+def first_argmax(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Max over the component axis (-2) and the first index attaining it, like ``max(-2)``.
+
+    ``max`` with indices over a strided axis is slow on CPU; ``amax`` is fast. The index is
+    recovered by marking the maxima with descending weights K..1 (uint8) and taking ``amax``.
+    """
+    n_components = scores.shape[-2]
+    best = scores.amax(-2, keepdim=True)
+    if n_components > 255:
+        return best.squeeze(-2), (scores == best).to(torch.int16).argmax(-2)
+    weights = torch.arange(n_components, 0, -1, dtype=torch.uint8, device=scores.device).unsqueeze(-1)
+    marked = (scores == best).to(torch.uint8).mul_(weights)
+    return best.squeeze(-2), n_components - marked.amax(-2).long()
+
+
+def nearest(
+    X: torch.Tensor, centres: torch.Tensor, chunk_size: int, point_norms: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Index of and squared distance to the nearest centre: labels (R, M, N), dist (R, M, N).
+    ``point_norms`` (N,) or (M, N): precomputed ``|x|^2``."""
+    R, M = centres.shape[:2]
+    labels = torch.empty(R, M, X.shape[-2], dtype=torch.long, device=X.device)
+    dists = torch.empty(R, M, X.shape[-2], dtype=X.dtype, device=X.device)
     for start, stop in _row_chunks(X.shape[-2], chunk_size):
-        d, i = squared_distances(X[..., start:stop, :], centres).min(-2)
-        labels.append(i)
-        dists.append(d)
-    return torch.cat(labels, -1), torch.cat(dists, -1)
+        chunk = X[..., start:stop, :]
+        best, labels[..., start:stop] = first_argmax(_centre_scores(chunk, centres))  # (R, M, n)
+        norms = chunk.square().sum(-1) if point_norms is None else point_norms[..., start:stop]
+        dists[..., start:stop] = (norms - 2 * best).clamp_min_(0)
+    return labels, dists
+
+
+def cluster_sums(X: torch.Tensor, labels: torch.Tensor, n_clusters: int, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-cluster sums of points (R, M, K, D) and counts (R, M, K) for labels (R, M, N), by
+    scatter-add (linear in N, no N x K one-hot)."""
+    R, M = labels.shape[:2]
+    D = X.shape[-1]
+    sums = X.new_zeros(R * M * n_clusters, D)
+    counts = X.new_zeros(R * M * n_clusters)
+    offsets = (torch.arange(R * M, device=X.device) * n_clusters).view(R, M, 1)
+    for start, stop in _row_chunks(X.shape[-2], chunk_size):
+        flat = (labels[..., start:stop] + offsets).reshape(-1)  # (R*M*n,)
+        points = _broadcast_points(X[..., start:stop, :]).expand(R, M, stop - start, D).reshape(-1, D)
+        sums.index_add_(0, flat, points)
+        counts += torch.bincount(flat, minlength=R * M * n_clusters).to(X.dtype)
+    return sums.view(R, M, n_clusters, D), counts.view(R, M, n_clusters)
 
 
 def random_points(X: torch.Tensor, M: int, K: int, streams: RestartStreams) -> torch.Tensor:
@@ -116,14 +158,10 @@ def lloyd(
     R, M, K, D = centres.shape
     active = torch.ones(R, M, dtype=torch.bool, device=X.device)
     n_iter = torch.zeros(R, M, dtype=torch.long, device=X.device)
-    labels, dist = nearest(X, centres, chunk_size)
+    norms = X.square().sum(-1)  # (N,) or (M, N)
+    labels, dist = nearest(X, centres, chunk_size, norms)
     for iteration in range(1, max_iter + 1):
-        sums = centres.new_zeros(R, M, K, D)
-        counts = centres.new_zeros(R, M, K)
-        for start, stop in _row_chunks(X.shape[-2], chunk_size):
-            one_hot = torch.nn.functional.one_hot(labels[..., start:stop], K).to(X.dtype)  # (R, M, n, K)
-            sums += one_hot.mT @ _broadcast_points(X[..., start:stop, :])
-            counts += one_hot.sum(-2)
+        sums, counts = cluster_sums(X, labels, K, chunk_size)
         empty = counts == 0
         if bool(empty.any()):
             rank = (empty.cumsum(-1) - 1).clamp_min(0)
@@ -139,7 +177,7 @@ def lloyd(
         shift = (new - centres).square().sum((-1, -2))  # (R, M)
         centres = torch.where(active[..., None, None], new, centres)
         n_iter = torch.where(active, iteration, n_iter)
-        labels, dist = nearest(X, centres, chunk_size)
+        labels, dist = nearest(X, centres, chunk_size, norms)
         active &= shift > tol
         if not bool(active.any()):
             break

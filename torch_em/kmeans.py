@@ -13,7 +13,7 @@ from ._random import RestartStreams
 from .initialization import kmeans_plusplus, lloyd, nearest, random_points, relative_tolerance, squared_distances
 
 #: Rows per chunk keep one chunk's (R*M*K, n) distance block near this many elements.
-CHUNK_ELEMENTS = 1 << 22
+CHUNK_ELEMENTS = 1 << 19
 
 
 class KMeans(nn.Module):

@@ -109,6 +109,7 @@ class Mixture(nn.Module):
             theta = family.default_parameters(
                 tuple(self.batch_shape), self.n_components, self.n_features, generator, self.device, self.dtype
             )
+            theta["logits"] = torch.zeros(*self.batch_shape, self.n_components, device=self.device, dtype=self.dtype)
             theta.update(self._user_initial_parameters(self.n_features))
             self._assign(theta, create=True)
 

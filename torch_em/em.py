@@ -161,7 +161,8 @@ def reseed_empty(
     family: ComponentFamily, stats: Statistics, candidates: Callable[[int], torch.Tensor], active: torch.Tensor
 ) -> Statistics:
     """Replace the statistics of components with fewer than ``family.min_count`` points (in
-    active models) by one pseudo-point each at the worst-explained data points.
+    active models) by a pseudo-point each at the worst-explained data points, weighted like an
+    average component.
 
     ``candidates(k)`` returns the features (R, M, k, F) of the k worst points, worst first; it is
     only called when a component is empty, so the extra pass over the data is rare.
@@ -173,11 +174,12 @@ def reseed_empty(
     points = candidates(n_components)  # (R, M, K, F)
     rank = (empty.cumsum(-1) - 1).clamp_min(0)  # j-th empty component takes the j-th worst point
     chosen = points.gather(2, rank.unsqueeze(-1).expand(*rank.shape, points.shape[-1]))
-    total_count = stats.counts.sum(-1, keepdim=True)  # (R, M, 1)
-    mean_features = stats.sums.sum(-2, keepdim=True) / total_count.unsqueeze(-1)  # (R, M, 1, F)
-    pseudo = family.reseed_statistics(chosen, mean_features.expand_as(chosen))
-    counts = torch.where(empty, torch.ones_like(stats.counts), stats.counts)
-    sums = torch.where(empty.unsqueeze(-1), pseudo, stats.sums)
+    pseudo = family.reseed_statistics(chosen, stats.counts, stats.sums, empty)
+    # The pseudo-point gets the weight of an average component so that it can compete for the
+    # points near it (with the weight of one point it would be starved again).
+    share = stats.counts.sum(-1, keepdim=True) / n_components  # (R, M, 1)
+    counts = torch.where(empty, share.expand_as(stats.counts), stats.counts)
+    sums = torch.where(empty.unsqueeze(-1), share.unsqueeze(-1) * pseudo, stats.sums)
     return Statistics(counts, sums, stats.log_likelihood)
 
 

@@ -115,11 +115,14 @@ class ComponentFamily:
         """What a user can do when :meth:`m_step` reports an invalid component."""
         return "use float64 or rescale the data"
 
-    def reseed_statistics(self, point_features: torch.Tensor, mean_features: torch.Tensor) -> torch.Tensor:
+    def reseed_statistics(
+        self, point_features: torch.Tensor, counts: torch.Tensor, sums: torch.Tensor, empty: torch.Tensor
+    ) -> torch.Tensor:
         """Statistics of one pseudo-point that replace those of an empty component.
 
-        point_features (..., F): features of the worst-explained data point;
-        mean_features (..., F): the model's average feature vector over all points.
+        point_features (*b, K, F): features of the data point chosen for each component (the
+        worst explained ones); counts (*b, K), sums (*b, K, F): the current statistics;
+        empty (*b, K): which components are being replaced. Default: the point itself.
         """
         return point_features
 

@@ -288,12 +288,16 @@ class Gaussian(ComponentFamily):
         return ("its covariance is not positive definite. Increase reg_covar (now "
                 f"{self.reg_covar:g}), use float64, scale the data, or use fewer components")
 
-    def reseed_statistics(self, point_features, mean_features) -> torch.Tensor:
-        # One pseudo-point at the data point carrying the model's overall spread:
-        # T(x*) + (mean T - T(mean x)) adds the global covariance to the point's outer product.
+    def reseed_statistics(self, point_features, counts, sums, empty) -> torch.Tensor:
+        # One pseudo-point at the chosen data point, spread like a typical component: add the
+        # pooled within-component scatter, sum_k (S_k - n_k T(mu_k)) / sum_k n_k, to T(x*).
         n_features = self._n_features_from_stats(point_features.shape[-1])
-        global_mean = mean_features[..., :n_features]
-        return point_features + mean_features - self.features(global_mean, None)[0]
+        kept = (~empty).to(counts.dtype)
+        safe_counts = counts.clamp_min(torch.finfo(counts.dtype).tiny).unsqueeze(-1)
+        means = sums[..., :n_features] / safe_counts
+        scatter = (sums - safe_counts * self.features(means, None)[0]) * kept.unsqueeze(-1)
+        pooled = scatter.sum(-2, keepdim=True) / (counts * kept).sum(-1, keepdim=True).unsqueeze(-1)
+        return point_features + pooled
 
     def _n_features_from_stats(self, n_stats: int) -> int:
         if self.covariance_type == "diag":

@@ -23,7 +23,8 @@ def as_float_tensor(
         tensor = value
     else:
         try:
-            tensor = torch.as_tensor(np.asarray(value))
+            array = np.asarray(value)
+            tensor = torch.as_tensor(array if array.flags.writeable else array.copy())
         except (TypeError, ValueError, RuntimeError) as err:
             raise ValueError(f"{name} must be a tensor or array of numbers, got {type(value).__name__}") from err
     if tensor.is_complex() or tensor.dtype == torch.bool:

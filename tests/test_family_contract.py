@@ -1,0 +1,162 @@
+"""One contract every component family must satisfy, checked table-driven through the engine:
+additive statistics, an M-step that maximises the weighted complete-data log-likelihood, a
+lower bound that never decreases, and a batched fit that equals the looped fits."""
+from __future__ import annotations
+
+import importlib
+import warnings
+from typing import Callable
+
+import pytest
+import torch
+
+import torch_em
+from torch_em import em
+from torch_em.families import ComponentFamily, Gaussian
+
+Sampler = Callable[[torch.Generator, int, int], torch.Tensor]  # (generator, n_models, n) -> (B, n, D)
+
+
+def _gaussian(g, b, n):
+    centres = torch.tensor([[0.0, 0.0, 0.0], [4.0, 4.0, 0.0], [0.0, 5.0, 3.0]], dtype=torch.float64)
+    labels = torch.randint(3, (b, n), generator=g)
+    return centres[labels] + torch.randn(b, n, 3, generator=g, dtype=torch.float64)
+
+
+def _binary(g, b, n):
+    probs = torch.tensor([[0.9, 0.8, 0.1, 0.2, 0.5], [0.1, 0.2, 0.9, 0.7, 0.5], [0.5, 0.9, 0.9, 0.1, 0.1]], dtype=torch.float64)
+    labels = torch.randint(3, (b, n), generator=g)
+    return torch.bernoulli(probs[labels], generator=g)
+
+
+def _codes(g, b, n):
+    probs = torch.softmax(3 * torch.randn(3, 4, 3, generator=g, dtype=torch.float64), -1)  # (K, D, C)
+    labels = torch.randint(3, (b, n), generator=g)
+    return torch.multinomial(probs[labels].reshape(-1, 3), 1, generator=g).reshape(b, n, 4).double()
+
+
+def _counts(g, b, n):
+    rates = torch.tensor([[1.0, 8.0, 3.0], [9.0, 1.0, 4.0], [4.0, 4.0, 15.0]], dtype=torch.float64)
+    labels = torch.randint(3, (b, n), generator=g)
+    return torch.poisson(rates[labels], generator=g)
+
+
+def _positive(g, b, n):
+    scales = torch.tensor([[0.5, 4.0], [3.0, 0.3], [8.0, 8.0]], dtype=torch.float64)
+    labels = torch.randint(3, (b, n), generator=g)
+    shape = torch.tensor(2.0, dtype=torch.float64)
+    gamma = torch.distributions.Gamma(shape, shape / scales[labels]).sample()  # mean = scale
+    return gamma.clamp_min(1e-6)
+
+
+def _unit(g, b, n):
+    centres = torch.nn.functional.normalize(torch.randn(3, 4, generator=g, dtype=torch.float64), dim=-1)
+    labels = torch.randint(3, (b, n), generator=g)
+    return torch.nn.functional.normalize(centres[labels] * 6 + torch.randn(b, n, 4, generator=g, dtype=torch.float64), dim=-1)
+
+
+def _optional(module: str, name: str, *args):
+    try:
+        return getattr(importlib.import_module(f"torch_em.families.{module}"), name)(*args)
+    except (ImportError, AttributeError):
+        return None
+
+
+CASES: list[tuple[str, Callable[[], ComponentFamily | None], Sampler]] = [
+    *[(f"gaussian-{c}", (lambda c=c: Gaussian(c, reg_covar=0.0)), _gaussian) for c in ("full", "tied", "diag", "spherical")],
+    ("bernoulli", lambda: _optional("bernoulli", "Bernoulli"), _binary),
+    ("categorical", lambda: _optional("categorical", "Categorical", 3), _codes),
+    ("poisson", lambda: _optional("poisson", "Poisson"), _counts),
+    ("exponential", lambda: _optional("exponential", "Exponential"), _positive),
+    ("gamma", lambda: _optional("gamma", "Gamma"), _positive),
+    ("von-mises-fisher", lambda: _optional("von_mises_fisher", "VonMisesFisher"), _unit),
+]
+
+
+@pytest.fixture(params=CASES, ids=[case[0] for case in CASES])
+def case(request):
+    name, make, sampler = request.param
+    family = make()
+    if family is None:
+        pytest.skip(f"{name} family not available")
+    return name, family, sampler
+
+
+def _working_theta(family: ComponentFamily, n_models: int, K: int, D: int, seed: int = 0):
+    """Valid random parameters (1, n_models, ...) for the working batch."""
+    g = torch.Generator().manual_seed(seed)
+    theta = family.default_parameters((1, n_models), K, D, g, torch.device("cpu"), torch.float64)
+    log_weights = torch.log_softmax(torch.randn(1, n_models, K, generator=g, dtype=torch.float64), -1)
+    return log_weights, theta
+
+
+def _data(family, X):
+    shift = family.reference(X)
+    return em.Data(family, X, shift, chunk_size=37)
+
+
+def test_statistics_are_additive(case):
+    _, family, sampler = case
+    X = sampler(torch.Generator().manual_seed(1), 1, 200)[0]
+    log_weights, theta = _working_theta(family, 1, 3, X.shape[-1])
+    shift = family.reference(X)
+    eta, const = em.natural_with_weights(family, theta, log_weights, shift)
+    whole = em.e_step(em.Data(family, X, shift, chunk_size=200), eta, const)
+    a = em.e_step(em.Data(family, X[:77], shift, chunk_size=200), eta, const)
+    b = em.e_step(em.Data(family, X[77:], shift, chunk_size=200), eta, const)
+    chunked = em.e_step(em.Data(family, X, shift, chunk_size=13), eta, const)
+    for combined in (em.Statistics(a.counts + b.counts, a.sums + b.sums, a.log_likelihood + b.log_likelihood), chunked):
+        torch.testing.assert_close(combined.counts, whole.counts, rtol=1e-12, atol=1e-10)
+        torch.testing.assert_close(combined.sums, whole.sums, rtol=1e-12, atol=1e-9)
+        torch.testing.assert_close(combined.log_likelihood, whole.log_likelihood, rtol=1e-12, atol=1e-9)
+
+
+def test_m_step_maximises_weighted_complete_data_log_likelihood(case):
+    name, family, sampler = case
+    X = sampler(torch.Generator().manual_seed(2), 1, 300)[0]
+    K = 3
+    resp = torch.softmax(torch.randn(len(X), K, generator=torch.Generator().manual_seed(3), dtype=torch.float64), -1)
+    shift = family.reference(X)
+    T, h = family.features(X, shift)
+    counts = resp.sum(0)
+    theta, valid = family.m_step(counts, resp.T @ T, shift)
+    assert bool(valid.all())
+    theta = {k: v.detach().clone().requires_grad_() for k, v in theta.items()}
+    eta, const = family.natural_parameters(theta, shift)
+    objective = ((T @ eta.T + const) * resp).sum()
+    gradients = torch.autograd.grad(objective, list(theta.values()))
+    for (key, value), grad in zip(theta.items(), gradients):
+        # Scale: the objective is a sum over N points; a zero gradient relative to N.
+        tolerance = 1e-6 if "gamma" not in name and "mises" not in name else 1e-4
+        assert float(grad.abs().max()) <= tolerance * len(X), (key, float(grad.abs().max()))
+
+
+def test_lower_bound_never_decreases(case):
+    _, family, sampler = case
+    X = sampler(torch.Generator().manual_seed(4), 1, 400)[0]
+    model = torch_em.Mixture(family, 3, seed=0, tol=1e-9, max_iter=40, dtype=torch.float64, batch_shape=(2,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch_em.ConvergenceWarning)
+        model.fit(X)
+    history = model.lower_bound_history_
+    assert bool(torch.isfinite(history).all())
+    steps = history[:, 1:] - history[:, :-1]
+    assert bool((steps >= -1e-9 * history[:, 1:].abs()).all()), float(steps.min())
+
+
+def test_batched_em_equals_looped_em(case):
+    _, family, sampler = case
+    B, K = 3, 3
+    X = sampler(torch.Generator().manual_seed(5), B, 150)  # (B, N, D)
+    log_weights, theta = _working_theta(family, B, K, X.shape[-1], seed=6)
+    describe = lambda r, m: f"model {m}"  # noqa: E731
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch_em.ConvergenceWarning)
+        batched = em.run_em(family, _data(family, X), log_weights, theta, max_iter=30, tol=1e-6, describe_model=describe)
+        for b in range(B):
+            single = em.run_em(family, _data(family, X[b]), log_weights[:, b:b + 1],
+                               {k: v[:, b:b + 1] for k, v in theta.items()}, max_iter=30, tol=1e-6, describe_model=describe)
+            assert int(single.n_iter[0, 0]) == int(batched.n_iter[0, b])
+            torch.testing.assert_close(single.log_weights[0, 0], batched.log_weights[0, b], rtol=1e-9, atol=1e-10)
+            for key in theta:
+                torch.testing.assert_close(single.theta[key][0, 0], batched.theta[key][0, b], rtol=1e-9, atol=1e-9)

@@ -160,3 +160,19 @@ def test_batched_em_equals_looped_em(case):
             torch.testing.assert_close(single.log_weights[0, 0], batched.log_weights[0, b], rtol=1e-9, atol=1e-10)
             for key in theta:
                 torch.testing.assert_close(single.theta[key][0, 0], batched.theta[key][0, b], rtol=1e-9, atol=1e-9)
+
+
+def test_empty_component_is_reseeded_and_nothing_becomes_nan(case):
+    _, family, sampler = case
+    X = sampler(torch.Generator().manual_seed(7), 1, 300)[0]
+    log_weights, theta = _working_theta(family, 1, 3, X.shape[-1], seed=8)
+    log_weights = log_weights.clone()
+    log_weights[..., 2] = -1e4  # component 2 explains nothing: its statistics come out empty
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch_em.ConvergenceWarning)
+        result = em.run_em(family, _data(family, X), log_weights, theta, max_iter=5, tol=0.0,
+                           describe_model=lambda r, m: "model")
+    assert bool(torch.isfinite(result.history).all())
+    for value in (result.log_weights, *result.theta.values()):
+        assert bool(torch.isfinite(value).all())
+    assert float(result.log_weights[0, 0, 2].exp()) > 1e-3  # re-seeded, then kept points

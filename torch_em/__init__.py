@@ -1,6 +1,6 @@
 """torch_em: GPU-accelerated, differentiable Expectation-Maximization in PyTorch."""
 from .em import ConvergenceWarning
-from .families import ComponentFamily, Gaussian, IllConditionedError
+from .families import Bernoulli, Categorical, ComponentFamily, Exponential, Gamma, Gaussian, IllConditionedError, Poisson
 from .gaussian_mixture import GaussianMixture
 from .kmeans import KMeans
 from .mixture import Mixture
@@ -8,6 +8,11 @@ from .mixture import Mixture
 __version__ = "0.1.0"
 
 __all__ = [
+    "Bernoulli",
+    "Categorical",
+    "Exponential",
+    "Gamma",
+    "Poisson",
     "ComponentFamily",
     "ConvergenceWarning",
     "Gaussian",

@@ -85,3 +85,29 @@ def check_shape(tensor: torch.Tensor, name: str, per_model: tuple[int, ...], bat
     if tuple(tensor.shape) not in (per_model, full):
         options = f"{per_model}" + (f" or {full}" if full != per_model else "")
         raise ValueError(f"{name} must have shape {options}, got {tuple(tensor.shape)}")
+
+
+def describe_bad_values(X: torch.Tensor, bad: torch.Tensor) -> str:
+    """``"3 value(s) that are not, e.g. 0.5 (values span [0, 2])"`` for a bool mask of bad entries."""
+    example = X[bad].flatten()[0].item()
+    return (f"{int(bad.sum())} value(s) that are not, e.g. {example:g} "
+            f"(values span [{X.min().item():g}, {X.max().item():g}])")
+
+
+def initial_tensor(
+    value: Any, name: str, per_model: tuple[int, ...], batch_shape: tuple[int, ...],
+    device: torch.device, dtype: torch.dtype,
+) -> torch.Tensor:
+    """A user-supplied initial parameter as a finite tensor ``(*batch_shape, *per_model)``; the
+    batch dimensions are optional in ``value``. Raises ValueError naming ``name``."""
+    tensor = as_float_tensor(value, name, device=device, dtype=dtype)
+    check_shape(tensor, name, per_model, torch.Size(batch_shape))
+    check_finite(tensor, name)
+    return tensor.expand(*batch_shape, *per_model).clone()
+
+
+def check_positive_tensor(tensor: torch.Tensor, name: str, *, allow_zero: bool = False) -> None:
+    bad = tensor < 0 if allow_zero else tensor <= 0
+    if bool(bad.any()):
+        kind = "non-negative" if allow_zero else "positive"
+        raise ValueError(f"{name} must be {kind}, got minimum {tensor.min().item():.3g}")

@@ -1,5 +1,20 @@
 """Component families: interchangeable distributions a mixture is made of."""
 from .base import ComponentFamily, IllConditionedError
+from .bernoulli import Bernoulli
+from .categorical import Categorical
+from .exponential import Exponential
+from .gamma import Gamma
 from .gaussian import COVARIANCE_TYPES, Gaussian
+from .poisson import Poisson
 
-__all__ = ["COVARIANCE_TYPES", "ComponentFamily", "Gaussian", "IllConditionedError"]
+__all__ = [
+    "COVARIANCE_TYPES",
+    "Bernoulli",
+    "Categorical",
+    "ComponentFamily",
+    "Exponential",
+    "Gamma",
+    "Gaussian",
+    "IllConditionedError",
+    "Poisson",
+]

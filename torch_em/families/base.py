@@ -31,6 +31,16 @@ import torch
 Theta = dict[str, torch.Tensor]
 
 
+def probability_bound(dtype: torch.dtype) -> float:
+    """Probabilities are kept in ``[bound, 1 - bound]`` (and rates above a bound-based floor)."""
+    return torch.finfo(dtype).eps
+
+
+def average_features(counts: torch.Tensor, sums: torch.Tensor) -> torch.Tensor:
+    """The data's average feature vector (*b, 1, F) from statistics counts (*b, K), sums (*b, K, F)."""
+    return sums.sum(-2, keepdim=True) / counts.sum(-1, keepdim=True).unsqueeze(-1)
+
+
 class IllConditionedError(ValueError):
     """An M-step produced a component whose parameters are not valid (e.g. a covariance that is
     not positive definite). The message names the model and component and the remedies."""
@@ -89,8 +99,9 @@ class ComponentFamily:
         return None
 
     def embedding(self, X: torch.Tensor, shift: torch.Tensor | None) -> torch.Tensor:
-        """Pointwise map of data (..., n, D) -> (..., n, E) in which the initialisation clusters
-        with Euclidean k-means (e.g. one-hot codes for categorical data). Default: X - shift."""
+        """Map of data (..., n, D) -> (..., n, E) in which the initialisation clusters with
+        Euclidean k-means (e.g. one-hot codes for categorical data). Default: X - shift. It must
+        be pointwise when the family supplies ``initial_centres`` (they are mapped with it too)."""
         return X if shift is None else X - shift
 
     # --- the EM functions ------------------------------------------------------------------
@@ -122,9 +133,12 @@ class ComponentFamily:
 
         point_features (*b, K, F): features of the data point chosen for each component (the
         worst explained ones); counts (*b, K), sums (*b, K, F): the current statistics;
-        empty (*b, K): which components are being replaced. Default: the point itself.
+        empty (*b, K): which components are being replaced.
+
+        Default: halfway between the point and the average features of the data, so the new
+        component sits near that point without pinning probabilities or rates at their clamps.
         """
-        return point_features
+        return 0.5 * (point_features + average_features(counts, sums))
 
     def sample(self, theta: Mapping[str, torch.Tensor], labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Draw one point per label; labels (*batch, n) -> samples (*batch, n, D)."""

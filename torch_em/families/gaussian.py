@@ -27,7 +27,7 @@ from typing import Any, Mapping
 
 import torch
 
-from .._validation import as_float_tensor, check_finite, check_positive, check_shape
+from .._validation import check_positive, initial_tensor
 from .base import ComponentFamily, Theta
 
 COVARIANCE_TYPES = ("full", "tied", "diag", "spherical")
@@ -153,10 +153,7 @@ class Gaussian(ComponentFamily):
             theta["loc"] = self.initial_centres(batch_shape, n_components, n_features, device, dtype)
         if self.precisions_init is not None:
             shape = self.precision_shape(n_components, n_features)
-            precision = as_float_tensor(self.precisions_init, "precisions_init", device=device, dtype=dtype)
-            check_shape(precision, "precisions_init", shape, batch_shape)
-            check_finite(precision, "precisions_init")
-            precision = precision.expand(*batch_shape, *shape)
+            precision = initial_tensor(self.precisions_init, "precisions_init", shape, batch_shape, device, dtype)
             if self.covariance_type in ("full", "tied"):
                 if not torch.equal(precision, precision.mT):
                     raise ValueError("precisions_init must hold symmetric matrices, got a non-symmetric one")
@@ -176,10 +173,7 @@ class Gaussian(ComponentFamily):
     def initial_centres(self, batch_shape, n_components, n_features, device, dtype) -> torch.Tensor | None:
         if self.means_init is None:
             return None
-        means = as_float_tensor(self.means_init, "means_init", device=device, dtype=dtype)
-        check_shape(means, "means_init", (n_components, n_features), batch_shape)
-        check_finite(means, "means_init")
-        return means.expand(*batch_shape, n_components, n_features).clone()
+        return initial_tensor(self.means_init, "means_init", (n_components, n_features), batch_shape, device, dtype)
 
     # --- data --------------------------------------------------------------------------------
     def reference(self, X: torch.Tensor) -> torch.Tensor:

@@ -82,11 +82,16 @@ def normalise(log_joint: torch.Tensor, inplace: bool = False, dim: int = -2) -> 
     """Responsibilities and per-point log-likelihood from ``log_joint`` with components on ``dim``.
 
     Written out (max-subtract, exp, normalise) rather than ``softmax``/``logsumexp``: it is one
-    exp per entry and several times faster over a short component axis.
+    exp per entry and several times faster over a short component axis. Responsibilities below
+    the smallest normal number are raised to it (no subnormal arithmetic).
     Returns resp (same shape) and the log-likelihood (``dim`` removed).
     """
     peak = log_joint.amax(dim, keepdim=True)
-    resp = log_joint.sub_(peak).exp_() if inplace else (log_joint - peak).exp()
+    # Clamp at log(smallest normal number): exp of anything lower is subnormal, which is many
+    # times slower on CPUs, and changes a responsibility by less than that number.
+    floor = math.log(torch.finfo(log_joint.dtype).tiny)
+    shifted = log_joint.sub_(peak) if inplace else log_joint - peak
+    resp = shifted.clamp_min_(floor).exp_() if inplace else shifted.clamp_min(floor).exp()
     total = resp.sum(dim, keepdim=True)
     resp = resp.div_(total) if inplace else resp / total
     return resp, (peak + total.log()).squeeze(dim)

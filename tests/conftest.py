@@ -5,6 +5,10 @@ import numpy as np
 import pytest
 import torch
 
+# Tests run on tiny tensors, where intra-op threads only add overhead (and contention on shared
+# machines); one thread keeps the suite fast and its timings stable.
+torch.set_num_threads(1)
+
 DEVICES = [
     pytest.param("cpu", id="cpu"),
     pytest.param(

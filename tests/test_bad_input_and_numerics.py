@@ -11,7 +11,8 @@ from conftest import COVARIANCE_TYPES, blobs
 
 
 def snapshot(model: torch_em.GaussianMixture) -> dict:
-    state = {name: value.detach().clone() for name, value in model.state_dict().items()}
+    state = {name: value.detach().clone() if torch.is_tensor(value) else value
+             for name, value in model.state_dict().items()}
     for name in ("converged_", "n_iter_", "lower_bound_", "lower_bound_history_"):
         state[name] = getattr(model, name).clone()
     state["n_features"] = model.n_features

@@ -54,7 +54,7 @@ def check_data(
     d = "D" if n_features is None else f"D={n_features}"
     expected = f"(N, {d})" + (f" or ({', '.join(map(str, batch))}, N, {d})" if batch else "")
     shape_ok = X.dim() == 2 or (X.dim() == 2 + len(batch) and tuple(X.shape[:-2]) == batch)
-    if not shape_ok or (n_features is not None and X.shape[-1] != n_features):
+    if not shape_ok or X.shape[-1] < 1 or (n_features is not None and X.shape[-1] != n_features):
         raise ValueError(f"{name} must have shape {expected}, got {tuple(X.shape)}")
     if X.shape[-2] < min_samples:
         raise ValueError(
@@ -64,8 +64,9 @@ def check_data(
 
 
 def check_positive(value: float, name: str, *, allow_zero: bool = False) -> None:
-    ok = value >= 0 if allow_zero else value > 0
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not ok or value != value:
+    is_number = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+    ok = is_number and value == value and (value >= 0 if allow_zero else value > 0)
+    if not ok:
         raise ValueError(f"{name} must be a {'non-negative' if allow_zero else 'positive'} number, got {value!r}")
 
 

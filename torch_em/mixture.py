@@ -199,6 +199,9 @@ class Mixture(nn.Module):
         then overridden by whatever the user supplied."""
         R, M, K = self.n_init, self.n_models, self.n_components
         X, shift = data.X, data.shift
+        if set(user_theta) == set(self._parameter_names):  # everything given: no clustering needed
+            working = {name: self._to_restarts(value) for name, value in user_theta.items()}
+            return working.pop("logits"), working
         streams = RestartStreams(self.seed, R, X.device)
         if user_centres is not None:
             user_centres = self._to_working(user_centres).expand(R, M, *user_centres.shape[-2:])
@@ -214,8 +217,7 @@ class Mixture(nn.Module):
         stats = em.reseed_empty(self.family, stats, random_candidates, every_model)
         log_weights, theta = em.m_step(self.family, stats, shift, every_model, self._describe_model, "initialisation")
         for name, value in user_theta.items():
-            working = self._to_working(value)
-            working = working.expand(R, *working.shape[1:])
+            working = self._to_restarts(value)
             if name == "logits":
                 log_weights = working
             else:
@@ -308,6 +310,11 @@ class Mixture(nn.Module):
         """(*batch_shape, *event) -> (1, M, *event): the working layout with one restart."""
         return value.reshape(1, self.n_models, *value.shape[len(self.batch_shape):])
 
+    def _to_restarts(self, value: torch.Tensor) -> torch.Tensor:
+        """(*batch_shape, *event) -> (R, M, *event), the same for every restart."""
+        working = self._to_working(value)
+        return working.expand(self.n_init, *working.shape[1:])
+
     def _validated_input(self, X: Any, name: str, min_samples: int = 1) -> torch.Tensor:
         X = as_float_tensor(X, name, device=self.device, dtype=self.dtype)
         check_data(X, name, n_features=self.n_features, batch_shape=self.batch_shape, min_samples=min_samples)
@@ -344,13 +351,26 @@ class Mixture(nn.Module):
                     getattr(self, name).copy_(value)
 
     def _create_parameters_before_load(self, state_dict, prefix, *args) -> None:
-        # A module built without n_features can still load a fitted state_dict.
-        if self.logits is None and prefix + "logits" in state_dict:
-            for name in self._parameter_names:
-                value = state_dict[prefix + name]
-                setattr(self, name, nn.Parameter(torch.empty(value.shape, device=self.device, dtype=self.dtype)))
-            theta = {name: state_dict[prefix + name] for name in self._parameter_names[1:]}
-            self.n_features = self.family.n_features_of(theta)
+        # A module built without n_features can still load a fitted state_dict, once its shapes
+        # are checked against this module's configuration.
+        if self.logits is not None or prefix + "logits" not in state_dict:
+            return
+        saved = {name: state_dict.get(prefix + name) for name in self._parameter_names}
+        missing = [name for name, value in saved.items() if value is None]
+        if missing:
+            raise RuntimeError(f"state_dict lacks {missing} for {type(self).__name__}")
+        n_features = self.family.n_features_of({name: saved[name] for name in self._parameter_names[1:]})
+        expected = {"logits": (self.n_components,), **self.family.event_shapes(self.n_components, n_features)}
+        for name, shape in expected.items():
+            full = (*self.batch_shape, *shape)
+            if tuple(saved[name].shape) != full:
+                raise RuntimeError(
+                    f"size mismatch for {prefix + name}: this {type(self).__name__} ({self.extra_repr()}) "
+                    f"expects {full}, the state_dict has {tuple(saved[name].shape)}"
+                )
+        for name, value in saved.items():
+            setattr(self, name, nn.Parameter(torch.empty(value.shape, device=self.device, dtype=self.dtype)))
+        self.n_features = n_features
 
     def _describe_model(self, restart: int, model: int) -> str:
         where = f"model {tuple(int(i) for i in np.unravel_index(model, tuple(self.batch_shape)))}" if self.batch_shape else "the model"

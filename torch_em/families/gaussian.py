@@ -155,9 +155,10 @@ class Gaussian(ComponentFamily):
             shape = self.precision_shape(n_components, n_features)
             precision = initial_tensor(self.precisions_init, "precisions_init", shape, batch_shape, device, dtype)
             if self.covariance_type in ("full", "tied"):
-                if not torch.equal(precision, precision.mT):
-                    raise ValueError("precisions_init must hold symmetric matrices, got a non-symmetric one")
-                upper, info = upper_cholesky_from_precision(precision)
+                asymmetry = float((precision - precision.mT).abs().max())
+                if asymmetry > 1e-8 * float(precision.abs().max()):
+                    raise ValueError(f"precisions_init must hold symmetric matrices, got asymmetry {asymmetry:.3g}")
+                upper, info = upper_cholesky_from_precision(0.5 * (precision + precision.mT))
                 if bool((info > 0).any()):
                     raise ValueError("precisions_init must hold positive-definite matrices, got one that is not")
                 theta["raw_precision_cholesky"] = pack_raw_triangular(upper)
@@ -258,25 +259,41 @@ class Gaussian(ComponentFamily):
             scatter = scatter + scatter.triu(1).mT  # symmetric Σ_n r x~ x~^T, (*b, K, D, D)
             outer_means = centred_mean.unsqueeze(-1) * centred_mean.unsqueeze(-2)
             if self.covariance_type == "full":
-                covariance = scatter / counts[..., None, None] - outer_means
+                second_moment = scatter / counts[..., None, None]
+                covariance = second_moment - outer_means
             else:
                 weighted = (counts[..., None, None] * outer_means).sum(-3)
-                covariance = (scatter.sum(-3) - weighted) / counts.sum(-1)[..., None, None]
+                second_moment = scatter.sum(-3) / counts.sum(-1)[..., None, None]
+                covariance = second_moment - weighted / counts.sum(-1)[..., None, None]
+            resolved = self._variance_resolved(covariance.diagonal(dim1=-2, dim2=-1),
+                                               second_moment.diagonal(dim1=-2, dim2=-1))
             covariance = covariance + self.reg_covar * torch.eye(n_features, dtype=stats.dtype, device=stats.device)
             upper, info = precision_cholesky_from_covariance(covariance)
-            valid = info == 0
+            valid = (info == 0) & resolved
             if self.covariance_type == "tied":
                 valid = valid.unsqueeze(-1).expand_as(counts)
             raw = pack_raw_triangular(upper)
         else:
             if self.covariance_type == "diag":
-                variance = second / counts.unsqueeze(-1) - centred_mean.square() + self.reg_covar
-                valid = (variance > 0).all(-1)
+                second_moment = second / counts.unsqueeze(-1)
+                variance = second_moment - centred_mean.square()
             else:
-                variance = (second[..., 0] / counts - centred_mean.square().sum(-1)) / n_features + self.reg_covar
-                valid = variance > 0
+                second_moment = second[..., 0] / counts / n_features
+                variance = second_moment - centred_mean.square().sum(-1) / n_features
+            valid = self._variance_resolved(variance, second_moment)
+            variance = variance + self.reg_covar
             raw = -0.5 * variance.clamp_min(torch.finfo(stats.dtype).tiny).log()
         return {"loc": loc, "raw_precision_cholesky": raw}, valid
+
+    def _variance_resolved(self, variance: torch.Tensor, second_moment: torch.Tensor) -> torch.Tensor:
+        """Whether variances (*b, K[, D]) from one-pass statistics are more than rounding noise.
+
+        ``E[x^2] - mean^2`` carries an error of a few eps * E[x^2]; a component collapsed onto
+        identical points has a true variance of 0, which only ``reg_covar`` can make valid.
+        Returns (*b, K) (all features resolved)."""
+        noise = 16 * torch.finfo(variance.dtype).eps * second_moment
+        resolved = variance + self.reg_covar > noise
+        return resolved.all(-1) if self.covariance_type != "spherical" else resolved
 
     def invalid_component_advice(self) -> str:
         return ("its covariance is not positive definite. Increase reg_covar (now "

@@ -138,7 +138,7 @@ def test_mixed_convergence_reports_per_model_state():
     assert 0 < int(expected.sum()) < 4
     model = torch_em.GaussianMixture(3, batch_shape=(4,), covariance_type="diag", tol=1e-5, dtype=F64,
                                      max_iter=max_iter, **init)
-    with pytest.warns(torch_em.ConvergenceWarning, match=f"{int((~expected).sum())} of 4 fits"):
+    with pytest.warns(torch_em.ConvergenceWarning, match=f"{int((~expected).sum())} of 4 model"):
         model.fit(data)
     assert torch.equal(model.converged_, expected)
     assert bool((model.n_iter_ == max_iter).all())

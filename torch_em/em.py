@@ -13,7 +13,6 @@ over a short K axis vectorised along the points:
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -274,13 +273,6 @@ def run_em(
             progress.set_postfix(lower_bound=f"{lower_bound.mean().item():.6g}", active=n_active)
         if n_active == 0:
             break
-    if not bool(converged.all()):
-        warnings.warn(
-            f"{int((~converged).sum())} of {R * M} fits did not converge in max_iter={max_iter} iterations; "
-            "increase max_iter or tol, or check the data",
-            ConvergenceWarning,
-            stacklevel=3,
-        )
     history_tensor = torch.stack(history, -1) if history else lower_bound.unsqueeze(-1)[..., :0]
     return EMResult(log_weights, theta, lower_bound, n_iter, converged, history_tensor)
 

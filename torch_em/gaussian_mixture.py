@@ -5,6 +5,7 @@ from typing import Any, Sequence
 
 import torch
 
+from ._validation import check_positive
 from .families.gaussian import Gaussian
 from .mixture import Mixture
 
@@ -59,6 +60,28 @@ class GaussianMixture(Mixture):
     @property
     def reg_covar(self) -> float:
         return self.family.reg_covar
+
+    @reg_covar.setter
+    def reg_covar(self, value: float) -> None:
+        check_positive(value, "reg_covar", allow_zero=True)
+        self.family.reg_covar = float(value)
+
+    # Initial values live on the family; these forward to it (validated at the next fit).
+    @property
+    def means_init(self) -> Any:
+        return self.family.means_init
+
+    @means_init.setter
+    def means_init(self, value: Any) -> None:
+        self.family.means_init = value
+
+    @property
+    def precisions_init(self) -> Any:
+        return self.family.precisions_init
+
+    @precisions_init.setter
+    def precisions_init(self, value: Any) -> None:
+        self.family.precisions_init = value
 
     @property
     def means(self) -> torch.Tensor:

@@ -9,6 +9,7 @@ keep working on the same objects; ``forward``/``log_prob`` is pure and different
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Sequence
 
 import numpy as np
@@ -38,7 +39,8 @@ class Mixture(nn.Module):
         init_params: ``"k-means++"`` (seeding plus a few Lloyd iterations), ``"kmeans"``,
             ``"random"`` (random responsibilities) or ``"random_from_data"``.
         weights_init: initial mixing weights ``(K,)`` or ``(*batch_shape, K)``.
-        seed: seed of all randomness; the same seed gives the same fit.
+        seed: seed of all randomness; the same seed gives the same fit (and the same sequence of
+            ``sample`` draws).
         chunk_size: rows of data per chunk of the E-step (default: from a memory budget).
         device, dtype: where the parameters live (default: CPU, torch's default dtype).
 
@@ -103,6 +105,7 @@ class Mixture(nn.Module):
         self.n_iter_: torch.Tensor | None = None
         self.lower_bound_: torch.Tensor | None = None
         self.lower_bound_history_: torch.Tensor | None = None
+        self._sample_generator: torch.Generator | None = None
 
         if self.n_features is not None:
             generator = self._generator()
@@ -190,6 +193,13 @@ class Mixture(nn.Module):
         self.n_iter_ = pick(result.n_iter)
         self.converged_ = pick(result.converged)
         self.lower_bound_history_ = pick(result.history)
+        if not bool(self.converged_.all()):
+            warnings.warn(
+                f"{int((~self.converged_).sum())} of {M} model(s) did not converge in max_iter={self.max_iter} "
+                "iterations; increase max_iter or tol, or check the data",
+                em.ConvergenceWarning,
+                stacklevel=2,
+            )
         return self
 
     def _initial_parameters(
@@ -287,7 +297,12 @@ class Mixture(nn.Module):
         components ``(*batch_shape, n)``."""
         check_int(n_samples, "n_samples", minimum=1)
         self._require_parameters()
-        generator = self._generator(seed)
+        if seed is not None:
+            generator = self._generator(seed)
+        else:  # one stream per module: successive draws differ, the sequence follows self.seed
+            if self._sample_generator is None or self._sample_generator.device != self.device:
+                self._sample_generator = self._generator()
+            generator = self._sample_generator
         M = self.n_models
         labels = torch.multinomial(self.weights.reshape(M, self.n_components), n_samples, replacement=True, generator=generator)
         theta = {name: self._to_working(value)[0] for name, value in self.theta().items()}

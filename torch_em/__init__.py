@@ -1,6 +1,6 @@
 """torch_em: GPU-accelerated, differentiable Expectation-Maximization in PyTorch."""
 from .em import ConvergenceWarning
-from .families import Bernoulli, Categorical, ComponentFamily, Exponential, Gamma, Gaussian, IllConditionedError, Poisson
+from .families import Bernoulli, Categorical, ComponentFamily, Exponential, Gamma, Gaussian, IllConditionedError, Poisson, Product, VonMisesFisher
 from .gaussian_mixture import GaussianMixture
 from .kmeans import KMeans
 from .mixture import Mixture
@@ -13,6 +13,8 @@ __all__ = [
     "Exponential",
     "Gamma",
     "Poisson",
+    "Product",
+    "VonMisesFisher",
     "ComponentFamily",
     "ConvergenceWarning",
     "Gaussian",

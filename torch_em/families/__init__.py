@@ -6,6 +6,8 @@ from .exponential import Exponential
 from .gamma import Gamma
 from .gaussian import COVARIANCE_TYPES, Gaussian
 from .poisson import Poisson
+from .product import Product
+from .von_mises_fisher import VonMisesFisher
 
 __all__ = [
     "COVARIANCE_TYPES",
@@ -17,4 +19,6 @@ __all__ = [
     "Gaussian",
     "IllConditionedError",
     "Poisson",
+    "Product",
+    "VonMisesFisher",
 ]

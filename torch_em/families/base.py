@@ -51,10 +51,13 @@ class ComponentFamily:
 
     #: A component with fewer expected points than this is re-seeded by the mixture.
     min_count: float = 1e-3
+    #: Whether :meth:`reference` returns a shift (statistics taken about a reference point).
+    uses_reference: bool = False
 
     # --- parameter layout -------------------------------------------------------------------
     def event_shapes(self, n_components: int, n_features: int) -> dict[str, tuple[int, ...]]:
-        """Per-model shape of every unconstrained parameter."""
+        """Per-model shape of every unconstrained parameter. The names must not depend on the
+        sizes: the mixture reads them from ``event_shapes(1, 1)`` at construction."""
         raise NotImplementedError
 
     def n_free_parameters(self, n_components: int, n_features: int) -> int:

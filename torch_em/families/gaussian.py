@@ -105,6 +105,7 @@ class Gaussian(ComponentFamily):
 
     #: Components with fewer expected points than this are re-seeded.
     min_count = 1e-3
+    uses_reference = True
 
     def __init__(
         self, covariance_type: str = "full", reg_covar: float = 1e-6, *,

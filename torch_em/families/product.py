@@ -99,16 +99,6 @@ def _index_of(columns: tuple[int, ...]) -> Any:
     return slice(columns[0], columns[0] + len(columns)) if contiguous else list(columns)
 
 
-def _has_reference(family: ComponentFamily, n_columns: int) -> bool:
-    """Whether the family takes its statistics about a reference point (decided once, on a probe)."""
-    return family.reference(torch.zeros(2, n_columns, dtype=torch.float64)) is not None
-
-
-def _structure_of(family: ComponentFamily) -> dict:
-    structure = getattr(family, "structure", None)
-    return structure() if structure is not None else {"family": type(family).__name__}
-
-
 class Product(ComponentFamily):
     """Components that are products of independent families over blocks of columns.
 
@@ -138,7 +128,7 @@ class Product(ComponentFamily):
             columns = _resolve_columns(columns, position)
             prefix = f"block{position}_"
             names = tuple(family.event_shapes(1, len(columns)))
-            resolved.append(Block(family, columns, prefix, names, _index_of(columns), _has_reference(family, len(columns))))
+            resolved.append(Block(family, columns, prefix, names, _index_of(columns), family.uses_reference))
         order = [c for block in resolved for c in block.columns]
         if len(set(order)) != len(order):
             seen: set[int] = set()
@@ -184,11 +174,6 @@ class Product(ComponentFamily):
     def _split_statistics(self, stats: torch.Tensor) -> list[torch.Tensor]:
         sizes = [block.family.n_statistics(block.n_columns) for block in self.blocks]
         return list(stats.split(sizes, dim=-1))
-
-    def structure(self) -> dict:
-        """The blocks' structures and columns (what a saved state must agree on)."""
-        blocks = [{"columns": list(block.columns), **_structure_of(block.family)} for block in self.blocks]
-        return {"family": type(self).__name__, "blocks": blocks}
 
     # --- parameter layout -------------------------------------------------------------------
     def event_shapes(self, n_components: int, n_features: int) -> dict[str, tuple[int, ...]]:

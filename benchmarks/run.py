@@ -24,6 +24,11 @@ Benchmarks (sizes from the project issue; ``--quick`` shrinks them):
     extrapolated linearly to all 1,000 (labelled "extrapolated"). Target >= 100x (float64 vs
     float64). An extra, informational pair times both with their default initialisation
     (torch_em k-means++, scikit-learn k-means) instead of the shared initial parameters.
+``kmeans``
+    k-means (Lloyd), N=1,000,000, D=32, K=64, data from a 64-component Gaussian mixture. Time per
+    Lloyd iteration of torch_em.KMeans float32 vs scikit-learn KMeans(algorithm="lloyd") given
+    the same float32 data, both from the same initial centres (K distinct data points), tol=0
+    (target >= 2x). The check line compares their final inertias and centres.
 
 Methodology
 -----------
@@ -35,7 +40,7 @@ Methodology
   EM iterations; the report shows their final mean log-likelihoods side by side as a check.
 * Exact iteration counts: convergence tests are disabled (``tol=0`` or the peer's equivalent) and
   every fit checks afterwards that it ran exactly the requested number of iterations.
-* Per-iteration time (``full``, ``diag``) excludes initialisation and every other per-fit
+* Per-iteration time (``full``, ``diag``, ``kmeans``) excludes initialisation and every other per-fit
   constant on all sides alike: each repetition times one fit with 1 iteration and one with
   ``1 + n`` iterations (``--iters n``, default 10) from the same initial parameters; the time per
   iteration is ``(median t(1 + n) - median t(1)) / n`` over the repetitions (a difference of
@@ -81,7 +86,7 @@ import peers  # noqa: E402
 from peers import Problem, Runner, Unavailable  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-BENCHMARKS = ("full", "diag", "batched")
+BENCHMARKS = ("full", "diag", "batched", "kmeans")
 
 
 # --- configuration --------------------------------------------------------------------------------
@@ -90,6 +95,7 @@ class Sizes:
     full: dict = field(default_factory=lambda: dict(N=100_000, D=16, K=16))
     diag: dict = field(default_factory=lambda: dict(N=500_000, D=32, K=32))
     batched: dict = field(default_factory=lambda: dict(B=1000, N=500, D=2, K=3, iters=100, subset=50))
+    kmeans: dict = field(default_factory=lambda: dict(N=1_000_000, D=32, K=64))
     iters: int = 10  # n in (t(1 + n) - t(1)) / n
     reps: int = 5
 
@@ -98,6 +104,7 @@ QUICK = Sizes(
     full=dict(N=20_000, D=16, K=8),
     diag=dict(N=100_000, D=16, K=16),
     batched=dict(B=200, N=500, D=2, K=3, iters=50, subset=10),
+    kmeans=dict(N=100_000, D=16, K=16),
     iters=4,
     reps=3,
 )
@@ -107,6 +114,7 @@ TARGETS = {
     ("full", "torchgmm"): 2.0,
     ("diag", "scikit-learn"): 6.0,
     ("batched", "scikit-learn"): 100.0,
+    ("kmeans", "scikit-learn"): 2.0,
 }
 
 
@@ -170,6 +178,7 @@ class Entry:
     raw: list[dict] = field(default_factory=list)  # per repetition: t1, tn, ...
     status: str = "ok"  # "ok", "unavailable (...)", "failed (...)"
     lower_bound: Any = None
+    final: dict = field(default_factory=dict)  # runner.info of the last timed fit
     runner: Runner | None = None
 
     @property
@@ -216,14 +225,16 @@ def _fail(entry: Entry, error: BaseException) -> None:
     traceback.print_exc(file=sys.stderr)
 
 
-def measure_per_iteration(entries: list[Entry], n: int, reps: int, log: Callable[[str], None]) -> None:
-    """(t(1 + n) - t(1)) / n per repetition, contenders interleaved in rotating order."""
+def interleaved(entries: list[Entry], reps: int, warm_up: Callable[[Runner], None],
+                time_one: Callable[[Entry, int], Any], record: Callable[[Entry, int, Any], None]) -> None:
+    """Warm every contender up once (``warm_up(runner)``), then ``reps`` repetitions with the
+    contenders in rotating order: ``record(entry, rep, time_one(entry, rep))``. A contender whose
+    warm-up or timing raises is marked failed and left out from then on."""
     for entry in entries:
         if entry.runner is None:
             continue
         try:
-            entry.runner.fit(1)
-            entry.runner.fit(2)
+            warm_up(entry.runner)
         except Exception as error:
             _fail(entry, error)
     live = [e for e in entries if e.runner is not None]
@@ -233,15 +244,36 @@ def measure_per_iteration(entries: list[Entry], n: int, reps: int, log: Callable
             if entry.runner is None:
                 continue
             try:
-                t1 = timed_fit(entry.runner, 1)
-                tn = timed_fit(entry.runner, 1 + n)
+                timed = time_one(entry, rep)
             except Exception as error:
                 _fail(entry, error)
                 continue
-            entry.samples.append((tn - t1) / n)
-            entry.raw.append({"t_1": t1, "t_1_plus_n": tn, "n": n})
-            entry.lower_bound = entry.runner.info.get("lower_bound")
-            log(f"    rep {rep + 1}/{reps} {entry.key}: t(1)={t1:.4f}s t({1 + n})={tn:.4f}s -> {(tn - t1) / n * 1e3:.3f} ms/iter")
+            record(entry, rep, timed)
+
+
+def _keep_final(entry: Entry) -> None:
+    """What the last timed fit reported (final lower bound, inertia, centres) for the checks."""
+    entry.final = dict(entry.runner.info)
+    entry.lower_bound = entry.final.get("lower_bound")
+
+
+def measure_per_iteration(entries: list[Entry], n: int, reps: int, log: Callable[[str], None]) -> None:
+    """(t(1 + n) - t(1)) / n per repetition, contenders interleaved in rotating order."""
+    def warm_up(runner: Runner) -> None:
+        runner.fit(1)
+        runner.fit(2)
+
+    def time_one(entry: Entry, rep: int) -> tuple[float, float]:
+        return timed_fit(entry.runner, 1), timed_fit(entry.runner, 1 + n)
+
+    def record(entry: Entry, rep: int, timed: tuple[float, float]) -> None:
+        t1, tn = timed
+        entry.samples.append((tn - t1) / n)
+        entry.raw.append({"t_1": t1, "t_1_plus_n": tn, "n": n})
+        _keep_final(entry)
+        log(f"    rep {rep + 1}/{reps} {entry.key}: t(1)={t1:.4f}s t({1 + n})={tn:.4f}s -> {(tn - t1) / n * 1e3:.3f} ms/iter")
+
+    interleaved(entries, reps, warm_up, time_one, record)
 
 
 def measure_whole_fits(entries: list[Entry], n_iter: int, reps: int, log: Callable[[str], None],
@@ -251,32 +283,21 @@ def measure_whole_fits(entries: list[Entry], n_iter: int, reps: int, log: Callab
     (subset extrapolation); ``refresh[key](rep)`` gives a new runner per repetition (new subset)."""
     scale = scale or {}
     refresh = refresh or {}
-    for entry in entries:
-        if entry.runner is None:
-            continue
-        try:
-            entry.runner.fit(n_iter)
-        except Exception as error:
-            _fail(entry, error)
-    live = [e for e in entries if e.runner is not None]
-    for rep in range(reps):
-        order = live[rep % len(live):] + live[: rep % len(live)] if live else []
-        for entry in order:
-            if entry.runner is None:
-                continue
-            try:
-                if entry.key in refresh:
-                    entry.runner = refresh[entry.key](rep)
-                t = timed_fit(entry.runner, n_iter)
-            except Exception as error:
-                _fail(entry, error)
-                continue
-            factor = scale.get(entry.key, 1.0)
-            entry.samples.append(t * factor)
-            entry.raw.append({"t_measured": t, "factor": factor, **entry.runner.info.get("extra", {})})
-            entry.lower_bound = entry.runner.info.get("lower_bound")
-            entry.raw[-1]["subset"] = entry.runner.info.get("subset")
-            log(f"    rep {rep + 1}/{reps} {entry.key}: {t:.4f}s" + (f" x {factor:g} = {t * factor:.3f}s" if factor != 1 else ""))
+
+    def time_one(entry: Entry, rep: int) -> float:
+        if entry.key in refresh:
+            entry.runner = refresh[entry.key](rep)
+        return timed_fit(entry.runner, n_iter)
+
+    def record(entry: Entry, rep: int, t: float) -> None:
+        factor = scale.get(entry.key, 1.0)
+        entry.samples.append(t * factor)
+        entry.raw.append({"t_measured": t, "factor": factor, **entry.runner.info.get("extra", {})})
+        _keep_final(entry)
+        entry.raw[-1]["subset"] = entry.runner.info.get("subset")
+        log(f"    rep {rep + 1}/{reps} {entry.key}: {t:.4f}s" + (f" x {factor:g} = {t * factor:.3f}s" if factor != 1 else ""))
+
+    interleaved(entries, reps, lambda runner: runner.fit(n_iter), time_one, record)
 
 
 # --- benchmarks ---------------------------------------------------------------------------------------
@@ -299,6 +320,14 @@ class BenchResult:
     checks: list[str] = field(default_factory=list)
 
 
+def per_iteration_result(name: str, what: str, kind: str, entries: list[Entry], comparisons: list[Comparison],
+                         sizes: Sizes, log, check: Callable[[], str]) -> BenchResult:
+    """Measure ``entries`` per iteration, then run ``check()`` on what their last fits reported."""
+    measure_per_iteration(entries, sizes.iters, sizes.reps, log)
+    desc = f"{what}; time per {kind} iteration = (median t(1+{sizes.iters}) - median t(1))/{sizes.iters}"
+    return BenchResult(name, desc, "s/iteration", entries, comparisons, [check()])
+
+
 def bench_full(args, sizes: Sizes, log) -> BenchResult:
     N, D, K = sizes.full["N"], sizes.full["D"], sizes.full["K"]
     problem = single_problem(args.seed, N, D, K, "full")
@@ -314,32 +343,42 @@ def bench_full(args, sizes: Sizes, log) -> BenchResult:
     if "pomegranate" in args.peers:
         entries.append(make_entry("pomegranate float32", unit, lambda: peers.pomegranate_runner(problem, "float32", dev), library="pomegranate", dtype="float32", device=dev))
     torch.set_num_threads(args.threads)  # in case a peer's import changed it
-    measure_per_iteration(entries, sizes.iters, sizes.reps, log)
     comparisons = [
         Comparison("full", "torch_em float64", "scikit-learn float64", TARGETS[("full", "scikit-learn")]),
         Comparison("full", "torch_em float32", "torchgmm float32", TARGETS[("full", "torchgmm")]),
         Comparison("full", "torch_em float32", "pomegranate float32", None),
     ]
     comparisons = [c for c in comparisons if any(e.key == c.theirs for e in entries)]
-    checks = [lower_bound_check(entries, "torch_em float64", "scikit-learn float64", 1 + sizes.iters)]
-    desc = f"full covariance, N={N:,}, D={D}, K={K}; time per EM iteration = (median t(1+{sizes.iters}) - median t(1))/{sizes.iters}"
-    return BenchResult("full", desc, unit, entries, comparisons, checks)
+    return per_iteration_result(
+        "full", f"full covariance, N={N:,}, D={D}, K={K}", "EM", entries, comparisons, sizes, log,
+        lambda: lower_bound_check(entries, "torch_em float64", "scikit-learn float64", 1 + sizes.iters))
 
 
-def bench_diag(args, sizes: Sizes, log) -> BenchResult:
-    N, D, K = sizes.diag["N"], sizes.diag["D"], sizes.diag["K"]
-    problem = single_problem(args.seed + 1, N, D, K, "diag")
+def float32_vs_sklearn(name: str, args, sizes: Sizes, log, size: dict, seed_offset: int, ours: Callable[..., Runner],
+                       theirs: Callable[..., Runner], note: str, what: str, kind: str,
+                       check: Callable[[list[Entry], str, str], str]) -> BenchResult:
+    """torch_em float32 against scikit-learn given the same float32 data, on one diagonal-mixture
+    problem of ``size`` (N, D, K): runners ``ours(problem, "float32", device)`` and
+    ``theirs(problem, "float32")``; ``what`` is formatted with N, D, K; ``check(entries, ours,
+    theirs)`` compares their last fits."""
+    N, D, K = size["N"], size["D"], size["K"]
+    problem = single_problem(args.seed + seed_offset, N, D, K, "diag")
     dev = args.device
     unit = "s/iteration"
     entries = [
-        make_entry("torch_em float32", unit, lambda: peers.torch_em_runner(problem, "float32", dev)),
-        make_entry("scikit-learn float32", unit, lambda: peers.sklearn_runner(problem, "float32"), note="float32 input", library="scikit-learn", dtype="float32", device="cpu"),
+        make_entry("torch_em float32", unit, lambda: ours(problem, "float32", dev)),
+        make_entry("scikit-learn float32", unit, lambda: theirs(problem, "float32"), note=note, library="scikit-learn", dtype="float32", device="cpu"),
     ]
-    measure_per_iteration(entries, sizes.iters, sizes.reps, log)
-    comparisons = [Comparison("diag", "torch_em float32", "scikit-learn float32", TARGETS[("diag", "scikit-learn")])]
-    checks = [lower_bound_check(entries, "torch_em float32", "scikit-learn float32", 1 + sizes.iters)]
-    desc = f"diagonal covariance, N={N:,}, D={D}, K={K}, float32 data; time per EM iteration = (median t(1+{sizes.iters}) - median t(1))/{sizes.iters}"
-    return BenchResult("diag", desc, unit, entries, comparisons, checks)
+    comparisons = [Comparison(name, "torch_em float32", "scikit-learn float32", TARGETS[(name, "scikit-learn")])]
+    return per_iteration_result(name, what.format(N=N, D=D, K=K), kind, entries, comparisons, sizes, log,
+                                lambda: check(entries, "torch_em float32", "scikit-learn float32"))
+
+
+def bench_diag(args, sizes: Sizes, log) -> BenchResult:
+    return float32_vs_sklearn(
+        "diag", args, sizes, log, sizes.diag, 1, peers.torch_em_runner, peers.sklearn_runner, "float32 input",
+        "diagonal covariance, N={N:,}, D={D}, K={K}, float32 data", "EM",
+        lambda entries, ours, theirs: lower_bound_check(entries, ours, theirs, 1 + sizes.iters))
 
 
 def bench_batched(args, sizes: Sizes, log) -> BenchResult:
@@ -355,27 +394,22 @@ def bench_batched(args, sizes: Sizes, log) -> BenchResult:
     def subset_of(rep: int) -> list[int]:  # a different block of problems every repetition
         return [(rep * subset + i) % B for i in range(subset)]
 
-    def sk(rep: int) -> Runner:
-        runner = peers.sklearn_runner(problem, "float64", subset=subset_of(rep))
-        original = runner.fit
+    def per_subset(make: Callable[[list[int]], Runner]) -> Callable[[int], Runner]:
+        """rep -> a runner for that repetition's subset, which records the subset after each fit."""
+        def refresh(rep: int) -> Runner:
+            runner = make(subset_of(rep))
+            original = runner.fit
 
-        def fit(n):
-            t = original(n)
-            runner.info["subset"] = subset_of(rep)
-            return t
-        runner.fit = fit
-        return runner
+            def fit(n):
+                t = original(n)
+                runner.info["subset"] = subset_of(rep)
+                return t
+            runner.fit = fit
+            return runner
+        return refresh
 
-    def sk_default(rep: int) -> Runner:
-        runner = peers.sklearn_default_init_runner(problem, subset_of(rep), seed=args.seed)
-        original = runner.fit
-
-        def fit(n):
-            t = original(n)
-            runner.info["subset"] = subset_of(rep)
-            return t
-        runner.fit = fit
-        return runner
+    sk = per_subset(lambda subset: peers.sklearn_runner(problem, "float64", subset=subset))
+    sk_default = per_subset(lambda subset: peers.sklearn_default_init_runner(problem, subset, seed=args.seed))
 
     extrapolated = f"{subset} fits timed, x{factor:g} extrapolated to {B:,}"
     entries = [
@@ -403,6 +437,16 @@ def bench_batched(args, sizes: Sizes, log) -> BenchResult:
     return BenchResult("batched", desc, unit, entries, comparisons, checks)
 
 
+def bench_kmeans(args, sizes: Sizes, log) -> BenchResult:
+    # Data from a K-component Gaussian mixture; its K distinct random data points (problem.means)
+    # are the initial centres of both contenders.
+    return float32_vs_sklearn(
+        "kmeans", args, sizes, log, sizes.kmeans, 3, peers.torch_em_kmeans_runner, peers.sklearn_kmeans_runner,
+        'algorithm="lloyd", float32 input',
+        "k-means (Lloyd), N={N:,}, D={D}, K={K}, float32 data from a {K}-component Gaussian mixture, same initial centres, tol=0",
+        "Lloyd", inertia_check)
+
+
 def _entry(entries: list[Entry], key: str) -> Entry | None:
     return next((e for e in entries if e.key == key), None)
 
@@ -414,6 +458,16 @@ def lower_bound_check(entries: list[Entry], ours: str, theirs: str, n_iter: int)
     la, lb = float(np.asarray(a.lower_bound)), float(np.asarray(b.lower_bound))
     return (f"same start, {n_iter} iterations: mean log-likelihood {ours} {la:.10g}, {theirs} {lb:.10g} "
             f"(|difference| {abs(la - lb):.2e})")
+
+
+def inertia_check(entries: list[Entry], ours: str, theirs: str) -> str:
+    a, b = _entry(entries, ours), _entry(entries, theirs)
+    if not (a and b and a.ok and b.ok) or "inertia" not in a.final or "inertia" not in b.final:
+        return f"{ours} vs {theirs}: final inertia not compared (missing)"
+    ia, ib = a.final["inertia"], b.final["inertia"]
+    centres = np.abs(a.final["centres"] - b.final["centres"]).max()
+    return (f"same initial centres, {a.final['n_iter']} Lloyd iterations: inertia {ours} {ia:.10g}, {theirs} {ib:.10g} "
+            f"(relative difference {abs(ia - ib) / abs(ib):.2e}); max |centre difference| {centres:.2e}")
 
 
 def batched_lower_bound_check(entries: list[Entry]) -> str:
@@ -589,7 +643,7 @@ def to_json(results: list[BenchResult], env: dict, args, sizes: Sizes) -> dict:
 
     out = {
         "name": args.name, "quick": args.quick, "environment": env,
-        "config": {"reps": sizes.reps, "iters": sizes.iters, "full": sizes.full, "diag": sizes.diag, "batched": sizes.batched, "seed": args.seed},
+        "config": {"reps": sizes.reps, "iters": sizes.iters, "full": sizes.full, "diag": sizes.diag, "batched": sizes.batched, "kmeans": sizes.kmeans, "seed": args.seed},
         "benchmarks": {},
     }
     for r in results:
@@ -603,6 +657,7 @@ def to_json(results: list[BenchResult], env: dict, args, sizes: Sizes) -> dict:
                     "min": min(e.samples) if e.ok else None, "max": max(e.samples) if e.ok else None,
                     "samples": e.samples, "raw": [{k: clean(v) for k, v in raw.items()} for raw in e.raw],
                     "final_lower_bound": clean(e.lower_bound) if e.lower_bound is not None and np.ndim(e.lower_bound) == 0 else None,
+                    **({"final_inertia": e.final["inertia"]} if "inertia" in e.final else {}),
                 }
                 for e in r.entries
             ],
@@ -653,7 +708,7 @@ def main(argv=None) -> int:
         sizes.iters = max(1, args.iters)
     log = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
     env = environment(args)
-    runners = {"full": bench_full, "diag": bench_diag, "batched": bench_batched}
+    runners = {"full": bench_full, "diag": bench_diag, "batched": bench_batched, "kmeans": bench_kmeans}
     results = []
     for name in [b for b in BENCHMARKS if b in args.bench]:
         log(f"== {name}")

@@ -37,15 +37,17 @@ class Data:
     shift: the family's reference point, broadcastable to data and parameters, or None.
     """
 
-    def __init__(self, family: ComponentFamily, X: torch.Tensor, shift: torch.Tensor | None, chunk_size: int):
+    def __init__(
+        self, family: ComponentFamily, X: torch.Tensor, shift: torch.Tensor | None, chunk_size: int, cache: bool = True
+    ):
         self.family = family
         self.X = X
         self.shift = shift
         self.n_points = X.shape[-2]
         self.bounds = [(start, min(start + chunk_size, self.n_points)) for start in range(0, self.n_points, chunk_size)]
         self._cache: list[tuple[torch.Tensor, torch.Tensor | None]] | None = None
-        first, _ = family.features(X[..., :1, :], shift)
-        if X.numel() // X.shape[-1] * first.shape[-1] * X.element_size() <= FEATURE_CACHE_BYTES:
+        n_stats = family.n_statistics(X.shape[-1])
+        if cache and X.numel() // X.shape[-1] * n_stats * X.element_size() <= FEATURE_CACHE_BYTES:
             self._cache = [self._features(start, stop) for start, stop in self.bounds]
 
     def _features(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -58,6 +60,42 @@ class Data:
         else:
             for start, stop in self.bounds:
                 yield self._features(start, stop)
+
+    def statistics(self, eta: torch.Tensor, const: torch.Tensor) -> "Statistics":
+        return e_step(self, eta, const)
+
+    def worst_points(self, eta: torch.Tensor, const: torch.Tensor, k: int) -> torch.Tensor:
+        return worst_point_features(self, eta, const, k)
+
+
+class StreamData:
+    """Data that arrive in batches (larger than memory, or from a DataLoader): every E-step is
+    one pass over ``batches()``, summing the statistics batch by batch. Empty components are
+    re-seeded from a sample of the data (``sample``, a :class:`Data`).
+
+    batches(): a fresh iterator of working-layout batches (n, D) or (M, n, D) per call.
+    """
+
+    def __init__(
+        self, family: ComponentFamily, batches: Callable[[], Iterator[torch.Tensor]], shift: torch.Tensor | None,
+        n_points: int, chunk_size: int, sample: Data,
+    ):
+        self.family = family
+        self.batches = batches
+        self.shift = shift
+        self.n_points = n_points
+        self.chunk_size = chunk_size
+        self.sample = sample
+
+    def statistics(self, eta: torch.Tensor, const: torch.Tensor) -> "Statistics":
+        total = None
+        for batch in self.batches():
+            stats = e_step(Data(self.family, batch, self.shift, self.chunk_size, cache=False), eta, const)
+            total = stats if total is None else total + stats
+        return total
+
+    def worst_points(self, eta: torch.Tensor, const: torch.Tensor, k: int) -> torch.Tensor:
+        return self.sample.worst_points(eta, const, k)
 
 
 def component_log_prob(
@@ -112,18 +150,18 @@ class Statistics:
     sums: torch.Tensor  # (R, M, K, F) expected sufficient statistics
     log_likelihood: torch.Tensor  # (R, M) total log-likelihood of the data (nan if not computed)
 
+    def __add__(self, other: "Statistics") -> "Statistics":
+        return Statistics(self.counts + other.counts, self.sums + other.sums, self.log_likelihood + other.log_likelihood)
+
 
 def e_step(data: Data, eta: torch.Tensor, const: torch.Tensor) -> Statistics:
     """One pass over the data: statistics and total log-likelihood under (eta, const + log w)."""
-    counts = sums = total = None
+    total = None
     for T, h in data.chunks():
         resp, ll = normalise(component_log_prob(T, h, eta, const), inplace=True)  # (R, M, K, n), (R, M, n)
-        chunk_counts, chunk_sums, chunk_total = resp.sum(-1), weighted_statistics(T, resp), ll.sum(-1)
-        if counts is None:
-            counts, sums, total = chunk_counts, chunk_sums, chunk_total
-        else:
-            counts, sums, total = counts + chunk_counts, sums + chunk_sums, total + chunk_total
-    return Statistics(counts, sums, total)
+        chunk = Statistics(resp.sum(-1), weighted_statistics(T, resp), ll.sum(-1))
+        total = chunk if total is None else total + chunk
+    return total
 
 
 def statistics_from_responsibilities(data: Data, resp_fn: Callable[[int, int], torch.Tensor]) -> Statistics:
@@ -225,7 +263,7 @@ class EMResult:
 
 
 def run_em(
-    family: ComponentFamily, data: Data, log_weights: torch.Tensor, theta: Theta, *,
+    family: ComponentFamily, data: Data | StreamData, log_weights: torch.Tensor, theta: Theta, *,
     max_iter: int, tol: float, describe_model: Callable[[int, int], str], progress=None,
 ) -> EMResult:
     """EM until every model has converged (|change of the mean log-likelihood| < tol) or
@@ -245,7 +283,7 @@ def run_em(
     history = []
     for iteration in range(1, max_iter + 1):
         eta, const = natural_with_weights(family, theta, log_weights, data.shift)
-        stats = e_step(data, eta, const)
+        stats = data.statistics(eta, const)
         current = stats.log_likelihood / data.n_points
         bad = ~torch.isfinite(current) & active
         if bool(bad.any()):
@@ -254,7 +292,7 @@ def run_em(
                 f"EM iteration {iteration}: the log-likelihood of {describe_model(r, m)} is not finite; "
                 "use float64, scale the data or increase the regularisation"
             )
-        stats = reseed_empty(family, stats, lambda k: worst_point_features(data, eta, const, k), active)
+        stats = reseed_empty(family, stats, lambda k: data.worst_points(eta, const, k), active)
         new_log_weights, new_theta = m_step(
             family, stats, data.shift, active, describe_model, f"EM iteration {iteration}"
         )

@@ -21,11 +21,16 @@ from . import em
 from ._validation import as_float_tensor, check_choice, check_data, check_finite, check_int, check_positive, check_shape
 from .families.base import ComponentFamily, Theta
 from ._random import RestartStreams, resolve_seed
+from .streaming import StreamSample, batch_source, unwrap_batch
 from .initialization import METHODS, initial_responsibilities, random_points
 
 
 class Mixture(nn.Module):
     """A batch of finite mixtures of ``n_components`` components of ``family``.
+
+    ``fit`` takes one tensor/array, or a batch source for data larger than memory (a
+    ``DataLoader``, or a callable returning a fresh iterator of batches per pass): exact EM with
+    one pass per iteration, initialised on a uniform sample of ``stream_sample_size`` points.
 
     Args:
         family: the component family (e.g. ``torch_em.families.Gaussian("diag")``).
@@ -48,6 +53,9 @@ class Mixture(nn.Module):
         X: ``(N, D)`` shared by every model of the batch, or ``(*batch_shape, N, D)``.
         log_prob(X): ``(*batch_shape, N)``; predict_proba(X): ``(*batch_shape, N, K)``.
     """
+
+    #: Points kept from a batch source's first pass to initialise (k-means++ etc.) and re-seed.
+    stream_sample_size: int = 20_000
 
     def __init__(
         self,
@@ -159,18 +167,21 @@ class Mixture(nn.Module):
 
         Raises ValueError before changing anything when X or the initial parameters are invalid.
         """
-        X = self._validated_input(X, "X", min_samples=self.n_components)
-        n_features = X.shape[-1]
+        R, M, K = self.n_init, self.n_models, self.n_components
+        source = batch_source(X)
+        if source is None:
+            X = self._working_data(self._validated_input(X, "X", min_samples=K))
+            chunk = self.chunk_size or em.default_chunk_size(R * M, K, self.family.n_statistics(X.shape[-1]))
+            data = sample = em.Data(self.family, X, self.family.reference(X), chunk)
+        else:
+            data = self._scan_stream(source)
+            sample, chunk = data.sample, data.chunk_size
+        n_features = sample.X.shape[-1]
         user_theta = self._user_initial_parameters(n_features)
         user_centres = self.family.initial_centres(
             tuple(self.batch_shape), self.n_components, n_features, self.device, self.dtype
         )
-        R, M, K = self.n_init, self.n_models, self.n_components
-        X = self._working_data(X)
-        shift = self.family.reference(X)
-        chunk = self.chunk_size or em.default_chunk_size(R * M, K, self.family.n_statistics(n_features))
-        data = em.Data(self.family, X, shift, chunk)
-        log_weights, theta = self._initial_parameters(data, chunk, user_theta, user_centres)
+        log_weights, theta = self._initial_parameters(sample, chunk, user_theta, user_centres)
         with tqdm(total=self.max_iter, desc="EM", disable=not verbose, leave=False) as progress:
             result = em.run_em(
                 self.family, data, log_weights, theta, max_iter=self.max_iter, tol=self.tol,
@@ -201,6 +212,35 @@ class Mixture(nn.Module):
                 stacklevel=2,
             )
         return self
+
+    def _scan_stream(self, source) -> em.StreamData:
+        """First pass over a batch source: validate every batch, count the points, take the data
+        mean (for families with a reference point) and a uniform sample for initialisation."""
+        R, M, K = self.n_init, self.n_models, self.n_components
+        sample = StreamSample(self.stream_sample_size, self._generator())
+        n_points, total, n_features, shared = 0, None, self.n_features, None
+        for raw in source():
+            batch = self._validated_input(unwrap_batch(raw), "X batch", n_features=n_features)
+            if shared is not None and shared != (batch.dim() == 2):
+                raise ValueError("X batches must all be (n, D) or all (*batch_shape, n, D), got a mix")
+            shared, n_features = batch.dim() == 2, batch.shape[-1]
+            batch = self._working_data(batch)
+            n_points += batch.shape[-2]
+            if self.family.uses_reference:
+                batch_sum = batch.sum(-2, keepdim=True)
+                total = batch_sum if total is None else total + batch_sum
+            sample.add(batch)
+        if n_points < K:
+            raise ValueError(f"X must have at least {K} sample(s) (one per component), got N={n_points} in all batches")
+        shift = None if total is None else total / n_points
+        chunk = self.chunk_size or em.default_chunk_size(R * M, K, self.family.n_statistics(n_features))
+
+        def batches():
+            for raw in source():
+                yield self._working_data(self._validated_input(unwrap_batch(raw), "X batch", n_features=n_features))
+
+        sample_data = em.Data(self.family, sample.points, shift, chunk)
+        return em.StreamData(self.family, batches, shift, n_points, chunk, sample_data)
 
     def _initial_parameters(
         self, data: em.Data, chunk: int, user_theta: Theta, user_centres: torch.Tensor | None
@@ -330,9 +370,10 @@ class Mixture(nn.Module):
         working = self._to_working(value)
         return working.expand(self.n_init, *working.shape[1:])
 
-    def _validated_input(self, X: Any, name: str, min_samples: int = 1) -> torch.Tensor:
+    def _validated_input(self, X: Any, name: str, min_samples: int = 1, n_features: int | None = None) -> torch.Tensor:
         X = as_float_tensor(X, name, device=self.device, dtype=self.dtype)
-        check_data(X, name, n_features=self.n_features, batch_shape=self.batch_shape, min_samples=min_samples)
+        n_features = n_features if n_features is not None else self.n_features
+        check_data(X, name, n_features=n_features, batch_shape=self.batch_shape, min_samples=min_samples)
         self.family.check_domain(X, name)
         return X
 

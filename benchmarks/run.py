@@ -671,8 +671,8 @@ def to_json(results: list[BenchResult], env: dict, args, sizes: Sizes) -> dict:
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bench", nargs="+", choices=BENCHMARKS, default=list(BENCHMARKS), help="benchmarks to run (default: all)")
-    parser.add_argument("--reps", type=int, default=None, help="repetitions per contender (default 5; 2 with --quick)")
-    parser.add_argument("--iters", type=int, default=None, help="n in (t(1+n) - t(1))/n for per-iteration benchmarks (default 10; 3 with --quick)")
+    parser.add_argument("--reps", type=int, default=None, help="repetitions per contender (default 5; 3 with --quick)")
+    parser.add_argument("--iters", type=int, default=None, help="n in (t(1+n) - t(1))/n for per-iteration benchmarks (default 10; 4 with --quick)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda when available; default)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: cores available)")
     parser.add_argument("--peers", nargs="*", default=["torchgmm", "pomegranate"], choices=["torchgmm", "pomegranate"],

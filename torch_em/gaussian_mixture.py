@@ -43,6 +43,9 @@ class GaussianMixture(Mixture):
         precisions_init: Any = None,
         seed: int | None = None,
         chunk_size: int | None = None,
+        learning_decay: float = 0.7,
+        learning_offset: float = 10.0,
+        step_size: float | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -50,7 +53,8 @@ class GaussianMixture(Mixture):
         super().__init__(
             family, n_components, n_features, batch_shape=batch_shape, tol=tol, max_iter=max_iter,
             n_init=n_init, init_params=init_params, weights_init=weights_init, seed=seed,
-            chunk_size=chunk_size, device=device, dtype=dtype,
+            chunk_size=chunk_size, learning_decay=learning_decay, learning_offset=learning_offset,
+            step_size=step_size, device=device, dtype=dtype,
         )
 
     @property

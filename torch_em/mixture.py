@@ -25,6 +25,9 @@ from .streaming import StreamSample, batch_source, unwrap_batch
 from .initialization import METHODS, initial_responsibilities, random_points
 
 
+STREAM_BUFFERS = ("stream_counts", "stream_sums", "stream_steps", "stream_shift")
+
+
 class Mixture(nn.Module):
     """A batch of finite mixtures of ``n_components`` components of ``family``.
 
@@ -47,6 +50,9 @@ class Mixture(nn.Module):
         seed: seed of all randomness; the same seed gives the same fit (and the same sequence of
             ``sample`` draws).
         chunk_size: rows of data per chunk of the E-step (default: from a memory budget).
+        learning_decay, learning_offset, step_size: the step sizes of online EM (:meth:`partial_fit`):
+            ``rho_t = (t + learning_offset) ** -learning_decay`` with learning_decay in (0.5, 1]
+            (or 0: every batch replaces the statistics), or a constant ``step_size`` in (0, 1].
         device, dtype: where the parameters live (default: CPU, torch's default dtype).
 
     Shape:
@@ -71,6 +77,9 @@ class Mixture(nn.Module):
         weights_init: Any = None,
         seed: int | None = None,
         chunk_size: int | None = None,
+        learning_decay: float = 0.7,
+        learning_offset: float = 10.0,
+        step_size: float | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -88,6 +97,14 @@ class Mixture(nn.Module):
             check_int(chunk_size, "chunk_size", minimum=1)
         if seed is not None:
             check_int(seed, "seed", minimum=0)
+        check_positive(learning_decay, "learning_decay", allow_zero=True)
+        if not (learning_decay == 0 or 0.5 < learning_decay <= 1):
+            raise ValueError(f"learning_decay must be 0 or in (0.5, 1], got {learning_decay!r}")
+        check_positive(learning_offset, "learning_offset", allow_zero=True)
+        if step_size is not None:
+            check_positive(step_size, "step_size")
+            if step_size > 1:
+                raise ValueError(f"step_size must be in (0, 1], got {step_size!r}")
         dtype = dtype if dtype is not None else torch.get_default_dtype()
         if not dtype.is_floating_point:
             raise ValueError(f"dtype must be a floating-point dtype, got {dtype}")
@@ -103,11 +120,17 @@ class Mixture(nn.Module):
         self.weights_init = weights_init
         self.seed = seed
         self.chunk_size = chunk_size
+        self.learning_decay = float(learning_decay)
+        self.learning_offset = float(learning_offset)
+        self.step_size = None if step_size is None else float(step_size)
         # Follows .to()/.double() so that parameters created later land on the right device/dtype.
         self.register_buffer("_anchor", torch.empty(0, device=device, dtype=dtype), persistent=False)
         self._parameter_names = ("logits", *family.event_shapes(1, 1))
         for name in self._parameter_names:
             self.register_parameter(name, None)
+        # Running state of online EM (partial_fit): normalised statistics, step count, shift.
+        for name in STREAM_BUFFERS:
+            self.register_buffer(name, None)
         self._register_load_state_dict_pre_hook(self._create_parameters_before_load, with_module=False)
         self.converged_: torch.Tensor | None = None
         self.n_iter_: torch.Tensor | None = None
@@ -181,7 +204,7 @@ class Mixture(nn.Module):
         user_centres = self.family.initial_centres(
             tuple(self.batch_shape), self.n_components, n_features, self.device, self.dtype
         )
-        log_weights, theta = self._initial_parameters(sample, chunk, user_theta, user_centres)
+        log_weights, theta = self._initial_parameters(sample, chunk, user_theta, user_centres, self.n_init)
         with tqdm(total=self.max_iter, desc="EM", disable=not verbose, leave=False) as progress:
             result = em.run_em(
                 self.family, data, log_weights, theta, max_iter=self.max_iter, tol=self.tol,
@@ -243,14 +266,14 @@ class Mixture(nn.Module):
         return em.StreamData(self.family, batches, shift, n_points, chunk, sample_data)
 
     def _initial_parameters(
-        self, data: em.Data, chunk: int, user_theta: Theta, user_centres: torch.Tensor | None
+        self, data: em.Data, chunk: int, user_theta: Theta, user_centres: torch.Tensor | None, n_restarts: int,
     ) -> tuple[torch.Tensor, Theta]:
         """Working initial parameters (R, M, ...): an M-step from the initial responsibilities,
         then overridden by whatever the user supplied."""
-        R, M, K = self.n_init, self.n_models, self.n_components
+        R, M, K = n_restarts, self.n_models, self.n_components
         X, shift = data.X, data.shift
         if set(user_theta) == set(self._parameter_names):  # everything given: no clustering needed
-            working = {name: self._to_restarts(value) for name, value in user_theta.items()}
+            working = {name: self._to_restarts(value, R) for name, value in user_theta.items()}
             return working.pop("logits"), working
         streams = RestartStreams(self.seed, R, X.device)
         if user_centres is not None:
@@ -267,12 +290,77 @@ class Mixture(nn.Module):
         stats = em.reseed_empty(self.family, stats, random_candidates, every_model)
         log_weights, theta = em.m_step(self.family, stats, shift, every_model, self._describe_model, "initialisation")
         for name, value in user_theta.items():
-            working = self._to_restarts(value)
+            working = self._to_restarts(value, R)
             if name == "logits":
                 log_weights = working
             else:
                 theta[name] = working
         return log_weights, theta
+
+    @torch.no_grad()
+    def partial_fit(self, X: Any) -> "Mixture":
+        """One stepwise (online) EM update from a batch ``(n, D)`` or ``(*batch_shape, n, D)``.
+
+        With per-point statistics ``s_hat`` of the batch, the running statistics become
+        ``s <- (1 - rho_t) s + rho_t s_hat`` and the parameters their M-step, where
+        ``rho_t = step_size`` when given (constant: tracks drifting streams) or else
+        ``(t + learning_offset) ** -learning_decay``. The first call initialises the model from its
+        batch when it has no parameters (and starts from the current parameters otherwise). The
+        running state lives in buffers, so a ``state_dict`` taken mid-stream resumes it exactly.
+        A rejected batch raises before anything changes.
+        """
+        K, M = self.n_components, self.n_models
+        started = self.stream_steps is not None
+        X = self._working_data(self._validated_input(X, "X", min_samples=1 if started else K))
+        n_points, n_features = X.shape[-2], X.shape[-1]
+        chunk = self.chunk_size or em.default_chunk_size(M, K, self.family.n_statistics(n_features))
+        if started:
+            shift = self.stream_shift
+            log_weights = self._to_working(self.logits.log_softmax(-1))
+            theta = {name: self._to_working(value) for name, value in self.theta().items()}
+        else:
+            shift = self.family.reference(X)  # fixed for the whole stream
+            if self.is_initialized:
+                log_weights = self._to_working(self.logits.log_softmax(-1))
+                theta = {name: self._to_working(value) for name, value in self.theta().items()}
+            else:
+                user_theta = self._user_initial_parameters(n_features)
+                user_centres = self.family.initial_centres(tuple(self.batch_shape), K, n_features, self.device, self.dtype)
+                log_weights, theta = self._initial_parameters(
+                    em.Data(self.family, X, shift, chunk), chunk, user_theta, user_centres, n_restarts=1
+                )
+        data = em.Data(self.family, X, shift, chunk)
+        eta, const = em.natural_with_weights(self.family, theta, log_weights, shift)
+        batch = data.statistics(eta, const)  # (1, M, ...)
+        if not bool(torch.isfinite(batch.log_likelihood).all()):
+            raise em.IllConditionedError("partial_fit: the batch log-likelihood is not finite; use float64 or scale the data")
+        rho = 1.0 if not started else self._step_size(int(self.stream_steps))
+        counts, sums = batch.counts / n_points, batch.sums / n_points
+        if started:
+            counts = (1 - rho) * self._to_working(self.stream_counts) + rho * counts
+            sums = (1 - rho) * self._to_working(self.stream_sums) + rho * sums
+        # The M-step sees the running statistics at the scale of one batch (re-seeding counts points).
+        every_model = torch.ones(1, M, dtype=torch.bool, device=X.device)
+        scaled = em.Statistics(counts * n_points, sums * n_points, batch.log_likelihood)
+        scaled = em.reseed_empty(self.family, scaled, lambda k: data.worst_points(eta, const, k), every_model)
+        new_log_weights, new_theta = em.m_step(self.family, scaled, shift, every_model, self._describe_model, "partial_fit")
+
+        new_theta = {name: value[0].reshape(*self.batch_shape, *value.shape[2:]) for name, value in new_theta.items()}
+        new_theta["logits"] = new_log_weights[0].reshape(*self.batch_shape, K)
+        self._assign(new_theta, create=not self.is_initialized)
+        self.n_features = n_features
+        self.stream_counts = (scaled.counts / n_points)[0].reshape(*self.batch_shape, K)
+        self.stream_sums = (scaled.sums / n_points)[0].reshape(*self.batch_shape, K, scaled.sums.shape[-1])
+        self.stream_steps = torch.tensor(1 if not started else int(self.stream_steps) + 1, device=X.device)
+        self.stream_shift = shift
+        self.lower_bound_ = (batch.log_likelihood[0] / n_points).reshape(self.batch_shape)
+        return self
+
+    def _step_size(self, step: int) -> float:
+        """rho_t of stepwise EM for the t-th update (t >= 1 after the first batch)."""
+        if self.step_size is not None:
+            return self.step_size
+        return (step + self.learning_offset) ** -self.learning_decay
 
     # --- evaluation ---------------------------------------------------------------------------
     def log_joint(self, X: Any) -> torch.Tensor:
@@ -365,10 +453,10 @@ class Mixture(nn.Module):
         """(*batch_shape, *event) -> (1, M, *event): the working layout with one restart."""
         return value.reshape(1, self.n_models, *value.shape[len(self.batch_shape):])
 
-    def _to_restarts(self, value: torch.Tensor) -> torch.Tensor:
+    def _to_restarts(self, value: torch.Tensor, n_restarts: int) -> torch.Tensor:
         """(*batch_shape, *event) -> (R, M, *event), the same for every restart."""
         working = self._to_working(value)
-        return working.expand(self.n_init, *working.shape[1:])
+        return working.expand(n_restarts, *working.shape[1:])
 
     def _validated_input(self, X: Any, name: str, min_samples: int = 1, n_features: int | None = None) -> torch.Tensor:
         X = as_float_tensor(X, name, device=self.device, dtype=self.dtype)
@@ -407,6 +495,12 @@ class Mixture(nn.Module):
                     getattr(self, name).copy_(value)
 
     def _create_parameters_before_load(self, state_dict, prefix, *args) -> None:
+        # Online-EM buffers of a stream in progress: adopt them (they are None until partial_fit).
+        for name in STREAM_BUFFERS:
+            if getattr(self, name) is None and prefix + name in state_dict:
+                saved = state_dict[prefix + name]
+                dtype = saved.dtype if not saved.is_floating_point() else self.dtype
+                setattr(self, name, torch.empty(saved.shape, dtype=dtype, device=self.device))
         # A module built without n_features can still load a fitted state_dict, once its shapes
         # are checked against this module's configuration.
         if self.logits is not None or prefix + "logits" not in state_dict:

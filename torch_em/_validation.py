@@ -34,11 +34,17 @@ def as_float_tensor(
     return tensor.to(device=device, dtype=dtype)
 
 
+#: Elements checked at a time, so validating a large X needs no X-sized mask.
+_CHECK_CHUNK = 1 << 22
+
+
 def check_finite(tensor: torch.Tensor, name: str) -> None:
     """Reject NaN and infinity, saying how many entries are bad."""
-    bad = ~torch.isfinite(tensor)
-    if bool(bad.any()):
-        raise ValueError(f"{name} must be finite, got {int(bad.sum())} NaN or infinite value(s)")
+    flat = tensor.reshape(-1)
+    for start in range(0, flat.numel(), _CHECK_CHUNK):
+        if not bool(torch.isfinite(flat[start:start + _CHECK_CHUNK]).all()):
+            n_bad = sum(int((~torch.isfinite(flat[i:i + _CHECK_CHUNK])).sum()) for i in range(0, flat.numel(), _CHECK_CHUNK))
+            raise ValueError(f"{name} must be finite, got {n_bad} NaN or infinite value(s)")
 
 
 def check_data(

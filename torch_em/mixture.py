@@ -60,7 +60,8 @@ class Mixture(nn.Module):
         log_prob(X): ``(*batch_shape, N)``; predict_proba(X): ``(*batch_shape, N, K)``.
     """
 
-    #: Points kept from a batch source's first pass to initialise (k-means++ etc.) and re-seed.
+    #: Larger datasets (and batch sources) are initialised (k-means++ etc.) on a uniform sample of
+    #: this many points (at least 50 per component), which bounds the memory of initialisation.
     stream_sample_size: int = 20_000
 
     def __init__(
@@ -196,6 +197,9 @@ class Mixture(nn.Module):
             X = self._working_data(self._validated_input(X, "X", min_samples=K))
             chunk = self.chunk_size or em.default_chunk_size(R * M, K, self.family.n_statistics(X.shape[-1]))
             data = sample = em.Data(self.family, X, self.family.reference(X), chunk)
+            if X.shape[-2] > self._sample_size():  # initialise on a uniform sample: bounded memory
+                keep = torch.randperm(X.shape[-2], generator=self._generator(), device="cpu")[: self._sample_size()]
+                sample = em.Data(self.family, X[..., keep.sort().values.to(X.device), :], data.shift, chunk)
         else:
             data = self._scan_stream(source)
             sample, chunk = data.sample, data.chunk_size
@@ -240,7 +244,7 @@ class Mixture(nn.Module):
         """First pass over a batch source: validate every batch, count the points, take the data
         mean (for families with a reference point) and a uniform sample for initialisation."""
         R, M, K = self.n_init, self.n_models, self.n_components
-        sample = StreamSample(self.stream_sample_size, self._generator())
+        sample = StreamSample(self._sample_size(), self._generator())
         n_points, total, n_features, shared = 0, None, self.n_features, None
         for raw in source():
             batch = self._validated_input(unwrap_batch(raw), "X batch", n_features=n_features)
@@ -264,6 +268,10 @@ class Mixture(nn.Module):
 
         sample_data = em.Data(self.family, sample.points, shift, chunk)
         return em.StreamData(self.family, batches, shift, n_points, chunk, sample_data)
+
+    def _sample_size(self) -> int:
+        """Points the initialisation of a large or streamed dataset works on."""
+        return max(self.stream_sample_size, 50 * self.n_components)
 
     def _initial_parameters(
         self, data: em.Data, chunk: int, user_theta: Theta, user_centres: torch.Tensor | None, n_restarts: int,

@@ -120,14 +120,14 @@ def normalise(log_joint: torch.Tensor, inplace: bool = False, dim: int = -2) -> 
 
     Written out (max-subtract, exp, normalise) rather than ``softmax``/``logsumexp``: it is one
     exp per entry and several times faster over a short component axis. Responsibilities are
-    kept above e times the smallest normal number (no subnormal arithmetic).
+    kept above the smallest normal number (no subnormal arithmetic).
     Returns resp (same shape) and the log-likelihood (``dim`` removed).
     """
     peak = log_joint.amax(dim, keepdim=True)
-    # Clamp one unit above log(smallest normal number): exp of anything lower is subnormal (or
-    # rounds to it), and subnormal operands make exp, sums and GEMMs many times slower on CPUs.
-    # A responsibility changes by less than 3 * tiny.
-    floor = math.log(torch.finfo(log_joint.dtype).tiny) + 1.0
+    # Clamp so that exp, and the division by a total of at most K, stay above the smallest normal
+    # number: subnormal operands make exp, sums and GEMMs many times slower on CPUs. A
+    # responsibility changes by less than 3 * K * tiny.
+    floor = math.log(torch.finfo(log_joint.dtype).tiny) + math.log(log_joint.shape[dim]) + 1.0
     shifted = log_joint.sub_(peak) if inplace else log_joint - peak
     resp = shifted.clamp_min_(floor).exp_() if inplace else shifted.clamp_min(floor).exp()
     total = resp.sum(dim, keepdim=True)

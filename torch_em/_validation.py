@@ -81,6 +81,17 @@ def check_int(value: int, name: str, *, minimum: int) -> None:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
+def check_common_options(batch_shape: Any, chunk_size: int | None, seed: int | None) -> torch.Size:
+    """Options every model takes: the batch shape (returned as a torch.Size), chunk size, seed."""
+    if isinstance(batch_shape, int) or not all(isinstance(b, (int, np.integer)) and b >= 1 for b in batch_shape):
+        raise ValueError(f"batch_shape must be a sequence of positive integers, got {batch_shape!r}")
+    if chunk_size is not None:
+        check_int(chunk_size, "chunk_size", minimum=1)
+    if seed is not None:
+        check_int(seed, "seed", minimum=0)
+    return torch.Size(int(b) for b in batch_shape)
+
+
 def check_choice(value: str, name: str, choices: Sequence[str]) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")

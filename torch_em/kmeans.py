@@ -4,11 +4,10 @@ from __future__ import annotations
 import math
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 from torch import nn
 
-from ._validation import as_float_tensor, check_data, check_finite, check_int, check_positive, check_shape
+from ._validation import as_float_tensor, check_common_options, check_data, check_finite, check_int, check_positive, check_shape
 from ._random import RestartStreams
 from .initialization import kmeans_plusplus, lloyd, nearest, random_points, relative_tolerance, squared_distances
 
@@ -57,18 +56,13 @@ class KMeans(nn.Module):
         check_int(n_init, "n_init", minimum=1)
         check_int(max_iter, "max_iter", minimum=1)
         check_positive(tol, "tol", allow_zero=True)
-        if isinstance(batch_shape, int) or not all(isinstance(b, (int, np.integer)) and b >= 1 for b in batch_shape):
-            raise ValueError(f"batch_shape must be a sequence of positive integers, got {batch_shape!r}")
-        if chunk_size is not None:
-            check_int(chunk_size, "chunk_size", minimum=1)
-        if seed is not None:
-            check_int(seed, "seed", minimum=0)
+        batch_shape = check_common_options(batch_shape, chunk_size, seed)
         self.n_clusters = int(n_clusters)
         self.init = init
         self.n_init = int(n_init)
         self.max_iter = int(max_iter)
         self.tol = float(tol)
-        self.batch_shape = torch.Size(int(b) for b in batch_shape)
+        self.batch_shape = batch_shape
         self.seed = seed
         self.chunk_size = chunk_size
         dtype = dtype if dtype is not None else torch.get_default_dtype()

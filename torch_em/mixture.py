@@ -18,7 +18,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import em
-from ._validation import as_float_tensor, check_choice, check_data, check_finite, check_int, check_positive, check_shape
+from ._validation import (
+    as_float_tensor, check_choice, check_common_options, check_data, check_finite, check_int, check_positive, check_shape,
+)
 from .families.base import ComponentFamily, Theta
 from ._random import RestartStreams, resolve_seed
 from .streaming import StreamSample, batch_source, unwrap_batch
@@ -88,16 +90,11 @@ class Mixture(nn.Module):
         check_int(n_components, "n_components", minimum=1)
         if n_features is not None:
             check_int(n_features, "n_features", minimum=1)
-        if isinstance(batch_shape, int) or not all(isinstance(b, (int, np.integer)) and b >= 1 for b in batch_shape):
-            raise ValueError(f"batch_shape must be a sequence of positive integers, got {batch_shape!r}")
         check_positive(tol, "tol", allow_zero=True)
         check_int(max_iter, "max_iter", minimum=1)
         check_int(n_init, "n_init", minimum=1)
         check_choice(init_params, "init_params", METHODS)
-        if chunk_size is not None:
-            check_int(chunk_size, "chunk_size", minimum=1)
-        if seed is not None:
-            check_int(seed, "seed", minimum=0)
+        batch_shape = check_common_options(batch_shape, chunk_size, seed)
         check_positive(learning_decay, "learning_decay", allow_zero=True)
         if not (learning_decay == 0 or 0.5 < learning_decay <= 1):
             raise ValueError(f"learning_decay must be 0 or in (0.5, 1], got {learning_decay!r}")
@@ -113,7 +110,7 @@ class Mixture(nn.Module):
         self.family = family
         self.n_components = int(n_components)
         self.n_features = None if n_features is None else int(n_features)
-        self.batch_shape = torch.Size(int(b) for b in batch_shape)
+        self.batch_shape = batch_shape
         self.tol = float(tol)
         self.max_iter = int(max_iter)
         self.n_init = int(n_init)

@@ -167,14 +167,13 @@ def e_step(data: Data, eta: torch.Tensor, const: torch.Tensor) -> Statistics:
 
 def statistics_from_responsibilities(data: Data, resp_fn: Callable[[int, int], torch.Tensor]) -> Statistics:
     """Statistics for given responsibilities; ``resp_fn(start, stop)`` -> (R, M, K, n)."""
-    counts = sums = None
+    total = None
     for (start, stop), (T, _) in zip(data.bounds, data.chunks()):
         resp = resp_fn(start, stop)
-        chunk_counts, chunk_sums = resp.sum(-1), weighted_statistics(T, resp)
-        counts = chunk_counts if counts is None else counts + chunk_counts
-        sums = chunk_sums if sums is None else sums + chunk_sums
-    nan = torch.full(counts.shape[:2], math.nan, dtype=counts.dtype, device=counts.device)
-    return Statistics(counts, sums, nan)
+        unknown = torch.full(resp.shape[:2], math.nan, dtype=resp.dtype, device=resp.device)  # no likelihood
+        chunk = Statistics(resp.sum(-1), weighted_statistics(T, resp), unknown)
+        total = chunk if total is None else total + chunk
+    return total
 
 
 def worst_point_features(data: Data, eta: torch.Tensor, const: torch.Tensor, k: int) -> torch.Tensor:

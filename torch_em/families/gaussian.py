@@ -22,6 +22,7 @@ error grows like eps * (|mu~| / sigma)^2, small when the data are centred.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Mapping
 
@@ -33,7 +34,9 @@ from .base import ComponentFamily, Theta
 COVARIANCE_TYPES = ("full", "tied", "diag", "spherical")
 
 
+@functools.lru_cache(maxsize=64)
 def _triu_indices(n_features: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row and column indices of the upper triangle (diagonal included), in packed order."""
     rows, cols = torch.triu_indices(n_features, n_features, device=device)
     return rows, cols
 

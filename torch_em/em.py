@@ -18,6 +18,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from . import distributed
 from .families.base import ComponentFamily, IllConditionedError, Theta
 
 #: Log-density rows per chunk are chosen so one chunk's (n, R*M*K) block stays near this size.
@@ -44,6 +45,8 @@ class Data:
         self.X = X
         self.shift = shift
         self.n_points = X.shape[-2]
+        #: Points over all ranks under torch.distributed (set by the caller), else n_points.
+        self.n_total = self.n_points
         self.bounds = [(start, min(start + chunk_size, self.n_points)) for start in range(0, self.n_points, chunk_size)]
         self._cache: list[tuple[torch.Tensor, torch.Tensor | None]] | None = None
         n_stats = family.n_statistics(X.shape[-1])
@@ -62,10 +65,12 @@ class Data:
                 yield self._features(start, stop)
 
     def statistics(self, eta: torch.Tensor, const: torch.Tensor) -> "Statistics":
-        return e_step(self, eta, const)
+        """Statistics of the data (summed over ranks under torch.distributed)."""
+        return e_step(self, eta, const).reduced()
 
     def worst_points(self, eta: torch.Tensor, const: torch.Tensor, k: int) -> torch.Tensor:
-        return worst_point_features(self, eta, const, k)
+        """Features of the k worst-explained points (rank 0's under torch.distributed)."""
+        return distributed.broadcast(worst_point_features(self, eta, const, k))[0]
 
 
 class StreamData:
@@ -73,7 +78,8 @@ class StreamData:
     one pass over ``batches()``, summing the statistics batch by batch. Empty components are
     re-seeded from a sample of the data (``sample``, a :class:`Data`).
 
-    batches(): a fresh iterator of working-layout batches (n, D) or (M, n, D) per call.
+    batches(): a fresh iterator of working-layout batches (n, D) or (M, n, D) per call;
+    n_points: their total (over all ranks under torch.distributed).
     """
 
     def __init__(
@@ -83,7 +89,7 @@ class StreamData:
         self.family = family
         self.batches = batches
         self.shift = shift
-        self.n_points = n_points
+        self.n_total = n_points
         self.chunk_size = chunk_size
         self.sample = sample
 
@@ -92,7 +98,7 @@ class StreamData:
         for batch in self.batches():
             stats = e_step(Data(self.family, batch, self.shift, self.chunk_size, cache=False), eta, const)
             total = stats if total is None else total + stats
-        return total
+        return total.reduced()
 
     def worst_points(self, eta: torch.Tensor, const: torch.Tensor, k: int) -> torch.Tensor:
         return self.sample.worst_points(eta, const, k)
@@ -153,6 +159,10 @@ class Statistics:
 
     def __add__(self, other: "Statistics") -> "Statistics":
         return Statistics(self.counts + other.counts, self.sums + other.sums, self.log_likelihood + other.log_likelihood)
+
+    def reduced(self) -> "Statistics":
+        """Summed over the ranks of torch.distributed (one all_reduce); unchanged without it."""
+        return Statistics(*distributed.all_reduce_sum(self.counts, self.sums, self.log_likelihood))
 
 
 def e_step(data: Data, eta: torch.Tensor, const: torch.Tensor) -> Statistics:
@@ -284,7 +294,7 @@ def run_em(
     for iteration in range(1, max_iter + 1):
         eta, const = natural_with_weights(family, theta, log_weights, data.shift)
         stats = data.statistics(eta, const)
-        current = stats.log_likelihood / data.n_points
+        current = stats.log_likelihood / data.n_total
         bad = ~torch.isfinite(current) & active
         if bool(bad.any()):
             r, m = (int(i) for i in bad.nonzero()[0])

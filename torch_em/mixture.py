@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import em
+from . import distributed, em
 from ._validation import (
     as_float_tensor, check_choice, check_common_options, check_data, check_finite, check_int, check_positive, check_shape,
 )
@@ -193,7 +193,9 @@ class Mixture(nn.Module):
         if source is None:
             X = self._working_data(self._validated_input(X, "X", min_samples=K))
             chunk = self.chunk_size or em.default_chunk_size(R * M, K, self.family.n_statistics(X.shape[-1]))
-            data = sample = em.Data(self.family, X, self.family.reference(X), chunk)
+            shift = distributed.combined_reference(self.family.reference(X), X.shape[-2])
+            data = sample = em.Data(self.family, X, shift, chunk)
+            data.n_total = distributed.total_points(X.shape[-2], X.device)
             if X.shape[-2] > self._sample_size():  # initialise on a uniform sample: bounded memory
                 keep = torch.randperm(X.shape[-2], generator=self._generator(), device="cpu")[: self._sample_size()]
                 sample = em.Data(self.family, X[..., keep.sort().values.to(X.device), :], data.shift, chunk)
@@ -206,6 +208,7 @@ class Mixture(nn.Module):
             tuple(self.batch_shape), self.n_components, n_features, self.device, self.dtype
         )
         log_weights, theta = self._initial_parameters(sample, chunk, user_theta, user_centres, self.n_init)
+        log_weights, theta = self._same_on_every_rank(log_weights, theta)
         with tqdm(total=self.max_iter, desc="EM", disable=not verbose, leave=False) as progress:
             result = em.run_em(
                 self.family, data, log_weights, theta, max_iter=self.max_iter, tol=self.tol,
@@ -254,9 +257,10 @@ class Mixture(nn.Module):
                 batch_sum = batch.sum(-2, keepdim=True)
                 total = batch_sum if total is None else total + batch_sum
             sample.add(batch)
+        shift = distributed.combined_reference(None if total is None else total / n_points, n_points)
+        n_points = distributed.total_points(n_points, self.device)
         if n_points < K:
             raise ValueError(f"X must have at least {K} sample(s) (one per component), got N={n_points} in all batches")
-        shift = None if total is None else total / n_points
         chunk = self.chunk_size or em.default_chunk_size(R * M, K, self.family.n_statistics(n_features))
 
         def batches():
@@ -265,6 +269,12 @@ class Mixture(nn.Module):
 
         sample_data = em.Data(self.family, sample.points, shift, chunk)
         return em.StreamData(self.family, batches, shift, n_points, chunk, sample_data)
+
+    @staticmethod
+    def _same_on_every_rank(log_weights: torch.Tensor, theta: Theta) -> tuple[torch.Tensor, Theta]:
+        """Rank 0's initial parameters on every rank (no-op without torch.distributed)."""
+        log_weights, *values = distributed.broadcast(log_weights, *theta.values())
+        return log_weights, dict(zip(theta, values))
 
     def _sample_size(self) -> int:
         """Points the initialisation of a large or streamed dataset works on."""
@@ -324,17 +334,18 @@ class Mixture(nn.Module):
             log_weights = self._to_working(self.logits.log_softmax(-1))
             theta = {name: self._to_working(value) for name, value in self.theta().items()}
         else:
-            shift = self.family.reference(X)  # fixed for the whole stream
+            shift = distributed.combined_reference(self.family.reference(X), n_points)  # fixed for the stream
             if self.is_initialized:
                 log_weights = self._to_working(self.logits.log_softmax(-1))
                 theta = {name: self._to_working(value) for name, value in self.theta().items()}
             else:
                 user_theta = self._user_initial_parameters(n_features)
                 user_centres = self.family.initial_centres(tuple(self.batch_shape), K, n_features, self.device, self.dtype)
-                log_weights, theta = self._initial_parameters(
+                log_weights, theta = self._same_on_every_rank(*self._initial_parameters(
                     em.Data(self.family, X, shift, chunk), chunk, user_theta, user_centres, n_restarts=1
-                )
+                ))
         data = em.Data(self.family, X, shift, chunk)
+        n_points = distributed.total_points(n_points, X.device)  # the batch over all ranks
         eta, const = em.natural_with_weights(self.family, theta, log_weights, shift)
         batch = data.statistics(eta, const)  # (1, M, ...)
         if not bool(torch.isfinite(batch.log_likelihood).all()):

@@ -23,7 +23,7 @@ from ._validation import (
 )
 from .families.base import ComponentFamily, Theta
 from ._random import RestartStreams, resolve_seed
-from .streaming import StreamSample, batch_source, unwrap_batch
+from .streaming import StepSchedule, StreamSample, batch_source, stepwise, unwrap_batch
 from .initialization import METHODS, initial_responsibilities, random_points
 
 
@@ -95,14 +95,7 @@ class Mixture(nn.Module):
         check_int(n_init, "n_init", minimum=1)
         check_choice(init_params, "init_params", METHODS)
         batch_shape = check_common_options(batch_shape, chunk_size, seed)
-        check_positive(learning_decay, "learning_decay", allow_zero=True)
-        if not (learning_decay == 0 or 0.5 < learning_decay <= 1):
-            raise ValueError(f"learning_decay must be 0 or in (0.5, 1], got {learning_decay!r}")
-        check_positive(learning_offset, "learning_offset", allow_zero=True)
-        if step_size is not None:
-            check_positive(step_size, "step_size")
-            if step_size > 1:
-                raise ValueError(f"step_size must be in (0, 1], got {step_size!r}")
+        self.schedule = StepSchedule(learning_decay, learning_offset, step_size)
         dtype = dtype if dtype is not None else torch.get_default_dtype()
         if not dtype.is_floating_point:
             raise ValueError(f"dtype must be a floating-point dtype, got {dtype}")
@@ -118,9 +111,6 @@ class Mixture(nn.Module):
         self.weights_init = weights_init
         self.seed = seed
         self.chunk_size = chunk_size
-        self.learning_decay = float(learning_decay)
-        self.learning_offset = float(learning_offset)
-        self.step_size = None if step_size is None else float(step_size)
         # Follows .to()/.double() so that parameters created later land on the right device/dtype.
         self.register_buffer("_anchor", torch.empty(0, device=device, dtype=dtype), persistent=False)
         self._parameter_names = ("logits", *family.event_shapes(1, 1))
@@ -350,11 +340,9 @@ class Mixture(nn.Module):
         batch = data.statistics(eta, const)  # (1, M, ...)
         if not bool(torch.isfinite(batch.log_likelihood).all()):
             raise em.IllConditionedError("partial_fit: the batch log-likelihood is not finite; use float64 or scale the data")
-        rho = 1.0 if not started else self._step_size(int(self.stream_steps))
-        counts, sums = batch.counts / n_points, batch.sums / n_points
-        if started:
-            counts = (1 - rho) * self._to_working(self.stream_counts) + rho * counts
-            sums = (1 - rho) * self._to_working(self.stream_sums) + rho * sums
+        rho = self.schedule.rho(int(self.stream_steps) if started else 0)
+        counts = stepwise(self._to_working(self.stream_counts) if started else None, batch.counts / n_points, rho)
+        sums = stepwise(self._to_working(self.stream_sums) if started else None, batch.sums / n_points, rho)
         # The M-step sees the running statistics at the scale of one batch (re-seeding counts points).
         every_model = torch.ones(1, M, dtype=torch.bool, device=X.device)
         scaled = em.Statistics(counts * n_points, sums * n_points, batch.log_likelihood)
@@ -371,12 +359,6 @@ class Mixture(nn.Module):
         self.stream_shift = shift
         self.lower_bound_ = (batch.log_likelihood[0] / n_points).reshape(self.batch_shape)
         return self
-
-    def _step_size(self, step: int) -> float:
-        """rho_t of stepwise EM for the t-th update (t >= 1 after the first batch)."""
-        if self.step_size is not None:
-            return self.step_size
-        return (step + self.learning_offset) ** -self.learning_decay
 
     # --- evaluation ---------------------------------------------------------------------------
     def log_joint(self, X: Any) -> torch.Tensor:

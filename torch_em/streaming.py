@@ -12,6 +12,8 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
+from ._validation import check_positive
+
 BatchSource = Callable[[], Iterator[Any]]
 
 
@@ -61,3 +63,39 @@ class StreamSample:
             keep = keys.topk(self.size, largest=False).indices.sort().values
             keys, batch = keys[keep], batch[..., keep, :]
         self.keys, self.points = keys, batch
+
+
+class StepSchedule:
+    """Step sizes of stepwise (online) updates ``s <- (1 - rho_t) s + rho_t s_hat``.
+
+    ``rho_t = step_size`` when given (constant: exponential forgetting for drifting streams),
+    else ``(t + learning_offset) ** -learning_decay`` with learning_decay in (0.5, 1] (the
+    Robbins-Monro conditions), or 0 (every batch replaces the statistics). The first batch
+    always has rho = 1.
+    """
+
+    def __init__(self, learning_decay: float, learning_offset: float, step_size: float | None) -> None:
+        check_positive(learning_decay, "learning_decay", allow_zero=True)
+        if not (learning_decay == 0 or 0.5 < learning_decay <= 1):
+            raise ValueError(f"learning_decay must be 0 or in (0.5, 1], got {learning_decay!r}")
+        check_positive(learning_offset, "learning_offset", allow_zero=True)
+        if step_size is not None:
+            check_positive(step_size, "step_size")
+            if step_size > 1:
+                raise ValueError(f"step_size must be in (0, 1], got {step_size!r}")
+        self.learning_decay = float(learning_decay)
+        self.learning_offset = float(learning_offset)
+        self.step_size = None if step_size is None else float(step_size)
+
+    def rho(self, previous_steps: int) -> float:
+        """Step size of the update after ``previous_steps`` earlier ones."""
+        if previous_steps == 0:
+            return 1.0
+        if self.step_size is not None:
+            return self.step_size
+        return (previous_steps + self.learning_offset) ** -self.learning_decay
+
+
+def stepwise(running: torch.Tensor | None, new: torch.Tensor, rho: float) -> torch.Tensor:
+    """``(1 - rho) running + rho new`` (``new`` alone for the first update)."""
+    return new if running is None else (1 - rho) * running + rho * new

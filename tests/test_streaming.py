@@ -168,3 +168,45 @@ def test_partial_fit_serves_other_families(family):
         for _ in range(30):
             model.partial_fit(make(200))
     assert bool(torch.isfinite(model.score(make(200))).all())
+
+
+def kmeans_stream(seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    centres = 5 * torch.randn(8, 5, generator=generator, dtype=F64)
+    return lambda n: centres[torch.randint(8, (n,), generator=generator)] + torch.randn(n, 5, generator=generator, dtype=F64)
+
+
+def test_minibatch_kmeans_reaches_the_full_batch_inertia():
+    batch = kmeans_stream()
+    online = torch_em.KMeans(8, seed=0, dtype=F64)
+    for _ in range(100):
+        online.partial_fit(batch(1000))
+    held_out = batch(20_000)
+    full = torch_em.KMeans(8, seed=0, n_init=3, dtype=F64).fit(held_out)
+    assert int(online.stream_steps) == 100
+    assert float(-online.score(held_out)) <= 1.01 * float(full.inertia_)
+
+
+def test_minibatch_kmeans_resumes_and_rejects_bad_batches(tmp_path):
+    batch = kmeans_stream(1)
+    batches = [batch(300) for _ in range(12)]
+    reference = torch_em.KMeans(8, seed=0, dtype=F64, step_size=0.2)
+    for b in batches[:5]:
+        reference.partial_fit(b)
+    torch.save(reference.state_dict(), tmp_path / "km.pt")
+    resumed = torch_em.KMeans(8, dtype=F64, step_size=0.2)
+    resumed.load_state_dict(torch.load(tmp_path / "km.pt", weights_only=True))
+    before = {k: v.clone() for k, v in resumed.state_dict().items()}
+    bad = batches[5].clone()
+    bad[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="finite"):
+        resumed.partial_fit(bad)
+    with pytest.raises(ValueError, match="D=5"):
+        resumed.partial_fit(batches[5][:, :3])
+    for key, value in resumed.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    for b in batches[5:]:
+        reference.partial_fit(b)
+        resumed.partial_fit(b)
+    for key, value in reference.state_dict().items():
+        assert torch.equal(resumed.state_dict()[key], value), key

@@ -9,7 +9,12 @@ from torch import nn
 
 from ._validation import as_float_tensor, check_common_options, check_data, check_finite, check_int, check_positive, check_shape
 from ._random import RestartStreams
-from .initialization import kmeans_plusplus, lloyd, nearest, random_points, relative_tolerance, squared_distances
+from .streaming import StepSchedule, stepwise
+from .initialization import (
+    cluster_sums, kmeans_plusplus, lloyd, nearest, random_points, relative_tolerance, squared_distances,
+)
+
+STREAM_BUFFERS = ("stream_counts", "stream_sums", "stream_steps")
 
 #: Rows per chunk keep one chunk's (R*M*K, n) distance block near this many elements.
 CHUNK_ELEMENTS = 1 << 19
@@ -28,6 +33,8 @@ class KMeans(nn.Module):
             per-feature variance of its data (scikit-learn's convention).
         batch_shape: independent clusterings fitted together.
         seed, chunk_size, device, dtype: as for :class:`torch_em.Mixture`.
+        learning_decay, learning_offset, step_size: step sizes of :meth:`partial_fit` (mini-batch
+            k-means), as for :class:`torch_em.Mixture`.
 
     Shape:
         X: ``(N, D)`` shared by every model, or ``(*batch_shape, N, D)``.
@@ -46,6 +53,9 @@ class KMeans(nn.Module):
         batch_shape: Sequence[int] = (),
         seed: int | None = None,
         chunk_size: int | None = None,
+        learning_decay: float = 0.7,
+        learning_offset: float = 10.0,
+        step_size: float | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -66,7 +76,10 @@ class KMeans(nn.Module):
         self.seed = seed
         self.chunk_size = chunk_size
         dtype = dtype if dtype is not None else torch.get_default_dtype()
+        self.schedule = StepSchedule(learning_decay, learning_offset, step_size)
         self.register_buffer("cluster_centers_", torch.empty(0, device=device, dtype=dtype))
+        for name in STREAM_BUFFERS:  # running state of partial_fit
+            self.register_buffer(name, None)
         self.labels_: torch.Tensor | None = None
         self.inertia_: torch.Tensor | None = None
         self.n_iter_: torch.Tensor | None = None
@@ -84,19 +97,12 @@ class KMeans(nn.Module):
     def fit(self, X: Any) -> "KMeans":
         """Cluster every model's data; raises ValueError before changing anything."""
         X = self._validated_input(X, fitting=True)
-        R, M, K, D = self.n_init, self.n_models, self.n_clusters, X.shape[-1]
-        centres = self._user_centres(D)
+        R, M, K = self.n_init, self.n_models, self.n_clusters
         X = X if X.dim() == 2 else X.reshape(M, *X.shape[-2:])
         shift = X.mean(-2, keepdim=True)  # centre the data: distances as GEMMs cancel less
         X = X - shift
         chunk = self._chunk(R * M * K)
-        streams = RestartStreams(self.seed, R, X.device)
-        if centres is not None:
-            centres = centres.reshape(1, M, K, D).expand(R, M, K, D) - shift
-        elif self.init == "random":
-            centres = random_points(X, M, K, streams)
-        else:
-            centres = kmeans_plusplus(X, M, K, streams, chunk)
+        centres = self._seed_centres(X, shift, R, chunk)
         result = lloyd(X, centres, max_iter=self.max_iter, tol=relative_tolerance(X, self.tol), chunk_size=chunk)
         inertia = result.distances.sum(-1)  # (R, M)
         best = inertia.argmin(0)  # (M,)
@@ -111,6 +117,48 @@ class KMeans(nn.Module):
         self.inertia_ = pick(inertia)
         self.n_iter_ = pick(result.n_iter)
         self.converged_ = pick(result.converged)
+        return self
+
+    def _seed_centres(self, X: torch.Tensor, shift: torch.Tensor, n_restarts: int, chunk: int) -> torch.Tensor:
+        """Initial centres (R, M, K, D) for centred data X (N, D) / (M, N, D)."""
+        M, K, D = self.n_models, self.n_clusters, X.shape[-1]
+        centres = self._user_centres(D)
+        if centres is not None:
+            return centres.reshape(1, M, K, D).expand(n_restarts, M, K, D) - shift
+        streams = RestartStreams(self.seed, n_restarts, X.device)
+        if self.init == "random":
+            return random_points(X, M, K, streams)
+        return kmeans_plusplus(X, M, K, streams, chunk)
+
+    @torch.no_grad()
+    def partial_fit(self, X: Any) -> "KMeans":
+        """One mini-batch k-means step, the hard-assignment case of stepwise EM: each centre is
+        ``sums / counts`` of running per-point statistics ``s <- (1 - rho_t) s + rho_t s_hat``
+        of the points nearest to it (``rho_t`` as in :class:`torch_em.Mixture`). The first call
+        seeds the centres from its batch when there are none. A centre no point has reached yet
+        keeps its place. The running state is in buffers (``state_dict`` resumes a stream)."""
+        started = self.stream_steps is not None
+        X = self._validated_input(X, fitting=self.n_features is None)
+        M, K, D = self.n_models, self.n_clusters, X.shape[-1]
+        X = X if X.dim() == 2 else X.reshape(M, *X.shape[-2:])
+        n_points, chunk = X.shape[-2], self._chunk(M * K)
+        if self.n_features is None:
+            shift = X.mean(-2, keepdim=True)
+            centres = self._seed_centres(X - shift, shift, 1, chunk) + shift  # (1, M, K, D)
+        else:
+            centres = self.cluster_centers_.reshape(1, M, K, D)
+        labels, dist = nearest(X, centres, chunk)
+        sums, counts = cluster_sums(X, labels, K, chunk)  # (1, M, K, D), (1, M, K)
+        rho = self.schedule.rho(int(self.stream_steps) if started else 0)
+        counts = stepwise(self.stream_counts.reshape(1, M, K) if started else None, counts / n_points, rho)
+        sums = stepwise(self.stream_sums.reshape(1, M, K, D) if started else None, sums / n_points, rho)
+        reached = counts > 0
+        centres = torch.where(reached.unsqueeze(-1), sums / counts.clamp_min(torch.finfo(X.dtype).tiny).unsqueeze(-1), centres)
+        self.cluster_centers_ = centres[0].reshape(*self.batch_shape, K, D)
+        self.stream_counts = counts[0].reshape(*self.batch_shape, K)
+        self.stream_sums = sums[0].reshape(*self.batch_shape, K, D)
+        self.stream_steps = torch.tensor(int(self.stream_steps) + 1 if started else 1, device=X.device)
+        self.inertia_ = dist[0].sum(-1).reshape(self.batch_shape)  # of this batch, before the step
         return self
 
     @torch.no_grad()
@@ -170,11 +218,13 @@ class KMeans(nn.Module):
         return centres.expand(*self.batch_shape, self.n_clusters, n_features)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # A fresh module holds an empty placeholder; adopt the saved centres' shape.
-        key = prefix + "cluster_centers_"
-        if key in state_dict:
-            self.cluster_centers_ = torch.empty_like(state_dict[key], device=self.cluster_centers_.device,
-                                                     dtype=self.cluster_centers_.dtype)
+        # A fresh module holds an empty placeholder (and no stream state); adopt the saved shapes.
+        device, dtype = self.cluster_centers_.device, self.cluster_centers_.dtype
+        for name in ("cluster_centers_", *STREAM_BUFFERS):
+            saved = state_dict.get(prefix + name)
+            if saved is not None:
+                setattr(self, name, torch.empty(saved.shape, device=device,
+                                                dtype=dtype if saved.is_floating_point() else saved.dtype))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:

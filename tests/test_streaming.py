@@ -210,3 +210,29 @@ def test_minibatch_kmeans_resumes_and_rejects_bad_batches(tmp_path):
         resumed.partial_fit(b)
     for key, value in reference.state_dict().items():
         assert torch.equal(resumed.state_dict()[key], value), key
+
+
+def test_polyak_averaging_smooths_noisy_iterates_and_resumes_exactly(tmp_path):
+    X = stationary_stream(120, 100, seed=6)
+    held_out = torch.as_tensor(blobs(1000, seed=7))
+    last, averaged = (torch_em.GaussianMixture(3, seed=0, dtype=F64, step_size=0.3, averaging_start=start)
+                      for start in (None, 20))
+    for batch in X.split(100):
+        last.partial_fit(batch)
+        averaged.partial_fit(batch)
+    full = torch_em.GaussianMixture(3, seed=0, dtype=F64).fit(X)
+    gap = lambda m: abs(float(m.score(held_out)) - float(full.score(held_out)))  # noqa: E731
+    assert gap(averaged) < 0.5 * gap(last)
+    # The average lives in the parameters, the iterate in the running statistics: both resume.
+    first = torch_em.GaussianMixture(3, seed=0, dtype=F64, step_size=0.3, averaging_start=5)
+    for batch in X.split(100)[:10]:
+        first.partial_fit(batch)
+    resumed = torch_em.GaussianMixture(3, dtype=F64, step_size=0.3, averaging_start=5)
+    resumed.load_state_dict(first.state_dict())
+    for batch in X.split(100)[10:20]:
+        first.partial_fit(batch)
+        resumed.partial_fit(batch)
+    for key, value in first.state_dict().items():
+        assert torch.equal(resumed.state_dict()[key], value), key
+    with pytest.raises(ValueError, match="averaging_start"):
+        torch_em.GaussianMixture(3, averaging_start=-1)

@@ -46,6 +46,7 @@ class GaussianMixture(Mixture):
         learning_decay: float = 0.7,
         learning_offset: float = 10.0,
         step_size: float | None = None,
+        averaging_start: int | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -54,7 +55,7 @@ class GaussianMixture(Mixture):
             family, n_components, n_features, batch_shape=batch_shape, tol=tol, max_iter=max_iter,
             n_init=n_init, init_params=init_params, weights_init=weights_init, seed=seed,
             chunk_size=chunk_size, learning_decay=learning_decay, learning_offset=learning_offset,
-            step_size=step_size, device=device, dtype=dtype,
+            step_size=step_size, averaging_start=averaging_start, device=device, dtype=dtype,
         )
 
     @property

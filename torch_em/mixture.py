@@ -55,6 +55,7 @@ class Mixture(nn.Module):
         learning_decay, learning_offset, step_size: the step sizes of online EM (:meth:`partial_fit`):
             ``rho_t = (t + learning_offset) ** -learning_decay`` with learning_decay in (0.5, 1]
             (or 0: every batch replaces the statistics), or a constant ``step_size`` in (0, 1].
+        averaging_start: after this many ``partial_fit`` steps, average the iterates (Polyak).
         device, dtype: where the parameters live (default: CPU, torch's default dtype).
 
     Shape:
@@ -83,6 +84,7 @@ class Mixture(nn.Module):
         learning_decay: float = 0.7,
         learning_offset: float = 10.0,
         step_size: float | None = None,
+        averaging_start: int | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -96,6 +98,9 @@ class Mixture(nn.Module):
         check_choice(init_params, "init_params", METHODS)
         batch_shape = check_common_options(batch_shape, chunk_size, seed)
         self.schedule = StepSchedule(learning_decay, learning_offset, step_size)
+        if averaging_start is not None:
+            check_int(averaging_start, "averaging_start", minimum=0)
+        self.averaging_start = averaging_start
         dtype = dtype if dtype is not None else torch.get_default_dtype()
         if not dtype.is_floating_point:
             raise ValueError(f"dtype must be a floating-point dtype, got {dtype}")
@@ -312,17 +317,25 @@ class Mixture(nn.Module):
         ``(t + learning_offset) ** -learning_decay``. The first call initialises the model from its
         batch when it has no parameters (and starts from the current parameters otherwise). The
         running state lives in buffers, so a ``state_dict`` taken mid-stream resumes it exactly.
-        A rejected batch raises before anything changes.
+        With ``averaging_start`` set, from that step on the parameters are the Polyak-Ruppert
+        average of the stepwise-EM iterates (in unconstrained form); the iterate itself is the
+        M-step of the running statistics. A rejected batch raises before anything changes.
         """
         K, M = self.n_components, self.n_models
         started = self.stream_steps is not None
         X = self._working_data(self._validated_input(X, "X", min_samples=1 if started else K))
         n_points, n_features = X.shape[-2], X.shape[-1]
         chunk = self.chunk_size or em.default_chunk_size(M, K, self.family.n_statistics(n_features))
+        every_model = torch.ones(1, M, dtype=torch.bool, device=X.device)
         if started:
             shift = self.stream_shift
-            log_weights = self._to_working(self.logits.log_softmax(-1))
-            theta = {name: self._to_working(value) for name, value in self.theta().items()}
+            if self.averaging_start is None:
+                log_weights = self._to_working(self.logits.log_softmax(-1))
+                theta = {name: self._to_working(value) for name, value in self.theta().items()}
+            else:  # the parameters hold the average: the iterate is the M-step of the running statistics
+                running = em.Statistics(self._to_working(self.stream_counts), self._to_working(self.stream_sums),
+                                        torch.zeros(1, M, dtype=X.dtype, device=X.device))
+                log_weights, theta = em.m_step(self.family, running, shift, every_model, self._describe_model, "partial_fit")
         else:
             shift = distributed.combined_reference(self.family.reference(X), n_points)  # fixed for the stream
             if self.is_initialized:
@@ -344,18 +357,22 @@ class Mixture(nn.Module):
         counts = stepwise(self._to_working(self.stream_counts) if started else None, batch.counts / n_points, rho)
         sums = stepwise(self._to_working(self.stream_sums) if started else None, batch.sums / n_points, rho)
         # The M-step sees the running statistics at the scale of one batch (re-seeding counts points).
-        every_model = torch.ones(1, M, dtype=torch.bool, device=X.device)
         scaled = em.Statistics(counts * n_points, sums * n_points, batch.log_likelihood)
         scaled = em.reseed_empty(self.family, scaled, lambda k: data.worst_points(eta, const, k), every_model)
         new_log_weights, new_theta = em.m_step(self.family, scaled, shift, every_model, self._describe_model, "partial_fit")
 
         new_theta = {name: value[0].reshape(*self.batch_shape, *value.shape[2:]) for name, value in new_theta.items()}
         new_theta["logits"] = new_log_weights[0].reshape(*self.batch_shape, K)
+        steps = 1 if not started else int(self.stream_steps) + 1
+        averaged = 0 if self.averaging_start is None else steps - self.averaging_start  # iterates in the average
+        if averaged > 1:  # Polyak-Ruppert: running mean of the unconstrained parameters
+            new_theta = {name: old + (new_theta[name] - old) / averaged
+                         for name, old in {"logits": self.logits, **self.theta()}.items()}
         self._assign(new_theta, create=not self.is_initialized)
         self.n_features = n_features
         self.stream_counts = (scaled.counts / n_points)[0].reshape(*self.batch_shape, K)
         self.stream_sums = (scaled.sums / n_points)[0].reshape(*self.batch_shape, K, scaled.sums.shape[-1])
-        self.stream_steps = torch.tensor(1 if not started else int(self.stream_steps) + 1, device=X.device)
+        self.stream_steps = torch.tensor(steps, device=X.device)
         self.stream_shift = shift
         self.lower_bound_ = (batch.log_likelihood[0] / n_points).reshape(self.batch_shape)
         return self

@@ -291,6 +291,7 @@ def run_em(
     previous = torch.full((R, M), -math.inf, dtype=log_weights.dtype, device=device)
     lower_bound = torch.full_like(previous, math.nan)
     history = []
+    n_active = R * M
     for iteration in range(1, max_iter + 1):
         eta, const = natural_with_weights(family, theta, log_weights, data.shift)
         stats = data.statistics(eta, const)
@@ -306,10 +307,14 @@ def run_em(
         new_log_weights, new_theta = m_step(
             family, stats, data.shift, active, describe_model, f"EM iteration {iteration}"
         )
-        log_weights = _where_active(active, new_log_weights, log_weights)
-        theta = {name: _where_active(active, new_theta[name], value) for name, value in theta.items()}
-        lower_bound = torch.where(active, current, lower_bound)
-        n_iter = torch.where(active, iteration, n_iter)
+        if n_active == R * M:  # every model still running: take the update as it is
+            log_weights, theta, lower_bound = new_log_weights, {name: new_theta[name] for name in theta}, current
+            n_iter = torch.full_like(n_iter, iteration)
+        else:
+            log_weights = _where_active(active, new_log_weights, log_weights)
+            theta = {name: _where_active(active, new_theta[name], value) for name, value in theta.items()}
+            lower_bound = torch.where(active, current, lower_bound)
+            n_iter = torch.where(active, iteration, n_iter)
         history.append(lower_bound)
         newly_converged = active & ((current - previous).abs() < tol)
         converged |= newly_converged

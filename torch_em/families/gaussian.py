@@ -41,6 +41,13 @@ def _triu_indices(n_features: int, device: torch.device) -> tuple[torch.Tensor, 
     return rows, cols
 
 
+@functools.lru_cache(maxsize=64)
+def _packed_weights(n_features: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """-1/2 on the diagonal, -1 off it: the weights of the packed upper triangle of Lambda."""
+    rows, cols = _triu_indices(n_features, device)
+    return torch.where(rows == cols, -0.5, -1.0).to(dtype)
+
+
 def upper_cholesky_from_precision(precision: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Upper-triangular ``P`` with ``precision = P P^T`` (..., D, D), and the cholesky_ex info.
 
@@ -236,8 +243,8 @@ class Gaussian(ComponentFamily):
                 half_logdet = half_logdet.unsqueeze(-1)
             linear = (precision @ centred.unsqueeze(-1)).squeeze(-1)  # (*b, K, D)
             rows, cols = _triu_indices(n_features, loc.device)
-            off_diagonal_twice = torch.where(rows == cols, 1.0, 2.0).to(loc.dtype)
-            quadratic = -0.5 * precision[..., rows, cols] * off_diagonal_twice  # (*b, K or 1, P)
+            # x_i x_j appears once in T for i < j but twice in x^T Lambda x.
+            quadratic = precision[..., rows, cols] * _packed_weights(n_features, loc.device, loc.dtype)  # (*b, K|1, P)
             quadratic = quadratic.expand(*linear.shape[:-1], quadratic.shape[-1])
         else:
             if self.covariance_type == "diag":
@@ -258,9 +265,9 @@ class Gaussian(ComponentFamily):
         loc = centred_mean if shift is None else centred_mean + shift
         if self.covariance_type in ("full", "tied"):
             rows, cols = _triu_indices(n_features, stats.device)
-            scatter = stats.new_zeros(*second.shape[:-1], n_features, n_features)
+            scatter = stats.new_empty(*second.shape[:-1], n_features, n_features)
             scatter[..., rows, cols] = second
-            scatter = scatter + scatter.triu(1).mT  # symmetric Σ_n r x~ x~^T, (*b, K, D, D)
+            scatter[..., cols, rows] = second  # symmetric Σ_n r x~ x~^T, (*b, K, D, D)
             outer_means = centred_mean.unsqueeze(-1) * centred_mean.unsqueeze(-2)
             if self.covariance_type == "full":
                 second_moment = scatter / counts[..., None, None]

@@ -42,6 +42,13 @@ def _triu_indices(n_features: int, device: torch.device) -> tuple[torch.Tensor, 
 
 
 @functools.lru_cache(maxsize=64)
+def _packed_positions(n_features: int, device: torch.device) -> torch.Tensor:
+    """Positions of the packed upper triangle in a flattened (D, D) matrix."""
+    rows, cols = _triu_indices(n_features, device)
+    return rows * n_features + cols
+
+
+@functools.lru_cache(maxsize=64)
 def _packed_weights(n_features: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """-1/2 on the diagonal, -1 off it: the weights of the packed upper triangle of Lambda."""
     rows, cols = _triu_indices(n_features, device)
@@ -84,9 +91,9 @@ def lower_triangular_inverse(lower: torch.Tensor) -> torch.Tensor:
 def precision_cholesky_from_covariance(covariance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Upper ``P = L^{-T}`` for ``covariance = L L^T`` (..., D, D), and the cholesky_ex info."""
     lower, info = torch.linalg.cholesky_ex(covariance)
-    eye = torch.eye(covariance.shape[-1], dtype=covariance.dtype, device=covariance.device)
-    # Where the factorisation failed, invert the identity instead so no NaN/inf is produced.
-    lower = torch.where((info > 0)[..., None, None], eye, lower)
+    if bool((info > 0).any()):  # where the factorisation failed, invert the identity: no NaN/inf
+        eye = torch.eye(covariance.shape[-1], dtype=covariance.dtype, device=covariance.device)
+        lower = torch.where((info > 0)[..., None, None], eye, lower)
     return lower_triangular_inverse(lower).mT, info
 
 
@@ -242,9 +249,9 @@ class Gaussian(ComponentFamily):
                 precision = precision.unsqueeze(-3)  # (*b, 1, D, D)
                 half_logdet = half_logdet.unsqueeze(-1)
             linear = (precision @ centred.unsqueeze(-1)).squeeze(-1)  # (*b, K, D)
-            rows, cols = _triu_indices(n_features, loc.device)
             # x_i x_j appears once in T for i < j but twice in x^T Lambda x.
-            quadratic = precision[..., rows, cols] * _packed_weights(n_features, loc.device, loc.dtype)  # (*b, K|1, P)
+            packed = precision.flatten(-2).index_select(-1, _packed_positions(n_features, loc.device))
+            quadratic = packed * _packed_weights(n_features, loc.device, loc.dtype)  # (*b, K|1, P)
             quadratic = quadratic.expand(*linear.shape[:-1], quadratic.shape[-1])
         else:
             if self.covariance_type == "diag":

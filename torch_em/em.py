@@ -47,6 +47,9 @@ class Data:
         self.n_points = X.shape[-2]
         #: Points over all ranks under torch.distributed (set by the caller), else n_points.
         self.n_total = self.n_points
+        #: The data that initialisation works on (a subset of large data, set by the caller).
+        self.sample = self
+        self.chunk_size = chunk_size
         self.bounds = [(start, min(start + chunk_size, self.n_points)) for start in range(0, self.n_points, chunk_size)]
         self._cache: list[tuple[torch.Tensor, torch.Tensor | None]] | None = None
         n_stats = family.n_statistics(X.shape[-1])

@@ -183,20 +183,10 @@ class Mixture(nn.Module):
 
         Raises ValueError before changing anything when X or the initial parameters are invalid.
         """
-        R, M, K = self.n_init, self.n_models, self.n_components
+        M = self.n_models
         source = batch_source(X)
-        if source is None:
-            X = self._working_data(self._validated_input(X, "X", min_samples=K))
-            chunk = self.chunk_size or em.default_chunk_size(R * M, K, self.family.n_statistics(X.shape[-1]))
-            shift = distributed.combined_reference(self.family.reference(X), X.shape[-2])
-            data = sample = em.Data(self.family, X, shift, chunk)
-            data.n_total = distributed.total_points(X.shape[-2], X.device)
-            if X.shape[-2] > self._sample_size():  # initialise on a uniform sample: bounded memory
-                keep = torch.randperm(X.shape[-2], generator=self._generator(), device="cpu")[: self._sample_size()]
-                sample = em.Data(self.family, X[..., keep.sort().values.to(X.device), :], data.shift, chunk)
-        else:
-            data = self._scan_stream(source)
-            sample, chunk = data.sample, data.chunk_size
+        data = self._prepare_tensor(X) if source is None else self._scan_stream(source)
+        sample, chunk = data.sample, data.chunk_size
         n_features = sample.X.shape[-1]
         user_theta = self._user_initial_parameters(n_features)
         user_centres = self.family.initial_centres(
@@ -234,6 +224,21 @@ class Mixture(nn.Module):
                 stacklevel=2,
             )
         return self
+
+    def _prepare_tensor(self, X: Any) -> em.Data:
+        """Validated data for a fit, its reference point, and a sample to initialise on (a
+        uniform subset when the data are large: bounded memory)."""
+        R, M, K = self.n_init, self.n_models, self.n_components
+        X = self._working_data(self._validated_input(X, "X", min_samples=K))
+        chunk = self.chunk_size or em.default_chunk_size(R * M, K, self.family.n_statistics(X.shape[-1]))
+        shift = distributed.combined_reference(self.family.reference(X), X.shape[-2])
+        data = em.Data(self.family, X, shift, chunk)
+        data.n_total = distributed.total_points(X.shape[-2], X.device)
+        if X.shape[-2] > self._sample_size():
+            generator = torch.Generator().manual_seed(resolve_seed(self.seed))
+            keep = torch.randperm(X.shape[-2], generator=generator)[: self._sample_size()].sort().values
+            data.sample = em.Data(self.family, X[..., keep.to(X.device), :], shift, chunk)
+        return data
 
     def _scan_stream(self, source) -> em.StreamData:
         """First pass over a batch source: validate every batch, count the points, take the data

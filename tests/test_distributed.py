@@ -52,36 +52,40 @@ def distributed_state(tmp_path: Path, X: torch.Tensor, kwargs: dict, mode: str) 
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
 
-@pytest.mark.parametrize("mode", ["fit", "stream"])
-def test_two_ranks_with_half_the_data_equal_one_process_with_all(tmp_path, mode):
+def shuffled_blobs(seed: int) -> torch.Tensor:
     X = torch.as_tensor(blobs(300))
-    X = X[torch.randperm(len(X), generator=torch.Generator().manual_seed(0))]
-    kwargs = dict(dtype=F64, tol=1e-9, max_iter=50, **start_values(X))
-    states = distributed_state(tmp_path, X, kwargs, mode)
-    single = torch_em.GaussianMixture(3, **kwargs)
-    run(single, X, "fit")
+    return X[torch.randperm(len(X), generator=torch.Generator().manual_seed(seed))]
+
+
+def assert_every_rank_equals(states: list[dict], single: torch_em.GaussianMixture) -> None:
     for state in states:
         for key, value in single.state_dict().items():
             torch.testing.assert_close(state[key], value, rtol=1e-10, atol=1e-12, msg=key)
 
 
+@pytest.mark.parametrize("mode", ["fit", "stream"])
+def test_two_ranks_with_half_the_data_equal_one_process_with_all(tmp_path, mode):
+    X = shuffled_blobs(seed=0)
+    kwargs = dict(dtype=F64, tol=1e-9, max_iter=50, **start_values(X))
+    states = distributed_state(tmp_path, X, kwargs, mode)
+    single = torch_em.GaussianMixture(3, **kwargs)
+    run(single, X, "fit")
+    assert_every_rank_equals(states, single)
+
+
 def test_partial_fit_across_ranks_equals_the_concatenated_batches(tmp_path):
-    X = torch.as_tensor(blobs(300))
-    X = X[torch.randperm(len(X), generator=torch.Generator().manual_seed(1))]
+    X = shuffled_blobs(seed=1)
     kwargs = dict(n_features=3, dtype=F64, **start_values(X))
     states = distributed_state(tmp_path, X, kwargs, "partial")
     single = torch_em.GaussianMixture(3, **kwargs)
     halves = X.chunk(WORLD)
     for pieces in zip(*(half.chunk(5) for half in halves)):  # step t sees every rank's t-th batch
         single.partial_fit(torch.cat(pieces))
-    for state in states:
-        for key, value in single.state_dict().items():
-            torch.testing.assert_close(state[key], value, rtol=1e-10, atol=1e-12, msg=key)
+    assert_every_rank_equals(states, single)
 
 
 def test_default_initialisation_is_shared_from_rank_zero(tmp_path):
-    X = torch.as_tensor(blobs(300))
-    X = X[torch.randperm(len(X), generator=torch.Generator().manual_seed(2))]
+    X = shuffled_blobs(seed=2)
     first, second = distributed_state(tmp_path, X, dict(dtype=F64, max_iter=5, tol=0.0), "fit")
     for key, value in first.items():
         assert torch.equal(second[key], value), key

@@ -4,6 +4,10 @@ from .families import Bernoulli, Categorical, ComponentFamily, Exponential, Gamm
 from .gaussian_mixture import GaussianMixture
 from .kmeans import KMeans
 from .mixture import Mixture
+from . import functional, nn
+from .functional import EMState
+from .nn import EMLayer
+from .training import reset_optimizer_state
 
 __version__ = "0.1.0"
 
@@ -17,9 +21,14 @@ __all__ = [
     "VonMisesFisher",
     "ComponentFamily",
     "ConvergenceWarning",
+    "EMLayer",
+    "EMState",
     "Gaussian",
     "GaussianMixture",
     "IllConditionedError",
     "KMeans",
     "Mixture",
+    "functional",
+    "nn",
+    "reset_optimizer_state",
 ]

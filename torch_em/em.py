@@ -240,15 +240,25 @@ def reseed_empty(
 
 def m_step(
     family: ComponentFamily, stats: Statistics, shift: torch.Tensor | None, active: torch.Tensor,
-    describe_model: Callable[[int, int], str], when: str,
+    describe_model: Callable[[int, int], str], when: str, fixed: Theta | None = None,
 ) -> tuple[torch.Tensor, Theta]:
     """Closed-form M-step for the working batch: (log_weights (R, M, K), theta).
 
+    ``fixed``: parameters held at their values (working layout; ``"logits"`` holds log-weights),
+    the others maximised given them (the family's conditional M-step).
     Raises IllConditionedError naming the first invalid component of an active model.
     """
+    fixed = dict(fixed or {})
     counts = stats.counts + 10 * torch.finfo(stats.counts.dtype).eps
-    log_weights = counts.log() - counts.sum(-1, keepdim=True).log()
-    theta, valid = family.m_step(counts, stats.sums, shift)
+    fixed_log_weights = fixed.pop("logits", None)
+    if fixed_log_weights is None:
+        log_weights = counts.log() - counts.sum(-1, keepdim=True).log()
+    else:
+        log_weights = fixed_log_weights.expand_as(counts)
+    if fixed:
+        theta, valid = family.conditional_m_step(counts, stats.sums, shift, fixed)
+    else:
+        theta, valid = family.m_step(counts, stats.sums, shift)
     invalid = ~valid & active.unsqueeze(-1)
     if bool(invalid.any()):
         r, m, k = (int(i) for i in invalid.nonzero()[0])
@@ -277,10 +287,11 @@ class EMResult:
 
 def run_em(
     family: ComponentFamily, data: Data | StreamData, log_weights: torch.Tensor, theta: Theta, *,
-    max_iter: int, tol: float, describe_model: Callable[[int, int], str], progress=None,
+    max_iter: int, tol: float, describe_model: Callable[[int, int], str], progress=None, fixed: Theta | None = None,
 ) -> EMResult:
     """EM until every model has converged (|change of the mean log-likelihood| < tol) or
     ``max_iter`` iterations. A converged model keeps its parameters while the others go on.
+    ``fixed`` parameters (working layout, as for :func:`m_step`) are held at their values.
 
     Semantics follow scikit-learn: in iteration i the E-step gives the lower bound of the current
     parameters, then the M-step updates them; a model converges in the iteration whose lower
@@ -308,7 +319,7 @@ def run_em(
             )
         stats = reseed_empty(family, stats, lambda k: data.worst_points(eta, const, k), active)
         new_log_weights, new_theta = m_step(
-            family, stats, data.shift, active, describe_model, f"EM iteration {iteration}"
+            family, stats, data.shift, active, describe_model, f"EM iteration {iteration}", fixed
         )
         if n_active == R * M:  # every model still running: take the update as it is
             log_weights, theta, lower_bound = new_log_weights, {name: new_theta[name] for name in theta}, current

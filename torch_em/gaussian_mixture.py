@@ -47,6 +47,7 @@ class GaussianMixture(Mixture):
         learning_offset: float = 10.0,
         step_size: float | None = None,
         averaging_start: int | None = None,
+        em_parameters: Sequence[str] | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -55,7 +56,8 @@ class GaussianMixture(Mixture):
             family, n_components, n_features, batch_shape=batch_shape, tol=tol, max_iter=max_iter,
             n_init=n_init, init_params=init_params, weights_init=weights_init, seed=seed,
             chunk_size=chunk_size, learning_decay=learning_decay, learning_offset=learning_offset,
-            step_size=step_size, averaging_start=averaging_start, device=device, dtype=dtype,
+            step_size=step_size, averaging_start=averaging_start, em_parameters=em_parameters,
+            device=device, dtype=dtype,
         )
 
     @property

@@ -56,6 +56,10 @@ class Mixture(nn.Module):
             ``rho_t = (t + learning_offset) ** -learning_decay`` with learning_decay in (0.5, 1]
             (or 0: every batch replaces the statistics), or a constant ``step_size`` in (0, 1].
         averaging_start: after this many ``partial_fit`` steps, average the iterates (Polyak).
+        em_parameters: names of the parameters that ``fit`` and ``partial_fit`` update (default:
+            all, ``("logits", *family parameter names)``). The others are held at their current
+            values and EM maximises the rest given them (a conditional M-step), so an optimizer can
+            own them; see :attr:`em_parameters`.
         device, dtype: where the parameters live (default: CPU, torch's default dtype).
 
     Shape:
@@ -85,6 +89,7 @@ class Mixture(nn.Module):
         learning_offset: float = 10.0,
         step_size: float | None = None,
         averaging_start: int | None = None,
+        em_parameters: Sequence[str] | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -119,6 +124,7 @@ class Mixture(nn.Module):
         # Follows .to()/.double() so that parameters created later land on the right device/dtype.
         self.register_buffer("_anchor", torch.empty(0, device=device, dtype=dtype), persistent=False)
         self._parameter_names = ("logits", *family.event_shapes(1, 1))
+        self.em_parameters = self._parameter_names if em_parameters is None else em_parameters
         for name in self._parameter_names:
             self.register_parameter(name, None)
         # Running state of online EM (partial_fit): normalised statistics, step count, shift.
@@ -141,6 +147,27 @@ class Mixture(nn.Module):
             self._assign(theta, create=True)
 
     # --- basic properties -----------------------------------------------------------------
+    @property
+    def em_parameters(self) -> tuple[str, ...]:
+        """Names of the parameters EM updates; the others keep their values in ``fit`` and
+        ``partial_fit`` (e.g. owned by an optimizer). Assignable at any time."""
+        return self._em_parameters
+
+    @em_parameters.setter
+    def em_parameters(self, names: Sequence[str]) -> None:
+        if isinstance(names, str) or not all(isinstance(name, str) for name in names):
+            raise ValueError(f"em_parameters must be a sequence of parameter names, got {names!r}")
+        unknown = sorted(set(names) - set(self._parameter_names))
+        if unknown:
+            raise ValueError(f"em_parameters must name parameters among {list(self._parameter_names)}, got unknown {unknown}")
+        held = set(self._parameter_names[1:]) - set(names)
+        if not self.family.supports_fixing(held):
+            raise ValueError(
+                f"em_parameters: {type(self.family).__name__} has no conditional M-step that holds {sorted(held)} "
+                f"fixed while EM updates {sorted(set(self._parameter_names[1:]) - held)}; let EM own all or none of them"
+            )
+        self._em_parameters = tuple(name for name in self._parameter_names if name in set(names))
+
     @property
     def device(self) -> torch.device:
         return self._anchor.device
@@ -194,10 +221,12 @@ class Mixture(nn.Module):
         )
         log_weights, theta = self._initial_parameters(sample, chunk, user_theta, user_centres, self.n_init)
         log_weights, theta = self._same_on_every_rank(log_weights, theta)
+        fixed = self._fixed_parameters(log_weights, theta)
+        log_weights, theta = self._with_fixed(log_weights, theta, fixed)
         with tqdm(total=self.max_iter, desc="EM", disable=not verbose, leave=False) as progress:
             result = em.run_em(
                 self.family, data, log_weights, theta, max_iter=self.max_iter, tol=self.tol,
-                describe_model=self._describe_model, progress=progress if verbose else None,
+                describe_model=self._describe_model, progress=progress if verbose else None, fixed=fixed,
             )
 
         best = result.lower_bound.argmax(0)  # (M,) best restart per model
@@ -340,7 +369,8 @@ class Mixture(nn.Module):
             else:  # the parameters hold the average: the iterate is the M-step of the running statistics
                 running = em.Statistics(self._to_working(self.stream_counts), self._to_working(self.stream_sums),
                                         torch.zeros(1, M, dtype=X.dtype, device=X.device))
-                log_weights, theta = em.m_step(self.family, running, shift, every_model, self._describe_model, "partial_fit")
+                log_weights, theta = em.m_step(self.family, running, shift, every_model, self._describe_model, "partial_fit",
+                                               self._fixed_parameters(log_weights=None, theta=None))
         else:
             shift = distributed.combined_reference(self.family.reference(X), n_points)  # fixed for the stream
             if self.is_initialized:
@@ -352,6 +382,8 @@ class Mixture(nn.Module):
                 log_weights, theta = self._same_on_every_rank(*self._initial_parameters(
                     em.Data(self.family, X, shift, chunk), chunk, user_theta, user_centres, n_restarts=1
                 ))
+        fixed = self._fixed_parameters(log_weights, theta)
+        log_weights, theta = self._with_fixed(log_weights, theta, fixed)
         data = em.Data(self.family, X, shift, chunk)
         n_points = distributed.total_points(n_points, X.device)  # the batch over all ranks
         eta, const = em.natural_with_weights(self.family, theta, log_weights, shift)
@@ -364,7 +396,7 @@ class Mixture(nn.Module):
         # The M-step sees the running statistics at the scale of one batch (re-seeding counts points).
         scaled = em.Statistics(counts * n_points, sums * n_points, batch.log_likelihood)
         scaled = em.reseed_empty(self.family, scaled, lambda k: data.worst_points(eta, const, k), every_model)
-        new_log_weights, new_theta = em.m_step(self.family, scaled, shift, every_model, self._describe_model, "partial_fit")
+        new_log_weights, new_theta = em.m_step(self.family, scaled, shift, every_model, self._describe_model, "partial_fit", fixed)
 
         new_theta = {name: value[0].reshape(*self.batch_shape, *value.shape[2:]) for name, value in new_theta.items()}
         new_theta["logits"] = new_log_weights[0].reshape(*self.batch_shape, K)
@@ -504,6 +536,26 @@ class Mixture(nn.Module):
             tiny = torch.finfo(self.dtype).tiny
             theta["logits"] = weights.clamp_min(tiny).log().expand(*batch, self.n_components)
         return theta
+
+    def _fixed_parameters(self, log_weights: torch.Tensor | None, theta: Theta | None) -> Theta:
+        """Working values (R, M, ...) of the parameters EM holds fixed (``"logits"`` as
+        log-weights): the module's current values, or the initial ``log_weights``/``theta`` of a
+        module that has no parameters yet."""
+        names = [name for name in self._parameter_names if name not in self._em_parameters]
+        if not names:
+            return {}
+        if not self.is_initialized:
+            initial = {"logits": log_weights, **theta}
+            return {name: initial[name] for name in names}
+        n_restarts = 1 if log_weights is None else log_weights.shape[0]
+        current = {"logits": self.logits.log_softmax(-1), **self.theta()}
+        return {name: self._to_restarts(current[name].detach(), n_restarts) for name in names}
+
+    @staticmethod
+    def _with_fixed(log_weights: torch.Tensor, theta: Theta, fixed: Theta) -> tuple[torch.Tensor, Theta]:
+        """The working parameters with the fixed ones put in."""
+        theta = {name: fixed.get(name, value) for name, value in theta.items()}
+        return fixed.get("logits", log_weights), theta
 
     def _assign(self, theta: Theta, *, create: bool) -> None:
         """Write parameters in place (EM update) or create them (first fit / construction)."""

@@ -125,6 +125,25 @@ class ComponentFamily:
         parameters are valid (False: e.g. a failed Cholesky factorisation)."""
         raise NotImplementedError
 
+    def conditional_m_step(
+        self, counts: torch.Tensor, stats: torch.Tensor, shift: torch.Tensor | None, fixed: Mapping[str, torch.Tensor]
+    ) -> tuple[Theta, torch.Tensor]:
+        """The M-step of the parameters not in ``fixed`` with those in ``fixed`` held at their
+        values (broadcastable to theta): an ECM step, which never decreases the likelihood either.
+
+        Default: the full M-step with the fixed parameters put back, which is exact when the
+        family has one parameter (fixing it or not is all or nothing). Families with coupled
+        parameters override this and :meth:`supports_fixing`.
+        """
+        theta, valid = self.m_step(counts, stats, shift)
+        theta.update({name: value.expand_as(theta[name]) for name, value in fixed.items()})
+        return theta, valid
+
+    def supports_fixing(self, names: set[str]) -> bool:
+        """Whether :meth:`conditional_m_step` can hold exactly ``names`` (a subset of the family's
+        parameter names) fixed while it updates the others."""
+        return len(names) == 0 or names == set(self.event_shapes(1, 1))
+
     def invalid_component_advice(self) -> str:
         """What a user can do when :meth:`m_step` reports an invalid component."""
         return "use float64 or rescale the data"

@@ -77,6 +77,19 @@ def gamma_shape_mle(log_ratio: torch.Tensor, max_shape: float) -> torch.Tensor:
     return shape
 
 
+#: Newton steps of the inverse digamma (quadratic convergence from Minka's start).
+INVERSE_DIGAMMA_ITERATIONS = 8
+
+
+def inverse_digamma(y: torch.Tensor) -> torch.Tensor:
+    """``a > 0`` with ``digamma(a) = y``, elementwise (Minka's start, then Newton steps)."""
+    euler = 0.5772156649015329  # -digamma(1)
+    shape = torch.where(y >= -2.22, y.clamp_max(700).exp() + 0.5, -1 / (y - euler))
+    for _ in range(INVERSE_DIGAMMA_ITERATIONS):
+        shape = (shape - (torch.digamma(shape) - y) / torch.polygamma(1, shape)).clamp_min(torch.finfo(y.dtype).tiny)
+    return shape
+
+
 def standard_gamma(shape: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Draws from Gamma(shape, 1), elementwise, using ``generator``.
 
@@ -203,6 +216,29 @@ class Gamma(ComponentFamily):
         log_shapes, log_rates = log_shapes.to(dtype), (log_shapes - log_mean).to(dtype)
         valid = (torch.isfinite(log_shapes) & torch.isfinite(log_rates)).all(-1)
         return {"log_shapes": log_shapes, "log_rates": log_rates}, valid
+
+    def supports_fixing(self, names: set[str]) -> bool:
+        return True
+
+    def conditional_m_step(self, counts, stats, shift, fixed) -> tuple[Theta, torch.Tensor]:
+        # Given shapes a: rate b = a n / sum x (closed form). Given rates b: the shape solves
+        # digamma(a) = log b + mean(log x), by Newton steps on the inverse digamma.
+        if len(fixed) != 1:
+            return super().conditional_m_step(counts, stats, shift, fixed)
+        dtype, work = stats.dtype, (stats.dtype if stats.device.type == "mps" else torch.float64)
+        n_features = stats.shape[-1] // 2
+        n = counts.to(work).unsqueeze(-1)  # (*b, K, 1)
+        log_mean = (stats[..., :n_features].to(work) / n).clamp_min(torch.finfo(work).tiny).log()  # (*b, K, D)
+        if "log_shapes" in fixed:
+            log_shapes = fixed["log_shapes"].to(work).expand_as(log_mean)
+            log_rates = log_shapes - log_mean
+        else:
+            log_rates = fixed["log_rates"].to(work).expand_as(log_mean)
+            mean_log = stats[..., n_features:].to(work) / n
+            log_shapes = inverse_digamma(log_rates + mean_log).clamp_max(self.shape_cap(dtype)).log()
+        theta = {"log_shapes": log_shapes.to(dtype), "log_rates": log_rates.to(dtype)}
+        valid = (torch.isfinite(theta["log_shapes"]) & torch.isfinite(theta["log_rates"])).all(-1)
+        return theta, valid
 
     def invalid_component_advice(self) -> str:
         return "its shape or rate is not finite; check the data, rescale it or use float64"

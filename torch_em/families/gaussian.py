@@ -303,6 +303,23 @@ class Gaussian(ComponentFamily):
             raw = -0.5 * variance.clamp_min(torch.finfo(stats.dtype).tiny).log()
         return {"loc": loc, "raw_precision_cholesky": raw}, valid
 
+    def supports_fixing(self, names: set[str]) -> bool:
+        return True
+
+    def conditional_m_step(self, counts, stats, shift, fixed) -> tuple[Theta, torch.Tensor]:
+        if "loc" in fixed and "raw_precision_cholesky" not in fixed:
+            # The spread about fixed means mu rather than the weighted means m:
+            # sum_n r (x - mu)(x - mu)^T = [S_xx - n m m^T] + n (m - mu)(m - mu)^T, so adding
+            # n T2(m - mu) to the second-moment statistics makes the M-step's covariance the
+            # conditional maximiser (for every covariance type, tied included).
+            n_features = fixed["loc"].shape[-1]
+            centred_mean = stats[..., :n_features] / counts.unsqueeze(-1)  # (*b, K, D), about the shift
+            fixed_mean = fixed["loc"] if shift is None else fixed["loc"] - shift
+            offset = (centred_mean - fixed_mean).expand_as(centred_mean)
+            second = self.features(offset, None)[0][..., n_features:]  # (*b, K, F - D)
+            stats = torch.cat([stats[..., :n_features], stats[..., n_features:] + counts.unsqueeze(-1) * second], -1)
+        return super().conditional_m_step(counts, stats, shift, fixed)
+
     def _variance_resolved(self, variance: torch.Tensor, second_moment: torch.Tensor) -> torch.Tensor:
         """Whether variances (*b, K[, D]) from one-pass statistics are more than rounding noise.
 

@@ -263,10 +263,24 @@ class Product(ComponentFamily):
         return torch.cat([eta.expand(*lead, eta.shape[-1]) for eta in etas], dim=-1), const
 
     def m_step(self, counts, stats, shift) -> tuple[Theta, torch.Tensor]:
+        return self.conditional_m_step(counts, stats, shift, {})
+
+    def _block_fixed(self, fixed: Mapping[str, torch.Tensor], block: Block) -> Theta:
+        return {name: fixed[block.prefix + name] for name in block.names if block.prefix + name in fixed}
+
+    def supports_fixing(self, names: set[str]) -> bool:
+        return all(
+            block.family.supports_fixing({name for name in block.names if block.prefix + name in names})
+            for block in self.blocks
+        )
+
+    def conditional_m_step(self, counts, stats, shift, fixed) -> tuple[Theta, torch.Tensor]:
         theta: Theta = {}
         valid = None
         for block, part in zip(self.blocks, self._split_statistics(stats)):
-            block_theta, block_valid = block.family.m_step(counts, part, self._block_shift(shift, block))
+            block_theta, block_valid = block.family.conditional_m_step(
+                counts, part, self._block_shift(shift, block), self._block_fixed(fixed, block)
+            )
             theta.update({block.prefix + name: value for name, value in block_theta.items()})
             valid = block_valid if valid is None else valid & block_valid
         return theta, valid

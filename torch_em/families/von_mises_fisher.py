@@ -255,6 +255,23 @@ class VonMisesFisher(ComponentFamily):
         valid = torch.isfinite(log_concentration) & torch.isfinite(direction).all(-1)
         return {"direction": direction, "log_concentration": log_concentration}, valid
 
+    def supports_fixing(self, names: set[str]) -> bool:
+        return True
+
+    def conditional_m_step(self, counts, stats, shift, fixed) -> tuple[Theta, torch.Tensor]:
+        # The direction's maximiser, the normalised resultant, does not depend on kappa. Given a
+        # fixed direction mu, kappa solves A_D(kappa) = max(S . mu, 0) / n.
+        theta, valid = super().conditional_m_step(counts, stats, shift, fixed)
+        if "direction" in fixed and "log_concentration" not in fixed:
+            dtype, work = stats.dtype, (stats.dtype if stats.device.type == "mps" else torch.float64)
+            n_features = stats.shape[-1]
+            mu = F.normalize(fixed["direction"].to(work), dim=-1)
+            projected = (stats.to(work) * mu).sum(-1).clamp_min(0) / counts.to(work)  # (*b, K)
+            kappa = concentration_mle(projected, n_features, self.concentration_cap(n_features, dtype))
+            theta["log_concentration"] = kappa.log().to(dtype)
+            valid = valid & torch.isfinite(theta["log_concentration"])
+        return theta, valid
+
     def invalid_component_advice(self) -> str:
         return "its direction or concentration is not finite; check that the rows of X are unit vectors, or use float64"
 

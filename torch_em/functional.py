@@ -1,0 +1,342 @@
+"""EM as a differentiable layer: a fixed number of EM iterations on a batch of sets.
+
+``em(X, init, n_iter)`` fits one mixture to each set of ``X (*batch, N, D)`` starting from
+``init`` (given or learned unconstrained parameters) and returns the fitted parameters and the
+responsibilities, with gradients to the data and to the initial parameters. It is the building
+block of EM attention, slot-attention-style and set-encoding models; the same families,
+statistics and closed-form M-steps serve it as every other training mode of the library.
+
+Gradient modes (``gradient=``):
+
+    unrolled   backpropagate through every iteration; memory grows with n_iter.
+    last       the first n_iter - 1 iterations without a graph, the last one with it: the gradient
+               of one EM step from the detached previous state (a first-order implicit gradient).
+               Memory does not depend on n_iter; the initial parameters get a gradient only when
+               n_iter == 1.
+    implicit   implicit-function theorem at the fixed point theta* = F(theta*, X): the adjoint
+               solves v = g + J^T v (J = dF/dtheta at theta*) by fixed-point iteration, which
+               converges because EM contracts near its fixed point; v then flows through one step
+               to X. The fixed point does not depend on where EM started: no gradient to init.
+    none       stop-gradient: the parameters and responsibilities carry no graph (the EMANet
+               pattern, where initial parameters are updated by a moving average instead).
+
+Sets of different sizes are padded and described by ``mask (*batch, N)`` (True / 1 for the points
+of the set; float weights in [0, 1] weight the points). Padded points contribute nothing.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+import torch
+
+from . import em as engine
+from ._validation import check_choice, check_finite, check_int, check_positive
+from .families.base import ComponentFamily, IllConditionedError, Theta
+
+GRADIENT_MODES = ("unrolled", "last", "implicit", "none")
+
+
+@dataclass
+class EMState:
+    """Mixtures fitted to a batch of sets.
+
+    Shape:
+        logits: ``(*batch, K)`` normalised log mixing weights.
+        theta: the family's unconstrained parameters ``(*batch, K, ...)`` by name.
+        responsibilities: ``(*batch, N, K)`` posteriors under the returned parameters (0 at
+            padded points).
+        log_likelihood: ``(*batch,)`` mean log-likelihood per (weighted) point of each set.
+    """
+
+    family: ComponentFamily
+    logits: torch.Tensor
+    theta: Theta
+    responsibilities: torch.Tensor
+    log_likelihood: torch.Tensor
+
+    @property
+    def weights(self) -> torch.Tensor:
+        """Mixing weights ``(*batch, K)``."""
+        return self.logits.exp()
+
+    @property
+    def means(self) -> torch.Tensor:
+        """Component means ``(*batch, K, D)`` (Gaussian families)."""
+        self._require_gaussian("means")
+        return self.theta["loc"]
+
+    @property
+    def covariances(self) -> torch.Tensor:
+        """Covariances in scikit-learn's per-type shapes with the batch in front (Gaussian families)."""
+        self._require_gaussian("covariances")
+        return self.family.covariance(self.theta)
+
+    def parameters(self) -> Theta:
+        """``{"logits": ..., **theta}``: usable as ``init`` of another call (a warm start)."""
+        return {"logits": self.logits, **self.theta}
+
+    def _require_gaussian(self, what: str) -> None:
+        if not hasattr(self.family, "covariance"):
+            raise AttributeError(
+                f"{what} is defined for Gaussian families, not {type(self.family).__name__}; read the family's "
+                "own views of state.theta instead"
+            )
+
+
+class _Sets:
+    """Validated, padded sets in the engine's working layout: M = prod(batch) models, one
+    dataset each.
+
+    X (M, N, D) with padded points replaced by the set's first point (in the family's domain);
+    weights (M, N) or None; T (M, N, F) and h (M, N) or None: the features, computed once;
+    n_points (1, M): the (weighted) number of points of each set.
+    """
+
+    def __init__(self, family: ComponentFamily, X: torch.Tensor, mask: torch.Tensor | None, prior_count: float):
+        batch = X.shape[:-2]
+        self.batch_shape = batch
+        self.n_models = math.prod(batch)
+        X = X.reshape(self.n_models, *X.shape[-2:])
+        weights = None if mask is None else mask.reshape(self.n_models, X.shape[-2]).to(X.dtype)
+        if weights is not None:
+            present = weights > 0
+            first = present.to(torch.int8).argmax(-1)  # (M,) index of each set's first point
+            first_point = X.gather(1, first.view(-1, 1, 1).expand(-1, 1, X.shape[-1]))  # (M, 1, D)
+            X = torch.where(present.unsqueeze(-1), X, first_point)
+        check_finite(X.detach(), "X")
+        family.check_domain(X.detach(), "X")
+        shift = family.reference(X.detach())  # a reference point only conditions the arithmetic
+        self.family, self.X, self.weights, self.shift = family, X, weights, shift
+        self.T, self.h = family.features(X, shift)
+        total = X.new_full((self.n_models,), X.shape[-2]) if weights is None else weights.sum(-1)
+        self.n_points = total.unsqueeze(0)  # (1, M)
+        self.prior_count = prior_count
+        self.mean_features = None
+        if prior_count > 0:  # pseudo-points distributed like the whole set (weighted mean of T)
+            weighted = self.T if weights is None else self.T * weights.unsqueeze(-1)
+            self.mean_features = (weighted.sum(-2) / total.unsqueeze(-1)).unsqueeze(0).unsqueeze(-2)  # (1, M, 1, F)
+
+    def posterior(self, log_weights: torch.Tensor, theta: Theta) -> tuple[torch.Tensor, torch.Tensor]:
+        """Responsibilities (1, M, K, N), zero at padded points, and the per-point
+        log-likelihood (1, M, N)."""
+        eta, const = engine.natural_with_weights(self.family, theta, log_weights, self.shift)
+        resp, log_likelihood = engine.normalise(engine.component_log_prob(self.T, self.h, eta, const))
+        if self.weights is not None:
+            resp = resp * self.weights.unsqueeze(-2)
+        return resp, log_likelihood
+
+    def mean_log_likelihood(self, log_likelihood: torch.Tensor) -> torch.Tensor:
+        """(1, M, N) per point -> (1, M) weighted mean per set."""
+        weighted = log_likelihood if self.weights is None else log_likelihood * self.weights
+        return weighted.sum(-1) / self.n_points
+
+    def step(self, log_weights: torch.Tensor, theta: Theta, iteration: int) -> tuple[torch.Tensor, Theta]:
+        """One EM iteration: E-step statistics, optional pseudo-points, closed-form M-step."""
+        resp, _ = self.posterior(log_weights, theta)
+        counts = resp.sum(-1)  # (1, M, K)
+        sums = engine.weighted_statistics(self.T, resp)  # (1, M, K, F)
+        if self.mean_features is not None:
+            counts = counts + self.prior_count
+            sums = sums + self.prior_count * self.mean_features
+        stats = engine.Statistics(counts, sums, counts.new_full(counts.shape[:2], math.nan))
+        every_model = torch.ones(counts.shape[:2], dtype=torch.bool, device=counts.device)
+        return engine.m_step(self.family, stats, self.shift, every_model, self._describe, f"em iteration {iteration}")
+
+    def _describe(self, restart: int, model: int) -> str:
+        if not self.batch_shape:
+            return "the set"
+        index = []
+        for size in reversed(self.batch_shape):
+            model, position = divmod(model, size)
+            index.append(position)
+        return f"set {tuple(reversed(index))}"
+
+
+def em(
+    X: torch.Tensor,
+    init: Mapping[str, torch.Tensor],
+    n_iter: int,
+    *,
+    family: ComponentFamily,
+    mask: torch.Tensor | None = None,
+    gradient: str = "unrolled",
+    prior_count: float = 0.0,
+    implicit_max_iter: int = 200,
+    implicit_tol: float = 1e-8,
+) -> EMState:
+    """``n_iter`` EM iterations on every set of ``X``, differentiable.
+
+    Args:
+        X: the sets, ``(*batch, N, D)`` (``(N, D)`` is one set).
+        init: initial unconstrained parameters: ``"logits" (K,)`` and the family's parameters
+            (e.g. ``loc (K, D)`` and ``raw_precision_cholesky`` for Gaussians), each in its
+            per-model shape or with the batch dimensions in front. May require grad (learned).
+        n_iter: EM iterations (>= 1).
+        family: the component family (e.g. ``torch_em.Gaussian("diag")``).
+        mask: ``(*batch, N)``: True / 1 for the points of each set, or weights in [0, 1].
+        gradient: ``"unrolled"``, ``"last"``, ``"implicit"`` or ``"none"`` (module docstring).
+        prior_count: pseudo-points per component distributed like the whole set, added to the
+            statistics before every M-step (MAP-style smoothing: a component that loses all its
+            points drifts to the set's mean and spread instead of collapsing). 0: plain EM.
+        implicit_max_iter, implicit_tol: the adjoint iteration of ``gradient="implicit"``.
+
+    Returns:
+        :class:`EMState` with the parameters after the last M-step and the responsibilities
+        and mean log-likelihood under them.
+
+    Raises:
+        ValueError for invalid arguments (before any computation); IllConditionedError naming
+        the set and component when an M-step produces an invalid component.
+    """
+    check_int(n_iter, "n_iter", minimum=1)
+    check_choice(gradient, "gradient", GRADIENT_MODES)
+    check_positive(prior_count, "prior_count", allow_zero=True)
+    check_int(implicit_max_iter, "implicit_max_iter", minimum=1)
+    check_positive(implicit_tol, "implicit_tol")
+    if not isinstance(family, ComponentFamily):
+        raise ValueError(f"family must be a torch_em ComponentFamily, got {type(family).__name__}")
+    X = _checked_sets(X)
+    mask = _checked_mask(mask, X)
+    log_weights, theta = _working_init(family, init, X)
+    sets = _Sets(family, X if gradient != "none" else X.detach(), mask, float(prior_count))
+    if gradient == "none":
+        with torch.no_grad():
+            log_weights, theta = _iterate(sets, log_weights, theta, 0, n_iter)
+            return _finish(sets, log_weights, theta)
+    if gradient == "unrolled":
+        log_weights, theta = _iterate(sets, log_weights, theta, 0, n_iter)
+    elif gradient == "last":
+        with torch.no_grad():
+            log_weights, theta = _iterate(sets, log_weights, theta, 0, n_iter - 1)
+        if n_iter > 1:
+            log_weights, theta = log_weights.detach(), {name: value.detach() for name, value in theta.items()}
+        log_weights, theta = sets.step(log_weights, theta, n_iter)
+    else:
+        with torch.no_grad():
+            log_weights, theta = _iterate(sets, log_weights, theta, 0, n_iter)
+        log_weights, theta = _implicit_step(sets, log_weights, theta, n_iter, implicit_max_iter, implicit_tol)
+    return _finish(sets, log_weights, theta)
+
+
+def _iterate(sets: _Sets, log_weights: torch.Tensor, theta: Theta, start: int, stop: int) -> tuple[torch.Tensor, Theta]:
+    for iteration in range(start + 1, stop + 1):
+        log_weights, theta = sets.step(log_weights, theta, iteration)
+    return log_weights, theta
+
+
+def _finish(sets: _Sets, log_weights: torch.Tensor, theta: Theta) -> EMState:
+    """The E-step under the final parameters, reshaped to the caller's batch."""
+    resp, log_likelihood = sets.posterior(log_weights, theta)
+    mean_ll = sets.mean_log_likelihood(log_likelihood)[0]  # (M,)
+    if not bool(torch.isfinite(mean_ll.detach()).all()):
+        raise IllConditionedError(
+            "em: the log-likelihood of a set is not finite; use float64, scale the data or set prior_count > 0"
+        )
+    batch = tuple(sets.batch_shape)
+    return EMState(
+        family=sets.family,
+        logits=log_weights[0].reshape(*batch, log_weights.shape[-1]),
+        theta={name: value[0].reshape(*batch, *value.shape[2:]) for name, value in theta.items()},
+        responsibilities=resp[0].mT.reshape(*batch, resp.shape[-1], resp.shape[-2]),
+        log_likelihood=mean_ll.reshape(batch),
+    )
+
+
+def _implicit_step(
+    sets: _Sets, log_weights: torch.Tensor, theta: Theta, iteration: int, max_iter: int, tol: float
+) -> tuple[torch.Tensor, Theta]:
+    """One differentiable step from the fixed point whose backward applies (I - J^T)^{-1}."""
+    names = list(theta)
+    shapes = [log_weights.shape, *(theta[name].shape for name in names)]
+    sizes = [math.prod(shape[2:]) for shape in shapes]
+
+    def pack(lw: torch.Tensor, th: Theta) -> torch.Tensor:  # -> (1, M, P)
+        return torch.cat([value.reshape(*value.shape[:2], -1) for value in (lw, *(th[n] for n in names))], -1)
+
+    def unpack(z: torch.Tensor) -> tuple[torch.Tensor, Theta]:
+        parts = [part.reshape(shape) for part, shape in zip(z.split(sizes, -1), shapes)]
+        return parts[0], dict(zip(names, parts[1:]))
+
+    def fixed_point_map(z: torch.Tensor) -> torch.Tensor:
+        return pack(*sets.step(*unpack(z), iteration))
+
+    z_star = pack(log_weights, theta).detach()
+    z = fixed_point_map(z_star)  # graph to X through one step
+    if z.requires_grad:
+        z_leaf = z.detach().requires_grad_()
+        with torch.enable_grad():
+            f_leaf = fixed_point_map(z_leaf)
+        z.register_hook(_adjoint_solver(f_leaf, z_leaf, max_iter, tol))
+    return unpack(z)
+
+
+def _adjoint_solver(f: torch.Tensor, z: torch.Tensor, max_iter: int, tol: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Gradient hook: g -> v with v = g + J^T v, J = df/dz, by fixed-point iteration."""
+
+    def solve(grad: torch.Tensor) -> torch.Tensor:
+        v = grad
+        scale = float(grad.abs().max())
+        for _ in range(max_iter):
+            update = torch.autograd.grad(f, z, v, retain_graph=True)[0] + grad
+            change = float((update - v).abs().max())
+            v = update
+            if change <= tol * max(scale, torch.finfo(grad.dtype).tiny):
+                break
+        return v
+
+    return solve
+
+
+def _checked_sets(X: Any) -> torch.Tensor:
+    if not isinstance(X, torch.Tensor) or not X.is_floating_point():
+        kind = f"a {X.dtype} tensor" if isinstance(X, torch.Tensor) else type(X).__name__
+        raise ValueError(f"X must be a floating-point tensor (*batch, N, D), got {kind}")
+    if X.dim() < 2 or X.shape[-1] < 1 or X.shape[-2] < 1 or X.numel() == 0:
+        raise ValueError(f"X must have shape (*batch, N, D) with N, D >= 1, got {tuple(X.shape)}")
+    return X
+
+
+def _checked_mask(mask: Any, X: torch.Tensor) -> torch.Tensor | None:
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor):
+        raise ValueError(f"mask must be a tensor (*batch, N) = {tuple(X.shape[:-1])}, got {type(mask).__name__}")
+    if tuple(mask.shape) != tuple(X.shape[:-1]):
+        raise ValueError(f"mask must have shape (*batch, N) = {tuple(X.shape[:-1])}, got {tuple(mask.shape)}")
+    mask = mask.detach()
+    if mask.dtype != torch.bool:
+        if not mask.is_floating_point() or not bool(((mask >= 0) & (mask <= 1)).all()):
+            raise ValueError("mask must be boolean or hold weights in [0, 1]")
+    if not bool((mask > 0).any(-1).all()):
+        raise ValueError("mask must keep at least one point of every set, got a set without points")
+    return mask.to(device=X.device)
+
+
+def _working_init(family: ComponentFamily, init: Mapping[str, torch.Tensor], X: torch.Tensor) -> tuple[torch.Tensor, Theta]:
+    """Validated initial parameters in the working layout (1, M, ...): log-weights and theta."""
+    if not isinstance(init, Mapping) or "logits" not in init:
+        raise ValueError("init must be a mapping with 'logits' (K,) and the family's parameters")
+    logits = init["logits"]
+    if not isinstance(logits, torch.Tensor) or logits.dim() < 1:
+        raise ValueError(f"init['logits'] must be a tensor (K,) or (*batch, K), got {logits!r}")
+    K, D, batch = logits.shape[-1], X.shape[-1], tuple(X.shape[:-2])
+    expected = {"logits": (K,), **family.event_shapes(K, D)}
+    if set(init) != set(expected):
+        raise ValueError(f"init must hold exactly {sorted(expected)}, got {sorted(init)}")
+    M = math.prod(batch)
+    working = {}
+    for name, shape in expected.items():
+        value = init[name]
+        if not isinstance(value, torch.Tensor) or tuple(value.shape) not in (shape, batch + shape):
+            got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise ValueError(f"init[{name!r}] must have shape {shape} or {batch + shape}, got {got}")
+        if value.dtype != X.dtype or value.device != X.device:
+            raise ValueError(
+                f"init[{name!r}] must match X's dtype and device ({X.dtype}, {X.device}), got ({value.dtype}, {value.device})"
+            )
+        check_finite(value.detach(), f"init[{name!r}]")
+        working[name] = value.expand(*batch, *shape).reshape(1, M, *shape)
+    log_weights = working.pop("logits").log_softmax(-1)
+    return log_weights, working

@@ -60,6 +60,8 @@ class Mixture(nn.Module):
             all, ``("logits", *family parameter names)``). The others are held at their current
             values and EM maximises the rest given them (a conditional M-step), so an optimizer can
             own them; see :attr:`em_parameters`.
+        warm_start: when True, ``fit`` on a module that has parameters starts EM from them
+            (scikit-learn's meaning): ``max_iter=1`` then makes ``fit`` one EM step.
         device, dtype: where the parameters live (default: CPU, torch's default dtype).
 
     Shape:
@@ -90,6 +92,7 @@ class Mixture(nn.Module):
         step_size: float | None = None,
         averaging_start: int | None = None,
         em_parameters: Sequence[str] | None = None,
+        warm_start: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -125,6 +128,9 @@ class Mixture(nn.Module):
         self.register_buffer("_anchor", torch.empty(0, device=device, dtype=dtype), persistent=False)
         self._parameter_names = ("logits", *family.event_shapes(1, 1))
         self.em_parameters = self._parameter_names if em_parameters is None else em_parameters
+        if not isinstance(warm_start, bool):
+            raise ValueError(f"warm_start must be True or False, got {warm_start!r}")
+        self.warm_start = warm_start
         for name in self._parameter_names:
             self.register_parameter(name, None)
         # Running state of online EM (partial_fit): normalised statistics, step count, shift.
@@ -206,7 +212,9 @@ class Mixture(nn.Module):
     # --- fitting ----------------------------------------------------------------------------
     @torch.no_grad()
     def fit(self, X: Any, verbose: bool = False) -> "Mixture":
-        """Fit every model of the batch by EM (restarts as an extra batch dimension).
+        """Fit every model of the batch by EM (restarts as an extra batch dimension), or, with
+        ``warm_start`` and existing parameters, continue EM from them (no initialisation, one
+        start per model).
 
         Raises ValueError before changing anything when X or the initial parameters are invalid.
         """
@@ -215,12 +223,15 @@ class Mixture(nn.Module):
         data = self._prepare_tensor(X) if source is None else self._scan_stream(source)
         sample, chunk = data.sample, data.chunk_size
         n_features = sample.X.shape[-1]
-        user_theta = self._user_initial_parameters(n_features)
-        user_centres = self.family.initial_centres(
-            tuple(self.batch_shape), self.n_components, n_features, self.device, self.dtype
-        )
-        log_weights, theta = self._initial_parameters(sample, chunk, user_theta, user_centres, self.n_init)
-        log_weights, theta = self._same_on_every_rank(log_weights, theta)
+        if self.warm_start and self.is_initialized:  # continue from the current parameters
+            log_weights, theta = self._working_parameters()
+        else:
+            user_theta = self._user_initial_parameters(n_features)
+            user_centres = self.family.initial_centres(
+                tuple(self.batch_shape), self.n_components, n_features, self.device, self.dtype
+            )
+            log_weights, theta = self._initial_parameters(sample, chunk, user_theta, user_centres, self.n_init)
+            log_weights, theta = self._same_on_every_rank(log_weights, theta)
         fixed = self._fixed_parameters(log_weights, theta)
         log_weights, theta = self._with_fixed(log_weights, theta, fixed)
         with tqdm(total=self.max_iter, desc="EM", disable=not verbose, leave=False) as progress:
@@ -364,8 +375,7 @@ class Mixture(nn.Module):
         if started:
             shift = self.stream_shift
             if self.averaging_start is None:
-                log_weights = self._to_working(self.logits.log_softmax(-1))
-                theta = {name: self._to_working(value) for name, value in self.theta().items()}
+                log_weights, theta = self._working_parameters()
             else:  # the parameters hold the average: the iterate is the M-step of the running statistics
                 running = em.Statistics(self._to_working(self.stream_counts), self._to_working(self.stream_sums),
                                         torch.zeros(1, M, dtype=X.dtype, device=X.device))
@@ -374,8 +384,7 @@ class Mixture(nn.Module):
         else:
             shift = distributed.combined_reference(self.family.reference(X), n_points)  # fixed for the stream
             if self.is_initialized:
-                log_weights = self._to_working(self.logits.log_softmax(-1))
-                theta = {name: self._to_working(value) for name, value in self.theta().items()}
+                log_weights, theta = self._working_parameters()
             else:
                 user_theta = self._user_initial_parameters(n_features)
                 user_centres = self.family.initial_centres(tuple(self.batch_shape), K, n_features, self.device, self.dtype)
@@ -424,8 +433,7 @@ class Mixture(nn.Module):
         X = self._working_data(X)
         shift = self.family.reference(X)
         shift = None if shift is None else shift.detach()  # the density does not depend on it
-        theta = {name: self._to_working(value) for name, value in self.theta().items()}
-        log_weights = self._to_working(self.logits.log_softmax(-1))
+        log_weights, theta = self._working_parameters()
         eta, const = em.natural_with_weights(self.family, theta, log_weights, shift)
         T, h = self.family.features(X, shift)
         lp = em.component_log_prob(T, h, eta, const)  # (1, M, K, N)
@@ -500,6 +508,11 @@ class Mixture(nn.Module):
     def _working_data(self, X: torch.Tensor) -> torch.Tensor:
         """(N, D) stays shared; (*batch_shape, N, D) -> (M, N, D)."""
         return X if X.dim() == 2 else X.reshape(self.n_models, *X.shape[-2:])
+
+    def _working_parameters(self) -> tuple[torch.Tensor, Theta]:
+        """The current log-weights (1, M, K) and family parameters (1, M, ...): live views."""
+        theta = {name: self._to_working(value) for name, value in self.theta().items()}
+        return self._to_working(self.logits.log_softmax(-1)), theta
 
     def _to_working(self, value: torch.Tensor) -> torch.Tensor:
         """(*batch_shape, *event) -> (1, M, *event): the working layout with one restart."""

@@ -250,7 +250,7 @@ class Mixture(nn.Module):
 
         fitted = {name: pick(value) for name, value in result.theta.items()}
         fitted["logits"] = pick(result.log_weights)
-        self._assign(fitted, create=not self.is_initialized)
+        self._assign_em_update(fitted)
         self.n_features = n_features
         self.lower_bound_ = pick(result.lower_bound)
         self.n_iter_ = pick(result.n_iter)
@@ -414,7 +414,7 @@ class Mixture(nn.Module):
         if averaged > 1:  # Polyak-Ruppert: running mean of the unconstrained parameters
             new_theta = {name: old + (new_theta[name] - old) / averaged
                          for name, old in {"logits": self.logits, **self.theta()}.items()}
-        self._assign(new_theta, create=not self.is_initialized)
+        self._assign_em_update(new_theta)
         self.n_features = n_features
         self.stream_counts = (scaled.counts / n_points)[0].reshape(*self.batch_shape, K)
         self.stream_sums = (scaled.sums / n_points)[0].reshape(*self.batch_shape, K, scaled.sums.shape[-1])
@@ -569,6 +569,13 @@ class Mixture(nn.Module):
         """The working parameters with the fixed ones put in."""
         theta = {name: fixed.get(name, value) for name, value in theta.items()}
         return fixed.get("logits", log_weights), theta
+
+    def _assign_em_update(self, theta: Theta) -> None:
+        """Write what EM computed: every parameter of a new module, else those EM owns (a held
+        ``logits`` keeps its raw values, not just its softmax)."""
+        if self.is_initialized:
+            theta = {name: value for name, value in theta.items() if name in self._em_parameters}
+        self._assign(theta, create=not self.is_initialized)
 
     def _assign(self, theta: Theta, *, create: bool) -> None:
         """Write parameters in place (EM update) or create them (first fit / construction)."""

@@ -305,3 +305,17 @@ def test_bad_arguments_raise_value_errors(change, message):
     kwargs.update({k: v for k, v in change.items() if k not in ("init", "X")})
     with pytest.raises(ValueError, match=message):
         em(X, init, **kwargs)
+
+
+def test_implicit_gradient_away_from_a_fixed_point_raises_instead_of_returning_garbage():
+    g = torch.Generator().manual_seed(12)
+    centres = 3 * torch.randn(8, 8, 8, generator=g, dtype=torch.float64)  # 8 sets, 8 clusters in 8-D
+    labels = torch.randint(8, (8, 256), generator=g)
+    X = centres.gather(1, labels.unsqueeze(-1).expand(8, 256, 8)) + torch.randn(8, 256, 8, generator=g, dtype=torch.float64)
+    X.requires_grad_()
+    init = {"logits": torch.zeros(8, dtype=torch.float64),
+            "loc": 0.01 * torch.randn(8, 8, generator=g, dtype=torch.float64),  # every mean at the origin
+            "raw_precision_cholesky": torch.zeros(8, 8, dtype=torch.float64)}
+    state = em(X, init, 1, family=torch_em.Gaussian("diag"), gradient="implicit", prior_count=1e-2)
+    with pytest.raises(torch_em.IllConditionedError, match="implicit gradient diverged"):
+        state.means.sum().backward()

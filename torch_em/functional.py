@@ -17,6 +17,8 @@ Gradient modes (``gradient=``):
                solves v = g + J^T v (J = dF/dtheta at theta*) by fixed-point iteration, which
                converges because EM contracts near its fixed point; v then flows through one step
                to X. The fixed point does not depend on where EM started: no gradient to init.
+               EM must have converged (enough n_iter): away from a fixed point the iteration can
+               diverge, which raises IllConditionedError (or warns when it merely stalls).
     none       stop-gradient: the parameters and responsibilities carry no graph (the EMANet
                pattern, where initial parameters are updated by a moving average instead).
 
@@ -26,6 +28,7 @@ of the set; float weights in [0, 1] weight the points). Padded points contribute
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
@@ -36,6 +39,8 @@ from ._validation import check_choice, check_finite, check_int, check_positive
 from .families.base import ComponentFamily, IllConditionedError, Theta
 
 GRADIENT_MODES = ("unrolled", "last", "implicit", "none")
+#: The adjoint iteration has diverged once an update exceeds the incoming gradient by this factor.
+DIVERGENCE_FACTOR = 1e8
 
 
 @dataclass
@@ -163,8 +168,8 @@ def em(
     mask: torch.Tensor | None = None,
     gradient: str = "unrolled",
     prior_count: float = 0.0,
-    implicit_max_iter: int = 200,
-    implicit_tol: float = 1e-8,
+    implicit_max_iter: int = 100,
+    implicit_tol: float | None = None,
 ) -> EMState:
     """``n_iter`` EM iterations on every set of ``X``, differentiable.
 
@@ -180,7 +185,9 @@ def em(
         prior_count: pseudo-points per component distributed like the whole set, added to the
             statistics before every M-step (MAP-style smoothing: a component that loses all its
             points drifts to the set's mean and spread instead of collapsing). 0: plain EM.
-        implicit_max_iter, implicit_tol: the adjoint iteration of ``gradient="implicit"``.
+        implicit_max_iter, implicit_tol: the adjoint iteration of ``gradient="implicit"`` stops
+            when an update changes it by at most ``implicit_tol`` relative to the incoming
+            gradient (default: the square root of the dtype's eps). Not converging warns.
 
     Returns:
         :class:`EMState` with the parameters after the last M-step and the responsibilities
@@ -194,7 +201,8 @@ def em(
     check_choice(gradient, "gradient", GRADIENT_MODES)
     check_positive(prior_count, "prior_count", allow_zero=True)
     check_int(implicit_max_iter, "implicit_max_iter", minimum=1)
-    check_positive(implicit_tol, "implicit_tol")
+    if implicit_tol is not None:
+        check_positive(implicit_tol, "implicit_tol")
     if not isinstance(family, ComponentFamily):
         raise ValueError(f"family must be a torch_em ComponentFamily, got {type(family).__name__}")
     X = _checked_sets(X)
@@ -272,21 +280,38 @@ def _implicit_step(
     return unpack(z)
 
 
-def _adjoint_solver(f: torch.Tensor, z: torch.Tensor, max_iter: int, tol: float) -> Callable[[torch.Tensor], torch.Tensor]:
+def _adjoint_solver(f: torch.Tensor, z: torch.Tensor, max_iter: int, tol: float | None) -> Callable[[torch.Tensor], torch.Tensor]:
     """Gradient hook: g -> v with v = g + J^T v, J = df/dz, by fixed-point iteration."""
+    tol = math.sqrt(torch.finfo(f.dtype).eps) if tol is None else tol
 
     def solve(grad: torch.Tensor) -> torch.Tensor:
         v = grad
-        scale = float(grad.abs().max())
+        scale = max(float(grad.abs().max()), torch.finfo(grad.dtype).tiny)
+        threshold = tol * scale
         for _ in range(max_iter):
             update = torch.autograd.grad(f, z, v, retain_graph=True)[0] + grad
             change = float((update - v).abs().max())
             v = update
-            if change <= tol * max(scale, torch.finfo(grad.dtype).tiny):
-                break
+            # For a contraction |v| stays within |g| / (1 - rho); growth by 1e8 means rho >= 1.
+            if not math.isfinite(change) or change > DIVERGENCE_FACTOR * scale:
+                raise IllConditionedError(
+                    "em: the implicit gradient diverged (EM is not at a fixed point that contracts); "
+                    "run more iterations (n_iter) or use gradient='unrolled' or 'last'"
+                )
+            if change <= threshold:
+                return v
+        warnings.warn(
+            f"em: the implicit-gradient iteration did not converge in {max_iter} steps (last change {change:.3g}, "
+            f"tolerance {threshold:.3g}); raise n_iter so EM reaches its fixed point, or implicit_max_iter",
+            ImplicitGradientWarning, stacklevel=2,
+        )
         return v
 
     return solve
+
+
+class ImplicitGradientWarning(UserWarning):
+    """The adjoint iteration of ``gradient="implicit"`` stopped before it converged."""
 
 
 def _checked_sets(X: Any) -> torch.Tensor:

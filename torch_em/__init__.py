@@ -5,7 +5,7 @@ from .gaussian_mixture import GaussianMixture
 from .kmeans import KMeans
 from .mixture import Mixture
 from . import functional, nn
-from .functional import EMState
+from .functional import EMState, ImplicitGradientWarning
 from .nn import EMLayer
 from .training import reset_optimizer_state
 
@@ -26,6 +26,7 @@ __all__ = [
     "Gaussian",
     "GaussianMixture",
     "IllConditionedError",
+    "ImplicitGradientWarning",
     "KMeans",
     "Mixture",
     "functional",

@@ -42,19 +42,32 @@ def gather_points(X: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return points.gather(2, index.unsqueeze(-1).expand(*index.shape, X.shape[-1]))
 
 
-def first_argmax(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Max over the component axis (-2) and the first index attaining it, like ``max(-2)``.
+def point_scores(X: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
+    """``x.c - |c|^2 / 2`` (R, M, n, K) for points X (n, D) or (M, n, D) and centres
+    (R, M, K, D): the nearest centre is the argmax and ``|x - c|^2 = |x|^2 - 2 score``. Points on
+    the rows of the GEMM, so reductions over the centres run along contiguous memory (several
+    times faster than over a strided axis); for shared X a permuted view of one (n, R*M*K) GEMM."""
+    R, M, K, D = centres.shape
+    const = -0.5 * centres.square().sum(-1)  # (R, M, K)
+    if X.dim() == 2:
+        scores = torch.addmm(const.reshape(-1), X, centres.reshape(-1, D).T)  # (n, R*M*K)
+        return scores.view(-1, R, M, K).permute(1, 2, 0, 3)
+    return torch.matmul(X, centres.mT).add_(const.unsqueeze(-2))
 
-    ``max`` with indices over a strided axis is slow on CPU; ``amax`` is fast. The index is
-    recovered by marking the maxima with descending weights K..1 (uint8) and taking ``amax``.
+
+def first_argmax_(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Max over the last axis and the first index attaining it, like ``max(-1)``; overwrites
+    ``scores``.
+
+    ``max``/``argmax`` with indices are several times slower than ``amax`` on CPU. The index is
+    recovered in place: the maxima marked with descending weights K..1 (exact integers in
+    float32 up to 2**24 centres), then ``amax`` again.
     """
-    n_components = scores.shape[-2]
-    best = scores.amax(-2, keepdim=True)
-    if n_components > 255:
-        return best.squeeze(-2), (scores == best).to(torch.int16).argmax(-2)
-    weights = torch.arange(n_components, 0, -1, dtype=torch.uint8, device=scores.device).unsqueeze(-1)
-    marked = (scores == best).to(torch.uint8).mul_(weights)
-    return best.squeeze(-2), n_components - marked.amax(-2).long()
+    n_components = scores.shape[-1]
+    best = scores.amax(-1, keepdim=True)
+    weights = torch.arange(n_components, 0, -1, dtype=scores.dtype, device=scores.device)
+    index = n_components - scores.eq_(best).mul_(weights).amax(-1).long()
+    return best.squeeze(-1), index
 
 
 def nearest(
@@ -67,7 +80,7 @@ def nearest(
     dists = torch.empty(R, M, X.shape[-2], dtype=X.dtype, device=X.device)
     for start, stop in row_chunks(X.shape[-2], chunk_size):
         chunk = X[..., start:stop, :]
-        best, labels[..., start:stop] = first_argmax(_centre_scores(chunk, centres))  # (R, M, n)
+        best, labels[..., start:stop] = first_argmax_(point_scores(chunk, centres))  # (R, M, n)
         norms = chunk.square().sum(-1) if point_norms is None else point_norms[..., start:stop]
         dists[..., start:stop] = (norms - 2 * best).clamp_min_(0)
     return labels, dists

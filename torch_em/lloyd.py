@@ -86,19 +86,26 @@ def nearest(
     return labels, dists
 
 
-def cluster_sums(X: torch.Tensor, labels: torch.Tensor, n_clusters: int, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def accumulator_dtype(device: torch.device) -> torch.dtype:
+    """float64 for running sums, float32 on devices without float64."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+def cluster_sums(
+    X: torch.Tensor, labels: torch.Tensor, n_clusters: int, chunk_size: int, dtype: torch.dtype | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-cluster sums of points (R, M, K, D) and counts (R, M, K) for labels (R, M, N), by
-    scatter-add (linear in N, no N x K one-hot)."""
+    scatter-add (linear in N, no N x K one-hot), accumulated in ``dtype`` (default X's)."""
     R, M = labels.shape[:2]
-    D = X.shape[-1]
-    sums = X.new_zeros(R * M * n_clusters, D)
-    counts = X.new_zeros(R * M * n_clusters)
+    D, dtype = X.shape[-1], dtype or X.dtype
+    sums = X.new_zeros(R * M * n_clusters, D, dtype=dtype)
+    counts = X.new_zeros(R * M * n_clusters, dtype=dtype)
     offsets = (torch.arange(R * M, device=X.device) * n_clusters).view(R, M, 1)
     for start, stop in row_chunks(X.shape[-2], chunk_size):
         flat = (labels[..., start:stop] + offsets).reshape(-1)  # (R*M*n,)
-        points = broadcast_points(X[..., start:stop, :]).expand(R, M, stop - start, D).reshape(-1, D)
+        points = broadcast_points(X[..., start:stop, :].to(dtype)).expand(R, M, stop - start, D).reshape(-1, D)
         sums.index_add_(0, flat, points)
-        counts += torch.bincount(flat, minlength=R * M * n_clusters).to(X.dtype)
+        counts += torch.bincount(flat, minlength=R * M * n_clusters).to(dtype)
     return sums.view(R, M, n_clusters, D), counts.view(R, M, n_clusters)
 
 
@@ -119,6 +126,43 @@ class LloydResult:
     converged: torch.Tensor  # (R, M) bool
 
 
+def _move_points(
+    X: torch.Tensor, sums: torch.Tensor, counts: torch.Tensor, old: torch.Tensor, new: torch.Tensor
+) -> None:
+    """Update per-cluster sums (R, M, K, D) and counts (R, M, K) in place for the points whose
+    label changes from ``old`` to ``new`` (R, M, N): after the first steps few points move, so
+    this is far cheaper than summing all points again."""
+    R, M, K, D = sums.shape
+    N = old.shape[-1]
+    flat = (new != old).view(-1).nonzero().squeeze(1)  # flat (R*M*N) indices of the moved points
+    if len(flat) == 0:
+        return
+    model, point = flat.div(N, rounding_mode="floor"), flat.remainder(N)
+    rows = point if X.dim() == 2 else model.remainder(M) * N + point  # rows of X.reshape(-1, D)
+    points = X.reshape(-1, D).index_select(0, rows).to(sums.dtype)
+    into, out_of = model * K + new.view(-1).index_select(0, flat), model * K + old.view(-1).index_select(0, flat)
+    ones = points.new_ones(len(flat))
+    sums.view(-1, D).index_add_(0, into, points).index_add_(0, out_of, points, alpha=-1)
+    counts.view(-1).index_add_(0, into, ones).index_add_(0, out_of, ones, alpha=-1)
+
+
+def _relocate_empty(
+    X: torch.Tensor, labels: torch.Tensor, dist: torch.Tensor, sums: torch.Tensor, counts: torch.Tensor, empty: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """As scikit-learn: the j-th empty cluster takes the j-th farthest point from its centre,
+    which leaves its former cluster. sums (R, M, K, D), counts and empty (R, M, K), labels and
+    dist (R, M, N)."""
+    R, M, K, D = sums.shape
+    rank = (empty.cumsum(-1) - 1).clamp_min(0)
+    chosen = dist.topk(K, dim=-1).indices.gather(-1, rank)  # (R, M, K) point per component
+    points = gather_points(X, chosen)  # (R, M, K, D)
+    donor = labels.gather(-1, chosen)  # the cluster each chosen point leaves
+    moved = empty.to(X.dtype)
+    sums = sums.scatter_add(2, donor.unsqueeze(-1).expand(R, M, K, D), -points * moved.unsqueeze(-1))
+    counts = counts.scatter_add(2, donor, -moved)
+    return torch.where(empty.unsqueeze(-1), points, sums), torch.where(empty, torch.ones_like(counts), counts)
+
+
 def lloyd(
     X: torch.Tensor, centres: torch.Tensor, *, max_iter: int, tol: float | torch.Tensor, chunk_size: int
 ) -> LloydResult:
@@ -126,31 +170,28 @@ def lloyd(
     squared centre shift is at most ``tol`` (absolute; broadcastable to (R, M)).
 
     As in scikit-learn, an empty cluster takes the point farthest from its centre (the j-th
-    empty cluster the j-th farthest point), which leaves its former cluster.
+    empty cluster the j-th farthest point), which leaves its former cluster. The per-cluster
+    sums are summed once and then kept up to date from the points that change cluster, in
+    float64 (float32 on devices without it).
     """
     R, M, K, D = centres.shape
     active = torch.ones(R, M, dtype=torch.bool, device=X.device)
     n_iter = torch.zeros(R, M, dtype=torch.long, device=X.device)
     norms = X.square().sum(-1)  # (N,) or (M, N)
     labels, dist = nearest(X, centres, chunk_size, norms)
+    running_sums, running_counts = cluster_sums(X, labels, K, chunk_size, accumulator_dtype(X.device))
     for iteration in range(1, max_iter + 1):
-        sums, counts = cluster_sums(X, labels, K, chunk_size)
+        sums, counts = running_sums.to(X.dtype), running_counts.to(X.dtype)
         empty = counts == 0
         if bool(empty.any()):
-            rank = (empty.cumsum(-1) - 1).clamp_min(0)
-            chosen = dist.topk(K, dim=-1).indices.gather(-1, rank)  # (R, M, K) point per component
-            points = gather_points(X, chosen)  # (R, M, K, D)
-            donor = labels.gather(-1, chosen)  # the cluster each chosen point leaves
-            moved = empty.to(X.dtype)
-            sums.scatter_add_(2, donor.unsqueeze(-1).expand(R, M, K, D), -points * moved.unsqueeze(-1))
-            counts.scatter_add_(2, donor, -moved)
-            sums = torch.where(empty.unsqueeze(-1), points, sums)
-            counts = torch.where(empty, torch.ones_like(counts), counts)
+            sums, counts = _relocate_empty(X, labels, dist, sums, counts, empty)
         new = sums / counts.clamp_min(1).unsqueeze(-1)
         shift = (new - centres).square().sum((-1, -2))  # (R, M)
         centres = torch.where(active[..., None, None], new, centres)
         n_iter = torch.where(active, iteration, n_iter)
+        previous = labels
         labels, dist = nearest(X, centres, chunk_size, norms)
+        _move_points(X, running_sums, running_counts, previous, labels)
         active &= shift > tol
         if not bool(active.any()):
             break

@@ -2,8 +2,9 @@
 
 Shapes as in :mod:`torch_em.lloyd`: a working batch ``(R, M)`` (restarts x models), data
 ``X (N, D)`` shared by every model or ``X (M, N, D)``, already centred; centres
-``(R, M, K, D)``, labels ``(R, M, N)``. Randomness comes from one generator per restart (``RestartStreams``), so a seed
-reproduces everything and restart r does not depend on how many restarts run.
+``(R, M, K, D)``, labels ``(R, M, N)``. Randomness comes from one generator per restart
+(``RestartStreams``), so a seed reproduces everything and restart r does not depend on how
+many restarts run.
 """
 from __future__ import annotations
 

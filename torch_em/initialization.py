@@ -1,100 +1,24 @@
 """Batched initial responsibilities for EM: k-means++, Lloyd's k-means, random, random points.
 
-All functions work on a working batch ``(R, M)`` (restarts x models) and on data shared by
-every model, ``X (N, D)``, or one dataset per model, ``X (M, N, D)``; data are expected to be
-centred already (the caller subtracts its shift). Centres are ``(R, M, K, D)``, labels
-``(R, M, N)``. Randomness comes from one generator per restart (``RestartStreams``), so a seed
-reproduces everything and restart r does not depend on how many restarts run.
+Shapes as in :mod:`torch_em.lloyd`: a working batch ``(R, M)`` (restarts x models), data
+``X (N, D)`` shared by every model or ``X (M, N, D)``, already centred; centres
+``(R, M, K, D)``, labels ``(R, M, N)``. Randomness comes from one generator per restart
+(``RestartStreams``), so a seed reproduces everything and restart r does not depend on how
+many restarts run.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
 from ._random import RestartStreams
-from .em import component_log_prob
+from .lloyd import gather_points, lloyd, nearest, relative_tolerance, row_chunks, squared_distances
 
 METHODS = ("k-means++", "kmeans", "random", "random_from_data")
 #: Lloyd iterations run after k-means++ seeding by the default initialisation.
 SEEDING_LLOYD_ITERATIONS = 5
-
-
-def _row_chunks(n_points: int, chunk_size: int) -> list[tuple[int, int]]:
-    return [(start, min(start + chunk_size, n_points)) for start in range(0, n_points, chunk_size)]
-
-
-def _broadcast_points(X: torch.Tensor) -> torch.Tensor:
-    """(N, D) -> (1, 1, N, D); (M, N, D) -> (1, M, N, D): broadcasts against (R, M, ...)."""
-    return X.unsqueeze(0).unsqueeze(0) if X.dim() == 2 else X.unsqueeze(0)
-
-
-def _centre_scores(X: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
-    """``x.c - |c|^2 / 2`` (R, M, C, n): the Gaussian E-step GEMM with identity covariance, so
-    the nearest centre is the argmax and ``|x - c|^2 = |x|^2 - 2 score``."""
-    return component_log_prob(X, None, centres, -0.5 * centres.square().sum(-1))
-
-
-def squared_distances(X: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
-    """Squared Euclidean distances (R, M, C, n) between centres (R, M, C, D) and points X (n, D)
-    or (M, n, D), as one GEMM (clamped at 0). Points last, as in EM."""
-    scores = _centre_scores(X, centres)
-    return (X.square().sum(-1).unsqueeze(-2) - 2 * scores).clamp_min_(0)
-
-
-def gather_points(X: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """Points X[..., index, :] for index (R, M, C) -> (R, M, C, D)."""
-    points = _broadcast_points(X).expand(*index.shape[:2], *X.shape[-2:])
-    return points.gather(2, index.unsqueeze(-1).expand(*index.shape, X.shape[-1]))
-
-
-def first_argmax(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Max over the component axis (-2) and the first index attaining it, like ``max(-2)``.
-
-    ``max`` with indices over a strided axis is slow on CPU; ``amax`` is fast. The index is
-    recovered by marking the maxima with descending weights K..1 (uint8) and taking ``amax``.
-    """
-    n_components = scores.shape[-2]
-    best = scores.amax(-2, keepdim=True)
-    if n_components > 255:
-        return best.squeeze(-2), (scores == best).to(torch.int16).argmax(-2)
-    weights = torch.arange(n_components, 0, -1, dtype=torch.uint8, device=scores.device).unsqueeze(-1)
-    marked = (scores == best).to(torch.uint8).mul_(weights)
-    return best.squeeze(-2), n_components - marked.amax(-2).long()
-
-
-def nearest(
-    X: torch.Tensor, centres: torch.Tensor, chunk_size: int, point_norms: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Index of and squared distance to the nearest centre: labels (R, M, N), dist (R, M, N).
-    ``point_norms`` (N,) or (M, N): precomputed ``|x|^2``."""
-    R, M = centres.shape[:2]
-    labels = torch.empty(R, M, X.shape[-2], dtype=torch.long, device=X.device)
-    dists = torch.empty(R, M, X.shape[-2], dtype=X.dtype, device=X.device)
-    for start, stop in _row_chunks(X.shape[-2], chunk_size):
-        chunk = X[..., start:stop, :]
-        best, labels[..., start:stop] = first_argmax(_centre_scores(chunk, centres))  # (R, M, n)
-        norms = chunk.square().sum(-1) if point_norms is None else point_norms[..., start:stop]
-        dists[..., start:stop] = (norms - 2 * best).clamp_min_(0)
-    return labels, dists
-
-
-def cluster_sums(X: torch.Tensor, labels: torch.Tensor, n_clusters: int, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-cluster sums of points (R, M, K, D) and counts (R, M, K) for labels (R, M, N), by
-    scatter-add (linear in N, no N x K one-hot)."""
-    R, M = labels.shape[:2]
-    D = X.shape[-1]
-    sums = X.new_zeros(R * M * n_clusters, D)
-    counts = X.new_zeros(R * M * n_clusters)
-    offsets = (torch.arange(R * M, device=X.device) * n_clusters).view(R, M, 1)
-    for start, stop in _row_chunks(X.shape[-2], chunk_size):
-        flat = (labels[..., start:stop] + offsets).reshape(-1)  # (R*M*n,)
-        points = _broadcast_points(X[..., start:stop, :]).expand(R, M, stop - start, D).reshape(-1, D)
-        sums.index_add_(0, flat, points)
-        counts += torch.bincount(flat, minlength=R * M * n_clusters).to(X.dtype)
-    return sums.view(R, M, n_clusters, D), counts.view(R, M, n_clusters)
 
 
 def random_points(X: torch.Tensor, M: int, K: int, streams: RestartStreams) -> torch.Tensor:
@@ -119,7 +43,7 @@ def kmeans_plusplus(X: torch.Tensor, M: int, K: int, streams: RestartStreams, ch
         candidates = torch.searchsorted(cumulative, targets).clamp_max_(n_points - 1)  # (R, M, t)
         candidate_points = gather_points(X, candidates)  # (R, M, t, D)
         potentials = torch.zeros(R, M, n_trials, dtype=X.dtype, device=X.device)
-        for start, stop in _row_chunks(n_points, chunk_size):
+        for start, stop in row_chunks(n_points, chunk_size):
             d = squared_distances(X[..., start:stop, :], candidate_points)  # (R, M, t, n)
             potentials += torch.minimum(d, closest[..., None, start:stop]).sum(-1)
         best = potentials.argmin(-1, keepdim=True)  # (R, M, 1)
@@ -127,61 +51,6 @@ def kmeans_plusplus(X: torch.Tensor, M: int, K: int, streams: RestartStreams, ch
         centres.append(chosen)
         closest = torch.minimum(closest, nearest(X, chosen, chunk_size)[1])
     return torch.cat(centres, 2)
-
-
-def relative_tolerance(X: torch.Tensor, tol: float) -> torch.Tensor:
-    """scikit-learn's k-means tolerance: ``tol`` times the mean per-feature variance of each
-    model's data, () for shared X or (M,) for per-model X."""
-    if X.shape[-2] < 2:
-        return X.new_zeros(X.shape[:-2])
-    return tol * X.var(-2).mean(-1)
-
-
-@dataclass
-class LloydResult:
-    centres: torch.Tensor  # (R, M, K, D)
-    labels: torch.Tensor  # (R, M, N) nearest centre of each point
-    distances: torch.Tensor  # (R, M, N) squared distance to it
-    n_iter: torch.Tensor  # (R, M) iterations run per model
-    converged: torch.Tensor  # (R, M) bool
-
-
-def lloyd(
-    X: torch.Tensor, centres: torch.Tensor, *, max_iter: int, tol: float | torch.Tensor, chunk_size: int
-) -> LloydResult:
-    """Lloyd iterations from ``centres`` (R, M, K, D); each model stops on its own once its
-    squared centre shift is at most ``tol`` (absolute; broadcastable to (R, M)).
-
-    As in scikit-learn, an empty cluster takes the point farthest from its centre (the j-th
-    empty cluster the j-th farthest point), which leaves its former cluster.
-    """
-    R, M, K, D = centres.shape
-    active = torch.ones(R, M, dtype=torch.bool, device=X.device)
-    n_iter = torch.zeros(R, M, dtype=torch.long, device=X.device)
-    norms = X.square().sum(-1)  # (N,) or (M, N)
-    labels, dist = nearest(X, centres, chunk_size, norms)
-    for iteration in range(1, max_iter + 1):
-        sums, counts = cluster_sums(X, labels, K, chunk_size)
-        empty = counts == 0
-        if bool(empty.any()):
-            rank = (empty.cumsum(-1) - 1).clamp_min(0)
-            chosen = dist.topk(K, dim=-1).indices.gather(-1, rank)  # (R, M, K) point per component
-            points = gather_points(X, chosen)  # (R, M, K, D)
-            donor = labels.gather(-1, chosen)  # the cluster each chosen point leaves
-            moved = empty.to(X.dtype)
-            sums.scatter_add_(2, donor.unsqueeze(-1).expand(R, M, K, D), -points * moved.unsqueeze(-1))
-            counts.scatter_add_(2, donor, -moved)
-            sums = torch.where(empty.unsqueeze(-1), points, sums)
-            counts = torch.where(empty, torch.ones_like(counts), counts)
-        new = sums / counts.clamp_min(1).unsqueeze(-1)
-        shift = (new - centres).square().sum((-1, -2))  # (R, M)
-        centres = torch.where(active[..., None, None], new, centres)
-        n_iter = torch.where(active, iteration, n_iter)
-        labels, dist = nearest(X, centres, chunk_size, norms)
-        active &= shift > tol
-        if not bool(active.any()):
-            break
-    return LloydResult(centres, labels, dist, n_iter, ~active)
 
 
 def initial_responsibilities(

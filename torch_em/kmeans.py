@@ -10,9 +10,8 @@ from torch import nn
 from ._validation import as_float_tensor, check_common_options, check_data, check_finite, check_int, check_positive, check_shape
 from ._random import RestartStreams
 from .streaming import StepSchedule, stepwise
-from .initialization import (
-    cluster_sums, kmeans_plusplus, lloyd, nearest, random_points, relative_tolerance, squared_distances,
-)
+from .initialization import kmeans_plusplus, random_points
+from .lloyd import cluster_sums, lloyd, nearest, relative_tolerance, squared_distances
 
 STREAM_BUFFERS = ("stream_counts", "stream_sums", "stream_steps")
 

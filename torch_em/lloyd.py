@@ -1,0 +1,198 @@
+"""Batched Lloyd's algorithm and its building blocks: squared distances as GEMMs, nearest
+centres, per-cluster sums.
+
+Everything works on a working batch ``(R, M)`` (restarts x models) and on data shared by every
+model, ``X (N, D)``, or one dataset per model, ``X (M, N, D)``; data are expected to be centred
+already (the caller subtracts its shift). Centres are ``(R, M, K, D)``, labels ``(R, M, N)``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .em import component_log_prob
+
+
+def row_chunks(n_points: int, chunk_size: int) -> list[tuple[int, int]]:
+    return [(start, min(start + chunk_size, n_points)) for start in range(0, n_points, chunk_size)]
+
+
+def broadcast_points(X: torch.Tensor) -> torch.Tensor:
+    """(N, D) -> (1, 1, N, D); (M, N, D) -> (1, M, N, D): broadcasts against (R, M, ...)."""
+    return X.unsqueeze(0).unsqueeze(0) if X.dim() == 2 else X.unsqueeze(0)
+
+
+def _centre_scores(X: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
+    """``x.c - |c|^2 / 2`` (R, M, C, n): the Gaussian E-step GEMM with identity covariance, so
+    the nearest centre is the argmax and ``|x - c|^2 = |x|^2 - 2 score``."""
+    return component_log_prob(X, None, centres, -0.5 * centres.square().sum(-1))
+
+
+def squared_distances(X: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
+    """Squared Euclidean distances (R, M, C, n) between centres (R, M, C, D) and points X (n, D)
+    or (M, n, D), as one GEMM (clamped at 0). Points last, as in EM."""
+    scores = _centre_scores(X, centres)
+    return (X.square().sum(-1).unsqueeze(-2) - 2 * scores).clamp_min_(0)
+
+
+def gather_points(X: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Points X[..., index, :] for index (R, M, C) -> (R, M, C, D)."""
+    points = broadcast_points(X).expand(*index.shape[:2], *X.shape[-2:])
+    return points.gather(2, index.unsqueeze(-1).expand(*index.shape, X.shape[-1]))
+
+
+def point_scores(X: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
+    """``x.c - |c|^2 / 2`` (R, M, n, K) for points X (n, D) or (M, n, D) and centres
+    (R, M, K, D): the nearest centre is the argmax and ``|x - c|^2 = |x|^2 - 2 score``. Points on
+    the rows of the GEMM, so reductions over the centres run along contiguous memory (several
+    times faster than over a strided axis); for shared X a permuted view of one (n, R*M*K) GEMM."""
+    R, M, K, D = centres.shape
+    const = -0.5 * centres.square().sum(-1)  # (R, M, K)
+    if X.dim() == 2:
+        scores = torch.addmm(const.reshape(-1), X, centres.reshape(-1, D).T)  # (n, R*M*K)
+        return scores.view(-1, R, M, K).permute(1, 2, 0, 3)
+    return torch.matmul(X, centres.mT).add_(const.unsqueeze(-2))
+
+
+def first_argmax_(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Max over the last axis and the first index attaining it, like ``max(-1)``; overwrites
+    ``scores``.
+
+    ``max``/``argmax`` with indices are several times slower than ``amax`` on CPU. The index is
+    recovered in place: the maxima marked with descending weights K..1 (exact integers in
+    float32 up to 2**24 centres), then ``amax`` again.
+    """
+    n_components = scores.shape[-1]
+    best = scores.amax(-1, keepdim=True)
+    weights = torch.arange(n_components, 0, -1, dtype=scores.dtype, device=scores.device)
+    index = n_components - scores.eq_(best).mul_(weights).amax(-1).long()
+    return best.squeeze(-1), index
+
+
+def nearest(
+    X: torch.Tensor, centres: torch.Tensor, chunk_size: int, point_norms: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Index of and squared distance to the nearest centre: labels (R, M, N), dist (R, M, N).
+    ``point_norms`` (N,) or (M, N): precomputed ``|x|^2``."""
+    R, M = centres.shape[:2]
+    labels = torch.empty(R, M, X.shape[-2], dtype=torch.long, device=X.device)
+    dists = torch.empty(R, M, X.shape[-2], dtype=X.dtype, device=X.device)
+    for start, stop in row_chunks(X.shape[-2], chunk_size):
+        chunk = X[..., start:stop, :]
+        best, labels[..., start:stop] = first_argmax_(point_scores(chunk, centres))  # (R, M, n)
+        norms = chunk.square().sum(-1) if point_norms is None else point_norms[..., start:stop]
+        dists[..., start:stop] = (norms - 2 * best).clamp_min_(0)
+    return labels, dists
+
+
+def accumulator_dtype(device: torch.device) -> torch.dtype:
+    """float64 for running sums, float32 on devices without float64."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+def cluster_sums(
+    X: torch.Tensor, labels: torch.Tensor, n_clusters: int, chunk_size: int, dtype: torch.dtype | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-cluster sums of points (R, M, K, D) and counts (R, M, K) for labels (R, M, N), by
+    scatter-add (linear in N, no N x K one-hot), accumulated in ``dtype`` (default X's)."""
+    R, M = labels.shape[:2]
+    D, dtype = X.shape[-1], dtype or X.dtype
+    sums = X.new_zeros(R * M * n_clusters, D, dtype=dtype)
+    counts = X.new_zeros(R * M * n_clusters, dtype=dtype)
+    offsets = (torch.arange(R * M, device=X.device) * n_clusters).view(R, M, 1)
+    for start, stop in row_chunks(X.shape[-2], chunk_size):
+        flat = (labels[..., start:stop] + offsets).reshape(-1)  # (R*M*n,)
+        points = broadcast_points(X[..., start:stop, :].to(dtype)).expand(R, M, stop - start, D).reshape(-1, D)
+        sums.index_add_(0, flat, points)
+        counts += torch.bincount(flat, minlength=R * M * n_clusters).to(dtype)
+    return sums.view(R, M, n_clusters, D), counts.view(R, M, n_clusters)
+
+
+def relative_tolerance(X: torch.Tensor, tol: float) -> torch.Tensor:
+    """scikit-learn's k-means tolerance: ``tol`` times the mean per-feature variance of each
+    model's data, () for shared X or (M,) for per-model X."""
+    if X.shape[-2] < 2:
+        return X.new_zeros(X.shape[:-2])
+    return tol * X.var(-2).mean(-1)
+
+
+@dataclass
+class LloydResult:
+    centres: torch.Tensor  # (R, M, K, D)
+    labels: torch.Tensor  # (R, M, N) nearest centre of each point
+    distances: torch.Tensor  # (R, M, N) squared distance to it
+    n_iter: torch.Tensor  # (R, M) iterations run per model
+    converged: torch.Tensor  # (R, M) bool
+
+
+def _move_points(
+    X: torch.Tensor, sums: torch.Tensor, counts: torch.Tensor, old: torch.Tensor, new: torch.Tensor
+) -> None:
+    """Update per-cluster sums (R, M, K, D) and counts (R, M, K) in place for the points whose
+    label changes from ``old`` to ``new`` (R, M, N): after the first steps few points move, so
+    this is far cheaper than summing all points again."""
+    R, M, K, D = sums.shape
+    N = old.shape[-1]
+    flat = (new != old).view(-1).nonzero().squeeze(1)  # flat (R*M*N) indices of the moved points
+    if len(flat) == 0:
+        return
+    model, point = flat.div(N, rounding_mode="floor"), flat.remainder(N)
+    rows = point if X.dim() == 2 else model.remainder(M) * N + point  # rows of X.reshape(-1, D)
+    points = X.reshape(-1, D).index_select(0, rows).to(sums.dtype)
+    into, out_of = model * K + new.view(-1).index_select(0, flat), model * K + old.view(-1).index_select(0, flat)
+    ones = points.new_ones(len(flat))
+    sums.view(-1, D).index_add_(0, into, points).index_add_(0, out_of, points, alpha=-1)
+    counts.view(-1).index_add_(0, into, ones).index_add_(0, out_of, ones, alpha=-1)
+
+
+def _relocate_empty(
+    X: torch.Tensor, labels: torch.Tensor, dist: torch.Tensor, sums: torch.Tensor, counts: torch.Tensor, empty: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """As scikit-learn: the j-th empty cluster takes the j-th farthest point from its centre,
+    which leaves its former cluster. sums (R, M, K, D), counts and empty (R, M, K), labels and
+    dist (R, M, N)."""
+    R, M, K, D = sums.shape
+    rank = (empty.cumsum(-1) - 1).clamp_min(0)
+    chosen = dist.topk(K, dim=-1).indices.gather(-1, rank)  # (R, M, K) point per component
+    points = gather_points(X, chosen)  # (R, M, K, D)
+    donor = labels.gather(-1, chosen)  # the cluster each chosen point leaves
+    moved = empty.to(X.dtype)
+    sums = sums.scatter_add(2, donor.unsqueeze(-1).expand(R, M, K, D), -points * moved.unsqueeze(-1))
+    counts = counts.scatter_add(2, donor, -moved)
+    return torch.where(empty.unsqueeze(-1), points, sums), torch.where(empty, torch.ones_like(counts), counts)
+
+
+def lloyd(
+    X: torch.Tensor, centres: torch.Tensor, *, max_iter: int, tol: float | torch.Tensor, chunk_size: int
+) -> LloydResult:
+    """Lloyd iterations from ``centres`` (R, M, K, D); each model stops on its own once its
+    squared centre shift is at most ``tol`` (absolute; broadcastable to (R, M)).
+
+    As in scikit-learn, an empty cluster takes the point farthest from its centre (the j-th
+    empty cluster the j-th farthest point), which leaves its former cluster. The per-cluster
+    sums are summed once and then kept up to date from the points that change cluster, in
+    float64 (float32 on devices without it).
+    """
+    R, M, K, D = centres.shape
+    active = torch.ones(R, M, dtype=torch.bool, device=X.device)
+    n_iter = torch.zeros(R, M, dtype=torch.long, device=X.device)
+    norms = X.square().sum(-1)  # (N,) or (M, N)
+    labels, dist = nearest(X, centres, chunk_size, norms)
+    running_sums, running_counts = cluster_sums(X, labels, K, chunk_size, accumulator_dtype(X.device))
+    for iteration in range(1, max_iter + 1):
+        sums, counts = running_sums.to(X.dtype), running_counts.to(X.dtype)
+        empty = counts == 0
+        if bool(empty.any()):
+            sums, counts = _relocate_empty(X, labels, dist, sums, counts, empty)
+        new = sums / counts.clamp_min(1).unsqueeze(-1)
+        shift = (new - centres).square().sum((-1, -2))  # (R, M)
+        centres = torch.where(active[..., None, None], new, centres)
+        n_iter = torch.where(active, iteration, n_iter)
+        previous = labels
+        labels, dist = nearest(X, centres, chunk_size, norms)
+        _move_points(X, running_sums, running_counts, previous, labels)
+        active &= shift > tol
+        if not bool(active.any()):
+            break
+    return LloydResult(centres, labels, dist, n_iter, ~active)

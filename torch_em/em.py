@@ -58,7 +58,10 @@ class Data:
         self._cache: list[tuple[torch.Tensor, torch.Tensor | None]] | None = None
         n_stats = family.n_statistics(X.shape[-1])
         if cache and X.numel() // X.shape[-1] * n_stats * X.element_size() <= FEATURE_CACHE_BYTES:
-            self._cache = [_feature_major(*self._features(start, stop)) for start, stop in self.bounds]
+            # Per-model data: many small GEMMs, much faster on feature-major features. Shared data
+            # (one large GEMM) keeps the point-major layout, which suits its statistics GEMM.
+            layout = _feature_major if X.dim() == 3 else (lambda T, h: (T, h))
+            self._cache = [layout(*self._features(start, stop)) for start, stop in self.bounds]
 
     def _features(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         return self.family.features(self.X[..., start:stop, :], self.shift)

@@ -91,13 +91,14 @@ def test_first_lower_bound_is_the_likelihood_of_the_initial_parameters(covarianc
 # --- 4. restarts -----------------------------------------------------------------------------
 def test_more_restarts_are_never_worse():
     """Restart r draws from its own stream seeded by (seed, r), so n_init=k runs the restarts of
-    n_init=j < k plus more: its best lower bound cannot be lower."""
+    n_init=j < k plus more: its best lower bound cannot be lower (up to rounding: BLAS kernels
+    chosen by the number of rows, R * M * K, may round a restart's GEMM differently)."""
     X = blobs(25, centres=FIVE_CLUSTERS)
     improved = False
     for seed in range(3):
         bounds = [float(torch_em.GaussianMixture(5, init_params="random", n_init=k, seed=seed, dtype=F64)
                         .fit(X).lower_bound_) for k in (1, 2, 3, 5)]
-        assert all(later >= earlier for earlier, later in zip(bounds, bounds[1:])), (seed, bounds)
+        assert all(later >= earlier - 1e-12 * abs(earlier) for earlier, later in zip(bounds, bounds[1:])), (seed, bounds)
         improved |= bounds[-1] > bounds[0] + 1e-6
     assert improved, "the restarts should find different optima on these overlapping clusters"
 

@@ -25,6 +25,10 @@ from .families.base import ComponentFamily, IllConditionedError, Theta
 CHUNK_ELEMENTS = 1 << 21
 #: Features of the whole dataset are computed once per fit when they take at most this many bytes.
 FEATURE_CACHE_BYTES = 256 << 20
+#: log2(e). The E-step works on log-densities in bits: exp2 is several times faster than exp on
+#: CPUs (vectorised), and the scale is folded into the natural parameters, which are small.
+LOG2_E = 1.0 / math.log(2.0)
+LN_2 = math.log(2.0)
 
 
 def default_chunk_size(n_models: int, n_components: int, n_stats: int) -> int:
@@ -54,7 +58,10 @@ class Data:
         self._cache: list[tuple[torch.Tensor, torch.Tensor | None]] | None = None
         n_stats = family.n_statistics(X.shape[-1])
         if cache and X.numel() // X.shape[-1] * n_stats * X.element_size() <= FEATURE_CACHE_BYTES:
-            self._cache = [self._features(start, stop) for start, stop in self.bounds]
+            # Per-model data: many small GEMMs, much faster on feature-major features. Shared data
+            # (one large GEMM) keeps the point-major layout, which suits its statistics GEMM.
+            layout = _feature_major if X.dim() == 3 else (lambda T, h: (T, h))
+            self._cache = [layout(*self._features(start, stop)) for start, stop in self.bounds]
 
     def _features(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         return self.family.features(self.X[..., start:stop, :], self.shift)
@@ -74,6 +81,12 @@ class Data:
     def worst_points(self, eta: torch.Tensor, const: torch.Tensor, k: int) -> torch.Tensor:
         """Features of the k worst-explained points (rank 0's under torch.distributed)."""
         return distributed.broadcast(worst_point_features(self, eta, const, k))[0]
+
+
+def _feature_major(T: torch.Tensor, h: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The same features T (..., n, F), stored feature-major ((..., F, n) contiguous, transposed
+    view): both E-step GEMMs then read rows of points, which small batched GEMMs do much faster."""
+    return T.mT.contiguous().mT, h
 
 
 class StreamData:
@@ -119,29 +132,74 @@ def component_log_prob(
         # mm then an in-place add: addmm with a broadcast column bias copies it first (slow on CPU).
         lp = (eta.reshape(-1, eta.shape[-1]) @ T.T).add_(const.reshape(-1, 1))  # (R*M*K, n)
         lp = lp.view(*eta.shape[:-1], T.shape[0])
+    elif eta.dim() == 4 and eta.shape[1] == T.shape[0]:
+        lp = _per_model_log_prob(T, eta, const)
     else:
         lp = (eta @ T.mT).add_(const.unsqueeze(-1))
     return lp if h is None else lp + h.unsqueeze(-2)
 
 
+def _per_model_log_prob(T: torch.Tensor, eta: torch.Tensor, const: torch.Tensor) -> torch.Tensor:
+    """``eta @ T^T + const`` as one baddbmm, which adds const as it writes (no extra pass).
+
+    Shape:
+        T: (M, n, F); eta: (R, M, K, F); const: (R, M, K) -> (R, M, K, n)
+    """
+    R, M, K, F = eta.shape
+    points = T.mT.expand(R, M, F, T.shape[1]).reshape(R * M, F, T.shape[1])  # a view when R == 1
+    lp = torch.baddbmm(const.reshape(R * M, K, 1), eta.reshape(R * M, K, F), points)  # (R*M, K, n)
+    return lp.view(R, M, K, T.shape[1])
+
+
 def normalise(log_joint: torch.Tensor, inplace: bool = False, dim: int = -2) -> tuple[torch.Tensor, torch.Tensor]:
     """Responsibilities and per-point log-likelihood from ``log_joint`` with components on ``dim``.
 
-    Written out (max-subtract, exp, normalise) rather than ``softmax``/``logsumexp``: it is one
-    exp per entry and several times faster over a short component axis. Responsibilities are
-    kept above the smallest normal number (no subnormal arithmetic).
-    Returns resp (same shape) and the log-likelihood (``dim`` removed).
+    Returns resp (same shape) and the log-likelihood (``dim`` removed). See :func:`normalise_bits`.
     """
-    peak = log_joint.amax(dim, keepdim=True)
-    # Clamp so that exp, and the division by a total of at most K, stay above the smallest normal
-    # number: subnormal operands make exp, sums and GEMMs many times slower on CPUs. A
+    scaled = log_joint.mul_(LOG2_E) if inplace else log_joint * LOG2_E
+    resp, peak, total = normalise_bits(scaled, inplace=inplace, dim=dim)
+    return resp, (peak + total.log2()).squeeze(dim) * LN_2
+
+
+def normalise_bits(
+    log2_joint: torch.Tensor, inplace: bool = False, dim: int = -2
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Responsibilities from log-densities in bits (``log2``) with components on ``dim``.
+
+    Written out (max-subtract, exp2, normalise) rather than ``softmax``/``logsumexp``: it is one
+    exp2 per entry and several times faster over a short component axis. Responsibilities are
+    kept above the smallest normal number (no subnormal arithmetic).
+    Returns resp (same shape), the peak and the total, both with ``dim`` kept as size 1: the
+    per-point log2-likelihood is ``peak + log2(total)``, where ``1 <= total <= K``.
+    """
+    peak = log2_joint.amax(dim, keepdim=True)
+    # Clamp so that exp2, and the division by a total of at most K, stay above the smallest normal
+    # number: subnormal operands make exp2, sums and GEMMs many times slower on CPUs. A
     # responsibility changes by less than 3 * K * tiny.
-    floor = math.log(torch.finfo(log_joint.dtype).tiny) + math.log(log_joint.shape[dim]) + 1.0
-    shifted = log_joint.sub_(peak) if inplace else log_joint - peak
-    resp = shifted.clamp_min_(floor).exp_() if inplace else shifted.clamp_min(floor).exp()
+    floor = math.log2(torch.finfo(log2_joint.dtype).tiny) + math.log2(log2_joint.shape[dim]) + 1.0
+    shifted = log2_joint.sub_(peak) if inplace else log2_joint - peak
+    resp = shifted.clamp_min_(floor).exp2_() if inplace else shifted.clamp_min(floor).exp2()
     total = resp.sum(dim, keepdim=True)
     resp = resp.div_(total) if inplace else resp / total
-    return resp, (peak + total.log()).squeeze(dim)
+    return resp, peak, total
+
+
+def sum_log2(values: torch.Tensor, bound: float) -> torch.Tensor:
+    """``values.log2().sum(-1)`` for values in ``[1, bound]``, with one log2 per group of values:
+    the log2 of their product, which stays finite (log2 is several times slower than a product).
+
+    Shape:
+        values: (..., n) -> (...)
+    """
+    n = values.shape[-1]
+    # bound ** group stays below the square root of the largest finite number.
+    max_log2 = math.log2(torch.finfo(values.dtype).max)
+    group = n if bound <= 1 else max(1, min(n, int(max_log2 / 2 / math.log2(bound))))
+    full = n - n % group
+    total = values[..., :full].unflatten(-1, (full // group, group)).prod(-1).log2().sum(-1)
+    if full < n:
+        total = total + values[..., full:].prod(-1).log2()
+    return total
 
 
 def weighted_statistics(T: torch.Tensor, resp: torch.Tensor) -> torch.Tensor:
@@ -170,10 +228,13 @@ class Statistics:
 
 def e_step(data: Data, eta: torch.Tensor, const: torch.Tensor) -> Statistics:
     """One pass over the data: statistics and total log-likelihood under (eta, const + log w)."""
+    eta, const = eta * LOG2_E, const * LOG2_E  # log-densities in bits (normalise_bits)
     total = None
     for T, h in data.chunks():
-        resp, ll = normalise(component_log_prob(T, h, eta, const), inplace=True)  # (R, M, K, n), (R, M, n)
-        chunk = Statistics(resp.sum(-1), weighted_statistics(T, resp), ll.sum(-1))
+        log2_joint = component_log_prob(T, None if h is None else h * LOG2_E, eta, const)  # (R, M, K, n)
+        resp, peak, norm = normalise_bits(log2_joint, inplace=True)  # peak, norm: (R, M, 1, n)
+        log2_likelihood = peak.sum((-2, -1)) + sum_log2(norm.squeeze(-2), bound=log2_joint.shape[-2])  # (R, M)
+        chunk = Statistics(resp.sum(-1), weighted_statistics(T, resp), log2_likelihood * LN_2)
         total = chunk if total is None else total + chunk
     return total
 

@@ -88,6 +88,87 @@ def lower_triangular_inverse(lower: torch.Tensor) -> torch.Tensor:
     return torch.stack(rows, -2)
 
 
+#: Up to this many features, full covariances are factorised and turned into natural parameters
+#: entry by entry: a few dozen elementwise ops on (batch,) tensors, several times faster than
+#: batched LAPACK calls and ops over tiny (D, D) axes (thousands of 2x2 or 3x3 matrices).
+SMALL_FEATURES = 3
+
+
+def small_raw_precision_cholesky(covariance: list[list[torch.Tensor]]) -> torch.Tensor | None:
+    """Unconstrained precision Cholesky factor (log diagonal) of a covariance given entry by
+    entry (``covariance[i][j]``, each (...,), i >= j used): ``Sigma = L L^T``, ``P = L^{-T}``.
+
+    Returns raw (..., D, D) with zeros below the diagonal, or None where a pivot is not positive
+    (the caller then factorises with LAPACK, which reports the failures).
+    """
+    n = len(covariance)
+    lower: list[list[torch.Tensor]] = [[None] * n for _ in range(n)]  # type: ignore[list-item]
+    pivots = []
+    for j in range(n):  # Cholesky-Banachiewicz, column by column
+        pivot = covariance[j][j]
+        for k in range(j):
+            pivot = pivot - lower[j][k].square()
+        pivots.append(pivot)
+        lower[j][j] = pivot.sqrt()
+        for i in range(j + 1, n):
+            entry = covariance[i][j]
+            for k in range(j):
+                entry = entry - lower[i][k] * lower[j][k]
+            lower[i][j] = entry / lower[j][j]
+    pivots = torch.stack(pivots, -1)  # (..., D)
+    if not bool(pivots.gt(0).all()):
+        return None
+    # X = L^{-1} by forward substitution: X[i][i] = 1 / L[i][i], X[i][j] = -sum_k L[i][k] X[k][j] / L[i][i].
+    inverse: list[list[torch.Tensor]] = [[None] * n for _ in range(n)]  # type: ignore[list-item]
+    for i in range(n):
+        inverse[i][i] = lower[i][i].reciprocal()
+        for j in range(i):
+            entry = lower[i][j] * inverse[j][j]
+            for k in range(j + 1, i):
+                entry = entry + lower[i][k] * inverse[k][j]
+            inverse[i][j] = -entry * inverse[i][i]
+    # P = X^T (upper); log P[i][i] = -log L[i][i] = -log(pivot_i) / 2.
+    log_diagonal = pivots.log().mul_(-0.5).unbind(-1)
+    zero = torch.zeros_like(log_diagonal[0])
+    entries = [log_diagonal[i] if i == j else (inverse[j][i] if j > i else zero) for i in range(n) for j in range(n)]
+    return torch.stack(entries, -1).unflatten(-1, (n, n))
+
+
+def small_natural_parameters(
+    raw: torch.Tensor, centred: torch.Tensor, tied: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Natural parameters entry by entry for D <= SMALL_FEATURES: eta (*b, K, F) and
+    ``1/2 log|Lambda| - 1/2 mu~^T Lambda mu~`` (*b, K), with ``Lambda = P P^T``.
+
+    Shape:
+        raw: (*b, K, D, D), or (*b, D, D) when tied; centred: (*b, K, D)
+    """
+    n = raw.shape[-1]
+    if tied:
+        raw = raw.unsqueeze(-3)  # (*b, 1, D, D): every component shares it
+    upper = [[raw[..., i, i].exp() if i == j else raw[..., i, j] for j in range(n)] for i in range(n)]
+    mean = [centred[..., i] for i in range(n)]
+    # z = P^T mu~, so that Lambda mu~ = P z and mu~^T Lambda mu~ = |z|^2.
+    z = [_dot([upper[i][k] for i in range(k + 1)], mean[: k + 1]) for k in range(n)]
+    linear = [_dot(upper[i][i:], z[i:]) for i in range(n)]
+    rows, cols = _triu_indices(n, raw.device)
+    quadratic = [  # -1/2 Lambda_ii, -Lambda_ij (i < j): x_i x_j appears once in T
+        _dot(upper[i][j:], upper[j][j:]) * (-0.5 if i == j else -1.0)
+        for i, j in zip(rows.tolist(), cols.tolist())
+    ]
+    eta = torch.stack([*linear, *(q.expand_as(linear[0]) for q in quadratic)], -1)
+    half_logdet = sum(raw[..., i, i] for i in range(n))
+    return eta, half_logdet - 0.5 * _dot(z, z)
+
+
+def _dot(a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
+    """``sum_i a[i] * b[i]`` over lists of broadcastable tensors."""
+    total = a[0] * b[0]
+    for x, y in zip(a[1:], b[1:]):
+        total = total + x * y
+    return total
+
+
 def precision_cholesky_from_covariance(covariance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Upper ``P = L^{-T}`` for ``covariance = L L^T`` (..., D, D), and the cholesky_ex info."""
     lower, info = torch.linalg.cholesky_ex(covariance)
@@ -242,6 +323,10 @@ class Gaussian(ComponentFamily):
         n_features = loc.shape[-1]
         centred = loc if shift is None else loc - shift
         raw = theta["raw_precision_cholesky"]
+        log_2pi_term = 0.5 * n_features * math.log(2 * math.pi)
+        if self.covariance_type in ("full", "tied") and n_features <= SMALL_FEATURES:
+            eta, const = small_natural_parameters(raw, centred, tied=self.covariance_type == "tied")
+            return eta, const - log_2pi_term
         precision = self.precision(theta)
         if self.covariance_type in ("full", "tied"):
             half_logdet = raw.diagonal(dim1=-2, dim2=-1).sum(-1)  # (*b, K) or (*b,)
@@ -262,7 +347,7 @@ class Gaussian(ComponentFamily):
             linear = precision * centred
             quadratic = -0.5 * precision
         mahalanobis_mean = (linear * centred).sum(-1)
-        const = half_logdet - 0.5 * mahalanobis_mean - 0.5 * n_features * math.log(2 * math.pi)
+        const = half_logdet - 0.5 * mahalanobis_mean - log_2pi_term
         return torch.cat([linear, quadratic], dim=-1), const
 
     def m_step(self, counts, stats, shift) -> tuple[Theta, torch.Tensor]:
@@ -270,7 +355,12 @@ class Gaussian(ComponentFamily):
         centred_mean = stats[..., :n_features] / counts.unsqueeze(-1)  # (*b, K, D)
         second = stats[..., n_features:]
         loc = centred_mean if shift is None else centred_mean + shift
-        if self.covariance_type in ("full", "tied"):
+        small = None
+        if self.covariance_type == "full" and n_features <= SMALL_FEATURES:
+            small = self._small_full_m_step(counts, centred_mean, second)
+        if small is not None:
+            raw, valid = small
+        elif self.covariance_type in ("full", "tied"):
             rows, cols = _triu_indices(n_features, stats.device)
             scatter = stats.new_empty(*second.shape[:-1], n_features, n_features)
             scatter[..., rows, cols] = second
@@ -319,6 +409,32 @@ class Gaussian(ComponentFamily):
             second = self.features(offset, None)[0][..., n_features:]  # (*b, K, F - D)
             stats = torch.cat([stats[..., :n_features], stats[..., n_features:] + counts.unsqueeze(-1) * second], -1)
         return super().conditional_m_step(counts, stats, shift, fixed)
+
+    def _small_full_m_step(
+        self, counts: torch.Tensor, centred_mean: torch.Tensor, second: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Full covariances entry by entry (D <= SMALL_FEATURES): (raw, valid), or None where a
+        factorisation fails (the general path then handles it).
+
+        Shape:
+            counts: (*b, K); centred_mean: (*b, K, D); second: (*b, K, P) packed sums of x~ x~^T
+        """
+        n_features = centred_mean.shape[-1]
+        rows, cols = _triu_indices(n_features, second.device)
+        mean = centred_mean.unbind(-1)
+        second_moment = (second / counts.unsqueeze(-1)).unbind(-1)  # packed E[x~ x~^T], P x (*b, K)
+        moments, covariance = {}, {}
+        for p, (i, j) in enumerate(zip(rows.tolist(), cols.tolist())):
+            moments[i, j] = second_moment[p]
+            covariance[i, j] = torch.addcmul(second_moment[p], mean[i], mean[j], value=-1.0)
+        diagonal = range(n_features)
+        resolved = self._variance_resolved(torch.stack([covariance[i, i] for i in diagonal], -1),
+                                           torch.stack([moments[i, i] for i in diagonal], -1))
+        matrix = [[covariance[min(i, j), max(i, j)] for j in diagonal] for i in diagonal]
+        for i in diagonal:
+            matrix[i][i] = matrix[i][i] + self.reg_covar
+        raw = small_raw_precision_cholesky(matrix)
+        return None if raw is None else (raw, resolved)
 
     def _variance_resolved(self, variance: torch.Tensor, second_moment: torch.Tensor) -> torch.Tensor:
         """Whether variances (*b, K[, D]) from one-pass statistics are more than rounding noise.

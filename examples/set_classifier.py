@@ -3,7 +3,7 @@
 Data: scikit-learn's bundled digits (1,797 8x8 images; nothing is downloaded). Each image becomes
 a set of points: the (x, y) coordinates of its pixels in [-1, 1]^2, weighted by their ink
 (intensity / 16) through the layer's ``mask``. Blank pixels weigh 0, so every image is a set of
-its own size (from ~15 to ~50 points) padded to 64.
+its own size (16 to 42 points, median 33) padded to 64.
 
 Model: a per-point MLP embeds each point (2 -> 32 -> E, E=4); an ``EMLayer`` (K=6 Gaussian
 components, full covariances, a few EM iterations from learned initial parameters) fits a

@@ -155,6 +155,7 @@ def _saved_bytes(run) -> int:
     return total
 
 
+@pytest.mark.filterwarnings("ignore::torch_em.ImplicitGradientWarning")  # memory only: EM need not converge
 def test_last_mode_memory_does_not_grow_with_n_iter():
     X = _sets(B=4, N=200, seed=4).requires_grad_()
     family, init = _gaussian_init("full", requires_grad=True)
@@ -307,15 +308,36 @@ def test_bad_arguments_raise_value_errors(change, message):
         em(X, init, **kwargs)
 
 
-def test_implicit_gradient_away_from_a_fixed_point_raises_instead_of_returning_garbage():
+def _far_from_converged():
+    """8 sets of 8 clusters in 8-D, every initial mean at the origin: one iteration is far from a
+    fixed point."""
     g = torch.Generator().manual_seed(12)
-    centres = 3 * torch.randn(8, 8, 8, generator=g, dtype=torch.float64)  # 8 sets, 8 clusters in 8-D
+    centres = 3 * torch.randn(8, 8, 8, generator=g, dtype=torch.float64)
     labels = torch.randint(8, (8, 256), generator=g)
     X = centres.gather(1, labels.unsqueeze(-1).expand(8, 256, 8)) + torch.randn(8, 256, 8, generator=g, dtype=torch.float64)
-    X.requires_grad_()
     init = {"logits": torch.zeros(8, dtype=torch.float64),
-            "loc": 0.01 * torch.randn(8, 8, generator=g, dtype=torch.float64),  # every mean at the origin
+            "loc": 0.01 * torch.randn(8, 8, generator=g, dtype=torch.float64),
             "raw_precision_cholesky": torch.zeros(8, 8, dtype=torch.float64)}
-    state = em(X, init, 1, family=torch_em.Gaussian("diag"), gradient="implicit", prior_count=1e-2)
-    with pytest.raises(torch_em.IllConditionedError, match="implicit gradient diverged"):
+    return X.requires_grad_(), init
+
+
+def test_implicit_gradient_away_from_a_fixed_point_warns_and_the_iterative_solve_raises(monkeypatch):
+    X, init = _far_from_converged()
+    with pytest.warns(torch_em.ImplicitGradientWarning, match="has not converged"):
+        state = em(X, init, 1, family=torch_em.Gaussian("diag"), gradient="implicit", prior_count=1e-2)
+    monkeypatch.setattr(torch_em.functional, "DIRECT_SOLVE_PARAMETERS", 0)  # force the adjoint iteration
+    with pytest.raises(torch_em.IllConditionedError, match="implicit gradient is not finite"):
         state.means.sum().backward()
+
+
+def test_direct_and_iterative_implicit_solves_agree_at_convergence(monkeypatch):
+    X = _sets(seed=5).requires_grad_()
+    family, init = _gaussian_init("full")
+
+    def gradient():
+        state = em(X, init, 150, family=family, gradient="implicit", implicit_max_iter=2000)
+        return torch.autograd.grad(state.covariances.sum() + state.logits[..., 0].sum(), X)[0]
+
+    direct = gradient()
+    monkeypatch.setattr(torch_em.functional, "DIRECT_SOLVE_PARAMETERS", 0)
+    torch.testing.assert_close(gradient(), direct, rtol=1e-6, atol=1e-9)

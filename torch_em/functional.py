@@ -16,9 +16,10 @@ Gradient modes (``gradient=``):
     implicit   implicit-function theorem at the fixed point theta* = F(theta*, X): the adjoint
                solves v = g + J^T v (J = dF/dtheta at theta*) by fixed-point iteration, which
                converges because EM contracts near its fixed point; v then flows through one step
-               to X. The fixed point does not depend on where EM started: no gradient to init.
-               EM must have converged (enough n_iter): away from a fixed point the iteration can
-               diverge, which raises IllConditionedError (or warns when it merely stalls).
+               to X (sets with at most 256 parameters solve their system directly instead).
+               The fixed point does not depend on where EM started: no gradient to init. EM must
+               have converged (enough n_iter): a forward pass that is not at a fixed point warns
+               (ImplicitGradientWarning), a singular or diverging system raises IllConditionedError.
     none       stop-gradient: the parameters and responsibilities carry no graph (the EMANet
                pattern, where initial parameters are updated by a moving average instead).
 
@@ -41,6 +42,8 @@ from .families.base import ComponentFamily, IllConditionedError, Theta
 GRADIENT_MODES = ("unrolled", "last", "implicit", "none")
 #: The adjoint iteration has diverged once an update exceeds the incoming gradient by this factor.
 DIVERGENCE_FACTOR = 1e8
+#: Up to this many parameters per set the implicit gradient solves each set's system directly.
+DIRECT_SOLVE_PARAMETERS = 256
 
 
 @dataclass
@@ -185,7 +188,8 @@ def em(
         prior_count: pseudo-points per component distributed like the whole set, added to the
             statistics before every M-step (MAP-style smoothing: a component that loses all its
             points drifts to the set's mean and spread instead of collapsing). 0: plain EM.
-        implicit_max_iter, implicit_tol: the adjoint iteration of ``gradient="implicit"`` stops
+        implicit_max_iter, implicit_tol: the adjoint iteration of ``gradient="implicit"`` (sets
+            with more than 256 parameters; smaller ones solve directly) stops
             when an update changes it by at most ``implicit_tol`` relative to the incoming
             gradient (default: the square root of the dtype's eps). Not converging warns.
 
@@ -253,7 +257,7 @@ def _finish(sets: _Sets, log_weights: torch.Tensor, theta: Theta) -> EMState:
 
 
 def _implicit_step(
-    sets: _Sets, log_weights: torch.Tensor, theta: Theta, iteration: int, max_iter: int, tol: float
+    sets: _Sets, log_weights: torch.Tensor, theta: Theta, iteration: int, max_iter: int, tol: float | None
 ) -> tuple[torch.Tensor, Theta]:
     """One differentiable step from the fixed point whose backward applies (I - J^T)^{-1}."""
     names = list(theta)
@@ -272,6 +276,7 @@ def _implicit_step(
 
     z_star = pack(log_weights, theta).detach()
     z = fixed_point_map(z_star)  # graph to X through one step
+    _warn_if_not_converged(z.detach(), z_star)
     if z.requires_grad:
         z_leaf = z.detach().requires_grad_()
         with torch.enable_grad():
@@ -280,34 +285,73 @@ def _implicit_step(
     return unpack(z)
 
 
+def _warn_if_not_converged(z: torch.Tensor, z_star: torch.Tensor) -> None:
+    """The implicit gradient is that of the fixed point: say so when EM has not reached it."""
+    residual = float(((z - z_star).abs() / (1 + z_star.abs())).max())
+    tolerance = math.sqrt(torch.finfo(z.dtype).eps)
+    if residual > tolerance:
+        warnings.warn(
+            f"em: EM has not converged after n_iter iterations (relative step {residual:.2g} > {tolerance:.2g}); "
+            "gradient='implicit' differentiates the fixed point, so raise n_iter",
+            ImplicitGradientWarning, stacklevel=4,
+        )
+
+
 def _adjoint_solver(f: torch.Tensor, z: torch.Tensor, max_iter: int, tol: float | None) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Gradient hook: g -> v with v = g + J^T v, J = df/dz, by fixed-point iteration."""
+    """Gradient hook: g -> v with (I - J^T) v = g, J = df/dz (block diagonal: one block per set).
+
+    With at most DIRECT_SOLVE_PARAMETERS parameters per set, every set's J is formed from P
+    vector-Jacobian products and the system solved directly (exact, also where EM contracts
+    slowly); larger problems iterate v <- g + J^T v, which converges because EM contracts.
+    """
     tol = math.sqrt(torch.finfo(f.dtype).eps) if tol is None else tol
 
     def solve(grad: torch.Tensor) -> torch.Tensor:
-        v = grad
-        scale = max(float(grad.abs().max()), torch.finfo(grad.dtype).tiny)
-        threshold = tol * scale
-        for _ in range(max_iter):
-            update = torch.autograd.grad(f, z, v, retain_graph=True)[0] + grad
-            change = float((update - v).abs().max())
-            v = update
-            # For a contraction |v| stays within |g| / (1 - rho); growth by 1e8 means rho >= 1.
-            if not math.isfinite(change) or change > DIVERGENCE_FACTOR * scale:
-                raise IllConditionedError(
-                    "em: the implicit gradient diverged (EM is not at a fixed point that contracts); "
-                    "run more iterations (n_iter) or use gradient='unrolled' or 'last'"
-                )
-            if change <= threshold:
-                return v
-        warnings.warn(
-            f"em: the implicit-gradient iteration did not converge in {max_iter} steps (last change {change:.3g}, "
-            f"tolerance {threshold:.3g}); raise n_iter so EM reaches its fixed point, or implicit_max_iter",
-            ImplicitGradientWarning, stacklevel=2,
-        )
+        solver = _direct_adjoint if grad.shape[-1] <= DIRECT_SOLVE_PARAMETERS else _iterative_adjoint
+        v = solver(f, z, grad, max_iter, tol)
+        if not bool(torch.isfinite(v).all()):
+            raise IllConditionedError(
+                "em: the implicit gradient is not finite (I - J is singular at this point: EM is not at a fixed point "
+                "that contracts); run more iterations (n_iter) or use gradient='unrolled' or 'last'"
+            )
         return v
 
     return solve
+
+
+def _direct_adjoint(f: torch.Tensor, z: torch.Tensor, grad: torch.Tensor, max_iter: int, tol: float) -> torch.Tensor:
+    """(I - J^T)^{-1} g per set, J (1, M, P, P) from P vector-Jacobian products."""
+    n_parameters = grad.shape[-1]
+    rows = []
+    for i in range(n_parameters):
+        basis = torch.zeros_like(grad)
+        basis[..., i] = 1
+        rows.append(torch.autograd.grad(f, z, basis, retain_graph=True)[0])  # row i of every set's J
+    jacobian = torch.stack(rows, -2)  # (1, M, P, P)
+    eye = torch.eye(n_parameters, dtype=grad.dtype, device=grad.device)
+    solution, info = torch.linalg.solve_ex(eye - jacobian.mT, grad.unsqueeze(-1))
+    return torch.where((info == 0)[..., None, None], solution, math.inf).squeeze(-1)
+
+
+def _iterative_adjoint(f: torch.Tensor, z: torch.Tensor, grad: torch.Tensor, max_iter: int, tol: float) -> torch.Tensor:
+    """v = g + J^T v by fixed-point iteration (converges where EM contracts)."""
+    v = grad
+    scale = max(float(grad.abs().max()), torch.finfo(grad.dtype).tiny)
+    for _ in range(max_iter):
+        update = torch.autograd.grad(f, z, v, retain_graph=True)[0] + grad
+        change = float((update - v).abs().max())
+        v = update
+        # For a contraction |v| stays within |g| / (1 - rho); growth by 1e8 means rho >= 1.
+        if not math.isfinite(change) or change > DIVERGENCE_FACTOR * scale:
+            return torch.full_like(v, math.inf)
+        if change <= tol * scale:
+            return v
+    warnings.warn(
+        f"em: the implicit-gradient iteration did not converge in {max_iter} steps (last change {change:.3g}, "
+        f"tolerance {tol * scale:.3g}); raise n_iter so EM reaches its fixed point, or implicit_max_iter",
+        ImplicitGradientWarning, stacklevel=2,
+    )
+    return v
 
 
 class ImplicitGradientWarning(UserWarning):

@@ -49,19 +49,6 @@ def run_once(X, family, init, mode: str, n_iter: int) -> None:
         (state.means.square().mean() + state.responsibilities[..., 0].mean()).backward()
 
 
-def saved_bytes(X, family, init, mode: str, n_iter: int) -> int:
-    total = 0
-
-    def pack(tensor):
-        nonlocal total
-        total += tensor.numel() * tensor.element_size()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        run_once(X, family, init, mode, n_iter)
-    return total
-
-
 def timed(X, family, init, mode: str, n_iter: int, reps: int) -> tuple[float, float | None]:
     cuda = X.device.type == "cuda"
     run_once(X, family, init, mode, n_iter)  # warm-up
@@ -104,7 +91,7 @@ def main(argv=None) -> int:
                 with warnings.catch_warnings(record=True) as caught:
                     warnings.simplefilter("always", ImplicitGradientWarning)
                     seconds, peak = timed(X, family, init, mode, n_iter, args.reps)
-                    saved = saved_bytes(X, family, init, mode, n_iter) / 2**20
+                    saved = torch_em.saved_tensor_bytes(lambda: run_once(X, family, init, mode, n_iter)) / 2**20
             except torch_em.IllConditionedError as err:
                 lines.append(f"| {mode} | {n_iter} | failed: {str(err).split(';')[0]} | | " + ("| |" if cuda else "|"))
             else:

@@ -3,8 +3,8 @@
 1. ``memory``: peak memory of ``GaussianMixture.fit`` over a generator-backed callable source
    (batches generated on the fly from a seeded ``torch.Generator``, the same data every pass) for
    two stream lengths; each fit runs in a fresh subprocess (this script with a hidden flag), which
-   reports ``ru_maxrss`` after the fit minus its RSS right before it. Bounded memory means the two
-   growths agree (target: within 10%).
+   reports ``ru_maxrss`` after the fit minus its RSS right before it. Bounded memory means the
+   longer stream needs no more (target: its growth at most 10% above the shorter one's).
 2. ``online``: throughput (points/s) of online training on one pass over a stream of mini-batches:
    torch_em ``partial_fit`` versus torchgmm's mini-batch training (``batch_size=...``,
    ``max_epochs=1``) and pomegranate's ``summarize``/``from_summaries`` loop, from the same
@@ -240,9 +240,9 @@ def report(memory: list[dict], mem_batch: int, online: list[dict], meta: dict, a
     if len(ok) == 2:
         growth = ok[1]["growth_kib"] / ok[0]["growth_kib"] if ok[0]["growth_kib"] > 0 else float("nan")
         peak = ok[1]["maxrss_kib"] / ok[0]["maxrss_kib"]
-        verdict = "not assessed (--quick)" if args.quick else ("met" if abs(growth - 1) <= 0.10 else "NOT met")
+        verdict = "not assessed (--quick)" if args.quick else ("met" if growth <= 1.10 else "NOT met")
         lines += ["", f"Ratio {ok[1]['n_points']:,} / {ok[0]['n_points']:,} points: growth {growth:.3f}x, "
-                      f"absolute peak {peak:.3f}x (target: growths within 10% of each other: {verdict}; "
+                      f"absolute peak {peak:.3f}x (target: the longer stream's growth at most 10% above: {verdict}; "
                       f"the data alone would be {ok[1]['n_points'] * D * 4 / 2**20:,.0f} MiB vs "
                       f"{ok[0]['n_points'] * D * 4 / 2**20:,.0f} MiB). Rows show the median run by growth; "
                       "identical runs differ by tens of MiB (allocator and page-level noise), hence several runs."]

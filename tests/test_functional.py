@@ -141,26 +141,12 @@ def test_last_mode_is_the_gradient_of_one_step_from_the_detached_state(covarianc
     torch.testing.assert_close(last.means, one_step.means, rtol=1e-12, atol=1e-12)
 
 
-def _saved_bytes(run) -> int:
-    """Bytes of the tensors autograd saves for the backward pass of ``run()``."""
-    total = 0
-
-    def pack(tensor):
-        nonlocal total
-        total += tensor.numel() * tensor.element_size()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        run()
-    return total
-
-
 @pytest.mark.filterwarnings("ignore::torch_em.ImplicitGradientWarning")  # memory only: EM need not converge
 def test_last_mode_memory_does_not_grow_with_n_iter():
     X = _sets(B=4, N=200, seed=4).requires_grad_()
     family, init = _gaussian_init("full", requires_grad=True)
     saved = {
-        mode: [_saved_bytes(lambda: em(X, init, n, family=family, gradient=mode)) for n in (2, 8, 32)]
+        mode: [torch_em.saved_tensor_bytes(lambda: em(X, init, n, family=family, gradient=mode)) for n in (2, 8, 32)]
         for mode in ("last", "unrolled", "implicit")
     }
     assert saved["last"][0] == saved["last"][1] == saved["last"][2] > 0

@@ -236,3 +236,24 @@ def test_polyak_averaging_smooths_noisy_iterates_and_resumes_exactly(tmp_path):
         assert torch.equal(resumed.state_dict()[key], value), key
     with pytest.raises(ValueError, match="averaging_start"):
         torch_em.GaussianMixture(3, averaging_start=-1)
+
+
+def test_per_batch_data_is_freed_by_reference_counting():
+    """A pass over a stream builds one em.Data per batch; a reference cycle would keep each
+    batch's tensors alive until the cyclic collector ran (memory growing with the stream)."""
+    import gc
+    import weakref
+
+    from torch_em import em
+
+    family = torch_em.Gaussian("diag")
+    X = torch.randn(100, 2)
+    data = em.Data(family, X, family.reference(X), chunk_size=50, cache=False)
+    assert data.sample is data
+    ref = weakref.ref(data)
+    gc.disable()
+    try:
+        del data
+        assert ref() is None
+    finally:
+        gc.enable()

@@ -7,7 +7,7 @@ from .mixture import Mixture
 from . import functional, nn
 from .functional import EMState, ImplicitGradientWarning
 from .nn import EMLayer
-from .training import reset_optimizer_state
+from .training import reset_optimizer_state, saved_tensor_bytes
 
 __version__ = "0.1.0"
 
@@ -32,4 +32,5 @@ __all__ = [
     "functional",
     "nn",
     "reset_optimizer_state",
+    "saved_tensor_bytes",
 ]

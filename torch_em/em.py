@@ -51,8 +51,7 @@ class Data:
         self.n_points = X.shape[-2]
         #: Points over all ranks under torch.distributed (set by the caller), else n_points.
         self.n_total = self.n_points
-        #: The data that initialisation works on (a subset of large data, set by the caller).
-        self.sample = self
+        self._sample: Data | None = None
         self.chunk_size = chunk_size
         self.bounds = [(start, min(start + chunk_size, self.n_points)) for start in range(0, self.n_points, chunk_size)]
         self._cache: list[tuple[torch.Tensor, torch.Tensor | None]] | None = None
@@ -62,6 +61,17 @@ class Data:
             # (one large GEMM) keeps the point-major layout, which suits its statistics GEMM.
             layout = _feature_major if X.dim() == 3 else (lambda T, h: (T, h))
             self._cache = [layout(*self._features(start, stop)) for start, stop in self.bounds]
+
+    @property
+    def sample(self) -> "Data":
+        """The data that initialisation works on: these data, or a subset of large data set by
+        the caller. (Not stored as ``self``: a reference cycle would keep every per-batch Data of
+        a stream, and its tensors, alive until the cyclic garbage collector ran.)"""
+        return self if self._sample is None else self._sample
+
+    @sample.setter
+    def sample(self, value: "Data") -> None:
+        self._sample = value
 
     def _features(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         return self.family.features(self.X[..., start:stop, :], self.shift)

@@ -1,7 +1,7 @@
 """Helpers for models that EM and an optimizer train together."""
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 
@@ -16,3 +16,19 @@ def reset_optimizer_state(optimizer: torch.optim.Optimizer, parameters: Iterable
     """
     for parameter in parameters:
         optimizer.state.pop(parameter, None)
+
+
+def saved_tensor_bytes(run: Callable[[], object]) -> int:
+    """Bytes of the tensors autograd saves for the backward pass while ``run()`` executes: the
+    memory a graph holds, measured the same way on every device (e.g. to compare the gradient
+    modes of :func:`torch_em.functional.em`). Tensors saved twice are counted twice."""
+    total = 0
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        nonlocal total
+        total += tensor.numel() * tensor.element_size()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        run()
+    return total

@@ -33,6 +33,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
+import numpy as np
 import torch
 
 from . import em as engine
@@ -155,11 +156,7 @@ class _Sets:
     def _describe(self, restart: int, model: int) -> str:
         if not self.batch_shape:
             return "the set"
-        index = []
-        for size in reversed(self.batch_shape):
-            model, position = divmod(model, size)
-            index.append(position)
-        return f"set {tuple(reversed(index))}"
+        return f"set {tuple(int(i) for i in np.unravel_index(model, tuple(self.batch_shape)))}"
 
 
 def em(
@@ -207,8 +204,7 @@ def em(
     check_int(implicit_max_iter, "implicit_max_iter", minimum=1)
     if implicit_tol is not None:
         check_positive(implicit_tol, "implicit_tol")
-    if not isinstance(family, ComponentFamily):
-        raise ValueError(f"family must be a torch_em ComponentFamily, got {type(family).__name__}")
+    check_family(family)
     X = _checked_sets(X)
     mask = _checked_mask(mask, X)
     log_weights, theta = _working_init(family, init, X)
@@ -356,6 +352,12 @@ def _iterative_adjoint(f: torch.Tensor, z: torch.Tensor, grad: torch.Tensor, max
 
 class ImplicitGradientWarning(UserWarning):
     """The adjoint iteration of ``gradient="implicit"`` stopped before it converged."""
+
+
+def check_family(family: Any) -> None:
+    """ValueError unless ``family`` is a component family (e.g. ``torch_em.Gaussian("diag")``)."""
+    if not isinstance(family, ComponentFamily):
+        raise ValueError(f"family must be a torch_em ComponentFamily, got {type(family).__name__}")
 
 
 def _checked_sets(X: Any) -> torch.Tensor:

@@ -327,3 +327,20 @@ def test_direct_and_iterative_implicit_solves_agree_at_convergence(monkeypatch):
     direct = gradient()
     monkeypatch.setattr(torch_em.functional, "DIRECT_SOLVE_PARAMETERS", 0)
     torch.testing.assert_close(gradient(), direct, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda: torch_em.EMLayer(2, 2, family="gaussian"), "ComponentFamily"),
+        (lambda: torch_em.EMLayer(2, 2, learn_init="no"), "learn_init"),
+        (lambda: torch_em.EMLayer(2, 2, gradient="exact"), "gradient"),
+        (lambda: torch_em.EMLayer(0, 2), "n_components"),
+        (lambda: torch_em.EMLayer(2, 2)(torch.randn(3, 10, 3)), "D=2"),
+        (lambda: torch_em.reset_optimizer_state("adam", []), "Optimizer"),
+        (lambda: torch_em.saved_tensor_bytes(3), "callable"),
+    ],
+)
+def test_layer_and_training_helpers_reject_bad_arguments(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()

@@ -8,7 +8,7 @@ from ._random import resolve_seed
 from ._validation import check_choice, check_int, check_positive
 from .families.base import ComponentFamily
 from .families.gaussian import Gaussian
-from .functional import GRADIENT_MODES, EMState, em
+from .functional import GRADIENT_MODES, EMState, check_family, em
 
 
 class EMLayer(nn.Module):
@@ -57,6 +57,10 @@ class EMLayer(nn.Module):
         check_int(n_iter, "n_iter", minimum=1)
         check_choice(gradient, "gradient", GRADIENT_MODES)
         check_positive(prior_count, "prior_count", allow_zero=True)
+        if family is not None:
+            check_family(family)
+        if not isinstance(learn_init, bool):
+            raise ValueError(f"learn_init must be True or False, got {learn_init!r}")
         self.family = family if family is not None else Gaussian("diag")
         self.n_components, self.n_features = int(n_components), int(n_features)
         self.n_iter, self.gradient, self.prior_count = int(n_iter), gradient, float(prior_count)
@@ -70,6 +74,8 @@ class EMLayer(nn.Module):
         )
 
     def forward(self, X: torch.Tensor, mask: torch.Tensor | None = None) -> EMState:
+        if isinstance(X, torch.Tensor) and X.dim() >= 2 and X.shape[-1] != self.n_features:
+            raise ValueError(f"X must have shape (*batch, N, D={self.n_features}), got {tuple(X.shape)}")
         return em(
             X, dict(self.initial), self.n_iter, family=self.family, mask=mask,
             gradient=self.gradient, prior_count=self.prior_count,

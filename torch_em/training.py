@@ -14,6 +14,8 @@ def reset_optimizer_state(optimizer: torch.optim.Optimizer, parameters: Iterable
     afresh (for Adam: a bias-corrected first step of size ~lr) instead of pushing along stale
     directions. Parameters the optimizer does not hold are ignored.
     """
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise ValueError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
     for parameter in parameters:
         optimizer.state.pop(parameter, None)
 
@@ -22,6 +24,8 @@ def saved_tensor_bytes(run: Callable[[], object]) -> int:
     """Bytes of the tensors autograd saves for the backward pass while ``run()`` executes: the
     memory a graph holds, measured the same way on every device (e.g. to compare the gradient
     modes of :func:`torch_em.functional.em`). Tensors saved twice are counted twice."""
+    if not callable(run):
+        raise ValueError(f"run must be a callable taking no arguments, got {type(run).__name__}")
     total = 0
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:

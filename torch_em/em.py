@@ -25,6 +25,14 @@ from .families.base import ComponentFamily, IllConditionedError, Theta
 CHUNK_ELEMENTS = 1 << 21
 #: Features of the whole dataset are computed once per fit when they take at most this many bytes.
 FEATURE_CACHE_BYTES = 256 << 20
+#: A fit evaluates a component directly, and takes its statistics about its own reference point,
+#: when the expansion about the shared one would round by more than this (nats per feature).
+FIT_ERROR_PER_FEATURE = 1e-4
+#: Reported densities (log_prob, predict_proba, ...) evaluate a component directly when the
+#: expansion would be this many times less accurate than a direct evaluation ...
+EVALUATION_ERROR_RATIO = 4.0
+#: ... and not below this many nats per feature anyway (float64, mostly).
+NEGLIGIBLE_ERROR_PER_FEATURE = 1e-9
 #: log2(e). The E-step works on log-densities in bits: exp2 is several times faster than exp on
 #: CPUs (vectorised), and the scale is folded into the natural parameters, which are small.
 LOG2_E = 1.0 / math.log(2.0)
@@ -84,9 +92,9 @@ class Data:
             for start, stop in self.bounds:
                 yield self._features(start, stop)
 
-    def statistics(self, eta: torch.Tensor, const: torch.Tensor) -> "Statistics":
+    def statistics(self, eta: torch.Tensor, const: torch.Tensor, own: "OwnReference | None" = None) -> "Statistics":
         """Statistics of the data (summed over ranks under torch.distributed)."""
-        return e_step(self, eta, const).reduced()
+        return e_step(self, eta, const, own).reduced()
 
     def worst_points(self, eta: torch.Tensor, const: torch.Tensor, k: int) -> torch.Tensor:
         """Features of the k worst-explained points (rank 0's under torch.distributed)."""
@@ -119,10 +127,10 @@ class StreamData:
         self.chunk_size = chunk_size
         self.sample = sample
 
-    def statistics(self, eta: torch.Tensor, const: torch.Tensor) -> "Statistics":
+    def statistics(self, eta: torch.Tensor, const: torch.Tensor, own: "OwnReference | None" = None) -> "Statistics":
         total = None
         for batch in self.batches():
-            stats = e_step(Data(self.family, batch, self.shift, self.chunk_size, cache=False), eta, const)
+            stats = e_step(Data(self.family, batch, self.shift, self.chunk_size, cache=False), eta, const, own)
             total = stats if total is None else total + stats
         return total.reduced()
 
@@ -227,36 +235,171 @@ class Statistics:
     counts: torch.Tensor  # (R, M, K) expected number of points per component
     sums: torch.Tensor  # (R, M, K, F) expected sufficient statistics
     log_likelihood: torch.Tensor  # (R, M) total log-likelihood of the data (nan if not computed)
+    #: (R, M, K, D) the point each component's sums are taken about, where some components have
+    #: their own (:class:`OwnReference`); None: the data's shared reference point for all.
+    reference: torch.Tensor | None = None
 
     def __add__(self, other: "Statistics") -> "Statistics":
-        return Statistics(self.counts + other.counts, self.sums + other.sums, self.log_likelihood + other.log_likelihood)
+        # Both summands come from one pass, with the same reference points.
+        return Statistics(self.counts + other.counts, self.sums + other.sums,
+                          self.log_likelihood + other.log_likelihood, self.reference)
 
     def reduced(self) -> "Statistics":
         """Summed over the ranks of torch.distributed (one all_reduce); unchanged without it."""
-        return Statistics(*distributed.all_reduce_sum(self.counts, self.sums, self.log_likelihood))
+        return Statistics(*distributed.all_reduce_sum(self.counts, self.sums, self.log_likelihood), self.reference)
 
 
-def e_step(data: Data, eta: torch.Tensor, const: torch.Tensor) -> Statistics:
-    """One pass over the data: statistics and total log-likelihood under (eta, const + log w)."""
+@dataclass
+class OwnReference:
+    """Components of a working batch (R, M, K) that are evaluated and summarised about their own
+    reference point instead of the data's shared one, because the expanded form about the shared
+    point would cancel (:meth:`ComponentFamily.own_reference_components`).
+
+    index: (G,) their flat positions in R * M * K; points: (G, D) the points their statistics are
+    taken about; direct: (G,) bool, whether their log-density is evaluated directly from
+    ``theta`` (then ``points`` are the family's own reference points of ``theta``); theta: the
+    working parameters (R, M, K, ...); log_weights: (G,) their log mixing weights;
+    summarise: whether their statistics are taken about ``points`` (False: only the
+    log-densities are direct, the statistics stay about the shared point, as online EM's running
+    statistics need).
+    """
+
+    family: ComponentFamily
+    index: torch.Tensor
+    points: torch.Tensor
+    direct: torch.Tensor
+    theta: Theta
+    log_weights: torch.Tensor
+    summarise: bool = True
+
+    @staticmethod
+    def of(family: ComponentFamily, theta: Theta, log_weights: torch.Tensor, shift: torch.Tensor | None,
+           evaluation: bool = False) -> "OwnReference | None":
+        """The components of ``theta`` (R, M, K, ...) that need their own reference, or None.
+
+        For a fit (``evaluation=False``), those whose expansion would round by more than
+        FIT_ERROR_PER_FEATURE nats per feature (which would also be the relative rounding of
+        their covariances): the expansion stays where its error is far below what moves a fit.
+        For reported densities (``evaluation=True``, statistics untouched), also those it would
+        evaluate EVALUATION_ERROR_RATIO times less accurately than a direct evaluation."""
+        errors = family.expansion_error(theta, shift) if family.has_own_reference else None
+        if errors is None:
+            return None
+        expanded, direct = errors  # (R, M, K)
+        points = family.own_reference(theta)  # (R, M, K, D)
+        n_features = points.shape[-1]
+        mask = expanded > FIT_ERROR_PER_FEATURE * n_features
+        if evaluation:
+            mask |= (expanded > EVALUATION_ERROR_RATIO * direct) & (expanded > NEGLIGIBLE_ERROR_PER_FEATURE * n_features)
+        if not bool(mask.any()):
+            return None
+        index = mask.expand(log_weights.shape).flatten().nonzero().squeeze(-1)  # (G,)
+        points = points.flatten(0, -2)[index]  # (G, D)
+        direct_mask = torch.ones_like(index, dtype=torch.bool)
+        return OwnReference(family, index, points, direct_mask, theta, log_weights.flatten()[index], not evaluation)
+
+    @staticmethod
+    def none(family: ComponentFamily, theta: Theta) -> "OwnReference":
+        """No component with its own reference yet (to be :meth:`extended`)."""
+        points = family.own_reference(theta)
+        index = torch.zeros(0, dtype=torch.long, device=points.device)
+        return OwnReference(family, index, points.new_zeros(0, points.shape[-1]), index.bool(), theta,
+                            points.new_zeros(0))
+
+    def extended(self, extra: torch.Tensor, points: torch.Tensor) -> "OwnReference":
+        """The same with the statistics of more components ``extra`` (R, M, K) bool, not yet
+        included, taken about ``points`` (R, M, K, D) (their log-densities stay as they were)."""
+        index = extra.flatten().nonzero().squeeze(-1)
+        return OwnReference(
+            self.family, torch.cat([self.index, index]), torch.cat([self.points, points.flatten(0, -2)[index]]),
+            torch.cat([self.direct, torch.zeros_like(index, dtype=torch.bool)]), self.theta,
+            torch.cat([self.log_weights, self.log_weights.new_zeros(index.shape)]), self.summarise,
+        )
+
+    def mask(self, shape: torch.Size) -> torch.Tensor:
+        """Which components (R, M, K) have their own reference."""
+        mask = torch.zeros(shape.numel(), dtype=torch.bool, device=self.index.device)
+        mask[self.index] = True
+        return mask.view(shape)
+
+    def reference(self, shift: torch.Tensor | None, shape: torch.Size) -> torch.Tensor:
+        """Every component's reference point (R, M, K, D): its own, or the shared ``shift``."""
+        shared = self.points.new_zeros(()) if shift is None else shift
+        reference = shared.expand(*shape, self.points.shape[-1]).clone()
+        reference.view(-1, self.points.shape[-1])[self.index] = self.points
+        return reference
+
+    def offsets(self, X: torch.Tensor, n_components: int, n_models: int) -> torch.Tensor:
+        """``x - point`` (G, n, D) for a chunk X (n, D) shared or (M, n, D) one per model."""
+        if X.dim() == 3:
+            X = X[(self.index // n_components) % n_models]  # each component's own model's points
+        return X - self.points.unsqueeze(-2)
+
+    def apply(self, X: torch.Tensor, log2_joint: torch.Tensor | None, resp: torch.Tensor | None,
+              sums: torch.Tensor | None, scale: float = LOG2_E) -> None:
+        """Overwrite, for one chunk X, the direct components' log joint densities
+        (``log2_joint`` (R, M, K, n), before normalising, in units of ``1 / scale`` nats: bits by
+        default) or, given ``resp`` (R, M, K, n), the components' statistics ``sums``
+        (R, M, K, F). Groups of components at a time, so the (G, n, D) offsets stay near
+        CHUNK_ELEMENTS."""
+        R, M, K, n = (log2_joint if log2_joint is not None else resp).shape
+        group = max(1, CHUNK_ELEMENTS // max(1, n * X.shape[-1]))
+        for start in range(0, self.index.numel(), group):
+            part = slice(start, start + group)
+            index, offsets = self.index[part], self._slice(part).offsets(X, K, M)
+            if log2_joint is not None:
+                direct = self.direct[part]
+                if bool(direct.any()):
+                    log_prob = self.family.direct_log_prob(offsets[direct], self.theta, index[direct])
+                    log2_joint.view(-1, n)[index[direct]] = (log_prob + self.log_weights[part][direct, None]) * scale
+            elif self.summarise:
+                weights = resp.reshape(-1, n)[index]  # (g, n)
+                sums.view(-1, sums.shape[-1])[index] = self.family.own_reference_statistics(offsets, weights)
+
+    def _slice(self, part: slice) -> "OwnReference":
+        return OwnReference(self.family, self.index[part], self.points[part], self.direct[part], self.theta,
+                            self.log_weights[part], self.summarise)
+
+
+def e_step(data: Data, eta: torch.Tensor, const: torch.Tensor, own: OwnReference | None = None) -> Statistics:
+    """One pass over the data: statistics and total log-likelihood under (eta, const + log w).
+
+    ``own``: components evaluated directly and summarised about their own reference point."""
     eta, const = eta * LOG2_E, const * LOG2_E  # log-densities in bits (normalise_bits)
     total = None
-    for T, h in data.chunks():
+    for (start, stop), (T, h) in zip(data.bounds, data.chunks()):
         log2_joint = component_log_prob(T, None if h is None else h * LOG2_E, eta, const)  # (R, M, K, n)
+        X = None if own is None else data.X[..., start:stop, :]
+        if own is not None:
+            own.apply(X, log2_joint, None, None)
         resp, peak, norm = normalise_bits(log2_joint, inplace=True)  # peak, norm: (R, M, 1, n)
         log2_likelihood = peak.sum((-2, -1)) + sum_log2(norm.squeeze(-2), bound=log2_joint.shape[-2])  # (R, M)
-        chunk = Statistics(resp.sum(-1), weighted_statistics(T, resp), log2_likelihood * LN_2)
+        sums = weighted_statistics(T, resp)
+        if own is not None:
+            own.apply(X, None, resp, sums)
+        chunk = Statistics(resp.sum(-1), sums, log2_likelihood * LN_2)
         total = chunk if total is None else total + chunk
+    if own is not None and own.summarise:
+        total.reference = own.reference(data.shift, total.counts.shape)
     return total
 
 
-def statistics_from_responsibilities(data: Data, resp_fn: Callable[[int, int], torch.Tensor]) -> Statistics:
-    """Statistics for given responsibilities; ``resp_fn(start, stop)`` -> (R, M, K, n)."""
+def statistics_from_responsibilities(
+    data: Data, resp_fn: Callable[[int, int], torch.Tensor], own: OwnReference | None = None
+) -> Statistics:
+    """Statistics for given responsibilities; ``resp_fn(start, stop)`` -> (R, M, K, n).
+    ``own``: components summarised about their own reference point."""
     total = None
     for (start, stop), (T, _) in zip(data.bounds, data.chunks()):
         resp = resp_fn(start, stop)
         unknown = torch.full(resp.shape[:2], math.nan, dtype=resp.dtype, device=resp.device)  # no likelihood
-        chunk = Statistics(resp.sum(-1), weighted_statistics(T, resp), unknown)
+        sums = weighted_statistics(T, resp)
+        if own is not None:
+            own.apply(data.X[..., start:stop, :], None, resp, sums)
+        chunk = Statistics(resp.sum(-1), sums, unknown)
         total = chunk if total is None else total + chunk
+    if own is not None:
+        total.reference = own.reference(data.shift, total.counts.shape)
     return total
 
 
@@ -284,7 +427,8 @@ def worst_point_features(data: Data, eta: torch.Tensor, const: torch.Tensor, k: 
 
 
 def reseed_empty(
-    family: ComponentFamily, stats: Statistics, candidates: Callable[[int], torch.Tensor], active: torch.Tensor
+    family: ComponentFamily, stats: Statistics, candidates: Callable[[int], torch.Tensor], active: torch.Tensor,
+    shift: torch.Tensor | None = None,
 ) -> Statistics:
     """Replace the statistics of components with fewer than ``family.min_count`` points (in
     active models) by a pseudo-point each at the worst-explained data points, weighted like an
@@ -306,19 +450,31 @@ def reseed_empty(
     share = stats.counts.sum(-1, keepdim=True) / n_components  # (R, M, 1)
     counts = torch.where(empty, share.expand_as(stats.counts), stats.counts)
     sums = torch.where(empty.unsqueeze(-1), share.unsqueeze(-1) * pseudo, stats.sums)
-    return Statistics(counts, sums, stats.log_likelihood)
+    reference = stats.reference
+    if reference is not None:  # the pseudo-point's features are about the shared point ``shift``
+        shared = reference.new_zeros(()) if shift is None else shift
+        reference = torch.where(empty.unsqueeze(-1), shared.expand_as(reference), reference)
+    return Statistics(counts, sums, stats.log_likelihood, reference)
 
 
 def m_step(
     family: ComponentFamily, stats: Statistics, shift: torch.Tensor | None, active: torch.Tensor,
     describe_model: Callable[[int, int], str], when: str, fixed: Theta | None = None,
+    refine: Callable[[torch.Tensor, Theta], Statistics | None] | None = None,
 ) -> tuple[torch.Tensor, Theta]:
     """Closed-form M-step for the working batch: (log_weights (R, M, K), theta).
 
     ``fixed``: parameters held at their values (working layout; ``"logits"`` holds log-weights),
     the others maximised given them (the family's conditional M-step).
+    ``refine(invalid, theta)``: when components (R, M, K) come out invalid, statistics taken
+    again with those components about their own new reference point (exact where the one-pass
+    statistics about the shared point lost the variance to rounding), or None; the M-step is then
+    redone from them.
     Raises IllConditionedError naming the first invalid component of an active model.
     """
+    shared_shift, original_fixed = shift, fixed
+    if stats.reference is not None:  # some components' sums are about their own reference point
+        shift = stats.reference
     fixed = dict(fixed or {})
     counts = stats.counts + 10 * torch.finfo(stats.counts.dtype).eps
     fixed_log_weights = fixed.pop("logits", None)
@@ -331,12 +487,36 @@ def m_step(
     else:
         theta, valid = family.m_step(counts, stats.sums, shift)
     invalid = ~valid & active.unsqueeze(-1)
+    if refine is not None and bool(invalid.any()):
+        refined = refine(invalid, theta)
+        if refined is not None:
+            return m_step(family, refined, shared_shift, active, describe_model, when, original_fixed)
     if bool(invalid.any()):
         r, m, k = (int(i) for i in invalid.nonzero()[0])
         raise IllConditionedError(
             f"{when}: component {k} of {describe_model(r, m)} is invalid: {family.invalid_component_advice()}"
         )
     return log_weights, theta
+
+
+def refiner(
+    family: ComponentFamily, own: OwnReference | None, statistics: Callable[[OwnReference], Statistics],
+) -> Callable[[torch.Tensor, Theta], Statistics | None] | None:
+    """The ``refine`` step of :func:`m_step`: statistics taken again by ``statistics(own)`` with
+    the invalid components whose sums were about the shared point now about their new means (a
+    variance below the rounding of one-pass statistics about a distant point is then exact)."""
+    if not family.has_own_reference:
+        return None
+
+    def refine(invalid: torch.Tensor, new_theta: Theta) -> Statistics | None:
+        has_own = own.mask(invalid.shape) if own is not None else torch.zeros_like(invalid)
+        extra = invalid & ~has_own
+        if not bool(extra.any()):
+            return None
+        base = own if own is not None else OwnReference.none(family, new_theta)
+        return statistics(base.extended(extra, family.own_reference(new_theta).expand(*invalid.shape, -1)))
+
+    return refine
 
 
 def natural_with_weights(
@@ -379,7 +559,8 @@ def run_em(
     n_active = R * M
     for iteration in range(1, max_iter + 1):
         eta, const = natural_with_weights(family, theta, log_weights, data.shift)
-        stats = data.statistics(eta, const)
+        own = OwnReference.of(family, theta, log_weights, data.shift)
+        stats = data.statistics(eta, const, own)
         current = stats.log_likelihood / data.n_total
         bad = ~torch.isfinite(current) & active
         if bool(bad.any()):
@@ -388,9 +569,16 @@ def run_em(
                 f"EM iteration {iteration}: the log-likelihood of {describe_model(r, m)} is not finite; "
                 "use float64, scale the data or increase the regularisation"
             )
-        stats = reseed_empty(family, stats, lambda k: data.worst_points(eta, const, k), active)
+        def candidates(k: int, eta=eta, const=const) -> torch.Tensor:
+            return data.worst_points(eta, const, k)
+
+        def reseeded_statistics(own: OwnReference, eta=eta, const=const) -> Statistics:
+            return reseed_empty(family, data.statistics(eta, const, own), candidates, active, data.shift)
+
+        stats = reseed_empty(family, stats, candidates, active, data.shift)
         new_log_weights, new_theta = m_step(
-            family, stats, data.shift, active, describe_model, f"EM iteration {iteration}", fixed
+            family, stats, data.shift, active, describe_model, f"EM iteration {iteration}", fixed,
+            refiner(family, own, reseeded_statistics),
         )
         if n_active == R * M:  # every model still running: take the update as it is
             log_weights, theta, lower_bound = new_log_weights, {name: new_theta[name] for name in theta}, current

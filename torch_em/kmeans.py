@@ -190,12 +190,16 @@ class KMeans(nn.Module):
         return labels.reshape(*self.batch_shape, X.shape[-2]), dist.reshape(*self.batch_shape, X.shape[-2])
 
     def _working(self, X: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        """Validated, centred data (N, D) or (M, N, D) and centres (1, M, K, D) in the same frame."""
+        """Validated, centred data (N, D) or (M, N, D) and centres (1, M, K, D) in the same frame.
+
+        The frame's origin is the mean of the centres (over the models too when X is shared): a
+        function of the model alone, so a row's result never depends on the other rows."""
         X = self._validated_input(X)
         M, K, D = self.n_models, self.n_clusters, X.shape[-1]
         X = X if X.dim() == 2 else X.reshape(M, X.shape[-2], D)
-        shift = X.mean(-2, keepdim=True)
-        return X - shift, self.cluster_centers_.reshape(1, M, K, D) - shift
+        centres = self.cluster_centers_.reshape(1, M, K, D)
+        shift = centres.mean((1, 2)) if X.dim() == 2 else centres[0].mean(-2, keepdim=True)  # (1, D) or (M, 1, D)
+        return X - shift, centres - shift
 
     def _chunk(self, n_centres: int) -> int:
         return self.chunk_size or max(256, CHUNK_ELEMENTS // n_centres)

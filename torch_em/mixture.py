@@ -336,14 +336,17 @@ class Mixture(nn.Module):
             user_centres = self.family.embedding(user_centres, shift)
         embedded = self.family.embedding(X, shift)
         resp = initial_responsibilities(self.init_params, embedded, M, K, streams, chunk, user_centres)
-        stats = em.statistics_from_responsibilities(data, resp)
         every_model = torch.ones(R, M, dtype=torch.bool, device=X.device)
 
         def random_candidates(k: int) -> torch.Tensor:
             return self.family.features(random_points(X, M, k, streams), shift)[0]
 
-        stats = em.reseed_empty(self.family, stats, random_candidates, every_model)
-        log_weights, theta = em.m_step(self.family, stats, shift, every_model, self._describe_model, "initialisation")
+        def reseeded_statistics(own: em.OwnReference | None = None) -> em.Statistics:
+            stats = em.statistics_from_responsibilities(data, resp, own)
+            return em.reseed_empty(self.family, stats, random_candidates, every_model, shift)
+
+        log_weights, theta = em.m_step(self.family, reseeded_statistics(), shift, every_model, self._describe_model,
+                                       "initialisation", refine=em.refiner(self.family, None, reseeded_statistics))
         for name, value in user_theta.items():
             working = self._to_restarts(value, R)
             if name == "logits":
@@ -396,7 +399,12 @@ class Mixture(nn.Module):
         data = em.Data(self.family, X, shift, chunk)
         n_points = distributed.total_points(n_points, X.device)  # the batch over all ranks
         eta, const = em.natural_with_weights(self.family, theta, log_weights, shift)
-        batch = data.statistics(eta, const)  # (1, M, ...)
+        # Components far from the stream's reference are evaluated directly; the running
+        # statistics stay about the shared reference (they are averaged across batches).
+        own = em.OwnReference.of(self.family, theta, log_weights, shift)
+        if own is not None:
+            own.summarise = False
+        batch = data.statistics(eta, const, own)  # (1, M, ...)
         if not bool(torch.isfinite(batch.log_likelihood).all()):
             raise em.IllConditionedError("partial_fit: the batch log-likelihood is not finite; use float64 or scale the data")
         rho = self.schedule.rho(int(self.stream_steps) if started else 0)
@@ -431,13 +439,25 @@ class Mixture(nn.Module):
         X = self._validated_input(X, "X")
         N = X.shape[-2]
         X = self._working_data(X)
-        shift = self.family.reference(X)
-        shift = None if shift is None else shift.detach()  # the density does not depend on it
         log_weights, theta = self._working_parameters()
+        shift = self._evaluation_reference(log_weights, theta, shared=X.dim() == 2)
         eta, const = em.natural_with_weights(self.family, theta, log_weights, shift)
         T, h = self.family.features(X, shift)
         lp = em.component_log_prob(T, h, eta, const)  # (1, M, K, N)
+        own = em.OwnReference.of(self.family, theta, log_weights, shift, evaluation=True)
+        if own is not None:  # components the expansion about the reference would not resolve
+            own.apply(X, lp, None, None, scale=1.0)
         return lp.mT.reshape(*self.batch_shape, N, self.n_components)
+
+    def _evaluation_reference(self, log_weights: torch.Tensor, theta: Theta, shared: bool) -> torch.Tensor | None:
+        """The reference point of evaluation, a function of the parameters alone (so a row's
+        result never depends on the other rows): the family's, from (1, M, ...) parameters; for
+        data shared by every model, their average over the models, (1, D); else (M, 1, D)."""
+        with torch.no_grad():  # the density does not depend on it
+            reference = self.family.parameter_reference(theta, log_weights.exp())
+        if reference is None:
+            return None
+        return reference.mean(1).reshape(1, -1) if shared else reference[0]
 
     def log_prob(self, X: Any) -> torch.Tensor:
         """Per-point log-likelihood ``(*batch_shape, N)``; differentiable and pure."""

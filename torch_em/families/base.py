@@ -53,6 +53,9 @@ class ComponentFamily:
     min_count: float = 1e-3
     #: Whether :meth:`reference` returns a shift (statistics taken about a reference point).
     uses_reference: bool = False
+    #: Whether components can be evaluated and summarised about their own reference point
+    #: (:meth:`expansion_error` and the methods after it).
+    has_own_reference: bool = False
 
     # --- parameter layout -------------------------------------------------------------------
     def event_shapes(self, n_components: int, n_features: int) -> dict[str, tuple[int, ...]]:
@@ -101,6 +104,13 @@ class ComponentFamily:
         """Point about which statistics are taken, ``X.mean(-2, keepdim=True)``, or None."""
         return None
 
+    def parameter_reference(self, theta: Mapping[str, torch.Tensor], weights: torch.Tensor) -> torch.Tensor | None:
+        """The reference point implied by the parameters (*batch, K, ...) and mixing weights
+        (*batch, K), shaped (*batch, 1, D) like :meth:`reference` of data (e.g. the mixture
+        mean, which equals the data mean at an EM fixed point), or None. Evaluation uses it, so a
+        result depends on the model alone, not on the other rows evaluated with it."""
+        return None
+
     def embedding(self, X: torch.Tensor, shift: torch.Tensor | None) -> torch.Tensor:
         """Map of data (..., n, D) -> (..., n, E) in which the initialisation clusters with
         Euclidean k-means (e.g. one-hot codes for categorical data). Default: X - shift. It must
@@ -143,6 +153,34 @@ class ComponentFamily:
         """Whether :meth:`conditional_m_step` can hold exactly ``names`` (a subset of the family's
         parameter names) fixed while it updates the others."""
         return len(names) == 0 or names == set(self.event_shapes(1, 1))
+
+    # --- components summarised about their own reference point ----------------------------
+    def expansion_error(
+        self, theta: Mapping[str, torch.Tensor], shift: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Estimated rounding errors (nats, (*batch, K) each) of a component's log-density near
+        its mode when expanded about the shared ``shift`` (``T(x).eta + c``) and when evaluated
+        directly (:meth:`direct_log_prob`). Where the first is large (e.g. a Gaussian narrow or far
+        from ``shift``: the expanded quadratic form cancels), the engine evaluates the component
+        directly and takes its statistics about :meth:`own_reference` (``torch_em.em.OwnReference``).
+        None (the default): no such components (families without a reference point)."""
+        return None
+
+    def own_reference(self, theta: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Each component's own reference point (*batch, K, D) (e.g. a Gaussian's mean)."""
+        raise NotImplementedError
+
+    def direct_log_prob(self, offsets: torch.Tensor, theta: Mapping[str, torch.Tensor], index: torch.Tensor) -> torch.Tensor:
+        """``log p(x | component)`` (G, n) of selected components, computed from the offsets of the
+        points from each one's own reference point, ``offsets = x - own_reference`` (G, n, D), with
+        no expansion about a shared point. ``theta`` is in the working layout (R, M, K, ...) and
+        ``index`` (G,) holds the selected components' flat positions in R * M * K."""
+        raise NotImplementedError
+
+    def own_reference_statistics(self, offsets: torch.Tensor, resp: torch.Tensor) -> torch.Tensor:
+        """``sum_n resp[g, n] T(offsets[g, n])`` (G, F): statistics about each component's own
+        reference point from offsets (G, n, D) and responsibilities (G, n)."""
+        return (resp.unsqueeze(-2) @ self.features(offsets, None)[0]).squeeze(-2)
 
     def invalid_component_advice(self) -> str:
         """What a user can do when :meth:`m_step` reports an invalid component."""

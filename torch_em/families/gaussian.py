@@ -170,12 +170,28 @@ def _dot(a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
 
 
 def precision_cholesky_from_covariance(covariance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Upper ``P = L^{-T}`` for ``covariance = L L^T`` (..., D, D), and the cholesky_ex info."""
+    """Upper ``P = L^{-T}`` for ``covariance = L L^T`` (..., D, D), and the cholesky_ex info.
+
+    Below float64, a matrix that fails to factorise (positive definite, but with a condition
+    number beyond 1 / eps: reg_covar-sized variances beside large ones) is factorised again in
+    float64 and its factor rounded back. Where it still fails, the identity is inverted (no NaN)."""
     lower, info = torch.linalg.cholesky_ex(covariance)
-    if bool((info > 0).any()):  # where the factorisation failed, invert the identity: no NaN/inf
-        eye = torch.eye(covariance.shape[-1], dtype=covariance.dtype, device=covariance.device)
-        lower = torch.where((info > 0)[..., None, None], eye, lower)
-    return lower_triangular_inverse(lower).mT, info
+    failed = info > 0
+    if not bool(failed.any()):
+        return lower_triangular_inverse(lower).mT, info
+    upper = _inverse_factor_or_identity(lower, failed)
+    if covariance.dtype != torch.float64:
+        retry, retry_info = torch.linalg.cholesky_ex(covariance[failed].double())
+        upper, info = upper.clone(), info.clone()
+        upper[failed] = _inverse_factor_or_identity(retry, retry_info > 0).to(covariance.dtype)
+        info[failed] = retry_info
+    return upper, info
+
+
+def _inverse_factor_or_identity(lower: torch.Tensor, failed: torch.Tensor) -> torch.Tensor:
+    """``L^{-T}`` (..., D, D), with the identity where ``failed`` (...) marks a failed factor."""
+    eye = torch.eye(lower.shape[-1], dtype=lower.dtype, device=lower.device)
+    return lower_triangular_inverse(torch.where(failed[..., None, None], eye, lower)).mT
 
 
 def pack_raw_triangular(upper: torch.Tensor) -> torch.Tensor:
@@ -201,6 +217,7 @@ class Gaussian(ComponentFamily):
     spherical (K,)) may carry the mixture's batch dimensions in front.
     """
 
+    has_own_reference = True
     #: Components with fewer expected points than this are re-seeded.
     min_count = 1e-3
     uses_reference = True
@@ -278,6 +295,9 @@ class Gaussian(ComponentFamily):
     # --- data --------------------------------------------------------------------------------
     def reference(self, X: torch.Tensor) -> torch.Tensor:
         return X.mean(-2, keepdim=True)
+
+    def parameter_reference(self, theta, weights) -> torch.Tensor:
+        return (weights.unsqueeze(-1) * theta["loc"]).sum(-2, keepdim=True)
 
     def n_statistics(self, n_features: int) -> int:
         return {
@@ -445,6 +465,67 @@ class Gaussian(ComponentFamily):
         noise = 16 * torch.finfo(variance.dtype).eps * second_moment
         resolved = variance + self.reg_covar > noise
         return resolved.all(-1) if self.covariance_type != "spherical" else resolved
+
+    # --- components about their own mean (narrow or far from the shared reference) ----------
+    def expansion_error(self, theta, shift) -> tuple[torch.Tensor, torch.Tensor]:
+        # Expanded about the shift s, log N(x) = T(x~).eta + c adds terms of size
+        # q = a^T |Lambda| a for a = |mu - s| + sigma (a point one standard deviation from the
+        # mean), which cancel to O(D): its rounding error is about eps * q, and so is the relative
+        # rounding of the one-pass covariance. Evaluated directly, y = (x - mu)^T P (scikit-learn
+        # forms x^T P - mu^T P), the error is about eps * sum_d (b^T |P|)_d with b = |mu| + sigma.
+        with torch.no_grad():
+            loc = theta["loc"]  # (*b, K, D)
+            centred = loc if shift is None else loc - shift
+            chol = self.precision_cholesky(theta)
+            if self.covariance_type in ("full", "tied"):
+                # Sigma = L^{-1} L^{-T} with L = P^T: its diagonal holds the row norms of L^{-1}.
+                sigma = lower_triangular_inverse(chol.mT).square().sum(-1).sqrt()  # (*b, K|., D)
+                precision, scale = (chol @ chol.mT).abs(), chol.abs()
+                if self.covariance_type == "tied":
+                    sigma, precision, scale = sigma.unsqueeze(-2), precision.unsqueeze(-3), scale.unsqueeze(-3)
+                spread = (centred.abs() + sigma).unsqueeze(-2)  # (*b, K, 1, D)
+                expanded = (spread @ precision @ spread.mT)[..., 0, 0]
+                direct = ((loc.abs() + sigma).unsqueeze(-2) @ scale).sum((-2, -1))
+            else:
+                scale = chol if self.covariance_type == "diag" else chol.unsqueeze(-1)
+                sigma = scale.reciprocal()
+                expanded = (scale * (centred.abs() + sigma)).square().sum(-1)
+                direct = (scale * (loc.abs() + sigma)).sum(-1)
+            eps = torch.finfo(loc.dtype).eps
+            return eps * expanded, eps * direct
+
+    def own_reference(self, theta) -> torch.Tensor:
+        return theta["loc"]
+
+    def direct_log_prob(self, offsets, theta, index) -> torch.Tensor:
+        raw = theta["raw_precision_cholesky"]
+        n_components, n_features = theta["loc"].shape[-2:]
+        if self.covariance_type in ("full", "tied"):
+            if self.covariance_type == "full":
+                selected = raw.flatten(0, -3)[index]  # (G, D, D)
+            else:  # one matrix per model: (R, M, D, D)
+                selected = raw.flatten(0, -3)[index // n_components]
+            whitened = offsets @ unpack_raw_triangular(selected)  # (G, n, D): (x - mu)^T P
+            half_logdet = selected.diagonal(dim1=-2, dim2=-1).sum(-1)
+        elif self.covariance_type == "diag":
+            selected = raw.flatten(0, -2)[index]  # (G, D)
+            whitened = offsets * selected.exp().unsqueeze(-2)
+            half_logdet = selected.sum(-1)
+        else:
+            selected = raw.flatten()[index]  # (G,)
+            whitened = offsets * selected.exp()[:, None, None]
+            half_logdet = n_features * selected
+        log_2pi_term = 0.5 * n_features * math.log(2 * math.pi)
+        return (half_logdet - log_2pi_term).unsqueeze(-1) - 0.5 * whitened.square().sum(-1)
+
+    def own_reference_statistics(self, offsets, resp) -> torch.Tensor:
+        if self.covariance_type not in ("full", "tied"):
+            return super().own_reference_statistics(offsets, resp)
+        # The packed second moments from one Gram matrix per component (no (G, n, F) features).
+        weighted = offsets * resp.unsqueeze(-1)  # (G, n, D)
+        gram = weighted.mT @ offsets  # (G, D, D)
+        rows, cols = _triu_indices(offsets.shape[-1], offsets.device)
+        return torch.cat([weighted.sum(-2), gram[..., rows, cols]], -1)
 
     def invalid_component_advice(self) -> str:
         return ("its covariance is not positive definite. Increase reg_covar (now "

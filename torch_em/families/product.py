@@ -222,14 +222,24 @@ class Product(ComponentFamily):
             block.family.check_domain(X[..., block.index], f"{name} {block.describe(position)}")
 
     def reference(self, X: torch.Tensor) -> torch.Tensor | None:
+        return self._merged_reference(lambda position, block: block.family.reference(X[..., block.index]),
+                                      lambda block: X.new_zeros(*X.shape[:-2], 1, block.n_columns))
+
+    def parameter_reference(self, theta, weights) -> torch.Tensor | None:
+        return self._merged_reference(
+            lambda position, block: block.family.parameter_reference(self.block_theta(theta, position), weights),
+            lambda block: weights.new_zeros(*weights.shape[:-1], 1, block.n_columns),
+        )
+
+    def _merged_reference(self, block_reference, zeros) -> torch.Tensor | None:
+        """The blocks' reference points (..., 1, D_block) side by side (zeros for blocks without
+        one), or None when no block has one."""
         if not any(block.has_reference for block in self.blocks):
             return None
         parts = []
-        for block in self.blocks:
-            part = block.family.reference(X[..., block.index]) if block.has_reference else None
-            if part is None:
-                part = X.new_zeros(*X.shape[:-2], 1, block.n_columns)
-            parts.append(part)
+        for position, block in enumerate(self.blocks):
+            part = block_reference(position, block) if block.has_reference else None
+            parts.append(zeros(block) if part is None else part)
         lead = torch.broadcast_shapes(*(part.shape[:-1] for part in parts))
         return self._merge([part.expand(*lead, part.shape[-1]) for part in parts])
 

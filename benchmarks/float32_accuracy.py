@@ -60,11 +60,30 @@ class Case:
     covariance_type: str
 
 
-def reference_fit(X: np.ndarray, covariance_type: str, n_components: int, seed: int = 0) -> Case:
+def reference_fit(X: np.ndarray, covariance_type: str, n_components: int, seed: int = 0, max_iter: int = 200) -> Case:
+    """Parameters of a float64 scikit-learn fit (converged or not: any realistic parameters do)."""
+    import warnings
+
     from sklearn.mixture import GaussianMixture
 
-    fit = GaussianMixture(n_components, covariance_type=covariance_type, random_state=seed, max_iter=200).fit(X)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a fit stopped at max_iter
+        fit = GaussianMixture(n_components, covariance_type=covariance_type, random_state=seed,
+                              max_iter=max_iter).fit(X)
     return Case(fit.weights_, fit.means_, fit.precisions_cholesky_, covariance_type)
+
+
+def torch_em_reference_fit(X: np.ndarray, covariance_type: str, n_components: int, seed: int = 0,
+                           max_iter: int = 10) -> Case:
+    """Parameters of a float64 torch_em fit (faster than scikit-learn's on 64-D data; the tests use it)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fit = torch_em.GaussianMixture(n_components, covariance_type=covariance_type, seed=seed, max_iter=max_iter,
+                                       dtype=torch.float64).fit(X)
+    return Case(*(value.detach().numpy() for value in (fit.weights, fit.means, fit.precisions_cholesky)),
+                covariance_type)
 
 
 def sklearn_float32_error(X: np.ndarray, case: Case) -> float:

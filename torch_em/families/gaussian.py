@@ -472,7 +472,8 @@ class Gaussian(ComponentFamily):
         # q = a^T |Lambda| a for a = |mu - s| + sigma (a point one standard deviation from the
         # mean), which cancel to O(D): its rounding error is about eps * q, and so is the relative
         # rounding of the one-pass covariance. Evaluated directly, y = (x - mu)^T P (scikit-learn
-        # forms x^T P - mu^T P), the error is about eps * sum_d (b^T |P|)_d with b = |mu| + sigma.
+        # forms x^T P - mu^T P), the error is about eps * |b^T |P||_2 with b = |mu| + sigma (the
+        # roundings of the D entries of y, of unit size near the mode, add up like random signs).
         with torch.no_grad():
             loc = theta["loc"]  # (*b, K, D)
             centred = loc if shift is None else loc - shift
@@ -485,12 +486,12 @@ class Gaussian(ComponentFamily):
                     sigma, precision, scale = sigma.unsqueeze(-2), precision.unsqueeze(-3), scale.unsqueeze(-3)
                 spread = (centred.abs() + sigma).unsqueeze(-2)  # (*b, K, 1, D)
                 expanded = (spread @ precision @ spread.mT)[..., 0, 0]
-                direct = ((loc.abs() + sigma).unsqueeze(-2) @ scale).sum((-2, -1))
+                direct = ((loc.abs() + sigma).unsqueeze(-2) @ scale).norm(dim=-1).squeeze(-1)
             else:
                 scale = chol if self.covariance_type == "diag" else chol.unsqueeze(-1)
                 sigma = scale.reciprocal()
                 expanded = (scale * (centred.abs() + sigma)).square().sum(-1)
-                direct = (scale * (loc.abs() + sigma)).sum(-1)
+                direct = (scale * (loc.abs() + sigma)).norm(dim=-1)
             eps = torch.finfo(loc.dtype).eps
             return eps * expanded, eps * direct
 

@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from ._validation import as_float_tensor, check_common_options, check_data, check_finite, check_int, check_positive, check_shape
-from ._random import RestartStreams
+from ._random import RestartStreams, restart_groups
+from .em import cat_restarts
 from .streaming import StepSchedule, stepwise
 from .initialization import kmeans_plusplus, random_points
 from .lloyd import cluster_sums, lloyd, nearest, relative_tolerance, squared_distances
@@ -100,9 +101,12 @@ class KMeans(nn.Module):
         X = X if X.dim() == 2 else X.reshape(M, *X.shape[-2:])
         shift = X.mean(-2, keepdim=True)  # centre the data: distances as GEMMs cancel less
         X = X - shift
-        chunk = self._chunk(R * M * K)
-        centres = self._seed_centres(X, shift, R, chunk)
-        result = lloyd(X, centres, max_iter=self.max_iter, tol=relative_tolerance(X, self.tol), chunk_size=chunk)
+        chunk = self._chunk(M * K)  # rows per chunk for one restart: restart 0 computes as with n_init=1
+        tol = relative_tolerance(X, self.tol)
+        result = cat_restarts([
+            lloyd(X, self._seed_centres(X, shift, restarts, chunk), max_iter=self.max_iter, tol=tol, chunk_size=chunk)
+            for restarts in restart_groups(R)
+        ])
         inertia = result.distances.sum(-1)  # (R, M)
         best = inertia.argmin(0)  # (M,)
 
@@ -116,15 +120,17 @@ class KMeans(nn.Module):
         self.inertia_ = pick(inertia)
         self.n_iter_ = pick(result.n_iter)
         self.converged_ = pick(result.converged)
+        for name in STREAM_BUFFERS:  # a later partial_fit starts a new stream from these centres
+            setattr(self, name, None)
         return self
 
-    def _seed_centres(self, X: torch.Tensor, shift: torch.Tensor, n_restarts: int, chunk: int) -> torch.Tensor:
-        """Initial centres (R, M, K, D) for centred data X (N, D) / (M, N, D)."""
+    def _seed_centres(self, X: torch.Tensor, shift: torch.Tensor, restarts: range, chunk: int) -> torch.Tensor:
+        """Initial centres (R, M, K, D) of the R given restarts for centred data X (N, D) / (M, N, D)."""
         M, K, D = self.n_models, self.n_clusters, X.shape[-1]
         centres = self._user_centres(D)
         if centres is not None:
-            return centres.reshape(1, M, K, D).expand(n_restarts, M, K, D) - shift
-        streams = RestartStreams(self.seed, n_restarts, X.device)
+            return centres.reshape(1, M, K, D).expand(len(restarts), M, K, D) - shift
+        streams = RestartStreams(self.seed, restarts, X.device)
         if self.init == "random":
             return random_points(X, M, K, streams)
         return kmeans_plusplus(X, M, K, streams, chunk)
@@ -143,7 +149,7 @@ class KMeans(nn.Module):
         n_points, chunk = X.shape[-2], self._chunk(M * K)
         if self.n_features is None:
             shift = X.mean(-2, keepdim=True)
-            centres = self._seed_centres(X - shift, shift, 1, chunk) + shift  # (1, M, K, D)
+            centres = self._seed_centres(X - shift, shift, range(1), chunk) + shift  # (1, M, K, D)
         else:
             centres = self.cluster_centers_.reshape(1, M, K, D)
         labels, dist = nearest(X, centres, chunk)

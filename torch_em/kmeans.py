@@ -9,6 +9,7 @@ from torch import nn
 
 from ._validation import as_float_tensor, check_common_options, check_data, check_finite, check_int, check_positive, check_shape
 from ._random import RestartStreams, restart_groups
+from ._state import CheckedLoad, check_state, own_entries
 from .em import cat_restarts
 from .streaming import StepSchedule, stepwise
 from .initialization import kmeans_plusplus, random_points
@@ -20,7 +21,7 @@ STREAM_BUFFERS = ("stream_counts", "stream_sums", "stream_steps")
 CHUNK_ELEMENTS = 1 << 19
 
 
-class KMeans(nn.Module):
+class KMeans(CheckedLoad, nn.Module):
     """A batch of k-means clusterings fitted by Lloyd's algorithm with batched tensor ops.
 
     Args:
@@ -222,15 +223,42 @@ class KMeans(nn.Module):
         check_finite(centres, "init")
         return centres.expand(*self.batch_shape, self.n_clusters, n_features)
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # A fresh module holds an empty placeholder (and no stream state); adopt the saved shapes.
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, *args, **kwargs):
+        """Check the whole incoming state first (torch would copy entry by entry, then raise),
+        then adopt the saved shapes: a fresh module holds an empty placeholder and no stream
+        state; a strict load of a state without a stream ends the stream."""
+        state = own_entries(state_dict, prefix)
+        self._check_state(state, prefix, self._strict_load)
         device, dtype = self.cluster_centers_.device, self.cluster_centers_.dtype
         for name in ("cluster_centers_", *STREAM_BUFFERS):
-            saved = state_dict.get(prefix + name)
+            saved = state.get(name)
             if saved is not None:
                 setattr(self, name, torch.empty(saved.shape, device=device,
                                                 dtype=dtype if saved.is_floating_point() else saved.dtype))
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+            elif self._strict_load:
+                setattr(self, name, None)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, *args, **kwargs)
+
+    def _check_state(self, state: dict[str, Any], prefix: str, strict: bool) -> None:
+        """Raise ValueError/TypeError unless ``state`` (this module's entries) loads whole:
+        centres ``(*batch_shape, n_clusters, D)`` (D of the fitted centres, if any) or an unfitted
+        placeholder ``(0,)``, and a stream's statistics of matching shapes."""
+        owner = f"KMeans({self.extra_repr()})"
+        batch, K = tuple(self.batch_shape), self.n_clusters
+        centres = state.get("cluster_centers_")
+        D = self.n_features
+        if D is None and isinstance(centres, torch.Tensor) and centres.numel():
+            D = centres.shape[-1]
+        fitted = [(*batch, K, D)] if D else []
+        stream = any(name in state for name in STREAM_BUFFERS)
+        if stream and not fitted:
+            raise ValueError(f"state_dict has mini-batch state {[prefix + n for n in STREAM_BUFFERS]} but no centres for {owner}")
+        shapes = {
+            "cluster_centers_": fitted if stream or self.n_features is not None else [*fitted, (0,)],
+            "stream_counts": [(*batch, K)], "stream_sums": [(*batch, K, D)], "stream_steps": [()],
+        }
+        check_state(state, prefix, owner, shapes, strict=strict,
+                    groups=[(["cluster_centers_"], True), (STREAM_BUFFERS, False)], counters=["stream_steps"])
 
     def extra_repr(self) -> str:
         batch = f", batch_shape={tuple(self.batch_shape)}" if self.batch_shape else ""

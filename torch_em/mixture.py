@@ -21,6 +21,7 @@ from . import distributed, em
 from ._validation import (
     as_float_tensor, check_choice, check_common_options, check_data, check_finite, check_int, check_positive, check_shape,
 )
+from ._state import CheckedLoad, check_state, own_entries
 from .families.base import ComponentFamily, Theta
 from ._random import RestartStreams, resolve_seed, restart_groups
 from .streaming import StepSchedule, StreamSample, batch_source, stepwise, unwrap_batch
@@ -30,7 +31,7 @@ from .initialization import METHODS, initial_responsibilities, random_points
 STREAM_BUFFERS = ("stream_counts", "stream_sums", "stream_steps", "stream_shift")
 
 
-class Mixture(nn.Module):
+class Mixture(CheckedLoad, nn.Module):
     """A batch of finite mixtures of ``n_components`` components of ``family``.
 
     ``fit`` takes one tensor/array, or a batch source for data larger than memory (a
@@ -614,33 +615,60 @@ class Mixture(nn.Module):
                 else:
                     getattr(self, name).copy_(value)
 
-    def _create_parameters_before_load(self, state_dict, prefix, *args) -> None:
-        # Online-EM buffers of a stream in progress: adopt them (they are None until partial_fit).
+    def _create_parameters_before_load(self, state_dict, prefix, local_metadata, strict, *args) -> None:
+        """Check the whole incoming state against this module's configuration, then make room
+        for it: a module built without n_features creates its parameters, the online-EM buffers
+        take the saved shapes (a strict load of a state without a stream ends the stream).
+        Raises before anything is written (torch would copy entry by entry, then raise)."""
+        state = own_entries(state_dict, prefix)
+        n_features = self._check_state(state, prefix, self._strict_load)
         for name in STREAM_BUFFERS:
-            if getattr(self, name) is None and prefix + name in state_dict:
-                saved = state_dict[prefix + name]
+            saved, current = state.get(name), getattr(self, name)
+            if saved is None:
+                if self._strict_load:
+                    setattr(self, name, None)
+            elif current is None or current.shape != saved.shape:
                 dtype = saved.dtype if not saved.is_floating_point() else self.dtype
                 setattr(self, name, torch.empty(saved.shape, dtype=dtype, device=self.device))
-        # A module built without n_features can still load a fitted state_dict, once its shapes
-        # are checked against this module's configuration.
-        if self.logits is not None or prefix + "logits" not in state_dict:
-            return
-        saved = {name: state_dict.get(prefix + name) for name in self._parameter_names}
-        missing = [name for name, value in saved.items() if value is None]
-        if missing:
-            raise RuntimeError(f"state_dict lacks {missing} for {type(self).__name__}")
-        n_features = self.family.n_features_of({name: saved[name] for name in self._parameter_names[1:]})
-        expected = {"logits": (self.n_components,), **self.family.event_shapes(self.n_components, n_features)}
-        for name, shape in expected.items():
-            full = (*self.batch_shape, *shape)
-            if tuple(saved[name].shape) != full:
-                raise RuntimeError(
-                    f"size mismatch for {prefix + name}: this {type(self).__name__} ({self.extra_repr()}) "
-                    f"expects {full}, the state_dict has {tuple(saved[name].shape)}"
-                )
-        for name, value in saved.items():
-            setattr(self, name, nn.Parameter(torch.empty(value.shape, device=self.device, dtype=self.dtype)))
-        self.n_features = n_features
+        if self.logits is None and all(name in state for name in self._parameter_names):
+            for name in self._parameter_names:
+                setattr(self, name, nn.Parameter(torch.empty(state[name].shape, device=self.device, dtype=self.dtype)))
+            self.n_features = n_features
+
+    def _check_state(self, state: dict[str, Any], prefix: str, strict: bool) -> int | None:
+        """Raise ValueError/TypeError unless ``state`` (this module's entries) loads whole;
+        returns the number of features of the state (None if it has no parameters)."""
+        owner = f"{type(self).__name__}({self.extra_repr()})"
+        names = [name for name in self._parameter_names if name in state]
+        n_features = self.n_features
+        if n_features is None and names:
+            saved = {name: state[name] for name in self._parameter_names[1:]}
+            try:
+                n_features = int(self.family.n_features_of(saved))
+            except (KeyError, IndexError, StopIteration, AttributeError) as error:
+                raise ValueError(
+                    f"state_dict: the parameters {[prefix + name for name in saved]} of {owner} do not give a number "
+                    f"of features ({error!r}); got {[(key, tuple(getattr(value, 'shape', ()))) for key, value in saved.items()]}"
+                ) from None
+        stream = ("stream_counts", "stream_sums", "stream_steps")
+        if n_features is None and any(name in state for name in STREAM_BUFFERS):
+            raise ValueError(f"state_dict has online-EM state {[prefix + n for n in stream]} but no parameters for {owner}")
+        check_state(state, prefix, owner, self._state_shapes(n_features), strict=strict,
+                    groups=[(self._parameter_names, self.is_initialized), (stream, False)], counters=["stream_steps"])
+        return n_features
+
+    def _state_shapes(self, n_features: int | None) -> dict[str, list[tuple[int, ...]] | None]:
+        """The allowed shape(s) of every entry of a state with ``n_features`` (None: unknown)."""
+        names = (*self._parameter_names, *STREAM_BUFFERS)
+        if n_features is None:
+            return dict.fromkeys(names)
+        batch, K, D = tuple(self.batch_shape), self.n_components, n_features
+        events = {"logits": (K,), **self.family.event_shapes(K, D),
+                  "stream_counts": (K,), "stream_sums": (K, self.family.n_statistics(D))}
+        shapes = {name: [(*batch, *event)] for name, event in events.items()}
+        shapes["stream_steps"] = [()]
+        shapes["stream_shift"] = [(1, D), (self.n_models, 1, D)]  # reference of shared or per-model data
+        return shapes
 
     def _describe_model(self, restart: int, model: int) -> str:
         where = f"model {tuple(int(i) for i in np.unravel_index(model, tuple(self.batch_shape)))}" if self.batch_shape else "the model"

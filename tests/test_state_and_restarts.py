@@ -232,6 +232,53 @@ def test_a_stream_is_resumed_and_a_strict_load_without_one_ends_it(streaming_mod
         assert torch.equal(resumed.state_dict()[name], value), name
 
 
+def test_a_fresh_module_needs_every_parameter_when_strict(streaming_model):
+    state = {"logits": streaming_model.state_dict()["logits"]}
+    fresh = torch_em.GaussianMixture(3, dtype=F64)
+    with pytest.raises(ValueError, match=r"lacks \['loc', 'raw_precision_cholesky'\]"):
+        fresh.load_state_dict(state)
+    fresh.load_state_dict(state, strict=False)  # torch's meaning: entries the module lacks are ignored
+    assert not fresh.is_initialized and fresh.n_features is None
+
+
+def count_data(n_models: int, n: int) -> torch.Tensor:
+    rates = torch.tensor([[1.0, 8.0], [9.0, 1.0], [4.0, 15.0]], dtype=F64)
+    labels = torch.randint(3, (n_models, n), generator=torch.Generator().manual_seed(1))
+    return torch.poisson(rates[labels], generator=torch.Generator().manual_seed(2))
+
+
+STREAM_FAMILIES = {
+    "gaussian-tied": (lambda: torch_em.families.Gaussian("tied", 1e-6), lambda b, n: randn(b, n, 2)),
+    "poisson": (lambda: torch_em.families.Poisson(), count_data),
+    "categorical": (lambda: torch_em.families.Categorical(3), lambda b, n: count_data(b, n).remainder(3)),
+    "product": (lambda: torch_em.families.Product([(torch_em.families.Gaussian("diag", 1e-6), [0]),
+                                                   (torch_em.families.Poisson(), [1])]), count_data),
+}
+
+
+@pytest.mark.parametrize("per_model", [False, True])
+@pytest.mark.parametrize("name", list(STREAM_FAMILIES))
+def test_a_stream_resumes_from_its_state_dict_for_every_family(name, per_model):
+    make_family, make_data = STREAM_FAMILIES[name]
+    X = make_data(2, 250)
+    X = X if per_model else X[0]
+    options = dict(batch_shape=(2,) if per_model else (), dtype=F64)
+    first = torch_em.Mixture(make_family(), 3, seed=0, **options)
+    for batch in X[..., :200, :].split(50, dim=-2):
+        first.partial_fit(batch)
+    resumed = torch_em.Mixture(make_family(), 3, **options)
+    resumed.load_state_dict(first.state_dict())
+    first.partial_fit(X[..., 200:, :])
+    resumed.partial_fit(X[..., 200:, :])
+    for key, value in first.state_dict().items():
+        assert torch.equal(resumed.state_dict()[key], value), key
+    wrong = {**first.state_dict(), "stream_sums": first.stream_sums[..., :-1]}
+    before = snapshot(resumed)
+    with pytest.raises(ValueError, match="size mismatch for stream_sums"):
+        resumed.load_state_dict(wrong)
+    assert_unchanged(resumed, before)
+
+
 @pytest.mark.parametrize("target_kwargs, fit_dim, message", [
     (dict(n_clusters=2), None, r"expects \(2, 2\), the state_dict has \(3, 2\)"),
     (dict(n_clusters=3), 3, r"expects \(3, 3\), the state_dict has \(3, 2\)"),

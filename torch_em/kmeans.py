@@ -96,7 +96,9 @@ class KMeans(CheckedLoad, nn.Module):
 
     @torch.no_grad()
     def fit(self, X: Any) -> "KMeans":
-        """Cluster every model's data; raises ValueError before changing anything."""
+        """Cluster every model's data; raises ValueError before changing anything. Restart 0
+        runs as a batch of its own (bit for bit ``n_init=1``); the fit ends a mini-batch
+        stream (``partial_fit`` starts a new one from the fitted centres)."""
         X = self._validated_input(X, fitting=True)
         R, M, K = self.n_init, self.n_models, self.n_clusters
         X = X if X.dim() == 2 else X.reshape(M, *X.shape[-2:])

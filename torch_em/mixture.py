@@ -215,7 +215,10 @@ class Mixture(CheckedLoad, nn.Module):
     def fit(self, X: Any, verbose: bool = False) -> "Mixture":
         """Fit every model of the batch by EM (restarts as an extra batch dimension), or, with
         ``warm_start`` and existing parameters, continue EM from them (no initialisation, one
-        start per model).
+        start per model, convergence judged against the previous fit's lower bound).
+
+        Restart 0 runs as a batch of its own, bit for bit the fit with ``n_init=1``; restarts
+        1..k-1 run together. The fit ends an online stream (``partial_fit`` starts a new one).
 
         Raises ValueError before changing anything when X or the initial parameters are invalid.
         """
@@ -266,7 +269,7 @@ class Mixture(CheckedLoad, nn.Module):
         previous = None
         if continued:
             log_weights, theta = self._working_parameters()
-            if self.lower_bound_ is not None:
+            if self.lower_bound_ is not None and self.stream_steps is None:  # mid-stream it is a batch's
                 previous = self._to_working(self.lower_bound_)
         else:
             user_theta = self._user_initial_parameters(n_features)
@@ -639,17 +642,14 @@ class Mixture(CheckedLoad, nn.Module):
         """Raise ValueError/TypeError unless ``state`` (this module's entries) loads whole;
         returns the number of features of the state (None if it has no parameters)."""
         owner = f"{type(self).__name__}({self.extra_repr()})"
-        names = [name for name in self._parameter_names if name in state]
         n_features = self.n_features
-        if n_features is None and names:
-            saved = {name: state[name] for name in self._parameter_names[1:]}
+        saved = {name: state[name] for name in self._parameter_names[1:] if isinstance(state.get(name), torch.Tensor)}
+        if n_features is None and saved:
             try:
                 n_features = int(self.family.n_features_of(saved))
             except (KeyError, IndexError, StopIteration, AttributeError) as error:
-                raise ValueError(
-                    f"state_dict: the parameters {[prefix + name for name in saved]} of {owner} do not give a number "
-                    f"of features ({error!r}); got {[(key, tuple(getattr(value, 'shape', ()))) for key, value in saved.items()]}"
-                ) from None
+                shapes = {prefix + name: tuple(value.shape) for name, value in saved.items()}
+                raise ValueError(f"state_dict: the parameters {shapes} give no number of features for {owner} ({error!r})") from None
         stream = ("stream_counts", "stream_sums", "stream_steps")
         if n_features is None and any(name in state for name in STREAM_BUFFERS):
             raise ValueError(f"state_dict has online-EM state {[prefix + n for n in stream]} but no parameters for {owner}")

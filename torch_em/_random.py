@@ -1,8 +1,13 @@
 """Reproducible randomness for a working batch of restarts.
 
 Each restart draws from its own generator, seeded from ``(seed, restart)``, so restart ``r`` of
-a fit with ``n_init=k`` is the same as restart ``r`` of any other ``n_init``: in particular the
-best of k restarts is never worse than the single fit with the same seed.
+a fit with ``n_init=k`` draws the same numbers as restart ``r`` of any other ``n_init``.
+
+The same draws are not yet the same arithmetic: a GEMM or a batched GEMM may round a row
+differently when the batch has another number of rows (BLAS picks kernels and blockings by
+size). Fits therefore run restart 0 as a batch of its own (:func:`restart_groups`), the exact
+computation of ``n_init=1``, so the best of k restarts is never worse than the single fit with
+the same seed.
 """
 from __future__ import annotations
 
@@ -18,8 +23,10 @@ def resolve_seed(seed: int | None) -> int:
 class RestartStreams:
     """One ``torch.Generator`` per restart; draws come back stacked as ``(R, *shape)``."""
 
-    def __init__(self, seed: int | None, n_restarts: int, device: torch.device) -> None:
-        children = np.random.SeedSequence(resolve_seed(seed)).spawn(n_restarts)
+    def __init__(self, seed: int | None, restarts: int | range, device: torch.device) -> None:
+        """``restarts``: how many (restarts 0..R-1), or which (a range)."""
+        restarts = range(restarts) if isinstance(restarts, int) else restarts
+        children = np.random.SeedSequence(resolve_seed(seed)).spawn(restarts.stop)[restarts.start:]
         self.generators = [
             torch.Generator(device=device).manual_seed(int(child.generate_state(1, np.uint64)[0] >> 1))
             for child in children
@@ -36,3 +43,9 @@ class RestartStreams:
     def randint(self, high: int, *shape: int) -> torch.Tensor:
         """Integers in [0, high) ``(R, *shape)``."""
         return torch.stack([torch.randint(high, shape, generator=g, device=self.device) for g in self.generators])
+
+
+def restart_groups(n_restarts: int) -> list[range]:
+    """The batches a fit runs its restarts in: restart 0 alone (bit for bit the fit with
+    ``n_init=1``), then the others together."""
+    return [range(1)] if n_restarts == 1 else [range(1), range(1, n_restarts)]

@@ -12,6 +12,7 @@ over a short K axis vectorised along the points:
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -113,12 +114,14 @@ class StreamData:
     re-seeded from a sample of the data (``sample``, a :class:`Data`).
 
     batches(): a fresh iterator of working-layout batches (n, D) or (M, n, D) per call;
-    n_points: their total (over all ranks under torch.distributed).
+    n_points: their total (over all ranks under torch.distributed);
+    n_local: the points of one pass on this rank, when known (every pass is checked against it);
+    name: how error messages call the source.
     """
 
     def __init__(
         self, family: ComponentFamily, batches: Callable[[], Iterator[torch.Tensor]], shift: torch.Tensor | None,
-        n_points: int, chunk_size: int, sample: Data,
+        n_points: int, chunk_size: int, sample: Data, *, n_local: int | None = None, name: str = "the batch source",
     ):
         self.family = family
         self.batches = batches
@@ -126,13 +129,29 @@ class StreamData:
         self.n_total = n_points
         self.chunk_size = chunk_size
         self.sample = sample
+        self.n_local = n_local
+        self.name = name
 
     def statistics(self, eta: torch.Tensor, const: torch.Tensor, own: "OwnReference | None" = None) -> "Statistics":
-        total = None
+        total, seen = None, 0
         for batch in self.batches():
+            seen += batch.shape[-2]
+            if self.n_local is not None and seen > self.n_local:  # stop before summing points of another dataset
+                self._raise_changed(f"more than {self.n_local}")
             stats = e_step(Data(self.family, batch, self.shift, self.chunk_size, cache=False), eta, const, own)
             total = stats if total is None else total + stats
+        if self.n_local is not None and seen != self.n_local:
+            self._raise_changed(str(seen))
         return total.reduced()
+
+    def _raise_changed(self, seen: str) -> None:
+        """A pass that yields another number of points than the first would make the lower
+        bound (a mean over ``n_points``) and the M-step silently wrong."""
+        raise ValueError(
+            f"{self.name} yielded {seen} points in a pass of EM but {self.n_local} in the first pass; it must yield "
+            "the same points on every pass (a DataLoader with a fixed dataset and without a sampler that draws "
+            "a varying number of points)"
+        )
 
     def worst_points(self, eta: torch.Tensor, const: torch.Tensor, k: int) -> torch.Tensor:
         return self.sample.worst_points(eta, const, k)
@@ -536,13 +555,46 @@ class EMResult:
     history: torch.Tensor  # (R, M, n_iterations) lower bound per iteration, padded with the last
 
 
+def cat_restarts(results: list) -> "EMResult":
+    """Results of batches of restarts (R_i, M, ...) joined along the restart axis, in order.
+    Works for any result dataclass whose fields are tensors or dicts of tensors; a per-iteration
+    history (last axis) is padded with its last value to the longest one."""
+    if len(results) == 1:
+        return results[0]
+
+    def cat(values: list[torch.Tensor], name: str) -> torch.Tensor:
+        if name == "history":
+            length = max(value.shape[-1] for value in values)
+            values = [_pad_with_last(value, length) for value in values]
+        return torch.cat(values, 0)
+
+    joined = {}
+    for field in dataclasses.fields(results[0]):
+        values = [getattr(result, field.name) for result in results]
+        if isinstance(values[0], dict):
+            joined[field.name] = {key: cat([value[key] for value in values], key) for key in values[0]}
+        else:
+            joined[field.name] = cat(values, field.name)
+    return type(results[0])(**joined)
+
+
+def _pad_with_last(history: torch.Tensor, length: int) -> torch.Tensor:
+    """(..., n) -> (..., length), repeating the last entry (a model that stopped keeps its bound)."""
+    missing = length - history.shape[-1]
+    return history if missing == 0 else torch.cat([history, history[..., -1:].expand(*history.shape[:-1], missing)], -1)
+
+
 def run_em(
     family: ComponentFamily, data: Data | StreamData, log_weights: torch.Tensor, theta: Theta, *,
     max_iter: int, tol: float, describe_model: Callable[[int, int], str], progress=None, fixed: Theta | None = None,
+    previous_lower_bound: torch.Tensor | None = None,
 ) -> EMResult:
     """EM until every model has converged (|change of the mean log-likelihood| < tol) or
     ``max_iter`` iterations. A converged model keeps its parameters while the others go on.
     ``fixed`` parameters (working layout, as for :func:`m_step`) are held at their values.
+    ``previous_lower_bound`` (broadcastable to (R, M)): the lower bound that the first
+    iteration's is compared with (default -inf), e.g. that of an earlier fit a warm start
+    continues, so that a loop of one-iteration fits converges as one long fit does.
 
     Semantics follow scikit-learn: in iteration i the E-step gives the lower bound of the current
     parameters, then the M-step updates them; a model converges in the iteration whose lower
@@ -554,6 +606,8 @@ def run_em(
     converged = torch.zeros_like(active)
     n_iter = torch.zeros(R, M, dtype=torch.long, device=device)
     previous = torch.full((R, M), -math.inf, dtype=log_weights.dtype, device=device)
+    if previous_lower_bound is not None:
+        previous = previous_lower_bound.to(previous).expand(R, M)
     lower_bound = torch.full_like(previous, math.nan)
     history = []
     n_active = R * M

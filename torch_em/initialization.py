@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 
 from ._random import RestartStreams
-from .lloyd import gather_points, lloyd, nearest, relative_tolerance, row_chunks, squared_distances
+from .lloyd import accumulator_dtype, gather_points, lloyd, nearest, relative_tolerance, row_chunks, squared_distances
 
 METHODS = ("k-means++", "kmeans", "random", "random_from_data")
 #: Lloyd iterations run after k-means++ seeding by the default initialisation.
@@ -30,15 +30,19 @@ def random_points(X: torch.Tensor, M: int, K: int, streams: RestartStreams) -> t
 def kmeans_plusplus(X: torch.Tensor, M: int, K: int, streams: RestartStreams, chunk_size: int) -> torch.Tensor:
     """Greedy k-means++ seeding (as scikit-learn): each new centre is the best of 2 + log K
     candidates drawn with probability proportional to the squared distance to the nearest
-    centre chosen so far. Returns centres (R, M, K, D)."""
+    centre chosen so far. Returns centres (R, M, K, D).
+
+    The uniforms are drawn, and the distances summed, in float64 whatever X's dtype (float32 on
+    devices without float64), so float32 and float64 data pick the same points for a seed."""
     R, n_points = len(streams), X.shape[-2]
     n_trials = 2 + int(math.log(K))
+    draw_dtype = accumulator_dtype(X.device)
     first = streams.randint(n_points, M, 1)
     centres = [gather_points(X, first)]
     closest = nearest(X, centres[0], chunk_size)[1]  # (R, M, N)
     for _ in range(1, K):
-        cumulative = closest.cumsum(-1)
-        targets = streams.rand(M, n_trials, dtype=X.dtype)
+        cumulative = closest.to(draw_dtype).cumsum(-1)
+        targets = streams.rand(M, n_trials, dtype=draw_dtype)
         targets = targets * cumulative[..., -1:]
         candidates = torch.searchsorted(cumulative, targets).clamp_max_(n_points - 1)  # (R, M, t)
         candidate_points = gather_points(X, candidates)  # (R, M, t, D)

@@ -8,7 +8,9 @@ import torch
 from torch import nn
 
 from ._validation import as_float_tensor, check_common_options, check_data, check_finite, check_int, check_positive, check_shape
-from ._random import RestartStreams
+from ._random import RestartStreams, restart_groups
+from ._state import CheckedLoad, check_state, own_entries
+from .em import cat_restarts
 from .streaming import StepSchedule, stepwise
 from .initialization import kmeans_plusplus, random_points
 from .lloyd import cluster_sums, lloyd, nearest, relative_tolerance, squared_distances
@@ -19,7 +21,7 @@ STREAM_BUFFERS = ("stream_counts", "stream_sums", "stream_steps")
 CHUNK_ELEMENTS = 1 << 19
 
 
-class KMeans(nn.Module):
+class KMeans(CheckedLoad, nn.Module):
     """A batch of k-means clusterings fitted by Lloyd's algorithm with batched tensor ops.
 
     Args:
@@ -94,15 +96,20 @@ class KMeans(nn.Module):
 
     @torch.no_grad()
     def fit(self, X: Any) -> "KMeans":
-        """Cluster every model's data; raises ValueError before changing anything."""
+        """Cluster every model's data; raises ValueError before changing anything. Restart 0
+        runs as a batch of its own (bit for bit ``n_init=1``); the fit ends a mini-batch
+        stream (``partial_fit`` starts a new one from the fitted centres)."""
         X = self._validated_input(X, fitting=True)
         R, M, K = self.n_init, self.n_models, self.n_clusters
         X = X if X.dim() == 2 else X.reshape(M, *X.shape[-2:])
         shift = X.mean(-2, keepdim=True)  # centre the data: distances as GEMMs cancel less
         X = X - shift
-        chunk = self._chunk(R * M * K)
-        centres = self._seed_centres(X, shift, R, chunk)
-        result = lloyd(X, centres, max_iter=self.max_iter, tol=relative_tolerance(X, self.tol), chunk_size=chunk)
+        chunk = self._chunk(M * K)  # rows per chunk for one restart: restart 0 computes as with n_init=1
+        tol = relative_tolerance(X, self.tol)
+        result = cat_restarts([
+            lloyd(X, self._seed_centres(X, shift, restarts, chunk), max_iter=self.max_iter, tol=tol, chunk_size=chunk)
+            for restarts in restart_groups(R)
+        ])
         inertia = result.distances.sum(-1)  # (R, M)
         best = inertia.argmin(0)  # (M,)
 
@@ -116,15 +123,17 @@ class KMeans(nn.Module):
         self.inertia_ = pick(inertia)
         self.n_iter_ = pick(result.n_iter)
         self.converged_ = pick(result.converged)
+        for name in STREAM_BUFFERS:  # a later partial_fit starts a new stream from these centres
+            setattr(self, name, None)
         return self
 
-    def _seed_centres(self, X: torch.Tensor, shift: torch.Tensor, n_restarts: int, chunk: int) -> torch.Tensor:
-        """Initial centres (R, M, K, D) for centred data X (N, D) / (M, N, D)."""
+    def _seed_centres(self, X: torch.Tensor, shift: torch.Tensor, restarts: range, chunk: int) -> torch.Tensor:
+        """Initial centres (R, M, K, D) of the R given restarts for centred data X (N, D) / (M, N, D)."""
         M, K, D = self.n_models, self.n_clusters, X.shape[-1]
         centres = self._user_centres(D)
         if centres is not None:
-            return centres.reshape(1, M, K, D).expand(n_restarts, M, K, D) - shift
-        streams = RestartStreams(self.seed, n_restarts, X.device)
+            return centres.reshape(1, M, K, D).expand(len(restarts), M, K, D) - shift
+        streams = RestartStreams(self.seed, restarts, X.device)
         if self.init == "random":
             return random_points(X, M, K, streams)
         return kmeans_plusplus(X, M, K, streams, chunk)
@@ -143,7 +152,7 @@ class KMeans(nn.Module):
         n_points, chunk = X.shape[-2], self._chunk(M * K)
         if self.n_features is None:
             shift = X.mean(-2, keepdim=True)
-            centres = self._seed_centres(X - shift, shift, 1, chunk) + shift  # (1, M, K, D)
+            centres = self._seed_centres(X - shift, shift, range(1), chunk) + shift  # (1, M, K, D)
         else:
             centres = self.cluster_centers_.reshape(1, M, K, D)
         labels, dist = nearest(X, centres, chunk)
@@ -220,15 +229,42 @@ class KMeans(nn.Module):
         check_finite(centres, "init")
         return centres.expand(*self.batch_shape, self.n_clusters, n_features)
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # A fresh module holds an empty placeholder (and no stream state); adopt the saved shapes.
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, *args, **kwargs):
+        """Check the whole incoming state first (torch would copy entry by entry, then raise),
+        then adopt the saved shapes: a fresh module holds an empty placeholder and no stream
+        state; a strict load of a state without a stream ends the stream."""
+        state = own_entries(state_dict, prefix)
+        self._check_state(state, prefix, self._strict_load)
         device, dtype = self.cluster_centers_.device, self.cluster_centers_.dtype
         for name in ("cluster_centers_", *STREAM_BUFFERS):
-            saved = state_dict.get(prefix + name)
+            saved = state.get(name)
             if saved is not None:
                 setattr(self, name, torch.empty(saved.shape, device=device,
                                                 dtype=dtype if saved.is_floating_point() else saved.dtype))
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+            elif self._strict_load:
+                setattr(self, name, None)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, *args, **kwargs)
+
+    def _check_state(self, state: dict[str, Any], prefix: str, strict: bool) -> None:
+        """Raise ValueError/TypeError unless ``state`` (this module's entries) loads whole:
+        centres ``(*batch_shape, n_clusters, D)`` (D of the fitted centres, if any) or an unfitted
+        placeholder ``(0,)``, and a stream's statistics of matching shapes."""
+        owner = f"KMeans({self.extra_repr()})"
+        batch, K = tuple(self.batch_shape), self.n_clusters
+        centres = state.get("cluster_centers_")
+        D = self.n_features
+        if D is None and isinstance(centres, torch.Tensor) and centres.numel():
+            D = centres.shape[-1]
+        fitted = [(*batch, K, D)] if D else []
+        stream = any(name in state for name in STREAM_BUFFERS)
+        if stream and not fitted:
+            raise ValueError(f"state_dict has mini-batch state {[prefix + n for n in STREAM_BUFFERS]} but no centres for {owner}")
+        shapes = {
+            "cluster_centers_": fitted if stream or self.n_features is not None else [*fitted, (0,)],
+            "stream_counts": [(*batch, K)], "stream_sums": [(*batch, K, D)], "stream_steps": [()],
+        }
+        check_state(state, prefix, owner, shapes, strict=strict,
+                    groups=[(["cluster_centers_"], True), (STREAM_BUFFERS, False)], counters=["stream_steps"])
 
     def extra_repr(self) -> str:
         batch = f", batch_shape={tuple(self.batch_shape)}" if self.batch_shape else ""

@@ -21,8 +21,9 @@ from . import distributed, em
 from ._validation import (
     as_float_tensor, check_choice, check_common_options, check_data, check_finite, check_int, check_positive, check_shape,
 )
+from ._state import CheckedLoad, check_state, own_entries
 from .families.base import ComponentFamily, Theta
-from ._random import RestartStreams, resolve_seed
+from ._random import RestartStreams, resolve_seed, restart_groups
 from .streaming import StepSchedule, StreamSample, batch_source, stepwise, unwrap_batch
 from .initialization import METHODS, initial_responsibilities, random_points
 
@@ -30,7 +31,7 @@ from .initialization import METHODS, initial_responsibilities, random_points
 STREAM_BUFFERS = ("stream_counts", "stream_sums", "stream_steps", "stream_shift")
 
 
-class Mixture(nn.Module):
+class Mixture(CheckedLoad, nn.Module):
     """A batch of finite mixtures of ``n_components`` components of ``family``.
 
     ``fit`` takes one tensor/array, or a batch source for data larger than memory (a
@@ -214,31 +215,24 @@ class Mixture(nn.Module):
     def fit(self, X: Any, verbose: bool = False) -> "Mixture":
         """Fit every model of the batch by EM (restarts as an extra batch dimension), or, with
         ``warm_start`` and existing parameters, continue EM from them (no initialisation, one
-        start per model).
+        start per model, convergence judged against the previous fit's lower bound).
+
+        Restart 0 runs as a batch of its own, bit for bit the fit with ``n_init=1``; restarts
+        1..k-1 run together. The fit ends an online stream (``partial_fit`` starts a new one).
 
         Raises ValueError before changing anything when X or the initial parameters are invalid.
         """
         M = self.n_models
         source = batch_source(X)
         data = self._prepare_tensor(X) if source is None else self._scan_stream(source)
-        sample, chunk = data.sample, data.chunk_size
-        n_features = sample.X.shape[-1]
-        if self.warm_start and self.is_initialized:  # continue from the current parameters
-            log_weights, theta = self._working_parameters()
-        else:
-            user_theta = self._user_initial_parameters(n_features)
-            user_centres = self.family.initial_centres(
-                tuple(self.batch_shape), self.n_components, n_features, self.device, self.dtype
-            )
-            log_weights, theta = self._initial_parameters(sample, chunk, user_theta, user_centres, self.n_init)
-            log_weights, theta = self._same_on_every_rank(log_weights, theta)
-        fixed = self._fixed_parameters(log_weights, theta)
-        log_weights, theta = self._with_fixed(log_weights, theta, fixed)
-        with tqdm(total=self.max_iter, desc="EM", disable=not verbose, leave=False) as progress:
-            result = em.run_em(
-                self.family, data, log_weights, theta, max_iter=self.max_iter, tol=self.tol,
-                describe_model=self._describe_model, progress=progress if verbose else None, fixed=fixed,
-            )
+        n_features = data.sample.X.shape[-1]
+        continued = self.warm_start and self.is_initialized
+        groups = [range(1)] if continued else restart_groups(self.n_init)
+        with tqdm(total=self.max_iter * len(groups), desc="EM", disable=not verbose, leave=False) as progress:
+            result = em.cat_restarts([
+                self._run_restarts(data, n_features, restarts, continued, progress if verbose else None)
+                for restarts in groups
+            ])
 
         best = result.lower_bound.argmax(0)  # (M,) best restart per model
 
@@ -256,6 +250,7 @@ class Mixture(nn.Module):
         self.n_iter_ = pick(result.n_iter)
         self.converged_ = pick(result.converged)
         self.lower_bound_history_ = pick(result.history)
+        self._clear_stream()  # a later partial_fit starts a new stream from these parameters
         if not bool(self.converged_.all()):
             warnings.warn(
                 f"{int((~self.converged_).sum())} of {M} model(s) did not converge in max_iter={self.max_iter} "
@@ -265,12 +260,42 @@ class Mixture(nn.Module):
             )
         return self
 
+    def _run_restarts(
+        self, data: em.Data | em.StreamData, n_features: int, restarts: range, continued: bool, progress,
+    ) -> em.EMResult:
+        """EM for the working batch (len(restarts), M) of the given restarts, or (1, M) from the
+        current parameters when ``continued`` (a warm start: its convergence check goes on from
+        the last lower bound, as scikit-learn's does)."""
+        previous = None
+        if continued:
+            log_weights, theta = self._working_parameters()
+            if self.lower_bound_ is not None and self.stream_steps is None:  # mid-stream it is a batch's
+                previous = self._to_working(self.lower_bound_)
+        else:
+            user_theta = self._user_initial_parameters(n_features)
+            user_centres = self.family.initial_centres(
+                tuple(self.batch_shape), self.n_components, n_features, self.device, self.dtype
+            )
+            log_weights, theta = self._initial_parameters(data.sample, data.chunk_size, user_theta, user_centres, restarts)
+            log_weights, theta = self._same_on_every_rank(log_weights, theta)
+        fixed = self._fixed_parameters(log_weights, theta)
+        log_weights, theta = self._with_fixed(log_weights, theta, fixed)
+        return em.run_em(
+            self.family, data, log_weights, theta, max_iter=self.max_iter, tol=self.tol,
+            describe_model=self._describe_model, progress=progress, fixed=fixed, previous_lower_bound=previous,
+        )
+
+    def _clear_stream(self) -> None:
+        """Forget the running statistics of online EM (``partial_fit``)."""
+        for name in STREAM_BUFFERS:
+            setattr(self, name, None)
+
     def _prepare_tensor(self, X: Any) -> em.Data:
         """Validated data for a fit, its reference point, and a sample to initialise on (a
         uniform subset when the data are large: bounded memory)."""
-        R, M, K = self.n_init, self.n_models, self.n_components
+        M, K = self.n_models, self.n_components
         X = self._working_data(self._validated_input(X, "X", min_samples=K))
-        chunk = self.chunk_size or em.default_chunk_size(R * M, K, self.family.n_statistics(X.shape[-1]))
+        chunk = self._default_chunk_size(X.shape[-1])
         shift = distributed.combined_reference(self.family.reference(X), X.shape[-2])
         data = em.Data(self.family, X, shift, chunk)
         data.n_total = distributed.total_points(X.shape[-2], X.device)
@@ -283,7 +308,7 @@ class Mixture(nn.Module):
     def _scan_stream(self, source) -> em.StreamData:
         """First pass over a batch source: validate every batch, count the points, take the data
         mean (for families with a reference point) and a uniform sample for initialisation."""
-        R, M, K = self.n_init, self.n_models, self.n_components
+        K = self.n_components
         sample = StreamSample(self._sample_size(), self._generator())
         n_points, total, n_features, shared = 0, None, self.n_features, None
         for raw in source():
@@ -298,17 +323,18 @@ class Mixture(nn.Module):
                 total = batch_sum if total is None else total + batch_sum
             sample.add(batch)
         shift = distributed.combined_reference(None if total is None else total / n_points, n_points)
-        n_points = distributed.total_points(n_points, self.device)
+        n_local, n_points = n_points, distributed.total_points(n_points, self.device)
         if n_points < K:
             raise ValueError(f"X must have at least {K} sample(s) (one per component), got N={n_points} in all batches")
-        chunk = self.chunk_size or em.default_chunk_size(R * M, K, self.family.n_statistics(n_features))
+        chunk = self._default_chunk_size(n_features)
 
         def batches():
             for raw in source():
                 yield self._working_data(self._validated_input(unwrap_batch(raw), "X batch", n_features=n_features))
 
         sample_data = em.Data(self.family, sample.points, shift, chunk)
-        return em.StreamData(self.family, batches, shift, n_points, chunk, sample_data)
+        return em.StreamData(self.family, batches, shift, n_points, chunk, sample_data, n_local=n_local,
+                             name="X (the batch source)")
 
     @staticmethod
     def _same_on_every_rank(log_weights: torch.Tensor, theta: Theta) -> tuple[torch.Tensor, Theta]:
@@ -316,21 +342,27 @@ class Mixture(nn.Module):
         log_weights, *values = distributed.broadcast(log_weights, *theta.values())
         return log_weights, dict(zip(theta, values))
 
+    def _default_chunk_size(self, n_features: int) -> int:
+        """Rows per chunk: ``chunk_size`` or a memory budget for one restart. It does not depend
+        on ``n_init``, so that restart 0 sums its chunks exactly as a fit with ``n_init=1``
+        does (a batch of R restarts holds R such blocks)."""
+        return self.chunk_size or em.default_chunk_size(self.n_models, self.n_components, self.family.n_statistics(n_features))
+
     def _sample_size(self) -> int:
         """Points the initialisation of a large or streamed dataset works on."""
         return max(self.stream_sample_size, 50 * self.n_components)
 
     def _initial_parameters(
-        self, data: em.Data, chunk: int, user_theta: Theta, user_centres: torch.Tensor | None, n_restarts: int,
+        self, data: em.Data, chunk: int, user_theta: Theta, user_centres: torch.Tensor | None, restarts: range,
     ) -> tuple[torch.Tensor, Theta]:
-        """Working initial parameters (R, M, ...): an M-step from the initial responsibilities,
-        then overridden by whatever the user supplied."""
-        R, M, K = n_restarts, self.n_models, self.n_components
+        """Working initial parameters (R, M, ...) of the given R restarts: an M-step from the
+        initial responsibilities, then overridden by whatever the user supplied."""
+        R, M, K = len(restarts), self.n_models, self.n_components
         X, shift = data.X, data.shift
         if set(user_theta) == set(self._parameter_names):  # everything given: no clustering needed
             working = {name: self._to_restarts(value, R) for name, value in user_theta.items()}
             return working.pop("logits"), working
-        streams = RestartStreams(self.seed, R, X.device)
+        streams = RestartStreams(self.seed, restarts, X.device)
         if user_centres is not None:
             user_centres = self._to_working(user_centres).expand(R, M, *user_centres.shape[-2:])
             user_centres = self.family.embedding(user_centres, shift)
@@ -392,7 +424,7 @@ class Mixture(nn.Module):
                 user_theta = self._user_initial_parameters(n_features)
                 user_centres = self.family.initial_centres(tuple(self.batch_shape), K, n_features, self.device, self.dtype)
                 log_weights, theta = self._same_on_every_rank(*self._initial_parameters(
-                    em.Data(self.family, X, shift, chunk), chunk, user_theta, user_centres, n_restarts=1
+                    em.Data(self.family, X, shift, chunk), chunk, user_theta, user_centres, restarts=range(1)
                 ))
         fixed = self._fixed_parameters(log_weights, theta)
         log_weights, theta = self._with_fixed(log_weights, theta, fixed)
@@ -606,33 +638,57 @@ class Mixture(nn.Module):
                 else:
                     getattr(self, name).copy_(value)
 
-    def _create_parameters_before_load(self, state_dict, prefix, *args) -> None:
-        # Online-EM buffers of a stream in progress: adopt them (they are None until partial_fit).
+    def _create_parameters_before_load(self, state_dict, prefix, local_metadata, strict, *args) -> None:
+        """Check the whole incoming state against this module's configuration, then make room
+        for it: a module built without n_features creates its parameters, the online-EM buffers
+        take the saved shapes (a strict load of a state without a stream ends the stream).
+        Raises before anything is written (torch would copy entry by entry, then raise)."""
+        state = own_entries(state_dict, prefix)
+        n_features = self._check_state(state, prefix, self._strict_load)
         for name in STREAM_BUFFERS:
-            if getattr(self, name) is None and prefix + name in state_dict:
-                saved = state_dict[prefix + name]
+            saved, current = state.get(name), getattr(self, name)
+            if saved is None:
+                if self._strict_load:
+                    setattr(self, name, None)
+            elif current is None or current.shape != saved.shape:
                 dtype = saved.dtype if not saved.is_floating_point() else self.dtype
                 setattr(self, name, torch.empty(saved.shape, dtype=dtype, device=self.device))
-        # A module built without n_features can still load a fitted state_dict, once its shapes
-        # are checked against this module's configuration.
-        if self.logits is not None or prefix + "logits" not in state_dict:
-            return
-        saved = {name: state_dict.get(prefix + name) for name in self._parameter_names}
-        missing = [name for name, value in saved.items() if value is None]
-        if missing:
-            raise RuntimeError(f"state_dict lacks {missing} for {type(self).__name__}")
-        n_features = self.family.n_features_of({name: saved[name] for name in self._parameter_names[1:]})
-        expected = {"logits": (self.n_components,), **self.family.event_shapes(self.n_components, n_features)}
-        for name, shape in expected.items():
-            full = (*self.batch_shape, *shape)
-            if tuple(saved[name].shape) != full:
-                raise RuntimeError(
-                    f"size mismatch for {prefix + name}: this {type(self).__name__} ({self.extra_repr()}) "
-                    f"expects {full}, the state_dict has {tuple(saved[name].shape)}"
-                )
-        for name, value in saved.items():
-            setattr(self, name, nn.Parameter(torch.empty(value.shape, device=self.device, dtype=self.dtype)))
-        self.n_features = n_features
+        if self.logits is None and all(name in state for name in self._parameter_names):
+            for name in self._parameter_names:
+                setattr(self, name, nn.Parameter(torch.empty(state[name].shape, device=self.device, dtype=self.dtype)))
+            self.n_features = n_features
+
+    def _check_state(self, state: dict[str, Any], prefix: str, strict: bool) -> int | None:
+        """Raise ValueError/TypeError unless ``state`` (this module's entries) loads whole;
+        returns the number of features of the state (None if it has no parameters)."""
+        owner = f"{type(self).__name__}({self.extra_repr()})"
+        n_features = self.n_features
+        saved = {name: state[name] for name in self._parameter_names[1:] if isinstance(state.get(name), torch.Tensor)}
+        if n_features is None and saved:
+            try:
+                n_features = int(self.family.n_features_of(saved))
+            except (KeyError, IndexError, StopIteration, AttributeError) as error:
+                shapes = {prefix + name: tuple(value.shape) for name, value in saved.items()}
+                raise ValueError(f"state_dict: the parameters {shapes} give no number of features for {owner} ({error!r})") from None
+        stream = ("stream_counts", "stream_sums", "stream_steps")
+        if n_features is None and any(name in state for name in STREAM_BUFFERS):
+            raise ValueError(f"state_dict has online-EM state {[prefix + n for n in stream]} but no parameters for {owner}")
+        check_state(state, prefix, owner, self._state_shapes(n_features), strict=strict,
+                    groups=[(self._parameter_names, self.is_initialized), (stream, False)], counters=["stream_steps"])
+        return n_features
+
+    def _state_shapes(self, n_features: int | None) -> dict[str, list[tuple[int, ...]] | None]:
+        """The allowed shape(s) of every entry of a state with ``n_features`` (None: unknown)."""
+        names = (*self._parameter_names, *STREAM_BUFFERS)
+        if n_features is None:
+            return dict.fromkeys(names)
+        batch, K, D = tuple(self.batch_shape), self.n_components, n_features
+        events = {"logits": (K,), **self.family.event_shapes(K, D),
+                  "stream_counts": (K,), "stream_sums": (K, self.family.n_statistics(D))}
+        shapes = {name: [(*batch, *event)] for name, event in events.items()}
+        shapes["stream_steps"] = [()]
+        shapes["stream_shift"] = [(1, D), (self.n_models, 1, D)]  # reference of shared or per-model data
+        return shapes
 
     def _describe_model(self, restart: int, model: int) -> str:
         where = f"model {tuple(int(i) for i in np.unravel_index(model, tuple(self.batch_shape)))}" if self.batch_shape else "the model"

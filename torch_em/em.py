@@ -380,7 +380,7 @@ class EMResult:
     log_weights: torch.Tensor  # (R, M, K)
     theta: Theta  # (R, M, ...)
     lower_bound: torch.Tensor  # (R, M) mean log-likelihood at the last E-step of each model (nan if failed)
-    n_iter: torch.Tensor  # (R, M) EM updates made by each model (a failed one: those before it failed)
+    n_iter: torch.Tensor  # (R, M) iterations run by each model (a failed one: those before the one that failed)
     converged: torch.Tensor  # (R, M) bool
     history: torch.Tensor  # (R, M, n_iterations) lower bound per iteration, padded with the last (nan once failed)
     failures: Failures | None = None  # the failed models when isolating, else None
@@ -433,16 +433,16 @@ def run_em(
                 raise IllConditionedError(reason(*(int(i) for i in bad.nonzero()[0])))
             failures.add(bad, reason)
             log_weights, theta = where_parameters(bad, last_valid, (log_weights, theta))
-            active &= ~bad
+            active = active & ~bad
         last_valid = log_weights, theta
         stats = reseed_empty(family, stats, lambda k: data.worst_points(eta, const, k), active)
         new_log_weights, new_theta = m_step(
             family, stats, data.shift, active, describe_model, f"EM iteration {iteration}", fixed, failures
         )
-        bounded = active.clone()  # models whose current parameters got a (finite) lower bound
-        if failures is not None:
-            active &= ~failures.failed
-        n_active = int(active.sum())
+        bounded = active  # models whose current parameters got a (finite) lower bound
+        if failures is not None:  # those that failed in the M-step keep their current parameters
+            active = active & ~failures.failed
+            n_active = int(active.sum())
         if n_active == R * M:  # every model still running: take the update as it is
             log_weights, theta, lower_bound = new_log_weights, {name: new_theta[name] for name in theta}, current
             n_iter = torch.full_like(n_iter, iteration)

@@ -729,4 +729,3 @@ class Mixture(nn.Module):
     def _describe_model(self, restart: int, model: int) -> str:
         where = f"model {tuple(int(i) for i in np.unravel_index(model, tuple(self.batch_shape)))}" if self.batch_shape else "the model"
         return where + (f" (restart {restart})" if self.n_init > 1 else "")
-

@@ -320,3 +320,25 @@ def assert_identical_except(model: torch_em.GaussianMixture, reference: torch_em
         mine, theirs = getattr(model, name).detach()[keep], getattr(reference, name).detach()[keep]
         assert torch.equal(mine.isnan(), theirs.isnan()) if mine.is_floating_point() else True, name
         assert torch.equal(mine.nan_to_num(), theirs.nan_to_num()) if mine.is_floating_point() else torch.equal(mine, theirs), name
+
+
+@pytest.mark.parametrize("n_features", [2, 13], ids=["entrywise", "lapack"])
+def test_gaussian_m_step_of_the_other_models_is_bit_for_bit_unchanged(n_features):
+    """An invalid covariance in one model changes nothing in the others' M-step, on the entrywise
+    path for D <= 3 and on the LAPACK path."""
+    family = torch_em.Gaussian("full", reg_covar=0.0)
+    generator = torch.Generator().manual_seed(0)
+    X = torch.randn(3, 60, n_features, generator=generator, dtype=F64)  # (M, N, D)
+    degenerate = X.clone()
+    degenerate[1, :, 0] = 0.0  # a constant feature: singular covariances in model 1
+    resp = torch.rand(3, 2, 60, generator=generator, dtype=F64).softmax(1)  # (M, K, N)
+
+    def m_step(data):
+        T, _ = family.features(data, None)
+        return family.m_step(resp.sum(-1), resp @ T, None)
+
+    (theta, valid), (healthy_theta, healthy_valid) = m_step(degenerate), m_step(X)
+    assert valid.tolist() == [[True, True], [False, False], [True, True]] and bool(healthy_valid.all())
+    for name in theta:
+        assert bool(torch.isfinite(theta[name]).all()), name
+        assert torch.equal(theta[name][[0, 2]], healthy_theta[name][[0, 2]]), name

@@ -199,7 +199,7 @@ def test_reseeding_one_model_leaves_the_others_untouched():
 
 def test_ill_conditioned_model_is_named_and_nothing_changes():
     data = per_model_data(6).reshape(2, 3, -1, 3)
-    model = torch_em.GaussianMixture(3, batch_shape=(2, 3), seed=0, dtype=F64).fit(data)
+    model = torch_em.GaussianMixture(3, batch_shape=(2, 3), seed=0, dtype=F64, on_error="raise").fit(data)
     before = {name: value.detach().clone() for name, value in model.named_parameters()}
     fitted = [getattr(model, name).clone() for name in ("converged_", "n_iter_", "lower_bound_", "lower_bound_history_")]
     bad = data.copy()

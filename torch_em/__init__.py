@@ -1,5 +1,5 @@
 """torch_em: GPU-accelerated, differentiable Expectation-Maximization in PyTorch."""
-from .em import ConvergenceWarning
+from .em import ConvergenceWarning, FitFailedWarning
 from .families import Bernoulli, Categorical, ComponentFamily, Exponential, Gamma, Gaussian, IllConditionedError, Poisson, Product, VonMisesFisher
 from .gaussian_mixture import GaussianMixture
 from .kmeans import KMeans
@@ -23,6 +23,7 @@ __all__ = [
     "ConvergenceWarning",
     "EMLayer",
     "EMState",
+    "FitFailedWarning",
     "Gaussian",
     "GaussianMixture",
     "IllConditionedError",

@@ -476,10 +476,42 @@ def reseed_empty(
     return Statistics(counts, sums, stats.log_likelihood, reference)
 
 
+@dataclass
+class Failures:
+    """Models of a working batch (R, M) whose fit failed, and why: a failed model stops and keeps
+    its last valid parameters while the others go on (``on_error="isolate"``)."""
+
+    failed: torch.Tensor  # (R, M) bool
+    reasons: dict[tuple[int, int], str]  # (restart, model) -> the message IllConditionedError would carry
+
+    @classmethod
+    def none(cls, n_restarts: int, n_models: int, device: torch.device) -> "Failures":
+        return cls(torch.zeros(n_restarts, n_models, dtype=torch.bool, device=device), {})
+
+    @staticmethod
+    def joined(parts: list["Failures | None"]) -> "Failures | None":
+        """The records of consecutive batches of restarts (R_i, M) as one (sum R_i, M)."""
+        if all(part is None for part in parts):
+            return None
+        failed, reasons, offset = [], {}, 0
+        for part in parts:
+            failed.append(part.failed)
+            reasons.update({(r + offset, m): reason for (r, m), reason in part.reasons.items()})
+            offset += part.failed.shape[0]
+        return Failures(torch.cat(failed, 0), reasons)
+
+    def add(self, mask: torch.Tensor, reason: Callable[[int, int], str]) -> None:
+        """Mark the models of ``mask`` (R, M) that had not failed yet, with ``reason(r, m)``."""
+        new = mask & ~self.failed
+        for r, m in new.nonzero().tolist():
+            self.reasons[r, m] = reason(r, m)
+        self.failed |= new
+
+
 def m_step(
     family: ComponentFamily, stats: Statistics, shift: torch.Tensor | None, active: torch.Tensor,
     describe_model: Callable[[int, int], str], when: str, fixed: Theta | None = None,
-    refine: Callable[[torch.Tensor, Theta], Statistics | None] | None = None,
+    failures: Failures | None = None, refine: Callable[[torch.Tensor, Theta], Statistics | None] | None = None,
 ) -> tuple[torch.Tensor, Theta]:
     """Closed-form M-step for the working batch: (log_weights (R, M, K), theta).
 
@@ -489,7 +521,9 @@ def m_step(
     again with those components about their own new reference point (exact where the one-pass
     statistics about the shared point lost the variance to rounding), or None; the M-step is then
     redone from them.
-    Raises IllConditionedError naming the first invalid component of an active model.
+    Raises IllConditionedError naming the first invalid component of an active model; given
+    ``failures``, records every active model with an invalid component there instead (their
+    returned parameters are then not to be used).
     """
     shared_shift, original_fixed = shift, fixed
     if stats.reference is not None:  # some components' sums are about their own reference point
@@ -505,16 +539,22 @@ def m_step(
         theta, valid = family.conditional_m_step(counts, stats.sums, shift, fixed)
     else:
         theta, valid = family.m_step(counts, stats.sums, shift)
-    invalid = ~valid & active.unsqueeze(-1)
+    invalid = ~valid & active.unsqueeze(-1)  # (R, M, K)
     if refine is not None and bool(invalid.any()):
         refined = refine(invalid, theta)
         if refined is not None:
-            return m_step(family, refined, shared_shift, active, describe_model, when, original_fixed)
+            return m_step(family, refined, shared_shift, active, describe_model, when, original_fixed, failures=failures)
     if bool(invalid.any()):
-        r, m, k = (int(i) for i in invalid.nonzero()[0])
-        raise IllConditionedError(
-            f"{when}: component {k} of {describe_model(r, m)} is invalid: {family.invalid_component_advice()}"
-        )
+        first_invalid = invalid.to(torch.int8).argmax(-1).tolist()  # (R, M) first invalid component
+
+        def reason(r: int, m: int) -> str:
+            k = first_invalid[r][m]
+            return f"{when}: component {k} of {describe_model(r, m)} is invalid: {family.invalid_component_advice()}"
+
+        if failures is None:
+            r, m, _ = (int(i) for i in invalid.nonzero()[0])
+            raise IllConditionedError(reason(r, m))
+        failures.add(invalid.any(-1), reason)
     return log_weights, theta
 
 
@@ -549,10 +589,11 @@ def natural_with_weights(
 class EMResult:
     log_weights: torch.Tensor  # (R, M, K)
     theta: Theta  # (R, M, ...)
-    lower_bound: torch.Tensor  # (R, M) mean log-likelihood at the last E-step of each model
-    n_iter: torch.Tensor  # (R, M) iterations run by each model
+    lower_bound: torch.Tensor  # (R, M) mean log-likelihood at the last E-step of each model (nan if failed)
+    n_iter: torch.Tensor  # (R, M) iterations run by each model (a failed one: those before the one that failed)
     converged: torch.Tensor  # (R, M) bool
-    history: torch.Tensor  # (R, M, n_iterations) lower bound per iteration, padded with the last
+    history: torch.Tensor  # (R, M, n_iterations) lower bound per iteration, padded with the last (nan once failed)
+    failures: Failures | None = None  # the failed models when isolating, else None
 
 
 def cat_restarts(results: list) -> "EMResult":
@@ -571,7 +612,9 @@ def cat_restarts(results: list) -> "EMResult":
     joined = {}
     for field in dataclasses.fields(results[0]):
         values = [getattr(result, field.name) for result in results]
-        if isinstance(values[0], dict):
+        if field.name == "failures":
+            joined[field.name] = Failures.joined(values)
+        elif isinstance(values[0], dict):
             joined[field.name] = {key: cat([value[key] for value in values], key) for key in values[0]}
         else:
             joined[field.name] = cat(values, field.name)
@@ -588,6 +631,7 @@ def run_em(
     family: ComponentFamily, data: Data | StreamData, log_weights: torch.Tensor, theta: Theta, *,
     max_iter: int, tol: float, describe_model: Callable[[int, int], str], progress=None, fixed: Theta | None = None,
     previous_lower_bound: torch.Tensor | None = None,
+    failures: Failures | None = None,
 ) -> EMResult:
     """EM until every model has converged (|change of the mean log-likelihood| < tol) or
     ``max_iter`` iterations. A converged model keeps its parameters while the others go on.
@@ -599,10 +643,18 @@ def run_em(
     Semantics follow scikit-learn: in iteration i the E-step gives the lower bound of the current
     parameters, then the M-step updates them; a model converges in the iteration whose lower
     bound changed by less than tol, and keeps that iteration's M-step.
+
+    Without ``failures`` a model whose log-likelihood is not finite or whose M-step gives an
+    invalid component raises IllConditionedError. With a :class:`Failures` record (which may hold
+    models that failed at initialisation: they never run) such a model is recorded there instead,
+    stops and keeps its last valid parameters, those whose lower bound was last computed: the
+    parameters before the failed M-step, or before the update whose log-likelihood was not finite.
     """
     R, M = log_weights.shape[:2]
     device = log_weights.device
     active = torch.ones(R, M, dtype=torch.bool, device=device)
+    if failures is not None:
+        active &= ~failures.failed
     converged = torch.zeros_like(active)
     n_iter = torch.zeros(R, M, dtype=torch.long, device=device)
     previous = torch.full((R, M), -math.inf, dtype=log_weights.dtype, device=device)
@@ -610,39 +662,51 @@ def run_em(
         previous = previous_lower_bound.to(previous).expand(R, M)
     lower_bound = torch.full_like(previous, math.nan)
     history = []
-    n_active = R * M
+    n_active = int(active.sum())
+    last_valid = log_weights, theta  # the parameters whose lower bound was last computed
     for iteration in range(1, max_iter + 1):
+        if n_active == 0:  # every model failed at initialisation
+            break
         eta, const = natural_with_weights(family, theta, log_weights, data.shift)
         own = OwnReference.of(family, theta, log_weights, data.shift)
         stats = data.statistics(eta, const, own)
         current = stats.log_likelihood / data.n_total
         bad = ~torch.isfinite(current) & active
         if bool(bad.any()):
-            r, m = (int(i) for i in bad.nonzero()[0])
-            raise IllConditionedError(
-                f"EM iteration {iteration}: the log-likelihood of {describe_model(r, m)} is not finite; "
-                "use float64, scale the data or increase the regularisation"
-            )
+            def reason(r: int, m: int) -> str:
+                return (f"EM iteration {iteration}: the log-likelihood of {describe_model(r, m)} is not finite; "
+                        "use float64, scale the data or increase the regularisation")
+
+            if failures is None:
+                raise IllConditionedError(reason(*(int(i) for i in bad.nonzero()[0])))
+            failures.add(bad, reason)
+            log_weights, theta = where_parameters(bad, last_valid, (log_weights, theta))
+            active = active & ~bad
+        last_valid = log_weights, theta
+
         def candidates(k: int, eta=eta, const=const) -> torch.Tensor:
             return data.worst_points(eta, const, k)
 
-        def reseeded_statistics(own: OwnReference, eta=eta, const=const) -> Statistics:
+        def reseeded_statistics(own: OwnReference, eta=eta, const=const, active=active) -> Statistics:
             return reseed_empty(family, data.statistics(eta, const, own), candidates, active, data.shift)
 
         stats = reseed_empty(family, stats, candidates, active, data.shift)
         new_log_weights, new_theta = m_step(
             family, stats, data.shift, active, describe_model, f"EM iteration {iteration}", fixed,
-            refiner(family, own, reseeded_statistics),
+            failures, refine=refiner(family, own, reseeded_statistics),
         )
+        bounded = active  # models whose current parameters got a (finite) lower bound
+        if failures is not None:  # those that failed in the M-step keep their current parameters
+            active = active & ~failures.failed
+            n_active = int(active.sum())
         if n_active == R * M:  # every model still running: take the update as it is
             log_weights, theta, lower_bound = new_log_weights, {name: new_theta[name] for name in theta}, current
             n_iter = torch.full_like(n_iter, iteration)
         else:
-            log_weights = _where_active(active, new_log_weights, log_weights)
-            theta = {name: _where_active(active, new_theta[name], value) for name, value in theta.items()}
-            lower_bound = torch.where(active, current, lower_bound)
+            log_weights, theta = where_parameters(active, (new_log_weights, new_theta), (log_weights, theta))
+            lower_bound = torch.where(bounded, current, lower_bound)
             n_iter = torch.where(active, iteration, n_iter)
-        history.append(lower_bound)
+        history.append(lower_bound if failures is None else lower_bound.masked_fill(failures.failed, math.nan))
         newly_converged = active & ((current - previous).abs() < tol)
         converged |= newly_converged
         active &= ~newly_converged
@@ -653,14 +717,29 @@ def run_em(
             progress.set_postfix(lower_bound=f"{lower_bound.mean().item():.6g}", active=n_active)
         if n_active == 0:
             break
+    if failures is not None:
+        lower_bound = lower_bound.masked_fill(failures.failed, math.nan)
     history_tensor = torch.stack(history, -1) if history else lower_bound.unsqueeze(-1)[..., :0]
-    return EMResult(log_weights, theta, lower_bound, n_iter, converged, history_tensor)
+    return EMResult(log_weights, theta, lower_bound, n_iter, converged, history_tensor, failures)
 
 
-def _where_active(active: torch.Tensor, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
-    mask = active.view(*active.shape, *([1] * (new.dim() - active.dim())))
-    return torch.where(mask, new, old)
+def where_parameters(
+    mask: torch.Tensor, new: tuple[torch.Tensor, Theta], old: tuple[torch.Tensor, Theta]
+) -> tuple[torch.Tensor, Theta]:
+    """(log_weights, theta) from ``new`` where ``mask`` (R, M) holds, else from ``old``."""
+    log_weights = where_models(mask, new[0], old[0])
+    return log_weights, {name: where_models(mask, new[1][name], value) for name, value in old[1].items()}
+
+
+def where_models(mask: torch.Tensor, chosen: torch.Tensor | float, other: torch.Tensor) -> torch.Tensor:
+    """``chosen`` for the models of ``mask`` (the leading dimensions of ``other``), else ``other``."""
+    return torch.where(mask.view(*mask.shape, *([1] * (other.dim() - mask.dim()))), chosen, other)
 
 
 class ConvergenceWarning(UserWarning):
     """EM stopped at max_iter before the lower bound settled."""
+
+
+class FitFailedWarning(UserWarning):
+    """Some models of a batch failed (an invalid component or a log-likelihood that is not
+    finite) and kept their last valid parameters, while the others finished (``on_error="isolate"``)."""

@@ -49,6 +49,7 @@ class GaussianMixture(Mixture):
         averaging_start: int | None = None,
         em_parameters: Sequence[str] | None = None,
         warm_start: bool = False,
+        on_error: str | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -58,7 +59,7 @@ class GaussianMixture(Mixture):
             n_init=n_init, init_params=init_params, weights_init=weights_init, seed=seed,
             chunk_size=chunk_size, learning_decay=learning_decay, learning_offset=learning_offset,
             step_size=step_size, averaging_start=averaging_start, em_parameters=em_parameters,
-            warm_start=warm_start, device=device, dtype=dtype,
+            warm_start=warm_start, on_error=on_error, device=device, dtype=dtype,
         )
 
     @property

@@ -29,6 +29,10 @@ from .initialization import METHODS, initial_responsibilities, random_points
 
 
 STREAM_BUFFERS = ("stream_counts", "stream_sums", "stream_steps", "stream_shift")
+#: Choices of ``on_error``: raise IllConditionedError, or isolate the failing models of a batch.
+ON_ERROR = ("raise", "isolate")
+#: A FitFailedWarning quotes the reasons of at most this many failed models.
+QUOTED_FAILURES = 3
 
 
 class Mixture(CheckedLoad, nn.Module):
@@ -63,6 +67,18 @@ class Mixture(CheckedLoad, nn.Module):
             own them; see :attr:`em_parameters`.
         warm_start: when True, ``fit`` on a module that has parameters starts EM from them
             (scikit-learn's meaning): ``max_iter=1`` then makes ``fit`` one EM step.
+        on_error: what a model whose M-step gives an invalid component, or whose log-likelihood
+            is not finite, does to the fit. ``"raise"``: IllConditionedError naming it, and the
+            module is left as it was. ``"isolate"``: that model stops and keeps its last valid
+            parameters (those whose lower bound was last computed; the family's default
+            parameters when initialisation failed), it is marked in :attr:`failed_` with its
+            reason in :attr:`failure_reasons_`, a :class:`FitFailedWarning` names it, and the
+            other models finish as if fitted alone. A restart that fails loses to the others; a
+            model fails only when all its restarts fail. For failed models ``lower_bound_`` is
+            NaN, ``converged_`` False, ``score_samples``, ``score``, ``bic``, ``aic`` and
+            ``predict_proba`` return NaN and ``predict`` returns -1 (``log_prob``/``forward``
+            stay the density of the parameters held). Default (None): ``"raise"`` for
+            ``batch_shape=()``, ``"isolate"`` for a batch.
         device, dtype: where the parameters live (default: CPU, torch's default dtype).
 
     Shape:
@@ -94,6 +110,7 @@ class Mixture(CheckedLoad, nn.Module):
         averaging_start: int | None = None,
         em_parameters: Sequence[str] | None = None,
         warm_start: bool = False,
+        on_error: str | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -105,6 +122,8 @@ class Mixture(CheckedLoad, nn.Module):
         check_int(max_iter, "max_iter", minimum=1)
         check_int(n_init, "n_init", minimum=1)
         check_choice(init_params, "init_params", METHODS)
+        if on_error is not None:
+            check_choice(on_error, "on_error", ON_ERROR)
         batch_shape = check_common_options(batch_shape, chunk_size, seed)
         self.schedule = StepSchedule(learning_decay, learning_offset, step_size)
         if averaging_start is not None:
@@ -132,6 +151,7 @@ class Mixture(CheckedLoad, nn.Module):
         if not isinstance(warm_start, bool):
             raise ValueError(f"warm_start must be True or False, got {warm_start!r}")
         self.warm_start = warm_start
+        self.on_error = on_error
         for name in self._parameter_names:
             self.register_parameter(name, None)
         # Running state of online EM (partial_fit): normalised statistics, step count, shift.
@@ -142,6 +162,10 @@ class Mixture(CheckedLoad, nn.Module):
         self.n_iter_: torch.Tensor | None = None
         self.lower_bound_: torch.Tensor | None = None
         self.lower_bound_history_: torch.Tensor | None = None
+        #: (*batch_shape) bool: the models whose last fit or partial_fit failed (on_error="isolate").
+        self.failed_: torch.Tensor | None = None
+        #: {model index: reason} for the failed models (the message IllConditionedError would carry).
+        self.failure_reasons_: dict[tuple[int, ...], str] = {}
         self._sample_generator: torch.Generator | None = None
 
         if self.n_features is not None:
@@ -220,7 +244,9 @@ class Mixture(CheckedLoad, nn.Module):
         Restart 0 runs as a batch of its own, bit for bit the fit with ``n_init=1``; restarts
         1..k-1 run together. The fit ends an online stream (``partial_fit`` starts a new one).
 
-        Raises ValueError before changing anything when X or the initial parameters are invalid.
+        Raises ValueError before changing anything when X or the initial parameters are invalid,
+        and IllConditionedError (also before any change) for a failing model when ``on_error`` is
+        ``"raise"``; see ``on_error`` for the isolation of failing models.
         """
         M = self.n_models
         source = batch_source(X)
@@ -234,7 +260,8 @@ class Mixture(CheckedLoad, nn.Module):
                 for restarts in groups
             ])
 
-        best = result.lower_bound.argmax(0)  # (M,) best restart per model
+        # (M,) best restart per model; a failed restart (nan) loses, restart 0 when all failed.
+        best = result.lower_bound.nan_to_num(nan=-math.inf).argmax(0)
 
         def pick(value: torch.Tensor) -> torch.Tensor:
             """(R, M, ...) -> (*batch_shape, ...) at the best restart of each model."""
@@ -251,9 +278,11 @@ class Mixture(CheckedLoad, nn.Module):
         self.converged_ = pick(result.converged)
         self.lower_bound_history_ = pick(result.history)
         self._clear_stream()  # a later partial_fit starts a new stream from these parameters
-        if not bool(self.converged_.all()):
+        self._record_failures(result.failures, best)
+        not_converged = ~self.converged_ & ~self.failed_
+        if bool(not_converged.any()):
             warnings.warn(
-                f"{int((~self.converged_).sum())} of {M} model(s) did not converge in max_iter={self.max_iter} "
+                f"{int(not_converged.sum())} of {M} model(s) did not converge in max_iter={self.max_iter} "
                 "iterations; increase max_iter or tol, or check the data",
                 em.ConvergenceWarning,
                 stacklevel=2,
@@ -267,6 +296,7 @@ class Mixture(CheckedLoad, nn.Module):
         current parameters when ``continued`` (a warm start: its convergence check goes on from
         the last lower bound, as scikit-learn's does)."""
         previous = None
+        failures = em.Failures.none(len(restarts), self.n_models, self.device) if self._isolates_failures() else None
         if continued:
             log_weights, theta = self._working_parameters()
             if self.lower_bound_ is not None and self.stream_steps is None:  # mid-stream it is a batch's
@@ -276,19 +306,48 @@ class Mixture(CheckedLoad, nn.Module):
             user_centres = self.family.initial_centres(
                 tuple(self.batch_shape), self.n_components, n_features, self.device, self.dtype
             )
-            log_weights, theta = self._initial_parameters(data.sample, data.chunk_size, user_theta, user_centres, restarts)
+            log_weights, theta = self._initial_parameters(data.sample, data.chunk_size, user_theta, user_centres, restarts,
+                                                          failures)
             log_weights, theta = self._same_on_every_rank(log_weights, theta)
         fixed = self._fixed_parameters(log_weights, theta)
         log_weights, theta = self._with_fixed(log_weights, theta, fixed)
         return em.run_em(
             self.family, data, log_weights, theta, max_iter=self.max_iter, tol=self.tol,
             describe_model=self._describe_model, progress=progress, fixed=fixed, previous_lower_bound=previous,
+            failures=failures,
         )
 
     def _clear_stream(self) -> None:
         """Forget the running statistics of online EM (``partial_fit``)."""
         for name in STREAM_BUFFERS:
             setattr(self, name, None)
+
+    def _isolates_failures(self) -> bool:
+        """Whether a failing model is isolated (``on_error``, by default so in a batch)."""
+        on_error = self.on_error if self.on_error is not None else ("isolate" if self.batch_shape else "raise")
+        return on_error == "isolate"
+
+    def _record_failures(self, failures: em.Failures | None, best: torch.Tensor) -> None:
+        """Set ``failed_`` and ``failure_reasons_`` from the failures of the chosen restarts
+        ``best`` (M,), and warn naming the failed models."""
+        M = self.n_models
+        failed = torch.zeros(M, dtype=torch.bool, device=self.device)
+        reasons: dict[tuple[int, ...], str] = {}
+        if failures is not None and bool(failures.failed.any()):
+            failed = failures.failed.gather(0, best.view(1, M))[0]
+            for m in failed.nonzero().flatten().tolist():
+                index = tuple(int(i) for i in np.unravel_index(m, tuple(self.batch_shape)))
+                reasons[index] = failures.reasons[int(best[m]), m]
+        self.failed_ = failed.reshape(self.batch_shape)
+        self.failure_reasons_ = reasons
+        if reasons:
+            quoted = "; ".join(list(reasons.values())[:QUOTED_FAILURES]) + ("; ..." if len(reasons) > QUOTED_FAILURES else "")
+            warnings.warn(
+                f"{len(reasons)} of {M} model(s) failed and keep their last valid parameters (failed_, failure_reasons_; "
+                f"their lower_bound_, score, score_samples, bic, aic and predict_proba are NaN, predict gives -1): {quoted}",
+                em.FitFailedWarning,
+                stacklevel=4,  # past fit (or partial_fit) and its no_grad wrapper
+            )
 
     def _prepare_tensor(self, X: Any) -> em.Data:
         """Validated data for a fit, its reference point, and a sample to initialise on (a
@@ -354,9 +413,13 @@ class Mixture(CheckedLoad, nn.Module):
 
     def _initial_parameters(
         self, data: em.Data, chunk: int, user_theta: Theta, user_centres: torch.Tensor | None, restarts: range,
+        failures: em.Failures | None = None,
     ) -> tuple[torch.Tensor, Theta]:
         """Working initial parameters (R, M, ...) of the given R restarts: an M-step from the
-        initial responsibilities, then overridden by whatever the user supplied."""
+        initial responsibilities, then overridden by whatever the user supplied. Given
+        ``failures``, a model whose initial M-step is invalid is recorded there and starts from
+        the family's default parameters (finite; it does not run) instead of raising
+        IllConditionedError."""
         R, M, K = len(restarts), self.n_models, self.n_components
         X, shift = data.X, data.shift
         if set(user_theta) == set(self._parameter_names):  # everything given: no clustering needed
@@ -378,7 +441,10 @@ class Mixture(CheckedLoad, nn.Module):
             return em.reseed_empty(self.family, stats, random_candidates, every_model, shift)
 
         log_weights, theta = em.m_step(self.family, reseeded_statistics(), shift, every_model, self._describe_model,
-                                       "initialisation", refine=em.refiner(self.family, None, reseeded_statistics))
+                                       "initialisation", refine=em.refiner(self.family, None, reseeded_statistics),
+                                       failures=failures)
+        if failures is not None and bool(failures.failed.any()):
+            log_weights, theta = self._defaults_where(failures.failed, log_weights, theta, X.shape[-1])
         for name, value in user_theta.items():
             working = self._to_restarts(value, R)
             if name == "logits":
@@ -386,6 +452,16 @@ class Mixture(CheckedLoad, nn.Module):
             else:
                 theta[name] = working
         return log_weights, theta
+
+    def _defaults_where(
+        self, mask: torch.Tensor, log_weights: torch.Tensor, theta: Theta, n_features: int
+    ) -> tuple[torch.Tensor, Theta]:
+        """The working parameters with the family's default parameters (and uniform weights) for
+        the models of ``mask`` (R, M)."""
+        R, M, K = *mask.shape, self.n_components
+        default = self.family.default_parameters((R, M), K, n_features, self._generator(), self.device, self.dtype)
+        default_log_weights = torch.full_like(log_weights, -math.log(K))
+        return em.where_parameters(mask, (default_log_weights, default), (log_weights, theta))
 
     @torch.no_grad()
     def partial_fit(self, X: Any) -> "Mixture":
@@ -400,6 +476,9 @@ class Mixture(CheckedLoad, nn.Module):
         With ``averaging_start`` set, from that step on the parameters are the Polyak-Ruppert
         average of the stepwise-EM iterates (in unconstrained form); the iterate itself is the
         M-step of the running statistics. A rejected batch raises before anything changes.
+        With ``on_error="isolate"`` a model whose update fails skips it (its parameters and
+        running statistics stay as they were, zero statistics on a first call) and is marked in
+        ``failed_``, as for :meth:`fit`.
         """
         K, M = self.n_components, self.n_models
         started = self.stream_steps is not None
@@ -407,6 +486,7 @@ class Mixture(CheckedLoad, nn.Module):
         n_points, n_features = X.shape[-2], X.shape[-1]
         chunk = self.chunk_size or em.default_chunk_size(M, K, self.family.n_statistics(n_features))
         every_model = torch.ones(1, M, dtype=torch.bool, device=X.device)
+        failures = em.Failures.none(1, M, X.device) if self._isolates_failures() else None
         if started:
             shift = self.stream_shift
             if self.averaging_start is None:
@@ -415,7 +495,7 @@ class Mixture(CheckedLoad, nn.Module):
                 running = em.Statistics(self._to_working(self.stream_counts), self._to_working(self.stream_sums),
                                         torch.zeros(1, M, dtype=X.dtype, device=X.device))
                 log_weights, theta = em.m_step(self.family, running, shift, every_model, self._describe_model, "partial_fit",
-                                               self._fixed_parameters(log_weights=None, theta=None))
+                                               self._fixed_parameters(log_weights=None, theta=None), failures)
         else:
             shift = distributed.combined_reference(self.family.reference(X), n_points)  # fixed for the stream
             if self.is_initialized:
@@ -424,7 +504,7 @@ class Mixture(CheckedLoad, nn.Module):
                 user_theta = self._user_initial_parameters(n_features)
                 user_centres = self.family.initial_centres(tuple(self.batch_shape), K, n_features, self.device, self.dtype)
                 log_weights, theta = self._same_on_every_rank(*self._initial_parameters(
-                    em.Data(self.family, X, shift, chunk), chunk, user_theta, user_centres, restarts=range(1)
+                    em.Data(self.family, X, shift, chunk), chunk, user_theta, user_centres, restarts=range(1), failures=failures
                 ))
         fixed = self._fixed_parameters(log_weights, theta)
         log_weights, theta = self._with_fixed(log_weights, theta, fixed)
@@ -437,18 +517,33 @@ class Mixture(CheckedLoad, nn.Module):
         if own is not None:
             own.summarise = False
         batch = data.statistics(eta, const, own)  # (1, M, ...)
-        if not bool(torch.isfinite(batch.log_likelihood).all()):
-            raise em.IllConditionedError("partial_fit: the batch log-likelihood is not finite; use float64 or scale the data")
+        infinite = ~torch.isfinite(batch.log_likelihood)  # (1, M)
+        if bool(infinite.any()):
+            def reason(r: int, m: int) -> str:
+                return (f"partial_fit: the batch log-likelihood of {self._describe_model(r, m)} is not finite; "
+                        "use float64 or scale the data")
+
+            if failures is None:
+                raise em.IllConditionedError(reason(*(int(i) for i in infinite.nonzero()[0])))
+            failures.add(infinite, reason)
+        updating = every_model if failures is None else ~failures.failed  # (1, M)
         rho = self.schedule.rho(int(self.stream_steps) if started else 0)
         counts = stepwise(self._to_working(self.stream_counts) if started else None, batch.counts / n_points, rho)
         sums = stepwise(self._to_working(self.stream_sums) if started else None, batch.sums / n_points, rho)
         # The M-step sees the running statistics at the scale of one batch (re-seeding counts points).
         scaled = em.Statistics(counts * n_points, sums * n_points, batch.log_likelihood)
-        scaled = em.reseed_empty(self.family, scaled, lambda k: data.worst_points(eta, const, k), every_model)
-        new_log_weights, new_theta = em.m_step(self.family, scaled, shift, every_model, self._describe_model, "partial_fit", fixed)
-
-        new_theta = {name: value[0].reshape(*self.batch_shape, *value.shape[2:]) for name, value in new_theta.items()}
-        new_theta["logits"] = new_log_weights[0].reshape(*self.batch_shape, K)
+        scaled = em.reseed_empty(self.family, scaled, lambda k: data.worst_points(eta, const, k), updating)
+        new_log_weights, new_theta = em.m_step(self.family, scaled, shift, updating, self._describe_model, "partial_fit",
+                                               fixed, failures)
+        new_theta = self._from_working(new_log_weights, new_theta)
+        new_counts = (scaled.counts / n_points)[0].reshape(*self.batch_shape, K)
+        new_sums = (scaled.sums / n_points)[0].reshape(*self.batch_shape, K, scaled.sums.shape[-1])
+        if failures is not None and bool(failures.failed.any()):  # failed models skip the update
+            skipped = failures.failed[0].reshape(self.batch_shape)
+            held = {"logits": self.logits, **self.theta()} if self.is_initialized else self._from_working(log_weights, theta)
+            new_theta = {name: em.where_models(skipped, held[name], value) for name, value in new_theta.items()}
+            new_counts = em.where_models(skipped, self.stream_counts if started else 0.0, new_counts)
+            new_sums = em.where_models(skipped, self.stream_sums if started else 0.0, new_sums)
         steps = 1 if not started else int(self.stream_steps) + 1
         averaged = 0 if self.averaging_start is None else steps - self.averaging_start  # iterates in the average
         if averaged > 1:  # Polyak-Ruppert: running mean of the unconstrained parameters
@@ -456,11 +551,12 @@ class Mixture(CheckedLoad, nn.Module):
                          for name, old in {"logits": self.logits, **self.theta()}.items()}
         self._assign_em_update(new_theta)
         self.n_features = n_features
-        self.stream_counts = (scaled.counts / n_points)[0].reshape(*self.batch_shape, K)
-        self.stream_sums = (scaled.sums / n_points)[0].reshape(*self.batch_shape, K, scaled.sums.shape[-1])
+        self.stream_counts = new_counts
+        self.stream_sums = new_sums
         self.stream_steps = torch.tensor(steps, device=X.device)
         self.stream_shift = shift
-        self.lower_bound_ = (batch.log_likelihood[0] / n_points).reshape(self.batch_shape)
+        self._record_failures(failures, torch.zeros(M, dtype=torch.long, device=X.device))
+        self.lower_bound_ = (batch.log_likelihood[0] / n_points).reshape(self.batch_shape).masked_fill(self.failed_, math.nan)
         return self
 
     # --- evaluation ---------------------------------------------------------------------------
@@ -492,7 +588,8 @@ class Mixture(CheckedLoad, nn.Module):
         return reference.mean(1).reshape(1, -1) if shared else reference[0]
 
     def log_prob(self, X: Any) -> torch.Tensor:
-        """Per-point log-likelihood ``(*batch_shape, N)``; differentiable and pure."""
+        """Per-point log-likelihood ``(*batch_shape, N)``; differentiable and pure. The density of
+        the parameters held, also for models in ``failed_`` (unlike :meth:`score_samples`)."""
         return em.normalise(self.log_joint(X), dim=-1)[1]
 
     def forward(self, X: Any) -> torch.Tensor:
@@ -501,35 +598,37 @@ class Mixture(CheckedLoad, nn.Module):
 
     @torch.no_grad()
     def score_samples(self, X: Any) -> torch.Tensor:
-        """Per-point log-likelihood ``(*batch_shape, N)`` (no graph)."""
-        return self.log_prob(X)
+        """Per-point log-likelihood ``(*batch_shape, N)`` (no graph); NaN for models in ``failed_``."""
+        return self._without_failed(self.log_prob(X), math.nan)
 
     @torch.no_grad()
     def score(self, X: Any) -> torch.Tensor:
-        """Mean log-likelihood per point ``(*batch_shape)``."""
-        return self.log_prob(X).mean(-1)
+        """Mean log-likelihood per point ``(*batch_shape)``; NaN for models in ``failed_``."""
+        return self.score_samples(X).mean(-1)
 
     @torch.no_grad()
     def predict_proba(self, X: Any) -> torch.Tensor:
-        """Posterior responsibilities ``(*batch_shape, N, K)``."""
-        return em.normalise(self.log_joint(X), dim=-1)[0]
+        """Posterior responsibilities ``(*batch_shape, N, K)``; NaN for models in ``failed_``."""
+        return self._without_failed(em.normalise(self.log_joint(X), dim=-1)[0], math.nan)
 
     @torch.no_grad()
     def predict(self, X: Any) -> torch.Tensor:
-        """Most probable component ``(*batch_shape, N)``."""
-        return self.log_joint(X).argmax(-1)
+        """Most probable component ``(*batch_shape, N)``; -1 for models in ``failed_``."""
+        return self._without_failed(self.log_joint(X).argmax(-1), -1)
 
     @torch.no_grad()
     def bic(self, X: Any) -> torch.Tensor:
-        """Bayesian information criterion per model ``(*batch_shape)``; lower is better."""
-        log_prob = self.log_prob(X)
+        """Bayesian information criterion per model ``(*batch_shape)``; lower is better; NaN for
+        models in ``failed_``."""
+        log_prob = self.score_samples(X)
         n_points = log_prob.shape[-1]
         return -2 * log_prob.sum(-1) + self.n_parameters() * math.log(n_points)
 
     @torch.no_grad()
     def aic(self, X: Any) -> torch.Tensor:
-        """Akaike information criterion per model ``(*batch_shape)``; lower is better."""
-        return -2 * self.log_prob(X).sum(-1) + 2 * self.n_parameters()
+        """Akaike information criterion per model ``(*batch_shape)``; lower is better; NaN for
+        models in ``failed_``."""
+        return -2 * self.score_samples(X).sum(-1) + 2 * self.n_parameters()
 
     @torch.no_grad()
     def sample(self, n_samples: int = 1, seed: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -550,6 +649,12 @@ class Mixture(CheckedLoad, nn.Module):
         return samples.reshape(*self.batch_shape, n_samples, -1), labels.reshape(*self.batch_shape, n_samples)
 
     # --- internals ---------------------------------------------------------------------------
+    def _without_failed(self, values: torch.Tensor, fill: float) -> torch.Tensor:
+        """``values`` (*batch_shape, ...) with ``fill`` for the models whose last fit failed."""
+        if self.failed_ is None or not bool(self.failed_.any()):
+            return values
+        return em.where_models(self.failed_.to(values.device), fill, values)
+
     def _require_parameters(self) -> torch.Tensor:
         if self.logits is None:
             raise RuntimeError(
@@ -565,6 +670,13 @@ class Mixture(CheckedLoad, nn.Module):
         """The current log-weights (1, M, K) and family parameters (1, M, ...): live views."""
         theta = {name: self._to_working(value) for name, value in self.theta().items()}
         return self._to_working(self.logits.log_softmax(-1)), theta
+
+    def _from_working(self, log_weights: torch.Tensor, theta: Theta) -> Theta:
+        """Working parameters with one restart (1, M, ...) -> module layout (*batch_shape, ...),
+        the log-weights as ``"logits"``."""
+        module = {name: value[0].reshape(*self.batch_shape, *value.shape[2:]) for name, value in theta.items()}
+        module["logits"] = log_weights[0].reshape(*self.batch_shape, self.n_components)
+        return module
 
     def _to_working(self, value: torch.Tensor) -> torch.Tensor:
         """(*batch_shape, *event) -> (1, M, *event): the working layout with one restart."""

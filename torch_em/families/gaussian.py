@@ -94,20 +94,23 @@ def lower_triangular_inverse(lower: torch.Tensor) -> torch.Tensor:
 SMALL_FEATURES = 3
 
 
-def small_raw_precision_cholesky(covariance: list[list[torch.Tensor]]) -> torch.Tensor | None:
+def small_raw_precision_cholesky(covariance: list[list[torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
     """Unconstrained precision Cholesky factor (log diagonal) of a covariance given entry by
     entry (``covariance[i][j]``, each (...,), i >= j used): ``Sigma = L L^T``, ``P = L^{-T}``.
 
-    Returns raw (..., D, D) with zeros below the diagonal, or None where a pivot is not positive
-    (the caller then factorises with LAPACK, which reports the failures).
+    Returns raw (..., D, D) with zeros below the diagonal, and whether every pivot was positive
+    (...,). Where one was not, raw is meaningless (computed with that pivot set to 1, so that no
+    NaN enters a gradient): the caller factorises those with LAPACK, which reports the failures.
     """
     n = len(covariance)
     lower: list[list[torch.Tensor]] = [[None] * n for _ in range(n)]  # type: ignore[list-item]
-    pivots = []
+    pivots, positive = [], []
     for j in range(n):  # Cholesky-Banachiewicz, column by column
         pivot = covariance[j][j]
         for k in range(j):
             pivot = pivot - lower[j][k].square()
+        positive.append(pivot > 0)
+        pivot = torch.where(positive[-1], pivot, 1.0)
         pivots.append(pivot)
         lower[j][j] = pivot.sqrt()
         for i in range(j + 1, n):
@@ -116,8 +119,6 @@ def small_raw_precision_cholesky(covariance: list[list[torch.Tensor]]) -> torch.
                 entry = entry - lower[i][k] * lower[j][k]
             lower[i][j] = entry / lower[j][j]
     pivots = torch.stack(pivots, -1)  # (..., D)
-    if not bool(pivots.gt(0).all()):
-        return None
     # X = L^{-1} by forward substitution: X[i][i] = 1 / L[i][i], X[i][j] = -sum_k L[i][k] X[k][j] / L[i][i].
     inverse: list[list[torch.Tensor]] = [[None] * n for _ in range(n)]  # type: ignore[list-item]
     for i in range(n):
@@ -131,7 +132,7 @@ def small_raw_precision_cholesky(covariance: list[list[torch.Tensor]]) -> torch.
     log_diagonal = pivots.log().mul_(-0.5).unbind(-1)
     zero = torch.zeros_like(log_diagonal[0])
     entries = [log_diagonal[i] if i == j else (inverse[j][i] if j > i else zero) for i in range(n) for j in range(n)]
-    return torch.stack(entries, -1).unflatten(-1, (n, n))
+    return torch.stack(entries, -1).unflatten(-1, (n, n)), torch.stack(positive, -1).all(-1)
 
 
 def small_natural_parameters(
@@ -189,9 +190,13 @@ def precision_cholesky_from_covariance(covariance: torch.Tensor) -> tuple[torch.
 
 
 def _inverse_factor_or_identity(lower: torch.Tensor, failed: torch.Tensor) -> torch.Tensor:
-    """``L^{-T}`` (..., D, D), with the identity where ``failed`` (...) marks a failed factor."""
-    eye = torch.eye(lower.shape[-1], dtype=lower.dtype, device=lower.device)
-    return lower_triangular_inverse(torch.where(failed[..., None, None], eye, lower)).mT
+    """``L^{-T}`` (..., D, D), with the identity where ``failed`` (...) marks a failed factor.
+    The identity is written into a copy with the same (column-major) strides, so that the
+    inverse of every other matrix rounds exactly as in a batch without failures (a model fails
+    alone)."""
+    lower = lower.clone()
+    lower[failed] = torch.eye(lower.shape[-1], dtype=lower.dtype, device=lower.device)
+    return lower_triangular_inverse(lower).mT
 
 
 def pack_raw_triangular(upper: torch.Tensor) -> torch.Tensor:
@@ -378,8 +383,8 @@ class Gaussian(ComponentFamily):
         small = None
         if self.covariance_type == "full" and n_features <= SMALL_FEATURES:
             small = self._small_full_m_step(counts, centred_mean, second)
-        if small is not None:
-            raw, valid = small
+        if small is not None and bool(small[2].all()):
+            raw, valid, _ = small
         elif self.covariance_type in ("full", "tied"):
             rows, cols = _triu_indices(n_features, stats.device)
             scatter = stats.new_empty(*second.shape[:-1], n_features, n_features)
@@ -401,6 +406,10 @@ class Gaussian(ComponentFamily):
             if self.covariance_type == "tied":
                 valid = valid.unsqueeze(-1).expand_as(counts)
             raw = pack_raw_triangular(upper)
+            if small is not None:  # a model all of whose factors the entrywise path found keeps them, as alone
+                entrywise = small[2].all(-1, keepdim=True)  # (*b, 1)
+                raw = torch.where(entrywise[..., None, None], small[0], raw)
+                valid = torch.where(entrywise, small[1], valid)
         else:
             if self.covariance_type == "diag":
                 second_moment = second / counts.unsqueeze(-1)
@@ -432,9 +441,10 @@ class Gaussian(ComponentFamily):
 
     def _small_full_m_step(
         self, counts: torch.Tensor, centred_mean: torch.Tensor, second: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Full covariances entry by entry (D <= SMALL_FEATURES): (raw, valid), or None where a
-        factorisation fails (the general path then handles it).
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Full covariances entry by entry (D <= SMALL_FEATURES): (raw, valid, factorised), where
+        ``factorised`` (*b, K) says where the entrywise Cholesky succeeded (the general path
+        handles the models with a component where it did not).
 
         Shape:
             counts: (*b, K); centred_mean: (*b, K, D); second: (*b, K, P) packed sums of x~ x~^T
@@ -453,8 +463,8 @@ class Gaussian(ComponentFamily):
         matrix = [[covariance[min(i, j), max(i, j)] for j in diagonal] for i in diagonal]
         for i in diagonal:
             matrix[i][i] = matrix[i][i] + self.reg_covar
-        raw = small_raw_precision_cholesky(matrix)
-        return None if raw is None else (raw, resolved)
+        raw, factorised = small_raw_precision_cholesky(matrix)
+        return raw, resolved, factorised
 
     def _variance_resolved(self, variance: torch.Tensor, second_moment: torch.Tensor) -> torch.Tensor:
         """Whether variances (*b, K[, D]) from one-pass statistics are more than rounding noise.

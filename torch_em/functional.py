@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from . import em as engine
-from ._validation import check_choice, check_finite, check_int, check_positive
+from ._validation import check_choice, check_family, check_finite, check_int, check_positive
 from .families.base import ComponentFamily, IllConditionedError, Theta
 
 GRADIENT_MODES = ("unrolled", "last", "implicit", "none")
@@ -352,12 +352,6 @@ def _iterative_adjoint(f: torch.Tensor, z: torch.Tensor, grad: torch.Tensor, max
 
 class ImplicitGradientWarning(UserWarning):
     """The adjoint iteration of ``gradient="implicit"`` stopped before it converged."""
-
-
-def check_family(family: Any) -> None:
-    """ValueError unless ``family`` is a component family (e.g. ``torch_em.Gaussian("diag")``)."""
-    if not isinstance(family, ComponentFamily):
-        raise ValueError(f"family must be a torch_em ComponentFamily, got {type(family).__name__}")
 
 
 def _checked_sets(X: Any) -> torch.Tensor:

@@ -48,7 +48,7 @@ def _as_tensor(value: Any, name: str) -> torch.Tensor:
             array = array.astype(np.float64)
         return torch.as_tensor(array if array.flags.writeable else array.copy())
     except (TypeError, ValueError, RuntimeError) as err:
-        raise ValueError(f"{name} must be a tensor or array of numbers, got {type(value).__name__}") from err
+        raise ValueError(f"{name} must be a tensor or array of numbers, got {type(value).__name__} ({err})") from err
 
 
 def is_sparse_matrix(value: Any) -> bool:
@@ -63,11 +63,16 @@ HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def data_dtype(value: Any) -> torch.dtype:
-    """The dtype a model that follows its data fits ``value`` in: a float32/float64 tensor or
-    array keeps its dtype; float16/bfloat16 data and non-floating data (integers, booleans,
+    """The dtype a model that follows its data fits ``value`` in: a float32/float64 tensor,
+    array or DataFrame keeps its dtype; float16/bfloat16 data and non-floating data (integers, booleans,
     numbers in an object array, nested lists) use torch's default dtype, or float32 when that
     is itself a half type."""
     dtype = getattr(value, "dtype", None)
+    if dtype is None and hasattr(value, "dtypes"):  # a DataFrame: one dtype per column
+        try:
+            dtype = np.result_type(*value.dtypes)
+        except TypeError:  # pandas extension dtypes: not numpy's
+            dtype = None
     if isinstance(dtype, np.dtype):
         dtype = torch.from_numpy(np.empty(0, dtype=dtype)).dtype if dtype.kind == "f" else None
     if isinstance(dtype, torch.dtype) and dtype.is_floating_point and dtype not in HALF_DTYPES:
@@ -87,7 +92,7 @@ def check_dtype(dtype: Any, name: str = "dtype") -> torch.dtype | None:
             raise ValueError(f"{name} must be a floating torch dtype or its name (e.g. 'float32'), got {dtype!r}")
         dtype = resolved
     if not isinstance(dtype, torch.dtype):
-        raise TypeError(f"{name} must be a floating torch dtype (e.g. torch.float32), got {type(dtype).__name__} {dtype!r}")
+        raise ValueError(f"{name} must be a floating torch dtype (e.g. torch.float32), got {type(dtype).__name__} {dtype!r}")
     if not dtype.is_floating_point:
         raise ValueError(f"{name} must be a floating-point dtype, got {dtype}")
     return dtype
@@ -98,7 +103,7 @@ def check_device(device: Any) -> torch.device | None:
     if device is None:
         return None
     if not isinstance(device, (torch.device, str, int)) or isinstance(device, bool):
-        raise TypeError(f"device must be a torch.device, a device name such as 'cpu' or 'cuda:0', or an index, got {type(device).__name__}")
+        raise ValueError(f"device must be a torch.device, a device name such as 'cpu' or 'cuda:0', or an index, got {type(device).__name__}")
     try:
         device = torch.device(device)
     except (RuntimeError, ValueError) as err:
@@ -233,11 +238,11 @@ def check_magnitude(X: torch.Tensor, name: str, *, power: int, what: str) -> Non
 
 
 def check_family(family: Any) -> None:
-    """ValueError (TypeError for a class) unless ``family`` is a component family instance
+    """ValueError unless ``family`` is a component family instance
     (e.g. ``torch_em.Gaussian("diag")``)."""
     from .families.base import ComponentFamily  # the families import this module
 
     if isinstance(family, type) and issubclass(family, ComponentFamily):
-        raise TypeError(f"family must be a ComponentFamily instance, got the class {family.__name__}; use {family.__name__}(...)")
+        raise ValueError(f"family must be a ComponentFamily instance, got the class {family.__name__}; use {family.__name__}(...)")
     if not isinstance(family, ComponentFamily):
         raise ValueError(f"family must be a torch_em ComponentFamily (e.g. torch_em.Gaussian('full')), got {type(family).__name__} {family!r}")

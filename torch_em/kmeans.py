@@ -5,7 +5,6 @@ import math
 from typing import Any, Sequence
 
 import torch
-from torch import nn
 
 from ._precision import FollowsDataDtype, without_autocast
 from ._validation import (

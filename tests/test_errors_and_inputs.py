@@ -14,6 +14,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 
 import torch_em
 from torch_em import EMLayer, GaussianMixture, KMeans, Mixture, NotFittedError
@@ -434,19 +435,22 @@ MIXTURE_CALLS = ("score_samples", "score", "bic", "aic", "predict", "predict_pro
 KMEANS_CALLS = ("predict", "transform", "score")
 
 
-def finite_or_value_error(call, *args) -> None:
-    """The call returns all-finite tensors or raises ValueError (anything else fails the test)."""
+def finite_or_value_error(call, *args) -> bool:
+    """The call returns all-finite tensors (True) or raises ValueError (False); anything else
+    fails the test."""
     try:
         result = call(*args)
     except ValueError:
-        return
+        return False
     if isinstance(result, torch.nn.Module):
         result = [value for value in result.state_dict().values() if value.is_floating_point()]
     for value in result if isinstance(result, list) else [result]:
         assert bool(torch.isfinite(value.double()).all()), call
+    return True
 
 
-def sweep(dtype: np.dtype, exponents, covariance_type: str) -> None:
+def sweep(dtype: np.dtype, exponents, covariance_type: str, in_range: int) -> None:
+    """Data of largest magnitude 10**exponent; up to 10**in_range every call must succeed."""
     unit_mixture = GaussianMixture(3, covariance_type=covariance_type, seed=0).fit(blobs(20).astype(dtype))
     unit_kmeans = KMeans(3, seed=0).fit(blobs(20).astype(dtype))
     unit = blobs(20) / np.abs(blobs(20)).max()  # largest magnitude 1
@@ -456,26 +460,26 @@ def sweep(dtype: np.dtype, exponents, covariance_type: str) -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", torch_em.ConvergenceWarning)
             mixture = GaussianMixture(3, covariance_type=covariance_type, seed=0, max_iter=20)
-            finite_or_value_error(mixture.fit, X)
+            assert finite_or_value_error(mixture.fit, X) or exponent > in_range
         for model in ([mixture] if mixture.is_initialized else []) + [unit_mixture]:
             for call in MIXTURE_CALLS:
-                finite_or_value_error(getattr(model, call), X)
+                assert finite_or_value_error(getattr(model, call), X) or exponent > in_range
         if covariance_type == "full":
             kmeans = KMeans(3, seed=0, max_iter=20)
-            finite_or_value_error(kmeans.fit, X)
+            assert finite_or_value_error(kmeans.fit, X) or exponent > in_range
             for model in ([kmeans] if kmeans.n_features is not None else []) + [unit_kmeans]:
                 for call in KMEANS_CALLS:
-                    finite_or_value_error(getattr(model, call), X)
+                    assert finite_or_value_error(getattr(model, call), X) or exponent > in_range
 
 
 @pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
 def test_float32_magnitudes_up_to_1e38_give_finite_results_or_value_errors(covariance_type):
-    sweep(np.float32, range(0, 39, 2), covariance_type)
+    sweep(np.float32, range(0, 39, 2), covariance_type, in_range=12)
 
 
 @pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
 def test_float64_magnitudes_up_to_1e300_give_finite_results_or_value_errors(covariance_type):
-    sweep(np.float64, (0, 100, 150, 160, 200, 300), covariance_type)
+    sweep(np.float64, (0, 100, 150, 160, 200, 300), covariance_type, in_range=100)
 
 
 @pytest.mark.parametrize("family", [torch_em.Poisson(), torch_em.Exponential(), torch_em.Gamma()], ids=type)
@@ -489,3 +493,17 @@ def test_rate_families_give_finite_results_or_value_errors(family):
         if model.is_initialized:
             for call in MIXTURE_CALLS:
                 finite_or_value_error(getattr(model, call), X)
+
+
+@settings(max_examples=25, deadline=None)
+@given(exponent=st.floats(0, 38), n_points=st.integers(3, 40), covariance_type=st.sampled_from(COVARIANCE_TYPES))
+def test_any_float32_magnitude_gives_finite_results_or_value_errors(exponent, n_points, covariance_type):
+    X = np.random.default_rng(n_points).standard_normal((n_points, 2))
+    X = (X / np.abs(X).max() * 10.0 ** exponent).astype(np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch_em.ConvergenceWarning)
+        model = GaussianMixture(2, covariance_type=covariance_type, seed=0, max_iter=10)
+        finite_or_value_error(model.fit, X)
+    if model.is_initialized:
+        for call in MIXTURE_CALLS:
+            finite_or_value_error(getattr(model, call), X)

@@ -229,7 +229,8 @@ def check_magnitude(X: torch.Tensor, name: str, *, power: int, what: str) -> Non
     finfo = torch.finfo(X.dtype)
     n_terms = X.shape[-2] * X.shape[-1]
     limit = (finfo.max / (MAGNITUDE_HEADROOM * math.log(finfo.max) * n_terms)) ** (1.0 / power)
-    largest = max(float(X.max()), -float(X.min()))
+    smallest, largest = (float(value) for value in torch.aminmax(X.detach()))
+    largest = max(largest, -smallest)
     if largest > limit:
         raise ValueError(
             f"{name} has entries up to {largest:.3g} in magnitude, but {what} of N={X.shape[-2]} points and "

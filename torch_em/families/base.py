@@ -56,12 +56,12 @@ class NotFittedError(ValueError, AttributeError, RuntimeError):
 class ComponentFamily:
     """K components of one exponential family for a batch of independent models."""
 
+    #: Whether boolean data are in the family's support (read as 0/1).
+    accepts_bool: bool = False
     #: A component with fewer expected points than this is re-seeded by the mixture.
     min_count: float = 1e-3
     #: Whether :meth:`reference` returns a shift (statistics taken about a reference point).
     uses_reference: bool = False
-    #: Whether boolean data are in the family's support (read as 0/1).
-    accepts_bool: bool = False
 
     # --- parameter layout -------------------------------------------------------------------
     def event_shapes(self, n_components: int, n_features: int) -> dict[str, tuple[int, ...]]:

@@ -1,5 +1,6 @@
 """torch_em: GPU-accelerated, differentiable Expectation-Maximization in PyTorch."""
 from .em import ConvergenceWarning, FitFailedWarning
+from .families.base import NotFittedError
 from .families import Bernoulli, Categorical, ComponentFamily, Exponential, Gamma, Gaussian, IllConditionedError, Poisson, Product, VonMisesFisher
 from .gaussian_mixture import GaussianMixture
 from .kmeans import KMeans
@@ -30,6 +31,7 @@ __all__ = [
     "ImplicitGradientWarning",
     "KMeans",
     "Mixture",
+    "NotFittedError",
     "functional",
     "nn",
     "reset_optimizer_state",

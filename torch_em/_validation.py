@@ -5,6 +5,8 @@ Checks never modify a model: callers validate everything before they change any 
 """
 from __future__ import annotations
 
+import math
+import sys
 from typing import Any, Sequence
 
 import numpy as np
@@ -12,26 +14,103 @@ import torch
 
 
 def as_float_tensor(
-    value: Any, name: str, *, device: torch.device | None, dtype: torch.dtype | None
+    value: Any, name: str, *, device: torch.device | None, dtype: torch.dtype | None, allow_bool: bool = False,
 ) -> torch.Tensor:
-    """Convert a tensor, numpy array or nested sequence to a floating tensor.
+    """Convert a tensor, numpy array, DataFrame (anything with ``__array__``) or nested sequence
+    to a floating tensor. A numpy array of dtype object is cast to numbers; booleans become 0/1
+    where ``allow_bool`` (binary data), and are rejected otherwise.
 
     ``dtype=None`` keeps a floating input's dtype (numpy float64 stays float64) and turns
     anything else into torch's default dtype.
     """
-    if isinstance(value, torch.Tensor):
-        tensor = value
-    else:
-        try:
-            array = np.asarray(value)
-            tensor = torch.as_tensor(array if array.flags.writeable else array.copy())
-        except (TypeError, ValueError, RuntimeError) as err:
-            raise ValueError(f"{name} must be a tensor or array of numbers, got {type(value).__name__}") from err
-    if tensor.is_complex() or tensor.dtype == torch.bool:
+    tensor = _as_tensor(value, name)
+    if tensor.is_complex() or (tensor.dtype == torch.bool and not allow_bool):
         raise ValueError(f"{name} must hold real numbers, got dtype {tensor.dtype}")
     if dtype is None:
         dtype = tensor.dtype if tensor.is_floating_point() else torch.get_default_dtype()
     return tensor.to(device=device, dtype=dtype)
+
+
+def _as_tensor(value: Any, name: str) -> torch.Tensor:
+    """A tensor holding ``value``'s numbers (no copy where torch can share the memory)."""
+    if is_sparse_matrix(value):
+        raise ValueError(
+            f"{name} must be a dense array, got a scipy sparse {type(value).__name__}; "
+            f"pass {name}.toarray() (mixtures here need every entry)"
+        )
+    if isinstance(value, torch.Tensor):
+        if value.is_meta:
+            raise ValueError(f"{name} must hold data, got a tensor on the meta device (shape {tuple(value.shape)} only)")
+        return value
+    try:
+        array = np.asarray(value)
+        if array.dtype == object:  # e.g. a DataFrame with mixed columns, or a list of Decimals
+            array = array.astype(np.float64)
+        return torch.as_tensor(array if array.flags.writeable else array.copy())
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise ValueError(f"{name} must be a tensor or array of numbers, got {type(value).__name__} ({err})") from err
+
+
+def is_sparse_matrix(value: Any) -> bool:
+    """Whether ``value`` is a scipy sparse matrix or array (without importing scipy)."""
+    sparse = sys.modules.get("scipy.sparse")
+    return sparse is not None and bool(sparse.issparse(value))
+
+
+#: Half-precision data are fitted in torch's default dtype (or float32): EM sums statistics over
+#: all points, and a 3-digit mantissa (and, for float16, a maximum of 65504) leaves no accuracy.
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def data_dtype(value: Any) -> torch.dtype:
+    """The dtype a model that follows its data fits ``value`` in: a float32/float64 tensor,
+    array or DataFrame keeps its dtype; float16/bfloat16 data and non-floating data (integers, booleans,
+    numbers in an object array, nested lists) use torch's default dtype, or float32 when that
+    is itself a half type."""
+    dtype = getattr(value, "dtype", None)
+    if dtype is None and hasattr(value, "dtypes"):  # a DataFrame: one dtype per column
+        try:
+            dtype = np.result_type(*value.dtypes)
+        except TypeError:  # pandas extension dtypes: not numpy's
+            dtype = None
+    if isinstance(dtype, np.dtype):
+        dtype = torch.from_numpy(np.empty(0, dtype=dtype)).dtype if dtype.kind == "f" else None
+    if isinstance(dtype, torch.dtype) and dtype.is_floating_point and dtype not in HALF_DTYPES:
+        return dtype
+    default = torch.get_default_dtype()
+    return torch.float32 if default in HALF_DTYPES else default
+
+
+def check_dtype(dtype: Any, name: str = "dtype") -> torch.dtype | None:
+    """A floating torch dtype from ``torch.float64`` or its name (``"float64"``, ``"torch.float64"``),
+    or None."""
+    if dtype is None:
+        return None
+    if isinstance(dtype, str):
+        resolved = getattr(torch, dtype.removeprefix("torch."), None)
+        if not isinstance(resolved, torch.dtype):
+            raise ValueError(f"{name} must be a floating torch dtype or its name (e.g. 'float32'), got {dtype!r}")
+        dtype = resolved
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"{name} must be a floating torch dtype (e.g. torch.float32), got {type(dtype).__name__} {dtype!r}")
+    if not dtype.is_floating_point:
+        raise ValueError(f"{name} must be a floating-point dtype, got {dtype}")
+    return dtype
+
+
+def check_device(device: Any) -> torch.device | None:
+    """A ``torch.device`` from a device, its name (``"cuda:0"``) or an index, or None."""
+    if device is None:
+        return None
+    if not isinstance(device, (torch.device, str, int)) or isinstance(device, bool):
+        raise ValueError(f"device must be a torch.device, a device name such as 'cpu' or 'cuda:0', or an index, got {type(device).__name__}")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, ValueError) as err:
+        raise ValueError(f"device must be a device name such as 'cpu' or 'cuda:0', got {device!r}") from err
+    if device.type == "meta":
+        raise ValueError("device must be one that holds data, got 'meta'")
+    return device
 
 
 #: Elements checked at a time, so validating a large X needs no X-sized mask.
@@ -83,7 +162,8 @@ def check_int(value: int, name: str, *, minimum: int) -> None:
 
 def check_common_options(batch_shape: Any, chunk_size: int | None, seed: int | None) -> torch.Size:
     """Options every model takes: the batch shape (returned as a torch.Size), chunk size, seed."""
-    if isinstance(batch_shape, int) or not all(isinstance(b, (int, np.integer)) and b >= 1 for b in batch_shape):
+    is_sequence = isinstance(batch_shape, (Sequence, torch.Size)) and not isinstance(batch_shape, str)
+    if not is_sequence or not all(isinstance(b, (int, np.integer)) and not isinstance(b, bool) and b >= 1 for b in batch_shape):
         raise ValueError(f"batch_shape must be a sequence of positive integers, got {batch_shape!r}")
     if chunk_size is not None:
         check_int(chunk_size, "chunk_size", minimum=1)
@@ -129,3 +209,41 @@ def check_positive_tensor(tensor: torch.Tensor, name: str, *, allow_zero: bool =
     if bool(bad.any()):
         kind = "non-negative" if allow_zero else "positive"
         raise ValueError(f"{name} must be {kind}, got minimum {tensor.min().item():.3g}")
+
+
+#: Data may use this fraction of a dtype's range, over the sums the E-step forms: room for the
+#: cross terms of squared distances and a log factor (Poisson's lgamma, Gamma's x log x).
+MAGNITUDE_HEADROOM = 16.0
+
+
+def check_magnitude(X: torch.Tensor, name: str, *, power: int, what: str) -> None:
+    """Reject data whose ``power``-th powers, summed over the N points and D features of one model,
+    would overflow X's dtype: ``N * D * max|x| ** power`` must stay below ``finfo.max`` (with
+    :data:`MAGNITUDE_HEADROOM` and a log factor to spare). ``what`` names those terms in the message.
+
+    Shape:
+        X: ``(..., N, D)``.
+    """
+    if X.numel() == 0:
+        return
+    finfo = torch.finfo(X.dtype)
+    n_terms = X.shape[-2] * X.shape[-1]
+    limit = (finfo.max / (MAGNITUDE_HEADROOM * math.log(finfo.max) * n_terms)) ** (1.0 / power)
+    smallest, largest = (float(value) for value in torch.aminmax(X.detach()))
+    largest = max(largest, -smallest)
+    if largest > limit:
+        raise ValueError(
+            f"{name} has entries up to {largest:.3g} in magnitude, but {what} of N={X.shape[-2]} points and "
+            f"D={X.shape[-1]} features overflow {X.dtype} above {limit:.3g}; use dtype=torch.float64 or scale the data"
+        )
+
+
+def check_family(family: Any) -> None:
+    """ValueError unless ``family`` is a component family instance
+    (e.g. ``torch_em.Gaussian("diag")``)."""
+    from .families.base import ComponentFamily  # the families import this module
+
+    if isinstance(family, type) and issubclass(family, ComponentFamily):
+        raise ValueError(f"family must be a ComponentFamily instance, got the class {family.__name__}; use {family.__name__}(...)")
+    if not isinstance(family, ComponentFamily):
+        raise ValueError(f"family must be a torch_em ComponentFamily (e.g. torch_em.Gaussian('full')), got {type(family).__name__} {family!r}")

@@ -733,7 +733,7 @@ def where_parameters(
 
 def where_models(mask: torch.Tensor, chosen: torch.Tensor | float, other: torch.Tensor) -> torch.Tensor:
     """``chosen`` for the models of ``mask`` (the leading dimensions of ``other``), else ``other``."""
-    return torch.where(mask.view(*mask.shape, *([1] * (other.dim() - mask.dim()))), chosen, other)
+    return torch.where(mask.reshape(tuple(mask.shape) + (1,) * (other.dim() - mask.dim())), chosen, other)
 
 
 class ConvergenceWarning(UserWarning):

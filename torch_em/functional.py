@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from . import em as engine
-from ._validation import check_choice, check_finite, check_int, check_positive
+from ._validation import check_choice, check_family, check_finite, check_int, check_positive
 from .families.base import ComponentFamily, IllConditionedError, Theta
 
 GRADIENT_MODES = ("unrolled", "last", "implicit", "none")
@@ -354,16 +354,12 @@ class ImplicitGradientWarning(UserWarning):
     """The adjoint iteration of ``gradient="implicit"`` stopped before it converged."""
 
 
-def check_family(family: Any) -> None:
-    """ValueError unless ``family`` is a component family (e.g. ``torch_em.Gaussian("diag")``)."""
-    if not isinstance(family, ComponentFamily):
-        raise ValueError(f"family must be a torch_em ComponentFamily, got {type(family).__name__}")
-
-
 def _checked_sets(X: Any) -> torch.Tensor:
     if not isinstance(X, torch.Tensor) or not X.is_floating_point():
         kind = f"a {X.dtype} tensor" if isinstance(X, torch.Tensor) else type(X).__name__
         raise ValueError(f"X must be a floating-point tensor (*batch, N, D), got {kind}")
+    if X.is_meta:
+        raise ValueError(f"X must hold data, got a tensor on the meta device (shape {tuple(X.shape)} only)")
     if X.dim() < 2 or X.shape[-1] < 1 or X.shape[-2] < 1 or X.numel() == 0:
         raise ValueError(f"X must have shape (*batch, N, D) with N, D >= 1, got {tuple(X.shape)}")
     return X
@@ -378,8 +374,13 @@ def _checked_mask(mask: Any, X: torch.Tensor) -> torch.Tensor | None:
         raise ValueError(f"mask must have shape (*batch, N) = {tuple(X.shape[:-1])}, got {tuple(mask.shape)}")
     mask = mask.detach()
     if mask.dtype != torch.bool:
-        if not mask.is_floating_point() or not bool(((mask >= 0) & (mask <= 1)).all()):
-            raise ValueError("mask must be boolean or hold weights in [0, 1]")
+        if not mask.is_floating_point():
+            raise ValueError(f"mask must be boolean or hold float weights in [0, 1], got dtype {mask.dtype}")
+        if not bool(((mask >= 0) & (mask <= 1)).all()):
+            raise ValueError(
+                f"mask must be boolean or hold float weights in [0, 1], got values in "
+                f"[{mask.min().item():g}, {mask.max().item():g}]"
+            )
     if not bool((mask > 0).any(-1).all()):
         raise ValueError("mask must keep at least one point of every set, got a set without points")
     return mask.to(device=X.device)

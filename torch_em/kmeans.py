@@ -5,9 +5,13 @@ import math
 from typing import Any, Sequence
 
 import torch
-from torch import nn
 
-from ._validation import as_float_tensor, check_common_options, check_data, check_finite, check_int, check_positive, check_shape
+from ._precision import FollowsDataDtype, without_autocast
+from ._validation import (
+    as_float_tensor, check_common_options, check_data, check_device, check_dtype, check_finite, check_int, check_magnitude,
+    check_positive, check_shape, data_dtype,
+)
+from .families.base import NotFittedError
 from ._random import RestartStreams, restart_groups
 from ._state import CheckedLoad, check_state, own_entries
 from .em import cat_restarts
@@ -21,7 +25,7 @@ STREAM_BUFFERS = ("stream_counts", "stream_sums", "stream_steps")
 CHUNK_ELEMENTS = 1 << 19
 
 
-class KMeans(CheckedLoad, nn.Module):
+class KMeans(CheckedLoad, FollowsDataDtype):
     """A batch of k-means clusterings fitted by Lloyd's algorithm with batched tensor ops.
 
     Args:
@@ -33,7 +37,8 @@ class KMeans(CheckedLoad, nn.Module):
         tol: a model stops when its squared centre shift is at most ``tol`` times the mean
             per-feature variance of its data (scikit-learn's convention).
         batch_shape: independent clusterings fitted together.
-        seed, chunk_size, device, dtype: as for :class:`torch_em.Mixture`.
+        seed, chunk_size, device, dtype: as for :class:`torch_em.Mixture` (without ``dtype`` the
+            first fit adopts the data's dtype: float64 data give float64 centres).
         learning_decay, learning_offset, step_size: step sizes of :meth:`partial_fit` (mini-batch
             k-means), as for :class:`torch_em.Mixture`.
 
@@ -42,6 +47,8 @@ class KMeans(CheckedLoad, nn.Module):
         cluster_centers_: ``(*batch_shape, K, D)``; labels_: ``(*batch_shape, N)``;
         inertia_, n_iter_: ``(*batch_shape)``; transform(X): ``(*batch_shape, N, K)``.
     """
+
+    _dtype_buffer = "cluster_centers_"
 
     def __init__(
         self,
@@ -76,7 +83,9 @@ class KMeans(CheckedLoad, nn.Module):
         self.batch_shape = batch_shape
         self.seed = seed
         self.chunk_size = chunk_size
-        dtype = dtype if dtype is not None else torch.get_default_dtype()
+        dtype, device = check_dtype(dtype), check_device(device)
+        self._dtype_follows_data = dtype is None
+        dtype = dtype if dtype is not None else data_dtype(None)
         self.schedule = StepSchedule(learning_decay, learning_offset, step_size)
         self.register_buffer("cluster_centers_", torch.empty(0, device=device, dtype=dtype))
         for name in STREAM_BUFFERS:  # running state of partial_fit
@@ -94,6 +103,7 @@ class KMeans(CheckedLoad, nn.Module):
     def n_features(self) -> int | None:
         return self.cluster_centers_.shape[-1] if self.cluster_centers_.numel() else None
 
+    @without_autocast
     @torch.no_grad()
     def fit(self, X: Any) -> "KMeans":
         """Cluster every model's data; raises ValueError before changing anything. Restart 0
@@ -138,6 +148,7 @@ class KMeans(CheckedLoad, nn.Module):
             return random_points(X, M, K, streams)
         return kmeans_plusplus(X, M, K, streams, chunk)
 
+    @without_autocast
     @torch.no_grad()
     def partial_fit(self, X: Any) -> "KMeans":
         """One mini-batch k-means step, the hard-assignment case of stepwise EM: each centre is
@@ -173,29 +184,33 @@ class KMeans(CheckedLoad, nn.Module):
     def fit_predict(self, X: Any) -> torch.Tensor:
         return self.fit(X).labels_
 
+    @without_autocast
     @torch.no_grad()
     def predict(self, X: Any) -> torch.Tensor:
         """Index of the nearest centre ``(*batch_shape, N)``."""
         return self._nearest(X)[0]
 
+    @without_autocast
     @torch.no_grad()
     def transform(self, X: Any) -> torch.Tensor:
         """Euclidean distances to every centre ``(*batch_shape, N, K)``."""
         X, centres = self._working(X)
         chunk = self._chunk(self.n_models * self.n_clusters)
         blocks = [squared_distances(X[..., a:a + chunk, :], centres) for a in range(0, X.shape[-2], chunk)]
-        distances = torch.cat(blocks, -1).sqrt()[0]  # (M, K, N)
+        distances = self._finite(torch.cat(blocks, -1).sqrt()[0], "transform")  # (M, K, N)
         return distances.mT.reshape(*self.batch_shape, X.shape[-2], self.n_clusters)
 
+    @without_autocast
     @torch.no_grad()
     def score(self, X: Any) -> torch.Tensor:
         """Negative inertia of X under the fitted centres ``(*batch_shape)``."""
-        return -self._nearest(X)[1].sum(-1)
+        return self._finite(-self._nearest(X)[1].sum(-1), "score")
 
     def _nearest(self, X: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """Nearest centre and squared distance to it, both ``(*batch_shape, N)``."""
         X, centres = self._working(X)
         labels, dist = nearest(X, centres, self._chunk(self.n_models * self.n_clusters))
+        self._finite(dist, "predict")
         return labels.reshape(*self.batch_shape, X.shape[-2]), dist.reshape(*self.batch_shape, X.shape[-2])
 
     def _working(self, X: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -210,15 +225,31 @@ class KMeans(CheckedLoad, nn.Module):
         shift = centres.mean((1, 2)) if X.dim() == 2 else centres[0].mean(-2, keepdim=True)  # (1, D) or (M, 1, D)
         return X - shift, centres - shift
 
+    def _finite(self, result: torch.Tensor, method: str) -> torch.Tensor:
+        """``result``, or a ValueError when its squared distances overflowed."""
+        if not bool(torch.isfinite(result).all()):
+            raise ValueError(
+                f"{method}: squared distances between X and the centres overflow {result.dtype}; "
+                "use dtype=torch.float64 or scale the data"
+            )
+        return result
+
     def _chunk(self, n_centres: int) -> int:
         return self.chunk_size or max(256, CHUNK_ELEMENTS // n_centres)
 
     def _validated_input(self, X: Any, fitting: bool = False) -> torch.Tensor:
+        """X as a checked tensor in the centres' dtype; a first fit of a KMeans without ``dtype=``
+        adopts X's (see :func:`torch_em._validation.data_dtype`)."""
         if not fitting and self.n_features is None:
-            raise RuntimeError("KMeans has no centres yet: call fit(X) first")
-        X = as_float_tensor(X, "X", device=self.cluster_centers_.device, dtype=self.cluster_centers_.dtype)
+            raise NotFittedError("KMeans has no centres yet: call fit(X) first")
+        adopts = self._dtype_follows_data and self.n_features is None
+        dtype = data_dtype(X) if adopts else self.cluster_centers_.dtype
+        X = as_float_tensor(X, "X", device=self.cluster_centers_.device, dtype=dtype)
         check_data(X, "X", n_features=None if fitting else self.n_features, batch_shape=self.batch_shape,
                    min_samples=self.n_clusters if fitting else 1)
+        check_magnitude(X, "X", power=2, what="squared distances")
+        if adopts:  # the empty placeholder takes the dtype the centres will have
+            self.cluster_centers_ = self.cluster_centers_.to(dtype)
         return X
 
     def _user_centres(self, n_features: int) -> torch.Tensor | None:

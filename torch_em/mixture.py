@@ -18,11 +18,13 @@ from torch import nn
 from tqdm import tqdm
 
 from . import distributed, em
+from ._precision import FollowsDataDtype, without_autocast
 from ._validation import (
-    as_float_tensor, check_choice, check_common_options, check_data, check_finite, check_int, check_positive, check_shape,
+    as_float_tensor, check_choice, check_common_options, check_data, check_device, check_dtype, check_family,
+    check_finite, check_int, check_positive, check_shape, data_dtype,
 )
 from ._state import CheckedLoad, check_state, own_entries
-from .families.base import ComponentFamily, Theta
+from .families.base import ComponentFamily, NotFittedError, Theta
 from ._random import RestartStreams, resolve_seed, restart_groups
 from .streaming import StepSchedule, StreamSample, batch_source, stepwise, unwrap_batch
 from .initialization import METHODS, initial_responsibilities, random_points
@@ -35,7 +37,7 @@ ON_ERROR = ("raise", "isolate")
 QUOTED_FAILURES = 3
 
 
-class Mixture(CheckedLoad, nn.Module):
+class Mixture(CheckedLoad, FollowsDataDtype):
     """A batch of finite mixtures of ``n_components`` components of ``family``.
 
     ``fit`` takes one tensor/array, or a batch source for data larger than memory (a
@@ -79,7 +81,13 @@ class Mixture(CheckedLoad, nn.Module):
             ``predict_proba`` return NaN and ``predict`` returns -1 (``log_prob``/``forward``
             stay the density of the parameters held). Default (None): ``"raise"`` for
             ``batch_shape=()``, ``"isolate"`` for a batch.
-        device, dtype: where the parameters live (default: CPU, torch's default dtype).
+        device, dtype: where the parameters live (default: CPU). ``dtype`` (a torch dtype or its
+            name, e.g. ``"float64"``) fixes the dtype; without it the first ``fit`` or
+            ``partial_fit`` of a module without parameters adopts the data's (see
+            :func:`torch_em._validation.data_dtype`: float64 data give float64 parameters as in
+            scikit-learn; integer, boolean and half-precision data give torch's default dtype).
+            Parameters that exist (``n_features`` given, or fitted) keep theirs, and ``.to()`` /
+            ``.double()`` fix it too.
 
     Shape:
         X: ``(N, D)`` shared by every model of the batch, or ``(*batch_shape, N, D)``.
@@ -89,6 +97,7 @@ class Mixture(CheckedLoad, nn.Module):
     #: Larger datasets (and batch sources) are initialised (k-means++ etc.) on a uniform sample of
     #: this many points (at least 50 per component), which bounds the memory of initialisation.
     stream_sample_size: int = 20_000
+    _dtype_buffer = "_anchor"
 
     def __init__(
         self,
@@ -115,6 +124,7 @@ class Mixture(CheckedLoad, nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        check_family(family)
         check_int(n_components, "n_components", minimum=1)
         if n_features is not None:
             check_int(n_features, "n_features", minimum=1)
@@ -129,9 +139,9 @@ class Mixture(CheckedLoad, nn.Module):
         if averaging_start is not None:
             check_int(averaging_start, "averaging_start", minimum=0)
         self.averaging_start = averaging_start
-        dtype = dtype if dtype is not None else torch.get_default_dtype()
-        if not dtype.is_floating_point:
-            raise ValueError(f"dtype must be a floating-point dtype, got {dtype}")
+        dtype, device = check_dtype(dtype), check_device(device)
+        self._dtype_follows_data = dtype is None
+        dtype = dtype if dtype is not None else data_dtype(None)
 
         self.family = family
         self.n_components = int(n_components)
@@ -158,6 +168,7 @@ class Mixture(CheckedLoad, nn.Module):
         for name in STREAM_BUFFERS:
             self.register_buffer(name, None)
         self._register_load_state_dict_pre_hook(self._create_parameters_before_load, with_module=False)
+        self._register_load_state_dict_pre_hook(self._adopt_saved_dtype, with_module=False)
         self.converged_: torch.Tensor | None = None
         self.n_iter_: torch.Tensor | None = None
         self.lower_bound_: torch.Tensor | None = None
@@ -234,7 +245,16 @@ class Mixture(CheckedLoad, nn.Module):
         batch = f", batch_shape={tuple(self.batch_shape)}" if self.batch_shape else ""
         return f"n_components={self.n_components}, n_features={self.n_features}{batch}"
 
+    def __getattr__(self, name: str) -> Any:
+        # A property that raised AttributeError (NotFittedError before a fit) lands here: raise
+        # its own error rather than nn.Module's "has no attribute".
+        attribute = getattr(type(self), name, None)
+        if isinstance(attribute, property):
+            return attribute.__get__(self, type(self))
+        return super().__getattr__(name)
+
     # --- fitting ----------------------------------------------------------------------------
+    @without_autocast
     @torch.no_grad()
     def fit(self, X: Any, verbose: bool = False) -> "Mixture":
         """Fit every model of the batch by EM (restarts as an extra batch dimension), or, with
@@ -463,6 +483,7 @@ class Mixture(CheckedLoad, nn.Module):
         default_log_weights = torch.full_like(log_weights, -math.log(K))
         return em.where_parameters(mask, (default_log_weights, default), (log_weights, theta))
 
+    @without_autocast
     @torch.no_grad()
     def partial_fit(self, X: Any) -> "Mixture":
         """One stepwise (online) EM update from a batch ``(n, D)`` or ``(*batch_shape, n, D)``.
@@ -599,44 +620,65 @@ class Mixture(CheckedLoad, nn.Module):
     @torch.no_grad()
     def score_samples(self, X: Any) -> torch.Tensor:
         """Per-point log-likelihood ``(*batch_shape, N)`` (no graph); NaN for models in ``failed_``."""
-        return self._without_failed(self.log_prob(X), math.nan)
+        return self._reported(self.log_prob(X), "score_samples")
 
     @torch.no_grad()
     def score(self, X: Any) -> torch.Tensor:
         """Mean log-likelihood per point ``(*batch_shape)``; NaN for models in ``failed_``."""
-        return self.score_samples(X).mean(-1)
+        return self._reported(self.log_prob(X).mean(-1), "score")
 
     @torch.no_grad()
     def predict_proba(self, X: Any) -> torch.Tensor:
         """Posterior responsibilities ``(*batch_shape, N, K)``; NaN for models in ``failed_``."""
-        return self._without_failed(em.normalise(self.log_joint(X), dim=-1)[0], math.nan)
+        return self._reported(em.normalise(self.log_joint(X), dim=-1)[0], "predict_proba")
 
     @torch.no_grad()
     def predict(self, X: Any) -> torch.Tensor:
         """Most probable component ``(*batch_shape, N)``; -1 for models in ``failed_``."""
-        return self._without_failed(self.log_joint(X).argmax(-1), -1)
+        log_joint = self.log_joint(X)
+        self._finite(log_joint.amax(-1), "predict")  # an all -inf or NaN row has no argmax
+        return self._without_failed(log_joint.argmax(-1), -1)
 
     @torch.no_grad()
     def bic(self, X: Any) -> torch.Tensor:
         """Bayesian information criterion per model ``(*batch_shape)``; lower is better; NaN for
         models in ``failed_``."""
-        log_prob = self.score_samples(X)
+        log_prob = self.log_prob(X)
         n_points = log_prob.shape[-1]
-        return -2 * log_prob.sum(-1) + self.n_parameters() * math.log(n_points)
+        return self._reported(-2 * log_prob.sum(-1) + self.n_parameters() * math.log(n_points), "bic")
 
     @torch.no_grad()
     def aic(self, X: Any) -> torch.Tensor:
         """Akaike information criterion per model ``(*batch_shape)``; lower is better; NaN for
         models in ``failed_``."""
-        return -2 * self.score_samples(X).sum(-1) + 2 * self.n_parameters()
+        return self._reported(-2 * self.log_prob(X).sum(-1) + 2 * self.n_parameters(), "aic")
+
+    def _reported(self, result: torch.Tensor, method: str) -> torch.Tensor:
+        """A reported value (*batch_shape, ...): checked finite, NaN for the models in ``failed_``."""
+        return self._without_failed(self._finite(result, method), math.nan)
+
+    def _finite(self, result: torch.Tensor, method: str) -> torch.Tensor:
+        """``result`` (*batch_shape, ...), or a ValueError when it overflowed for a model that did
+        not fail (e.g. points so far from every component that their log-density is below the
+        dtype's range); models in ``failed_`` are NaN by design."""
+        finite = torch.isfinite(result)
+        if self.failed_ is not None and bool(self.failed_.any()):
+            finite = em.where_models(self.failed_.to(result.device), True, finite)
+        if not bool(finite.all()):
+            raise ValueError(
+                f"{method}: the log-likelihood of X is not finite in {self.dtype} (X is too far from the "
+                "components, or too large); use dtype=torch.float64 or scale the data"
+            )
+        return result
 
     @torch.no_grad()
     def sample(self, n_samples: int = 1, seed: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Draw ``n_samples`` points per model: samples ``(*batch_shape, n, D)`` and their
         components ``(*batch_shape, n)``."""
-        check_int(n_samples, "n_samples", minimum=1)
         self._require_parameters()
+        check_int(n_samples, "n_samples", minimum=1)
         if seed is not None:
+            check_int(seed, "seed", minimum=0)
             generator = self._generator(seed)
         else:  # one stream per module: successive draws differ, the sequence follows self.seed
             if self._sample_generator is None or self._sample_generator.device != self.device:
@@ -657,7 +699,7 @@ class Mixture(CheckedLoad, nn.Module):
 
     def _require_parameters(self) -> torch.Tensor:
         if self.logits is None:
-            raise RuntimeError(
+            raise NotFittedError(
                 f"{type(self).__name__} has no parameters yet: call fit(X) first or pass n_features"
             )
         return self.logits
@@ -688,10 +730,17 @@ class Mixture(CheckedLoad, nn.Module):
         return working.expand(n_restarts, *working.shape[1:])
 
     def _validated_input(self, X: Any, name: str, min_samples: int = 1, n_features: int | None = None) -> torch.Tensor:
-        X = as_float_tensor(X, name, device=self.device, dtype=self.dtype)
+        """X as a checked tensor in the model's dtype. A module that follows its data's dtype and
+        has no parameters adopts X's instead (in a stream: the first batch's, the one given
+        without ``n_features``)."""
+        adopts = self._dtype_follows_data and not self.is_initialized and n_features is None
+        dtype = data_dtype(X) if adopts else self.dtype
+        X = as_float_tensor(X, name, device=self.device, dtype=dtype, allow_bool=self.family.accepts_bool)
         n_features = n_features if n_features is not None else self.n_features
         check_data(X, name, n_features=n_features, batch_shape=self.batch_shape, min_samples=min_samples)
         self.family.check_domain(X, name)
+        if adopts and dtype != self.dtype:
+            self._anchor = self._anchor.to(dtype)
         return X
 
     def _generator(self, seed: int | None = None) -> torch.Generator:
@@ -801,6 +850,18 @@ class Mixture(CheckedLoad, nn.Module):
         shapes["stream_steps"] = [()]
         shapes["stream_shift"] = [(1, D), (self.n_models, 1, D)]  # reference of shared or per-model data
         return shapes
+
+    def _adopt_saved_dtype(self, state_dict, prefix, *args) -> None:
+        """A module whose dtype follows its data takes that of a state_dict it loads (runs after
+        :meth:`_create_parameters_before_load`; only when every saved parameter fits, so that a
+        rejected load changes nothing)."""
+        saved = {name: state_dict.get(prefix + name) for name in self._parameter_names}
+        if not self._dtype_follows_data or any(value is None for value in saved.values()):
+            return
+        current = {name: getattr(self, name) for name in self._parameter_names}
+        fits = all(value is not None and value.shape == saved[name].shape for name, value in current.items())
+        if fits and saved["logits"].is_floating_point() and saved["logits"].dtype != self.dtype:
+            self.to(saved["logits"].dtype)  # in place: the Parameter objects stay the same
 
     def _describe_model(self, restart: int, model: int) -> str:
         where = f"model {tuple(int(i) for i in np.unravel_index(model, tuple(self.batch_shape)))}" if self.batch_shape else "the model"

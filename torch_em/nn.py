@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from ._random import resolve_seed
-from ._validation import check_choice, check_int, check_positive
+from ._validation import check_choice, check_device, check_dtype, check_int, check_positive
 from .families.base import ComponentFamily
 from .families.gaussian import Gaussian
 from .functional import GRADIENT_MODES, EMState, check_family, em
@@ -64,8 +64,9 @@ class EMLayer(nn.Module):
         self.family = family if family is not None else Gaussian("diag")
         self.n_components, self.n_features = int(n_components), int(n_features)
         self.n_iter, self.gradient, self.prior_count = int(n_iter), gradient, float(prior_count)
+        dtype, device = check_dtype(dtype), check_device(device)
         dtype = dtype if dtype is not None else torch.get_default_dtype()
-        device = torch.device(device) if device is not None else torch.device("cpu")
+        device = device if device is not None else torch.device("cpu")
         generator = torch.Generator(device=device).manual_seed(resolve_seed(seed))
         theta = self.family.default_parameters((), self.n_components, self.n_features, generator, device, dtype)
         theta = {"logits": torch.zeros(self.n_components, device=device, dtype=dtype), **theta}

@@ -12,17 +12,20 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
-from ._validation import check_positive
+from ._validation import check_positive, is_sparse_matrix
 
 BatchSource = Callable[[], Iterator[Any]]
 
 
 def batch_source(X: Any) -> BatchSource | None:
-    """A function giving a fresh iterator of raw batches per call, or None when X is one array."""
-    if isinstance(X, (torch.Tensor, np.ndarray, list, tuple)) or np.isscalar(X):
+    """A function giving a fresh iterator of raw batches per call, or None when X is one array:
+    a tensor, list or tuple, or anything with ``__array__`` or ``__dataframe__`` (a pandas
+    DataFrame, which iterates over its column labels) or a scipy sparse matrix (rejected when
+    converted)."""
+    if is_array_like(X):
         return None
     if callable(X):
-        return X
+        return _checked_callable(X)
     if hasattr(X, "__iter__"):
         if iter(X) is X:
             raise ValueError(
@@ -31,6 +34,25 @@ def batch_source(X: Any) -> BatchSource | None:
             )
         return lambda: iter(X)
     return None
+
+
+def is_array_like(X: Any) -> bool:
+    """Whether X is one array of data rather than a source of batches."""
+    return (isinstance(X, (torch.Tensor, np.ndarray, list, tuple)) or np.isscalar(X) or hasattr(X, "__array__")
+            or hasattr(X, "__dataframe__") or is_sparse_matrix(X))
+
+
+def _checked_callable(make_batches: Callable[[], Any]) -> BatchSource:
+    """``make_batches`` as a batch source that says so when a call returns no iterable."""
+    def fresh_batches() -> Iterator[Any]:
+        batches = make_batches()
+        if not hasattr(batches, "__iter__"):
+            raise ValueError(
+                "X is a callable, so it must return a fresh iterator of batches per pass, "
+                f"got {type(batches).__name__} from it"
+            )
+        return iter(batches)
+    return fresh_batches
 
 
 def unwrap_batch(batch: Any) -> Any:

@@ -46,9 +46,18 @@ class IllConditionedError(ValueError):
     not positive definite). The message names the model and component and the remedies."""
 
 
+class NotFittedError(ValueError, AttributeError, RuntimeError):
+    """A model was used before it has parameters (call ``fit`` first, or build it with
+    ``n_features``). A ValueError and an AttributeError as scikit-learn's ``NotFittedError``
+    (so ``hasattr(model, "means")`` is False before a fit), and a RuntimeError as earlier releases
+    raised for this."""
+
+
 class ComponentFamily:
     """K components of one exponential family for a batch of independent models."""
 
+    #: Whether boolean data are in the family's support (read as 0/1).
+    accepts_bool: bool = False
     #: A component with fewer expected points than this is re-seeded by the mixture.
     min_count: float = 1e-3
     #: Whether :meth:`reference` returns a shift (statistics taken about a reference point).

@@ -39,6 +39,8 @@ class Bernoulli(ComponentFamily):
         parameters: ``logit_probs (*batch_shape, K, D)``; :meth:`probs` gives ``p`` the same shape.
     """
 
+    accepts_bool = True  # True / False are the values 1 / 0
+
     def __init__(self, *, probs_init: Any = None) -> None:
         self.probs_init = probs_init
 

@@ -21,7 +21,7 @@ from typing import Mapping
 
 import torch
 
-from .._validation import describe_bad_values
+from .._validation import check_magnitude, describe_bad_values
 from ._rates import RateFamily
 from .base import Theta, probability_bound
 
@@ -44,6 +44,7 @@ class Exponential(RateFamily):
             raise ValueError(
                 f"{name} must be non-negative for Exponential components, got {describe_bad_values(X, bad)}"
             )
+        check_magnitude(X, name, power=1, what="the sums")
 
     def embedding(self, X: torch.Tensor, shift: torch.Tensor | None) -> torch.Tensor:
         # Not pointwise (it uses the data mean), which is fine: this family has no initial_centres.

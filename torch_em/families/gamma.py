@@ -34,7 +34,7 @@ from typing import Any, Mapping
 
 import torch
 
-from .._validation import check_positive, check_positive_tensor, describe_bad_values, initial_tensor
+from .._validation import check_magnitude, check_positive, check_positive_tensor, describe_bad_values, initial_tensor
 from .base import ComponentFamily, Theta, average_features
 
 #: Generalised Newton steps of the shape update (quadratic convergence from a 1.5 % start).
@@ -176,6 +176,7 @@ class Gamma(ComponentFamily):
         bad = X <= 0
         if bool(bad.any()):
             raise ValueError(f"{name} must be positive for Gamma components, got {describe_bad_values(X, bad)}")
+        check_magnitude(X, name, power=1, what="the sums")
 
     def embedding(self, X: torch.Tensor, shift: torch.Tensor | None) -> torch.Tensor:
         return X.log()

@@ -28,7 +28,7 @@ from typing import Any, Mapping
 
 import torch
 
-from .._validation import check_positive, initial_tensor
+from .._validation import check_magnitude, check_positive, initial_tensor
 from .base import ComponentFamily, Theta
 
 COVARIANCE_TYPES = ("full", "tied", "diag", "spherical")
@@ -298,6 +298,9 @@ class Gaussian(ComponentFamily):
         return initial_tensor(self.means_init, "means_init", (n_components, n_features), batch_shape, device, dtype)
 
     # --- data --------------------------------------------------------------------------------
+    def check_domain(self, X: torch.Tensor, name: str) -> None:
+        check_magnitude(X, name, power=2, what="the sums of squares")
+
     def reference(self, X: torch.Tensor) -> torch.Tensor:
         return X.mean(-2, keepdim=True)
 

@@ -20,7 +20,7 @@ from typing import Mapping
 
 import torch
 
-from .._validation import describe_bad_values
+from .._validation import check_magnitude, describe_bad_values
 from ._rates import RateFamily, clamped_log
 from .base import Theta
 
@@ -46,6 +46,7 @@ class Poisson(RateFamily):
             raise ValueError(
                 f"{name} must hold non-negative integer counts for Poisson components, got {describe_bad_values(X, bad)}"
             )
+        check_magnitude(X, name, power=1, what="the sums of counts and their log-factorials")
 
     def embedding(self, X: torch.Tensor, shift: torch.Tensor | None) -> torch.Tensor:
         return 2 * (X + 0.375).sqrt()  # Anscombe: variance ~1 for any rate

@@ -209,10 +209,15 @@ def pack_raw_triangular(upper: torch.Tensor) -> torch.Tensor:
 def unpack_raw_triangular(raw: torch.Tensor) -> torch.Tensor:
     """Unconstrained form -> upper-triangular factor with positive diagonal (entries below the
     diagonal are ignored). Elementwise masks: faster than triu/diag_embed on many small matrices."""
-    n = raw.shape[-1]
-    eye = torch.eye(n, dtype=raw.dtype, device=raw.device)
-    strictly_upper = torch.ones(n, n, dtype=raw.dtype, device=raw.device).triu_(1)
+    eye, strictly_upper = _triangle_masks(raw.shape[-1], raw.device, raw.dtype)
     return raw * strictly_upper + eye * raw.diagonal(dim1=-2, dim2=-1).exp().unsqueeze(-2)
+
+
+@functools.lru_cache(maxsize=64)
+def _triangle_masks(n_features: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The identity and the strictly upper triangle of ones, (D, D) each (made once per size)."""
+    eye = torch.eye(n_features, dtype=dtype, device=device)
+    return eye, torch.ones(n_features, n_features, dtype=dtype, device=device).triu_(1)
 
 
 class Gaussian(ComponentFamily):
@@ -483,7 +488,8 @@ class Gaussian(ComponentFamily):
     def expansion_error(self, theta, shift) -> tuple[torch.Tensor, torch.Tensor]:
         # Expanded about the shift s, log N(x) = T(x~).eta + c adds terms of size
         # q = a^T |Lambda| a for a = |mu - s| + sigma (a point one standard deviation from the
-        # mean), which cancel to O(D): its rounding error is about eps * q, and so is the relative
+        # mean), which cancel to O(D): its rounding error is about eps * q (estimated from above
+        # by eps * |a^T |P||^2 for full and tied covariances), and so is the relative
         # rounding of the one-pass covariance. Evaluated directly, y = (x - mu)^T P (scikit-learn
         # forms x^T P - mu^T P), the error is about eps * |b^T |P||_2 with b = |mu| + sigma (the
         # roundings of the D entries of y, of unit size near the mode, add up like random signs).
@@ -494,12 +500,14 @@ class Gaussian(ComponentFamily):
             if self.covariance_type in ("full", "tied"):
                 # Sigma = L^{-1} L^{-T} with L = P^T: its diagonal holds the row norms of L^{-1}.
                 sigma = lower_triangular_inverse(chol.mT).square().sum(-1).sqrt()  # (*b, K|., D)
-                precision, scale = (chol @ chol.mT).abs(), chol.abs()
+                scale = chol.abs()
                 if self.covariance_type == "tied":
-                    sigma, precision, scale = sigma.unsqueeze(-2), precision.unsqueeze(-3), scale.unsqueeze(-3)
-                spread = (centred.abs() + sigma).unsqueeze(-2)  # (*b, K, 1, D)
-                expanded = (spread @ precision @ spread.mT)[..., 0, 0]
-                direct = ((loc.abs() + sigma).unsqueeze(-2) @ scale).norm(dim=-1).squeeze(-1)
+                    sigma, scale = sigma.unsqueeze(-2), scale.unsqueeze(-3)
+                # a^T |Lambda| a <= |a^T |P||^2, as |Lambda_ij| <= sum_k |P_ik| |P_jk|: one product
+                # with |P| gives both estimates.
+                points = torch.stack([centred.abs() + sigma, loc.abs() + sigma], -2)  # (*b, K, 2, D)
+                expanded, direct = (points @ scale).norm(dim=-1).unbind(-1)
+                expanded = expanded.square()
             else:
                 scale = chol if self.covariance_type == "diag" else chol.unsqueeze(-1)
                 sigma = scale.reciprocal()

@@ -117,8 +117,8 @@ def test_own_reference_path_equals_the_expansion_in_float64(covariance_type, opt
     monkeypatch.setattr(em, "NEGLIGIBLE_ERROR_PER_FEATURE", -1.0)
     monkeypatch.setattr(em, "EVALUATION_ERROR_RATIO", 0.0)
     calls = []
-    original = em.OwnReference.apply
-    monkeypatch.setattr(em.OwnReference, "apply", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    original = em.OwnReference.write_log_prob
+    monkeypatch.setattr(em.OwnReference, "write_log_prob", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
     own = fit_blobs(covariance_type=covariance_type, **options)
     assert calls, "the own-reference path did not run"
     for name in ("weights", "means", "covariances"):
@@ -201,3 +201,21 @@ def test_direct_log_density_gradients_equal_the_expansion(covariance_type, monke
         torch.testing.assert_close(own, expected, rtol=1e-9, atol=1e-9)
     x = X[:8].clone().requires_grad_(True)
     assert torch.autograd.gradcheck(model.log_prob, (x,))
+
+
+@pytest.mark.parametrize("covariance_type", ["full", "tied"])
+@pytest.mark.parametrize("n_features", [1, 2, 3])
+def test_small_expansion_error_equals_the_general_path(covariance_type, n_features, monkeypatch):
+    from torch_em.families import gaussian
+
+    family = torch_em.Gaussian(covariance_type, 1e-6)
+    generator = torch.Generator().manual_seed(0)
+    theta = family.default_parameters((4,), 3, n_features, generator, "cpu", torch.float64)
+    theta["raw_precision_cholesky"] = torch.randn(theta["raw_precision_cholesky"].shape, generator=generator,
+                                                  dtype=torch.float64)
+    shift = torch.randn(1, n_features, generator=generator, dtype=torch.float64)
+    small = family.expansion_error(theta, shift)
+    monkeypatch.setattr(gaussian, "SMALL_FEATURES", 0)  # the general path
+    general = family.expansion_error(theta, shift)
+    for a, b in zip(small, general):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=0.0)

@@ -354,26 +354,40 @@ class OwnReference:
             X = X[(self.index // n_components) % n_models]  # each component's own model's points
         return X - self.points.unsqueeze(-2)
 
-    def apply(self, X: torch.Tensor, log2_joint: torch.Tensor | None, resp: torch.Tensor | None,
-              sums: torch.Tensor | None, scale: float = LOG2_E) -> None:
-        """Overwrite, for one chunk X, the direct components' log joint densities
-        (``log2_joint`` (R, M, K, n), before normalising, in units of ``1 / scale`` nats: bits by
-        default) or, given ``resp`` (R, M, K, n), the components' statistics ``sums``
-        (R, M, K, F). Groups of components at a time, so the (G, n, D) offsets stay near
-        CHUNK_ELEMENTS."""
-        R, M, K, n = (log2_joint if log2_joint is not None else resp).shape
-        group = max(1, CHUNK_ELEMENTS // max(1, n * X.shape[-1]))
-        for start in range(0, self.index.numel(), group):
-            part = slice(start, start + group)
-            index, offsets = self.index[part], self._slice(part).offsets(X, K, M)
-            if log2_joint is not None:
+    def __post_init__(self) -> None:
+        self.all_direct = bool(self.direct.all())
+
+    def groups(self, X: torch.Tensor, n_components: int, n_models: int) -> list[tuple[slice, torch.Tensor]]:
+        """The components in groups, each with its offsets (g, n, D) for the chunk X, sized so
+        that a group's offsets stay near CHUNK_ELEMENTS."""
+        size = max(1, CHUNK_ELEMENTS // max(1, X.shape[-2] * X.shape[-1]))
+        parts = [slice(start, start + size) for start in range(0, self.index.numel(), size)]
+        whole = len(parts) == 1
+        return [(part, (self if whole else self._slice(part)).offsets(X, n_components, n_models)) for part in parts]
+
+    def write_log_prob(self, groups: list[tuple[slice, torch.Tensor]], log2_joint: torch.Tensor,
+                       scale: float = LOG2_E) -> None:
+        """Overwrite the direct components' log joint densities in ``log2_joint`` (R, M, K, n),
+        before normalising, in units of ``1 / scale`` nats (bits by default)."""
+        n = log2_joint.shape[-1]
+        for part, offsets in groups:
+            index, log_weights = self.index[part], self.log_weights[part]
+            if not self.all_direct:
                 direct = self.direct[part]
-                if bool(direct.any()):
-                    log_prob = self.family.direct_log_prob(offsets[direct], self.theta, index[direct])
-                    log2_joint.view(-1, n)[index[direct]] = (log_prob + self.log_weights[part][direct, None]) * scale
-            elif self.summarise:
-                weights = resp.reshape(-1, n)[index]  # (g, n)
-                sums.view(-1, sums.shape[-1])[index] = self.family.own_reference_statistics(offsets, weights)
+                index, log_weights, offsets = index[direct], log_weights[direct], offsets[direct]
+            if index.numel():
+                log_prob = self.family.direct_log_prob(offsets, self.theta, index)
+                log2_joint.view(-1, n)[index] = (log_prob + log_weights.unsqueeze(-1)) * scale
+
+    def write_statistics(self, groups: list[tuple[slice, torch.Tensor]], resp: torch.Tensor, sums: torch.Tensor) -> None:
+        """Overwrite the components' statistics ``sums`` (R, M, K, F) by those about their own
+        points, from the responsibilities ``resp`` (R, M, K, n)."""
+        if not self.summarise:
+            return
+        n = resp.shape[-1]
+        for part, offsets in groups:
+            index = self.index[part]
+            sums.view(-1, sums.shape[-1])[index] = self.family.own_reference_statistics(offsets, resp.reshape(-1, n)[index])
 
     def _slice(self, part: slice) -> "OwnReference":
         return OwnReference(self.family, self.index[part], self.points[part], self.direct[part], self.theta,
@@ -388,14 +402,14 @@ def e_step(data: Data, eta: torch.Tensor, const: torch.Tensor, own: OwnReference
     total = None
     for (start, stop), (T, h) in zip(data.bounds, data.chunks()):
         log2_joint = component_log_prob(T, None if h is None else h * LOG2_E, eta, const)  # (R, M, K, n)
-        X = None if own is None else data.X[..., start:stop, :]
         if own is not None:
-            own.apply(X, log2_joint, None, None)
+            groups = own.groups(data.X[..., start:stop, :], log2_joint.shape[-2], log2_joint.shape[1])
+            own.write_log_prob(groups, log2_joint)
         resp, peak, norm = normalise_bits(log2_joint, inplace=True)  # peak, norm: (R, M, 1, n)
         log2_likelihood = peak.sum((-2, -1)) + sum_log2(norm.squeeze(-2), bound=log2_joint.shape[-2])  # (R, M)
         sums = weighted_statistics(T, resp)
         if own is not None:
-            own.apply(X, None, resp, sums)
+            own.write_statistics(groups, resp, sums)
         chunk = Statistics(resp.sum(-1), sums, log2_likelihood * LN_2)
         total = chunk if total is None else total + chunk
     if own is not None and own.summarise:
@@ -414,7 +428,7 @@ def statistics_from_responsibilities(
         unknown = torch.full(resp.shape[:2], math.nan, dtype=resp.dtype, device=resp.device)  # no likelihood
         sums = weighted_statistics(T, resp)
         if own is not None:
-            own.apply(data.X[..., start:stop, :], None, resp, sums)
+            own.write_statistics(own.groups(data.X[..., start:stop, :], resp.shape[-2], resp.shape[1]), resp, sums)
         chunk = Statistics(resp.sum(-1), sums, unknown)
         total = chunk if total is None else total + chunk
     if own is not None:

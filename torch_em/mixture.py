@@ -595,7 +595,7 @@ class Mixture(CheckedLoad, FollowsDataDtype):
         lp = em.component_log_prob(T, h, eta, const)  # (1, M, K, N)
         own = em.OwnReference.of(self.family, theta, log_weights, shift, evaluation=True)
         if own is not None:  # components the expansion about the reference would not resolve
-            own.apply(X, lp, None, None, scale=1.0)
+            own.write_log_prob(own.groups(X, self.n_components, self.n_models), lp, scale=1.0)
         return lp.mT.reshape(*self.batch_shape, N, self.n_components)
 
     def _evaluation_reference(self, log_weights: torch.Tensor, theta: Theta, shared: bool) -> torch.Tensor | None:

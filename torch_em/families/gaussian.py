@@ -162,6 +162,37 @@ def small_natural_parameters(
     return eta, half_logdet - 0.5 * _dot(z, z)
 
 
+def small_expansion_error(
+    raw: torch.Tensor, centred: torch.Tensor, loc: torch.Tensor, tied: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:meth:`Gaussian.expansion_error` before the factor eps, entry by entry for full and tied
+    covariances with D <= SMALL_FEATURES (a few dozen ops on (*b, K) tensors instead of batched
+    triangular inverses and products of thousands of tiny matrices): ``|a^T |P||^2`` and
+    ``|b^T |P||_2`` with ``a = |mu~| + sigma``, ``b = |mu| + sigma``.
+
+    Shape:
+        raw: (*b, K, D, D), or (*b, D, D) when tied; centred, loc: (*b, K, D) -> (*b, K) each
+    """
+    n = raw.shape[-1]
+    if tied:
+        raw = raw.unsqueeze(-3)  # (*b, 1, D, D): every component shares it
+    upper = [[raw[..., i, i].exp() if i == j else raw[..., i, j] for j in range(n)] for i in range(n)]
+    # Sigma = L^{-1} L^{-T} with L = P^T lower: sigma_i is the norm of row i of L^{-1}, by forward
+    # substitution: Y[i][i] = 1 / L[i][i], Y[i][j] = -sum_{j <= k < i} L[i][k] Y[k][j] / L[i][i].
+    inverse: list[list[torch.Tensor]] = [[None] * n for _ in range(n)]  # type: ignore[list-item]
+    for i in range(n):
+        inverse[i][i] = upper[i][i].reciprocal()
+        for j in range(i):
+            inverse[i][j] = -_dot([upper[k][i] for k in range(j, i)], [inverse[k][j] for k in range(j, i)]) * inverse[i][i]
+    sigma = [_dot(inverse[i][: i + 1], inverse[i][: i + 1]).sqrt() for i in range(n)]
+    spread = [centred[..., i].abs() + sigma[i] for i in range(n)]
+    offset = [loc[..., i].abs() + sigma[i] for i in range(n)]
+    scale = [[upper[i][k].abs() for k in range(n)] for i in range(n)]  # |P|, upper triangular
+    expanded = sum(_dot(spread[: k + 1], [scale[i][k] for i in range(k + 1)]).square() for k in range(n))
+    direct = sum(_dot(offset[: k + 1], [scale[i][k] for i in range(k + 1)]).square() for k in range(n)).sqrt()
+    return expanded, direct
+
+
 def _dot(a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
     """``sum_i a[i] * b[i]`` over lists of broadcastable tensors."""
     total = a[0] * b[0]
@@ -496,8 +527,12 @@ class Gaussian(ComponentFamily):
         with torch.no_grad():
             loc = theta["loc"]  # (*b, K, D)
             centred = loc if shift is None else loc - shift
-            chol = self.precision_cholesky(theta)
-            if self.covariance_type in ("full", "tied"):
+            if self.covariance_type in ("full", "tied") and loc.shape[-1] <= SMALL_FEATURES:
+                expanded, direct = small_expansion_error(
+                    theta["raw_precision_cholesky"], centred, loc, tied=self.covariance_type == "tied"
+                )
+            elif self.covariance_type in ("full", "tied"):
+                chol = self.precision_cholesky(theta)
                 # Sigma = L^{-1} L^{-T} with L = P^T: its diagonal holds the row norms of L^{-1}.
                 sigma = lower_triangular_inverse(chol.mT).square().sum(-1).sqrt()  # (*b, K|., D)
                 scale = chol.abs()
@@ -509,6 +544,7 @@ class Gaussian(ComponentFamily):
                 expanded, direct = (points @ scale).norm(dim=-1).unbind(-1)
                 expanded = expanded.square()
             else:
+                chol = self.precision_cholesky(theta)
                 scale = chol if self.covariance_type == "diag" else chol.unsqueeze(-1)
                 sigma = scale.reciprocal()
                 expanded = (scale * (centred.abs() + sigma)).square().sum(-1)

@@ -272,7 +272,7 @@ class Statistics:
 class OwnReference:
     """Components of a working batch (R, M, K) that are evaluated and summarised about their own
     reference point instead of the data's shared one, because the expanded form about the shared
-    point would cancel (:meth:`ComponentFamily.own_reference_components`).
+    point would cancel (:meth:`ComponentFamily.expansion_error`).
 
     index: (G,) their flat positions in R * M * K; points: (G, D) the points their statistics are
     taken about; direct: (G,) bool, whether their log-density is evaluated directly from
@@ -290,6 +290,9 @@ class OwnReference:
     theta: Theta
     log_weights: torch.Tensor
     summarise: bool = True
+
+    def __post_init__(self) -> None:
+        self.all_direct = bool(self.direct.all())
 
     @staticmethod
     def of(family: ComponentFamily, theta: Theta, log_weights: torch.Tensor, shift: torch.Tensor | None,
@@ -341,21 +344,21 @@ class OwnReference:
         mask[self.index] = True
         return mask.view(shape)
 
-    def reference(self, shift: torch.Tensor | None, shape: torch.Size) -> torch.Tensor:
-        """Every component's reference point (R, M, K, D): its own, or the shared ``shift``."""
+    def attach_reference(self, stats: "Statistics", shift: torch.Tensor | None) -> None:
+        """Record in ``stats`` (summed over a pass) every component's reference point
+        (R, M, K, D): its own, or the shared ``shift`` (nothing when not summarising)."""
+        if not self.summarise:
+            return
         shared = self.points.new_zeros(()) if shift is None else shift
-        reference = shared.expand(*shape, self.points.shape[-1]).clone()
+        reference = shared.expand(*stats.counts.shape, self.points.shape[-1]).clone()
         reference.view(-1, self.points.shape[-1])[self.index] = self.points
-        return reference
+        stats.reference = reference
 
     def offsets(self, X: torch.Tensor, n_components: int, n_models: int) -> torch.Tensor:
         """``x - point`` (G, n, D) for a chunk X (n, D) shared or (M, n, D) one per model."""
         if X.dim() == 3:
             X = X[(self.index // n_components) % n_models]  # each component's own model's points
         return X - self.points.unsqueeze(-2)
-
-    def __post_init__(self) -> None:
-        self.all_direct = bool(self.direct.all())
 
     def groups(self, X: torch.Tensor, n_components: int, n_models: int) -> list[tuple[slice, torch.Tensor]]:
         """The components in groups, each with its offsets (g, n, D) for the chunk X, sized so
@@ -412,8 +415,8 @@ def e_step(data: Data, eta: torch.Tensor, const: torch.Tensor, own: OwnReference
             own.write_statistics(groups, resp, sums)
         chunk = Statistics(resp.sum(-1), sums, log2_likelihood * LN_2)
         total = chunk if total is None else total + chunk
-    if own is not None and own.summarise:
-        total.reference = own.reference(data.shift, total.counts.shape)
+    if own is not None:
+        own.attach_reference(total, data.shift)
     return total
 
 
@@ -432,7 +435,7 @@ def statistics_from_responsibilities(
         chunk = Statistics(resp.sum(-1), sums, unknown)
         total = chunk if total is None else total + chunk
     if own is not None:
-        total.reference = own.reference(data.shift, total.counts.shape)
+        own.attach_reference(total, data.shift)
     return total
 
 

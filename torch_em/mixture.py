@@ -8,6 +8,7 @@ keep working on the same objects; ``forward``/``log_prob`` is pure and different
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from typing import Any, Sequence
@@ -535,8 +536,7 @@ class Mixture(CheckedLoad, FollowsDataDtype):
         # Components far from the stream's reference are evaluated directly; the running
         # statistics stay about the shared reference (they are averaged across batches).
         own = em.OwnReference.of(self.family, theta, log_weights, shift)
-        if own is not None:
-            own.summarise = False
+        own = None if own is None else dataclasses.replace(own, summarise=False)
         batch = data.statistics(eta, const, own)  # (1, M, ...)
         infinite = ~torch.isfinite(batch.log_likelihood)  # (1, M)
         if bool(infinite.any()):

@@ -17,7 +17,9 @@ Statistics are sums, so full-batch, chunked, streaming and distributed EM all re
 ``shift`` is an optional reference point (the data mean for Gaussians) about which features and
 statistics are taken, which keeps second moments well conditioned; it has shape ``(D,)`` or
 ``(M, 1, D)`` so that it broadcasts against both data ``(..., n, D)`` and parameters
-``(R, M, K, D)``. Families that need none return ``None`` from :meth:`reference`.
+``(R, M, K, D)``; the M-step may also get one reference point per component, ``(R, M, K, D)``,
+for components whose statistics were taken about their own (see :meth:`expansion_error`).
+Families that need none return ``None`` from :meth:`reference`.
 
 ``theta`` is a dictionary of unconstrained tensors shaped ``(*batch, *event_shape)``: the same
 tensors are the module's ``nn.Parameter`` s, so autograd and EM share one storage.

@@ -18,7 +18,12 @@ mean), ``log N(x | mu, Sigma) = T(x~).eta + c`` where
     c = 1/2 log|Lambda| - 1/2 mu~^T Lambda mu~ - D/2 log(2 pi)
 
 Centring keeps the expanded quadratic form from cancelling catastrophically: its relative
-error grows like eps * (|mu~| / sigma)^2, small when the data are centred.
+error grows like eps * (|mu~| / sigma)^2, small when the data are centred. A component narrow or
+far from the shift, for which it is not (``expansion_error``), is evaluated directly instead,
+``-1/2 |(x - mu)^T P|^2 + log|P| - D/2 log(2 pi)`` (``direct_log_prob``), and in a fit its
+statistics are taken about its own mean (``own_reference_statistics``): the cost of that is one
+(n, D) x (D, D) product per such component and chunk, paid only where the shared GEMM would be
+inaccurate.
 """
 from __future__ import annotations
 

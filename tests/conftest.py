@@ -34,3 +34,19 @@ def blobs(n_per_cluster: int = 200, centres=((0.0, 0.0, 0.0), (5.0, 5.0, 0.0), (
         mixing = np.eye(len(centre)) + 0.3 * rng.normal(size=(len(centre), len(centre)))
         parts.append(rng.normal(size=(n_per_cluster + 37 * i, len(centre))) @ mixing + centre)
     return np.concatenate(parts)
+
+
+def mixture_em(family, data, log_weights, theta, **options):
+    """``torch_em.em.run_em`` of a mixture of ``family`` from log-weights (R, M, K) and theta."""
+    from torch_em import em
+    from torch_em.latent import MIXTURE
+
+    return em.run_em(em.EMMap(MIXTURE, family, data), em.Params({"log_weights": log_weights}, theta), **options)
+
+
+def mixture_statistics(family, data, log_weights, theta):
+    """One E-step of a mixture of ``family``: ``torch_em.em.e_step`` for data ``data``."""
+    from torch_em import em
+    from torch_em.latent import MIXTURE
+
+    return em.e_step(MIXTURE, family, em.Params({"log_weights": log_weights}, theta), data)

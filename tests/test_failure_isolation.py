@@ -15,6 +15,7 @@ from sklearn.datasets import load_wine
 
 import torch_em
 from torch_em import em
+from torch_em.latent import MIXTURE
 from conftest import blobs
 from test_batched import FITTED, TIGHT, assert_same_model, initial_parameters, model_at, per_model_data
 
@@ -140,23 +141,27 @@ def test_non_finite_log_likelihood_is_isolated():
     np.testing.assert_allclose(batched.means[1].detach().numpy(), init["means_init"][1], rtol=1e-12)
 
 
-class LikelihoodFailsAt:
-    """Data whose model ``model`` gets a log-likelihood of inf from E-step ``at`` on."""
+class LikelihoodFailsAt(em.EMMap):
+    """The EM map of a mixture whose model ``model`` gets a log-likelihood of inf from E-step ``at`` on."""
 
     def __init__(self, data: em.Data, model: int, at: int):
-        self.data, self.model, self.at, self.calls = data, model, at, 0
-        self.shift, self.n_total = data.shift, data.n_total
+        super().__init__(MIXTURE, data.family, data)
+        self.model, self.at, self.calls = model, at, 0
 
-    def statistics(self, eta, const, own=None):
+    def statistics(self, params, own):
         self.calls += 1
-        stats = self.data.statistics(eta, const, own)
-        if self.calls >= self.at:
+        stats = super().statistics(params, own)
+        if self.calls >= self.at and self.model is not None:
             stats.log_likelihood = stats.log_likelihood.clone()
             stats.log_likelihood[:, self.model] = math.inf
         return stats
 
-    def worst_points(self, eta, const, k):
-        return self.data.worst_points(eta, const, k)
+    def models(self, index, n_models):
+        """The map of fewer models (a compacted fit): model ``model`` keeps failing where it still runs."""
+        selected = super().models(index, n_models)
+        position = (index == self.model).nonzero().flatten().tolist()
+        selected.model = position[0] if position else None
+        return selected
 
 
 def test_engine_restores_the_parameters_whose_lower_bound_was_last_computed():
@@ -172,25 +177,28 @@ def test_engine_restores_the_parameters_whose_lower_bound_was_last_computed():
     def data(x):
         return em.Data(family, x, family.reference(x), 256)
 
-    def run(d, lw, th, max_iter, failures=None):
+    def run(em_map, lw, th, max_iter, failures=None):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", torch_em.ConvergenceWarning)
-            return em.run_em(family, d, lw, th, max_iter=max_iter, tol=1e-8, describe_model=lambda r, m: f"model {m}",
-                             failures=failures)
+            return em.run_em(em_map, em.Params({"log_weights": lw}, th), max_iter=max_iter, tol=1e-8, failures=failures)
+
+    def plain(x):
+        return em.EMMap(MIXTURE, family, data(x))
 
     failures = em.Failures.none(1, 2, X.device)
     result = run(LikelihoodFailsAt(data(X), model=1, at=3), log_weights, theta, 50, failures)
     assert failures.failed.tolist() == [[False, True]]
-    assert failures.reasons == {(0, 1): "EM iteration 3: the log-likelihood of model 1 is not finite; "
-                                        "use float64, scale the data or increase the regularisation"}
-    one_step = run(data(X[1:]), log_weights[:, 1:], {k: v[:, 1:] for k, v in theta.items()}, 1)
+    assert failures.messages(lambda r, m: f"model {m}") == {
+        (0, 1): "EM iteration 3: the log-likelihood of model 1 is not finite; "
+                "use float64, scale the data or increase the regularisation"}
+    one_step = run(plain(X[1:]), log_weights[:, 1:], {k: v[:, 1:] for k, v in theta.items()}, 1)
     torch.testing.assert_close(result.log_weights[0, 1], one_step.log_weights[0, 0], **TIGHT)
     for name in theta:
         torch.testing.assert_close(result.theta[name][0, 1], one_step.theta[name][0, 0], **TIGHT)
     assert math.isnan(float(result.lower_bound[0, 1])) and not bool(result.converged[0, 1])
     assert int(result.n_iter[0, 1]) == 2  # iterations before the one that failed
     assert not math.isnan(float(result.history[0, 1, 1])) and math.isnan(float(result.history[0, 1, 2]))
-    alone = run(data(X[:1]), log_weights[:, :1], {k: v[:, :1] for k, v in theta.items()}, 50)
+    alone = run(plain(X[:1]), log_weights[:, :1], {k: v[:, :1] for k, v in theta.items()}, 50)
     assert int(result.n_iter[0, 0]) == int(alone.n_iter[0, 0]) > 3
     for name in theta:
         torch.testing.assert_close(result.theta[name][0, 0], alone.theta[name][0, 0], **TIGHT)

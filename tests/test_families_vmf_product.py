@@ -15,6 +15,8 @@ from sklearn.metrics import adjusted_rand_score
 
 import torch_em
 from torch_em import em
+
+from conftest import mixture_em, mixture_statistics
 from torch_em.families import Categorical, Gaussian
 from torch_em.families.product import Product
 from torch_em.families.von_mises_fisher import VonMisesFisher, concentration_mle, unit_norm_tolerance
@@ -421,14 +423,13 @@ def test_product_batched_equals_looped():
     g = torch.Generator().manual_seed(8)
     theta = family.default_parameters((1, B), K, 7, g, torch.device("cpu"), F64)
     log_weights = torch.log_softmax(torch.randn(1, B, K, generator=g, dtype=F64), -1)
-    describe = lambda r, m: f"model {m}"  # noqa: E731
     data = lambda x: em.Data(family, x, family.reference(x), chunk_size=41)  # noqa: E731
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", torch_em.ConvergenceWarning)
-        batched = em.run_em(family, data(X), log_weights, theta, max_iter=12, tol=1e-8, describe_model=describe)
+        batched = mixture_em(family, data(X), log_weights, theta, max_iter=12, tol=1e-8)
         for b in range(B):
-            single = em.run_em(family, data(X[b]), log_weights[:, b:b + 1], {k: v[:, b:b + 1] for k, v in theta.items()},
-                               max_iter=12, tol=1e-8, describe_model=describe)
+            single = mixture_em(family, data(X[b]), log_weights[:, b:b + 1], {k: v[:, b:b + 1] for k, v in theta.items()},
+                                max_iter=12, tol=1e-8)
             assert int(single.n_iter[0, 0]) == int(batched.n_iter[0, b])
             for key in theta:
                 torch.testing.assert_close(single.theta[key][0, 0], batched.theta[key][0, b], rtol=1e-9, atol=1e-9)
@@ -443,16 +444,14 @@ def test_product_statistics_are_additive_and_reseeding_works():
     theta = family.default_parameters((1, 1), 3, 7, g, torch.device("cpu"), F64)
     log_weights = torch.log_softmax(torch.randn(1, 1, 3, generator=g, dtype=F64), -1)
     shift = family.reference(X)
-    eta, const = em.natural_with_weights(family, theta, log_weights, shift)
-    whole = em.e_step(em.Data(family, X, shift, chunk_size=200), eta, const)
-    chunked = em.e_step(em.Data(family, X, shift, chunk_size=13), eta, const)
+    whole = mixture_statistics(family, em.Data(family, X, shift, chunk_size=200), log_weights, theta)
+    chunked = mixture_statistics(family, em.Data(family, X, shift, chunk_size=13), log_weights, theta)
     torch.testing.assert_close(chunked.sums, whole.sums, rtol=1e-12, atol=1e-10)
     log_weights = log_weights.clone()
     log_weights[..., 2] = -1e4  # component 2 explains nothing: it is re-seeded
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", torch_em.ConvergenceWarning)
-        result = em.run_em(family, em.Data(family, X, shift, 50), log_weights, theta, max_iter=5, tol=0.0,
-                           describe_model=lambda r, m: "model")
+        result = mixture_em(family, em.Data(family, X, shift, 50), log_weights, theta, max_iter=5, tol=0.0)
     assert all(bool(torch.isfinite(v).all()) for v in (result.history, result.log_weights, *result.theta.values()))
     assert float(result.log_weights[0, 0, 2].exp()) > 1e-3
 

@@ -13,6 +13,8 @@ import torch
 
 import torch_em
 from torch_em import em
+
+from conftest import mixture_em, mixture_statistics
 from torch_em.families import ComponentFamily, Gaussian
 
 Sampler = Callable[[torch.Generator, int, int], torch.Tensor]  # (generator, n_models, n) -> (B, n, D)
@@ -111,11 +113,13 @@ def test_statistics_are_additive(case):
     X = sampler(torch.Generator().manual_seed(1), 1, 200)[0]
     log_weights, theta = _working_theta(family, 1, 3, X.shape[-1])
     shift = family.reference(X)
-    eta, const = em.natural_with_weights(family, theta, log_weights, shift)
-    whole = em.e_step(em.Data(family, X, shift, chunk_size=200), eta, const)
-    a = em.e_step(em.Data(family, X[:77], shift, chunk_size=200), eta, const)
-    b = em.e_step(em.Data(family, X[77:], shift, chunk_size=200), eta, const)
-    chunked = em.e_step(em.Data(family, X, shift, chunk_size=13), eta, const)
+    def statistics(points, chunk_size):
+        return mixture_statistics(family, em.Data(family, points, shift, chunk_size=chunk_size), log_weights, theta)
+
+    whole = statistics(X, 200)
+    a = statistics(X[:77], 200)
+    b = statistics(X[77:], 200)
+    chunked = statistics(X, 13)
     for combined in (em.Statistics(a.counts + b.counts, a.sums + b.sums, a.log_likelihood + b.log_likelihood), chunked):
         torch.testing.assert_close(combined.counts, whole.counts, rtol=1e-12, atol=1e-10)
         torch.testing.assert_close(combined.sums, whole.sums, rtol=1e-12, atol=1e-9)
@@ -167,13 +171,12 @@ def test_batched_em_equals_looped_em(case):
     B, K = 3, 3
     X = sampler(torch.Generator().manual_seed(5), B, 150)  # (B, N, D)
     log_weights, theta = _working_theta(family, B, K, X.shape[-1], seed=6)
-    describe = lambda r, m: f"model {m}"  # noqa: E731
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", torch_em.ConvergenceWarning)
-        batched = em.run_em(family, _data(family, X), log_weights, theta, max_iter=30, tol=1e-6, describe_model=describe)
+        batched = mixture_em(family, _data(family, X), log_weights, theta, max_iter=30, tol=1e-6)
         for b in range(B):
-            single = em.run_em(family, _data(family, X[b]), log_weights[:, b:b + 1],
-                               {k: v[:, b:b + 1] for k, v in theta.items()}, max_iter=30, tol=1e-6, describe_model=describe)
+            single = mixture_em(family, _data(family, X[b]), log_weights[:, b:b + 1],
+                                {k: v[:, b:b + 1] for k, v in theta.items()}, max_iter=30, tol=1e-6)
             assert int(single.n_iter[0, 0]) == int(batched.n_iter[0, b])
             torch.testing.assert_close(single.log_weights[0, 0], batched.log_weights[0, b], rtol=1e-9, atol=1e-10)
             for key in theta:
@@ -188,8 +191,7 @@ def test_empty_component_is_reseeded_and_nothing_becomes_nan(case):
     log_weights[..., 2] = -1e4  # component 2 explains nothing: its statistics come out empty
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", torch_em.ConvergenceWarning)
-        result = em.run_em(family, _data(family, X), log_weights, theta, max_iter=5, tol=0.0,
-                           describe_model=lambda r, m: "model")
+        result = mixture_em(family, _data(family, X), log_weights, theta, max_iter=5, tol=0.0)
     assert bool(torch.isfinite(result.history).all())
     for value in (result.log_weights, *result.theta.values()):
         assert bool(torch.isfinite(value).all())

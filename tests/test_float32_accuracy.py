@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import torch_em
-from torch_em import em
+from torch_em import em, own_reference
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import float32_accuracy as accuracy  # noqa: E402
@@ -95,9 +95,9 @@ def test_digits_with_ten_components_fit_in_float32(covariance_type, standardise)
 @pytest.fixture
 def every_component_own(monkeypatch):
     """Every Gaussian component evaluated directly and summarised about its own mean."""
-    monkeypatch.setattr(em, "FIT_ERROR_PER_FEATURE", -1.0)
-    monkeypatch.setattr(em, "NEGLIGIBLE_ERROR_PER_FEATURE", -1.0)
-    monkeypatch.setattr(em, "EVALUATION_ERROR_RATIO", 0.0)
+    monkeypatch.setattr(own_reference, "FIT_ERROR_PER_FEATURE", -1.0)
+    monkeypatch.setattr(own_reference, "NEGLIGIBLE_ERROR_PER_FEATURE", -1.0)
+    monkeypatch.setattr(own_reference, "EVALUATION_ERROR_RATIO", 0.0)
 
 
 def fit_blobs(**options) -> torch_em.GaussianMixture:
@@ -113,9 +113,9 @@ def test_own_reference_path_equals_the_expansion_in_float64(covariance_type, opt
     from conftest import blobs
 
     plain = fit_blobs(covariance_type=covariance_type, **options)
-    monkeypatch.setattr(em, "FIT_ERROR_PER_FEATURE", -1.0)
-    monkeypatch.setattr(em, "NEGLIGIBLE_ERROR_PER_FEATURE", -1.0)
-    monkeypatch.setattr(em, "EVALUATION_ERROR_RATIO", 0.0)
+    monkeypatch.setattr(own_reference, "FIT_ERROR_PER_FEATURE", -1.0)
+    monkeypatch.setattr(own_reference, "NEGLIGIBLE_ERROR_PER_FEATURE", -1.0)
+    monkeypatch.setattr(own_reference, "EVALUATION_ERROR_RATIO", 0.0)
     calls = []
     original = em.OwnReference.write_log_prob
     monkeypatch.setattr(em.OwnReference, "write_log_prob", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
@@ -129,9 +129,9 @@ def test_own_reference_path_equals_the_expansion_in_float64(covariance_type, opt
 
 
 def own_everywhere(monkeypatch) -> None:
-    monkeypatch.setattr(em, "FIT_ERROR_PER_FEATURE", -1.0)
-    monkeypatch.setattr(em, "NEGLIGIBLE_ERROR_PER_FEATURE", -1.0)
-    monkeypatch.setattr(em, "EVALUATION_ERROR_RATIO", 0.0)
+    monkeypatch.setattr(own_reference, "FIT_ERROR_PER_FEATURE", -1.0)
+    monkeypatch.setattr(own_reference, "NEGLIGIBLE_ERROR_PER_FEATURE", -1.0)
+    monkeypatch.setattr(own_reference, "EVALUATION_ERROR_RATIO", 0.0)
 
 
 @pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)

@@ -12,7 +12,7 @@ import torch_em
 from torch_em import em as engine
 from torch_em.functional import em
 
-from conftest import COVARIANCE_TYPES, DEVICES
+from conftest import COVARIANCE_TYPES, DEVICES, mixture_em
 
 
 def _sets(B=3, N=40, seed=0, dtype=torch.float64, device="cpu"):
@@ -41,7 +41,7 @@ def _engine_fit(family, X, init, n_iter):
     log_weights = init["logits"].log_softmax(-1).expand(1, M, -1)
     theta = {name: value.expand(1, M, *value.shape) for name, value in init.items() if name != "logits"}
     data = engine.Data(family, X, family.reference(X), chunk_size=1000)
-    return engine.run_em(family, data, log_weights, theta, max_iter=n_iter, tol=0.0, describe_model=lambda r, m: "model")
+    return mixture_em(family, data, log_weights, theta, max_iter=n_iter, tol=0.0)
 
 
 @pytest.mark.parametrize("device", DEVICES)

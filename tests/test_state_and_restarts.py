@@ -24,6 +24,8 @@ from torch_em import em
 from torch_em._random import RestartStreams
 from torch_em.initialization import kmeans_plusplus
 
+from conftest import mixture_em
+
 F64 = torch.float64
 FIT_ATTRIBUTES = ("converged_", "n_iter_", "lower_bound_", "lower_bound_history_", "labels_", "inertia_", "n_features")
 PROPERTY = settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -120,12 +122,13 @@ def test_run_em_compares_the_first_lower_bound_with_the_given_previous_one():
     X = randn(200, 2)
     model = torch_em.GaussianMixture(2, covariance_type="diag", seed=0, max_iter=3, dtype=F64)
     quiet(model.fit, X)
-    log_weights, theta = model._working_parameters()
+    params = model._working_parameters()
+    log_weights, theta = params.latent["log_weights"], params.emission
     data = em.Data(family, X, family.reference(X), 1000)
-    kwargs = dict(max_iter=1, tol=1e-3, describe_model=lambda r, m: "model")
-    first = em.run_em(family, data, log_weights, theta, **kwargs)
+    kwargs = dict(max_iter=1, tol=1e-3)
+    first = mixture_em(family, data, log_weights, theta, **kwargs)
     assert not bool(first.converged.any())  # from -inf
-    again = em.run_em(family, data, log_weights, theta, previous_lower_bound=first.lower_bound, **kwargs)
+    again = mixture_em(family, data, log_weights, theta, previous_lower_bound=first.lower_bound, **kwargs)
     assert bool(again.converged.all())  # the same bound: no change
     assert torch.equal(again.lower_bound, first.lower_bound)
 

@@ -247,3 +247,25 @@ def check_family(family: Any) -> None:
         raise ValueError(f"family must be a ComponentFamily instance, got the class {family.__name__}; use {family.__name__}(...)")
     if not isinstance(family, ComponentFamily):
         raise ValueError(f"family must be a torch_em ComponentFamily (e.g. torch_em.Gaussian('full')), got {type(family).__name__} {family!r}")
+
+
+def check_sample_weight(
+    sample_weight: Any, name: str, *, n_points: int, batch_shape: Sequence[int], device: torch.device,
+    dtype: torch.dtype,
+) -> torch.Tensor | None:
+    """Per-point weights as a tensor ``(N,)`` (the same for every model) or ``(*batch_shape, N)``
+    (one set per model), finite and non-negative, with a positive total for every model; None
+    stays None."""
+    if sample_weight is None:
+        return None
+    weights = as_float_tensor(sample_weight, name, device=device, dtype=dtype)
+    shapes = [(n_points,)] + ([(*batch_shape, n_points)] if len(batch_shape) else [])
+    if tuple(weights.shape) not in shapes:
+        expected = " or ".join(str(shape) for shape in shapes)
+        raise ValueError(f"{name} must have shape {expected} (one weight per point of X), got {tuple(weights.shape)}")
+    check_finite(weights, name)
+    if bool((weights < 0).any()):
+        raise ValueError(f"{name} must be non-negative, got a minimum of {weights.min().item():g}")
+    if bool((weights.sum(-1) <= 0).any()):
+        raise ValueError(f"{name} must give every model a positive total weight, got a total of 0")
+    return weights

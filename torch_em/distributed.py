@@ -41,6 +41,13 @@ def total_points(n_points: int, device: torch.device) -> int:
     return int(all_reduce_sum(torch.tensor(float(n_points), dtype=torch.float64, device=device))[0])
 
 
+def total_weight(total: float | torch.Tensor, device: torch.device) -> float | torch.Tensor:
+    """A (weighted) number of points, a number or (M,) per model, summed over all ranks."""
+    if not isinstance(total, torch.Tensor):
+        return total if not active() else float(all_reduce_sum(torch.tensor(float(total), dtype=torch.float64, device=device))[0])
+    return all_reduce_sum(total)[0]
+
+
 def combined_reference(shift: torch.Tensor | None, n_points: int) -> torch.Tensor | None:
     """A per-rank data mean (reference point) turned into the mean over all ranks' points."""
     if shift is None or not active():

@@ -1,10 +1,22 @@
-"""The EM engine shared by every family: chunked E-step, M-step with re-seeding, the EM loop.
+"""The EM engine: one E-step, one M-step, one EM map, and the drivers that compose it.
 
-Inside a fit every tensor carries a working batch ``(R, M)``: ``R`` restarts (``n_init``) times
-``M`` independent models (the flattened ``batch_shape``). Data are either shared by all models,
-``X (N, D)``, or one dataset per model, ``X (M, N, D)``. Component log-densities are laid out as
-``(R, M, K, n)`` with the points last, which makes both GEMMs copy-free and keeps the reductions
-over a short K axis vectorised along the points:
+A model is a latent structure (:mod:`torch_em.latent`: how the hidden states are distributed)
+times an emission family (:mod:`torch_em.families`: ``T(x)``, natural parameters, closed-form
+M-step) fitted to observations (:mod:`torch_em.data`: rows, optionally weighted, in chunks or
+streamed). Parameters travel as one tree, :class:`Params` (the latent structure's and the
+family's), in the working layout ``(R, M, ...)``: ``R`` restarts times ``M`` independent models.
+
+    e_step(latent, family, params, data) -> Statistics     one pass: sums over the points
+    m_step(latent, family, stats, ...)   -> Params, invalid components
+    EMMap(latent, family, data)(params)  -> EMStep: new params and the objective of the old
+
+Drivers only compose the EM map: :func:`run_em` (full-batch, chunked, streamed and distributed
+fits with per-model convergence; converged models drop out of the working batch), the online
+update of ``Mixture.partial_fit`` (running statistics interpolated with :meth:`Statistics.lerp`)
+and the differentiable layer (:mod:`torch_em.functional`).
+
+Component log-densities are laid out as ``(R, M, K, n)`` with the points last, which makes both
+GEMMs copy-free and keeps the reductions over a short K axis vectorised along the points:
 
     shared data:    log_prob (R*M*K, n) = eta (R*M*K, F) @ T^T (F, n)
     per-model data: log_prob (R, M, K, n) = eta (R, M, K, F) @ T^T (M, F, n)
@@ -15,152 +27,85 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 
 from . import distributed
+from .data import CHUNK_ELEMENTS, FEATURE_CACHE_BYTES, Chunk, Data, StreamData, default_chunk_size  # noqa: F401
 from .families.base import ComponentFamily, IllConditionedError, Theta
+from .latent import MIXTURE, LatentParams, LatentStructure
+from .normalize import log_normalize
+from .own_reference import OwnReference
+from .statistics import Statistics, floored_counts
 
-#: Log-density rows per chunk are chosen so one chunk's (n, R*M*K) block stays near this size.
-CHUNK_ELEMENTS = 1 << 21
-#: Features of the whole dataset are computed once per fit when they take at most this many bytes.
-FEATURE_CACHE_BYTES = 256 << 20
-#: A fit evaluates a component directly, and takes its statistics about its own reference point,
-#: when the expansion about the shared one would round by more than this (nats per feature).
-FIT_ERROR_PER_FEATURE = 1e-4
-#: Reported densities (log_prob, predict_proba, ...) evaluate a component directly when the
-#: expansion would be this many times less accurate than a direct evaluation ...
-EVALUATION_ERROR_RATIO = 4.0
-#: ... and not below this many nats per feature anyway (float64, mostly).
-NEGLIGIBLE_ERROR_PER_FEATURE = 1e-9
-#: log2(e). The E-step works on log-densities in bits: exp2 is several times faster than exp on
-#: CPUs (vectorised), and the scale is folded into the natural parameters, which are small.
-LOG2_E = 1.0 / math.log(2.0)
-LN_2 = math.log(2.0)
+#: A fit computes only the models still running: once they are at most this fraction of the
+#: models it computes, the working batch is compacted to them (their data and parameters copied
+#: out), so an iteration's cost follows the running models. 0 disables compaction.
+COMPACTION_FRACTION = 0.5
 
 
-def default_chunk_size(n_models: int, n_components: int, n_stats: int) -> int:
-    return max(256, CHUNK_ELEMENTS // max(1, n_models * n_components + n_stats))
+@dataclass
+class Params:
+    """The parameters of a working batch (R, M): the latent structure's (e.g. ``log_weights``
+    (R, M, K) of a mixture) and the emission family's (``theta``, (R, M, K, ...) each)."""
 
-
-class Data:
-    """Data prepared for EM: features ``T(x)`` of fixed-size row chunks, cached when small.
-
-    X: (N, D) shared by every model or (M, N, D) one dataset per model.
-    shift: the family's reference point, broadcastable to data and parameters, or None.
-    """
-
-    def __init__(
-        self, family: ComponentFamily, X: torch.Tensor, shift: torch.Tensor | None, chunk_size: int, cache: bool = True
-    ):
-        self.family = family
-        self.X = X
-        self.shift = shift
-        self.n_points = X.shape[-2]
-        #: Points over all ranks under torch.distributed (set by the caller), else n_points.
-        self.n_total = self.n_points
-        self._sample: Data | None = None
-        self.chunk_size = chunk_size
-        self.bounds = [(start, min(start + chunk_size, self.n_points)) for start in range(0, self.n_points, chunk_size)]
-        self._cache: list[tuple[torch.Tensor, torch.Tensor | None]] | None = None
-        n_stats = family.n_statistics(X.shape[-1])
-        if cache and X.numel() // X.shape[-1] * n_stats * X.element_size() <= FEATURE_CACHE_BYTES:
-            # Per-model data: many small GEMMs, much faster on feature-major features. Shared data
-            # (one large GEMM) keeps the point-major layout, which suits its statistics GEMM.
-            layout = _feature_major if X.dim() == 3 else (lambda T, h: (T, h))
-            self._cache = [layout(*self._features(start, stop)) for start, stop in self.bounds]
+    latent: LatentParams
+    emission: Theta
 
     @property
-    def sample(self) -> "Data":
-        """The data that initialisation works on: these data, or a subset of large data set by
-        the caller. (Not stored as ``self``: a reference cycle would keep every per-batch Data of
-        a stream, and its tensors, alive until the cyclic garbage collector ran.)"""
-        return self if self._sample is None else self._sample
+    def batch(self) -> tuple[int, int]:
+        """(R, M)."""
+        return tuple(next(iter({**self.latent, **self.emission}.values())).shape[:2])
 
-    @sample.setter
-    def sample(self, value: "Data") -> None:
-        self._sample = value
+    def map(self, function: Callable[[torch.Tensor], torch.Tensor]) -> "Params":
+        return Params({n: function(v) for n, v in self.latent.items()}, {n: function(v) for n, v in self.emission.items()})
 
-    def _features(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return self.family.features(self.X[..., start:stop, :], self.shift)
+    def combine(self, other: "Params", function: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> "Params":
+        """``function(mine, other's)`` for every parameter (``other`` has the same names)."""
+        return Params({n: function(v, other.latent[n]) for n, v in self.latent.items()},
+                      {n: function(v, other.emission[n]) for n, v in self.emission.items()})
 
-    def chunks(self) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
-        """Yields ``(T, h)``: T (n, F) or (M, n, F); h (n,) or (M, n) or None."""
-        if self._cache is not None:
-            yield from self._cache
-        else:
-            for start, stop in self.bounds:
-                yield self._features(start, stop)
+    def where(self, mask: torch.Tensor, other: "Params") -> "Params":
+        """These parameters for the models of ``mask`` (R, M), ``other``'s elsewhere."""
+        return self.combine(other, lambda mine, theirs: where_models(mask, mine, theirs))
 
-    def statistics(self, eta: torch.Tensor, const: torch.Tensor, own: "OwnReference | None" = None) -> "Statistics":
-        """Statistics of the data (summed over ranks under torch.distributed)."""
-        return e_step(self, eta, const, own).reduced()
+    def with_fixed(self, fixed: "Params | None") -> "Params":
+        """The same with the ``fixed`` ones (a subset of the names) put in."""
+        if fixed is None:
+            return self
+        return Params({n: fixed.latent.get(n, v) for n, v in self.latent.items()},
+                      {n: fixed.emission.get(n, v) for n, v in self.emission.items()})
 
-    def worst_points(self, eta: torch.Tensor, const: torch.Tensor, k: int) -> torch.Tensor:
-        """Features of the k worst-explained points (rank 0's under torch.distributed)."""
-        return distributed.broadcast(worst_point_features(self, eta, const, k))[0]
+    def models(self, index: torch.Tensor) -> "Params":
+        """The models at flat positions ``index`` (A,) of (R, M), as a working batch (1, A)."""
+        return self.map(lambda value: value.flatten(0, 1)[index].unsqueeze(0))
 
+    def put_models(self, index: torch.Tensor, values: "Params") -> "Params":
+        """These parameters with the models at flat positions ``index`` taken from ``values`` (1, A)."""
+        def put(full: torch.Tensor, part: torch.Tensor) -> torch.Tensor:
+            return full.flatten(0, 1).index_copy(0, index, part[0].to(full.dtype)).view_as(full)
+        return self.combine(values, put)
 
-def _feature_major(T: torch.Tensor, h: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The same features T (..., n, F), stored feature-major ((..., F, n) contiguous, transposed
-    view): both E-step GEMMs then read rows of points, which small batched GEMMs do much faster."""
-    return T.mT.contiguous().mT, h
-
-
-class StreamData:
-    """Data that arrive in batches (larger than memory, or from a DataLoader): every E-step is
-    one pass over ``batches()``, summing the statistics batch by batch. Empty components are
-    re-seeded from a sample of the data (``sample``, a :class:`Data`).
-
-    batches(): a fresh iterator of working-layout batches (n, D) or (M, n, D) per call;
-    n_points: their total (over all ranks under torch.distributed);
-    n_local: the points of one pass on this rank, when known (every pass is checked against it);
-    name: how error messages call the source.
-    """
-
-    def __init__(
-        self, family: ComponentFamily, batches: Callable[[], Iterator[torch.Tensor]], shift: torch.Tensor | None,
-        n_points: int, chunk_size: int, sample: Data, *, n_local: int | None = None, name: str = "the batch source",
-    ):
-        self.family = family
-        self.batches = batches
-        self.shift = shift
-        self.n_total = n_points
-        self.chunk_size = chunk_size
-        self.sample = sample
-        self.n_local = n_local
-        self.name = name
-
-    def statistics(self, eta: torch.Tensor, const: torch.Tensor, own: "OwnReference | None" = None) -> "Statistics":
-        total, seen = None, 0
-        for batch in self.batches():
-            seen += batch.shape[-2]
-            if self.n_local is not None and seen > self.n_local:  # stop before summing points of another dataset
-                self._raise_changed(f"more than {self.n_local}")
-            stats = e_step(Data(self.family, batch, self.shift, self.chunk_size, cache=False), eta, const, own)
-            total = stats if total is None else total + stats
-        if self.n_local is not None and seen != self.n_local:
-            self._raise_changed(str(seen))
-        return total.reduced()
-
-    def _raise_changed(self, seen: str) -> None:
-        """A pass that yields another number of points than the first would make the lower
-        bound (a mean over ``n_points``) and the M-step silently wrong."""
-        raise ValueError(
-            f"{self.name} yielded {seen} points in a pass of EM but {self.n_local} in the first pass; it must yield "
-            "the same points on every pass (a DataLoader with a fixed dataset and without a sampler that draws "
-            "a varying number of points)"
-        )
-
-    def worst_points(self, eta: torch.Tensor, const: torch.Tensor, k: int) -> torch.Tensor:
-        return self.sample.worst_points(eta, const, k)
+    @staticmethod
+    def cat(parts: list["Params"]) -> "Params":
+        """Batches of restarts (R_i, M, ...) joined along the restart axis."""
+        first = parts[0]
+        return Params({n: torch.cat([p.latent[n] for p in parts]) for n in first.latent},
+                      {n: torch.cat([p.emission[n] for p in parts]) for n in first.emission})
 
 
-def component_log_prob(
+def where_models(mask: torch.Tensor, chosen: torch.Tensor | float, other: torch.Tensor) -> torch.Tensor:
+    """``chosen`` for the models of ``mask`` (the leading dimensions of ``other``), else ``other``."""
+    return torch.where(mask.reshape(tuple(mask.shape) + (1,) * (other.dim() - mask.dim())), chosen, other)
+
+
+# --- E-step -------------------------------------------------------------------------------------
+def emission_log_prob(
     T: torch.Tensor, h: torch.Tensor | None, eta: torch.Tensor, const: torch.Tensor
 ) -> torch.Tensor:
-    """``log p(x_n | component k of model (r, m)) + const[r, m, k]`` for one chunk: (R, M, K, n).
+    """``log p(x_n | component k of model (r, m)) + const[r, m, k]`` for one chunk: (R, M, K, n),
+    with the family's natural parameters (one GEMM).
 
     T (n, F) shared by all models or (M, n, F); h (n,) or (M, n) or None; eta (R, M, K, F);
     const (R, M, K).
@@ -188,57 +133,6 @@ def _per_model_log_prob(T: torch.Tensor, eta: torch.Tensor, const: torch.Tensor)
     return lp.view(R, M, K, T.shape[1])
 
 
-def normalise(log_joint: torch.Tensor, inplace: bool = False, dim: int = -2) -> tuple[torch.Tensor, torch.Tensor]:
-    """Responsibilities and per-point log-likelihood from ``log_joint`` with components on ``dim``.
-
-    Returns resp (same shape) and the log-likelihood (``dim`` removed). See :func:`normalise_bits`.
-    """
-    scaled = log_joint.mul_(LOG2_E) if inplace else log_joint * LOG2_E
-    resp, peak, total = normalise_bits(scaled, inplace=inplace, dim=dim)
-    return resp, (peak + total.log2()).squeeze(dim) * LN_2
-
-
-def normalise_bits(
-    log2_joint: torch.Tensor, inplace: bool = False, dim: int = -2
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Responsibilities from log-densities in bits (``log2``) with components on ``dim``.
-
-    Written out (max-subtract, exp2, normalise) rather than ``softmax``/``logsumexp``: it is one
-    exp2 per entry and several times faster over a short component axis. Responsibilities are
-    kept above the smallest normal number (no subnormal arithmetic).
-    Returns resp (same shape), the peak and the total, both with ``dim`` kept as size 1: the
-    per-point log2-likelihood is ``peak + log2(total)``, where ``1 <= total <= K``.
-    """
-    peak = log2_joint.amax(dim, keepdim=True)
-    # Clamp so that exp2, and the division by a total of at most K, stay above the smallest normal
-    # number: subnormal operands make exp2, sums and GEMMs many times slower on CPUs. A
-    # responsibility changes by less than 3 * K * tiny.
-    floor = math.log2(torch.finfo(log2_joint.dtype).tiny) + math.log2(log2_joint.shape[dim]) + 1.0
-    shifted = log2_joint.sub_(peak) if inplace else log2_joint - peak
-    resp = shifted.clamp_min_(floor).exp2_() if inplace else shifted.clamp_min(floor).exp2()
-    total = resp.sum(dim, keepdim=True)
-    resp = resp.div_(total) if inplace else resp / total
-    return resp, peak, total
-
-
-def sum_log2(values: torch.Tensor, bound: float) -> torch.Tensor:
-    """``values.log2().sum(-1)`` for values in ``[1, bound]``, with one log2 per group of values:
-    the log2 of their product, which stays finite (log2 is several times slower than a product).
-
-    Shape:
-        values: (..., n) -> (...)
-    """
-    n = values.shape[-1]
-    # bound ** group stays below the square root of the largest finite number.
-    max_log2 = math.log2(torch.finfo(values.dtype).max)
-    group = n if bound <= 1 else max(1, min(n, int(max_log2 / 2 / math.log2(bound))))
-    full = n - n % group
-    total = values[..., :full].unflatten(-1, (full // group, group)).prod(-1).log2().sum(-1)
-    if full < n:
-        total = total + values[..., full:].prod(-1).log2()
-    return total
-
-
 def weighted_statistics(T: torch.Tensor, resp: torch.Tensor) -> torch.Tensor:
     """``S[r, m, k] = sum_n resp[r, m, k, n] T(x_n)``: (R, M, K, F) from resp (R, M, K, n) and
     T (n, F) or (M, n, F)."""
@@ -247,203 +141,96 @@ def weighted_statistics(T: torch.Tensor, resp: torch.Tensor) -> torch.Tensor:
     return resp @ T
 
 
-@dataclass
-class Statistics:
-    """Sums over points for a working batch (R, M)."""
+def e_step(
+    latent: LatentStructure, family: ComponentFamily, params: Params, data: Data | StreamData,
+    own: OwnReference | None = None, pseudo_count: float = 0.0,
+) -> Statistics:
+    """One pass over the data: the statistics and the total (weighted) log-likelihood of ``params``
+    (this rank's; :meth:`Statistics.reduced` sums the ranks).
 
-    counts: torch.Tensor  # (R, M, K) expected number of points per component
-    sums: torch.Tensor  # (R, M, K, F) expected sufficient statistics
-    log_likelihood: torch.Tensor  # (R, M) total log-likelihood of the data (nan if not computed)
-    #: (R, M, K, D) the point each component's sums are taken about, where some components have
-    #: their own (:class:`OwnReference`); None: the data's shared reference point for all.
-    reference: torch.Tensor | None = None
-
-    def __add__(self, other: "Statistics") -> "Statistics":
-        # Both summands come from one pass, with the same reference points.
-        return Statistics(self.counts + other.counts, self.sums + other.sums,
-                          self.log_likelihood + other.log_likelihood, self.reference)
-
-    def reduced(self) -> "Statistics":
-        """Summed over the ranks of torch.distributed (one all_reduce); unchanged without it."""
-        return Statistics(*distributed.all_reduce_sum(self.counts, self.sums, self.log_likelihood), self.reference)
-
-
-@dataclass
-class OwnReference:
-    """Components of a working batch (R, M, K) that are evaluated and summarised about their own
-    reference point instead of the data's shared one, because the expanded form about the shared
-    point would cancel (:meth:`ComponentFamily.expansion_error`).
-
-    index: (G,) their flat positions in R * M * K; points: (G, D) the points their statistics are
-    taken about; direct: (G,) bool, whether their log-density is evaluated directly from
-    ``theta`` (then ``points`` are the family's own reference points of ``theta``); theta: the
-    working parameters (R, M, K, ...); log_weights: (G,) their log mixing weights;
-    summarise: whether their statistics are taken about ``points`` (False: only the
-    log-densities are direct, the statistics stay about the shared point, as online EM's running
-    statistics need).
+    ``own``: components evaluated directly and summarised about their own reference point.
+    ``pseudo_count``: that many pseudo-points per component, distributed like the data, added to
+    the statistics (not to the log-likelihood): a MAP-style smoothing prior.
     """
-
-    family: ComponentFamily
-    index: torch.Tensor
-    points: torch.Tensor
-    direct: torch.Tensor
-    theta: Theta
-    log_weights: torch.Tensor
-    summarise: bool = True
-
-    def __post_init__(self) -> None:
-        self.all_direct = bool(self.direct.all())
-
-    @staticmethod
-    def of(family: ComponentFamily, theta: Theta, log_weights: torch.Tensor, shift: torch.Tensor | None,
-           evaluation: bool = False) -> "OwnReference | None":
-        """The components of ``theta`` (R, M, K, ...) that need their own reference, or None.
-
-        For a fit (``evaluation=False``), those whose expansion would round by more than
-        FIT_ERROR_PER_FEATURE nats per feature (which would also be the relative rounding of
-        their covariances): the expansion stays where its error is far below what moves a fit.
-        For reported densities (``evaluation=True``, statistics untouched), also those it would
-        evaluate EVALUATION_ERROR_RATIO times less accurately than a direct evaluation."""
-        errors = family.expansion_error(theta, shift) if family.has_own_reference else None
-        if errors is None:
-            return None
-        expanded, direct = errors  # (R, M, K)
-        points = family.own_reference(theta)  # (R, M, K, D)
-        n_features = points.shape[-1]
-        mask = expanded > FIT_ERROR_PER_FEATURE * n_features
-        if evaluation:
-            mask |= (expanded > EVALUATION_ERROR_RATIO * direct) & (expanded > NEGLIGIBLE_ERROR_PER_FEATURE * n_features)
-        if not bool(mask.any()):
-            return None
-        index = mask.expand(log_weights.shape).flatten().nonzero().squeeze(-1)  # (G,)
-        points = points.flatten(0, -2)[index]  # (G, D)
-        direct_mask = torch.ones_like(index, dtype=torch.bool)
-        return OwnReference(family, index, points, direct_mask, theta, log_weights.flatten()[index], not evaluation)
-
-    @staticmethod
-    def none(family: ComponentFamily, theta: Theta) -> "OwnReference":
-        """No component with its own reference yet (to be :meth:`extended`)."""
-        points = family.own_reference(theta)
-        index = torch.zeros(0, dtype=torch.long, device=points.device)
-        return OwnReference(family, index, points.new_zeros(0, points.shape[-1]), index.bool(), theta,
-                            points.new_zeros(0))
-
-    def extended(self, extra: torch.Tensor, points: torch.Tensor) -> "OwnReference":
-        """The same with the statistics of more components ``extra`` (R, M, K) bool, not yet
-        included, taken about ``points`` (R, M, K, D) (their log-densities stay as they were)."""
-        index = extra.flatten().nonzero().squeeze(-1)
-        return OwnReference(
-            self.family, torch.cat([self.index, index]), torch.cat([self.points, points.flatten(0, -2)[index]]),
-            torch.cat([self.direct, torch.zeros_like(index, dtype=torch.bool)]), self.theta,
-            torch.cat([self.log_weights, self.log_weights.new_zeros(index.shape)]), self.summarise,
-        )
-
-    def mask(self, shape: torch.Size) -> torch.Tensor:
-        """Which components (R, M, K) have their own reference."""
-        mask = torch.zeros(shape.numel(), dtype=torch.bool, device=self.index.device)
-        mask[self.index] = True
-        return mask.view(shape)
-
-    def attach_reference(self, stats: "Statistics", shift: torch.Tensor | None) -> None:
-        """Record in ``stats`` (summed over a pass) every component's reference point
-        (R, M, K, D): its own, or the shared ``shift`` (nothing when not summarising)."""
-        if not self.summarise:
-            return
-        shared = self.points.new_zeros(()) if shift is None else shift
-        reference = shared.expand(*stats.counts.shape, self.points.shape[-1]).clone()
-        reference.view(-1, self.points.shape[-1])[self.index] = self.points
-        stats.reference = reference
-
-    def offsets(self, X: torch.Tensor, n_components: int, n_models: int) -> torch.Tensor:
-        """``x - point`` (G, n, D) for a chunk X (n, D) shared or (M, n, D) one per model."""
-        if X.dim() == 3:
-            X = X[(self.index // n_components) % n_models]  # each component's own model's points
-        return X - self.points.unsqueeze(-2)
-
-    def groups(self, X: torch.Tensor, n_components: int, n_models: int) -> list[tuple[slice, torch.Tensor]]:
-        """The components in groups, each with its offsets (g, n, D) for the chunk X, sized so
-        that a group's offsets stay near CHUNK_ELEMENTS."""
-        size = max(1, CHUNK_ELEMENTS // max(1, X.shape[-2] * X.shape[-1]))
-        parts = [slice(start, start + size) for start in range(0, self.index.numel(), size)]
-        whole = len(parts) == 1
-        return [(part, (self if whole else self._slice(part)).offsets(X, n_components, n_models)) for part in parts]
-
-    def write_log_prob(self, groups: list[tuple[slice, torch.Tensor]], log2_joint: torch.Tensor,
-                       scale: float = LOG2_E) -> None:
-        """Overwrite the direct components' log joint densities in ``log2_joint`` (R, M, K, n),
-        before normalising, in units of ``1 / scale`` nats (bits by default)."""
-        n = log2_joint.shape[-1]
-        for part, offsets in groups:
-            index, log_weights = self.index[part], self.log_weights[part]
-            if not self.all_direct:
-                direct = self.direct[part]
-                index, log_weights, offsets = index[direct], log_weights[direct], offsets[direct]
-            if index.numel():
-                log_prob = self.family.direct_log_prob(offsets, self.theta, index)
-                log2_joint.view(-1, n)[index] = (log_prob + log_weights.unsqueeze(-1)) * scale
-
-    def write_statistics(self, groups: list[tuple[slice, torch.Tensor]], resp: torch.Tensor, sums: torch.Tensor) -> None:
-        """Overwrite the components' statistics ``sums`` (R, M, K, F) by those about their own
-        points, from the responsibilities ``resp`` (R, M, K, n)."""
-        if not self.summarise:
-            return
-        n = resp.shape[-1]
-        for part, offsets in groups:
-            index = self.index[part]
-            sums.view(-1, sums.shape[-1])[index] = self.family.own_reference_statistics(offsets, resp.reshape(-1, n)[index])
-
-    def _slice(self, part: slice) -> "OwnReference":
-        return OwnReference(self.family, self.index[part], self.points[part], self.direct[part], self.theta,
-                            self.log_weights[part], self.summarise)
-
-
-def e_step(data: Data, eta: torch.Tensor, const: torch.Tensor, own: OwnReference | None = None) -> Statistics:
-    """One pass over the data: statistics and total log-likelihood under (eta, const + log w).
-
-    ``own``: components evaluated directly and summarised about their own reference point."""
-    eta, const = eta * LOG2_E, const * LOG2_E  # log-densities in bits (normalise_bits)
+    eta, const = family.natural_parameters(params.emission, data.reference)
+    log_prior = latent.log_prior(params.latent)
+    if log_prior is not None:  # folded into the GEMM's constant
+        const = const + log_prior
     total = None
-    for (start, stop), (T, h) in zip(data.bounds, data.chunks()):
-        log2_joint = component_log_prob(T, None if h is None else h * LOG2_E, eta, const)  # (R, M, K, n)
-        if own is not None:
-            groups = own.groups(data.X[..., start:stop, :], log2_joint.shape[-2], log2_joint.shape[1])
-            own.write_log_prob(groups, log2_joint)
-        resp, peak, norm = normalise_bits(log2_joint, inplace=True)  # peak, norm: (R, M, 1, n)
-        log2_likelihood = peak.sum((-2, -1)) + sum_log2(norm.squeeze(-2), bound=log2_joint.shape[-2])  # (R, M)
-        sums = weighted_statistics(T, resp)
-        if own is not None:
-            own.write_statistics(groups, resp, sums)
-        chunk = Statistics(resp.sum(-1), sums, log2_likelihood * LN_2)
-        total = chunk if total is None else total + chunk
+    for part in data.parts():
+        for chunk in part.chunks():
+            log_joint = emission_log_prob(chunk.T, chunk.h, eta, const)  # (R, M, K, n)
+            if own is not None:
+                groups = own.groups(chunk.X, log_joint.shape[-2], log_joint.shape[1])
+                own.write_log_prob(groups, log_joint)
+            resp, log_likelihood, latent_stats = latent.posterior(log_joint, params.latent, chunk.weights)
+            if pseudo_count:
+                resp = resp + _pseudo_responsibility(pseudo_count, chunk, data.total_weight, resp)
+            sums = weighted_statistics(chunk.T, resp)
+            if own is not None:
+                own.write_statistics(groups, resp, sums)
+            stats = Statistics(resp.sum(-1), sums, log_likelihood, latent_stats)
+            total = stats if total is None else total + stats
     if own is not None:
-        own.attach_reference(total, data.shift)
+        own.attach_reference(total, data.reference)
     return total
+
+
+def _pseudo_responsibility(
+    count: float, chunk: Chunk, total_weight: float | torch.Tensor, resp: torch.Tensor
+) -> torch.Tensor:
+    """Every point's share ``count * w_n / W`` of ``count`` pseudo-points per component
+    distributed like the data, broadcastable to resp (R, M, K, n)."""
+    n = resp.shape[-1]
+    weights = resp.new_ones(n) if chunk.weights is None else chunk.weights  # (n,) or (M, n)
+    total = torch.as_tensor(total_weight, dtype=resp.dtype, device=resp.device)
+    return (count * weights / total.unsqueeze(-1) if total.dim() else count * weights / total).unsqueeze(-2)
+
+
+def posterior(latent: LatentStructure, family: ComponentFamily, params: Params, data: Data) -> tuple[torch.Tensor, torch.Tensor]:
+    """Posteriors (R, M, K, N) (weighted) and the total log-likelihood (R, M) of data in memory,
+    without statistics (e.g. a differentiable layer's output)."""
+    eta, const = family.natural_parameters(params.emission, data.reference)
+    log_prior = latent.log_prior(params.latent)
+    const = const if log_prior is None else const + log_prior
+    parts = [latent.posterior(emission_log_prob(c.T, c.h, eta, const), params.latent, c.weights) for c in data.chunks()]
+    return torch.cat([p[0] for p in parts], -1), sum(p[1] for p in parts)
 
 
 def statistics_from_responsibilities(
     data: Data, resp_fn: Callable[[int, int], torch.Tensor], own: OwnReference | None = None
 ) -> Statistics:
-    """Statistics for given responsibilities; ``resp_fn(start, stop)`` -> (R, M, K, n).
-    ``own``: components summarised about their own reference point."""
+    """Statistics for given responsibilities; ``resp_fn(start, stop)`` -> (R, M, K, n) (the
+    data's weights applied here). ``own``: components summarised about their own reference point."""
     total = None
-    for (start, stop), (T, _) in zip(data.bounds, data.chunks()):
+    for (start, stop), chunk in zip(data.bounds, data.chunks()):
         resp = resp_fn(start, stop)
+        if chunk.weights is not None:
+            resp = resp * chunk.weights.unsqueeze(-2)
         unknown = torch.full(resp.shape[:2], math.nan, dtype=resp.dtype, device=resp.device)  # no likelihood
-        sums = weighted_statistics(T, resp)
+        sums = weighted_statistics(chunk.T, resp)
         if own is not None:
-            own.write_statistics(own.groups(data.X[..., start:stop, :], resp.shape[-2], resp.shape[1]), resp, sums)
-        chunk = Statistics(resp.sum(-1), sums, unknown)
-        total = chunk if total is None else total + chunk
+            own.write_statistics(own.groups(chunk.X, resp.shape[-2], resp.shape[1]), resp, sums)
+        stats = Statistics(resp.sum(-1), sums, unknown)
+        total = stats if total is None else total + stats
     if own is not None:
-        own.attach_reference(total, data.shift)
+        own.attach_reference(total, data.reference)
     return total
 
 
-def worst_point_features(data: Data, eta: torch.Tensor, const: torch.Tensor, k: int) -> torch.Tensor:
-    """Features (R, M, k, F) of the k points with the lowest log-likelihood per model, worst first."""
+def worst_point_features(
+    latent: LatentStructure, family: ComponentFamily, params: Params, data: Data, k: int
+) -> torch.Tensor:
+    """Features (R, M, k, F) of the k points with the lowest log-likelihood per model, worst
+    first (points of weight 0 are not candidates)."""
+    eta, const = family.natural_parameters(params.emission, data.reference)
+    log_prior = latent.log_prior(params.latent)
+    const = const if log_prior is None else const + log_prior
     best_values = best_features = None
-    for T, h in data.chunks():
-        _, ll = normalise(component_log_prob(T, h, eta, const), inplace=True)  # ll (R, M, n)
+    for T, h, weights in ((c.T, c.h, c.weights) for c in data.chunks()):
+        _, ll = log_normalize(emission_log_prob(T, h, eta, const), dim=-2, inplace=True)  # ll (R, M, n)
+        if weights is not None:
+            ll = ll.masked_fill(weights == 0, math.inf)
         values, index = ll.topk(min(k, ll.shape[-1]), dim=-1, largest=False)  # (R, M, k')
         if T.dim() == 2:
             feats = T[index]  # (R, M, k', F)
@@ -462,9 +249,17 @@ def worst_point_features(data: Data, eta: torch.Tensor, const: torch.Tensor, k: 
     return best_features
 
 
+def worst_points(latent: LatentStructure, family: ComponentFamily, params: Params, data: Data | StreamData,
+                 k: int) -> torch.Tensor:
+    """:func:`worst_point_features` of the data in memory, or of a stream's sample; rank 0's
+    under torch.distributed."""
+    return distributed.broadcast(worst_point_features(latent, family, params, data.sample, k))[0]
+
+
+# --- M-step -------------------------------------------------------------------------------------
 def reseed_empty(
     family: ComponentFamily, stats: Statistics, candidates: Callable[[int], torch.Tensor], active: torch.Tensor,
-    shift: torch.Tensor | None = None,
+    reference: torch.Tensor | None = None,
 ) -> Statistics:
     """Replace the statistics of components with fewer than ``family.min_count`` points (in
     active models) by a pseudo-point each at the worst-explained data points, weighted like an
@@ -486,11 +281,44 @@ def reseed_empty(
     share = stats.counts.sum(-1, keepdim=True) / n_components  # (R, M, 1)
     counts = torch.where(empty, share.expand_as(stats.counts), stats.counts)
     sums = torch.where(empty.unsqueeze(-1), share.unsqueeze(-1) * pseudo, stats.sums)
-    reference = stats.reference
-    if reference is not None:  # the pseudo-point's features are about the shared point ``shift``
-        shared = reference.new_zeros(()) if shift is None else shift
-        reference = torch.where(empty.unsqueeze(-1), shared.expand_as(reference), reference)
-    return Statistics(counts, sums, stats.log_likelihood, reference)
+    every = stats.reference
+    if every is not None:  # the pseudo-point's features are about the shared ``reference``
+        shared = every.new_zeros(()) if reference is None else reference
+        every = torch.where(empty.unsqueeze(-1), shared.expand_as(every), every)
+    return Statistics(counts, sums, stats.log_likelihood, stats.latent, every)
+
+
+@dataclass(frozen=True)
+class Failure:
+    """Why a model's fit failed, in engine terms; the module names the model (:meth:`message`).
+
+    stage: where (e.g. ``"EM iteration 3"``, ``"initialisation"``, ``"partial_fit"``);
+    component: the first invalid component, or None when the log-likelihood was not finite;
+    advice: what the message suggests.
+    """
+
+    stage: str
+    component: int | None
+    advice: str
+    likelihood: str = "log-likelihood"
+
+    def message(self, model: str) -> str:
+        if self.component is None:
+            return f"{self.stage}: the {self.likelihood} of {model} is not finite; {self.advice}"
+        return f"{self.stage}: component {self.component} of {model} is invalid: {self.advice}"
+
+
+#: The advice of a log-likelihood that is not finite during a fit.
+NOT_FINITE_ADVICE = "use float64, scale the data or increase the regularisation"
+
+
+class ModelFailed(IllConditionedError):
+    """A model failed where failures are not isolated: carries which and why, so that the
+    module raises an :class:`IllConditionedError` naming it in its own words."""
+
+    def __init__(self, restart: int, model: int, failure: Failure):
+        super().__init__(failure.message(f"model {model}" + (f" (restart {restart})" if restart else "")))
+        self.restart, self.model, self.failure = restart, model, failure
 
 
 @dataclass
@@ -499,7 +327,7 @@ class Failures:
     its last valid parameters while the others go on (``on_error="isolate"``)."""
 
     failed: torch.Tensor  # (R, M) bool
-    reasons: dict[tuple[int, int], str]  # (restart, model) -> the message IllConditionedError would carry
+    reasons: dict[tuple[int, int], Failure]  # (restart, model) -> why
 
     @classmethod
     def none(cls, n_restarts: int, n_models: int, device: torch.device) -> "Failures":
@@ -517,62 +345,81 @@ class Failures:
             offset += part.failed.shape[0]
         return Failures(torch.cat(failed, 0), reasons)
 
-    def add(self, mask: torch.Tensor, reason: Callable[[int, int], str]) -> None:
+    def add(self, mask: torch.Tensor, reason: Callable[[int, int], Failure]) -> None:
         """Mark the models of ``mask`` (R, M) that had not failed yet, with ``reason(r, m)``."""
         new = mask & ~self.failed
         for r, m in new.nonzero().tolist():
             self.reasons[r, m] = reason(r, m)
         self.failed |= new
 
+    def messages(self, describe: Callable[[int, int], str]) -> dict[tuple[int, int], str]:
+        """The reasons as messages, each model named by ``describe(restart, model)``."""
+        return {(r, m): failure.message(describe(r, m)) for (r, m), failure in self.reasons.items()}
+
+
+def record_failures(
+    failures: Failures | None, mask: torch.Tensor, reason: Callable[[int, int], Failure],
+    to_full: Callable[[torch.Tensor], torch.Tensor] = lambda mask: mask,
+) -> None:
+    """Record the models of ``mask`` (working batch) as failed with ``reason(r, m)`` (full
+    indices), or raise :class:`ModelFailed` for the first of them when not isolating."""
+    if not bool(mask.any()):
+        return
+    full = to_full(mask)
+    if failures is None:
+        r, m = (int(i) for i in full.nonzero()[0])
+        raise ModelFailed(r, m, reason(r, m))
+    failures.add(full, reason)
+
+
+def invalid_component_reason(family: ComponentFamily, stage: str, invalid: torch.Tensor,
+                             to_full: Callable[[torch.Tensor], torch.Tensor] = lambda mask: mask,
+                             ) -> Callable[[int, int], Failure]:
+    """``reason(r, m)`` naming the first invalid component of ``invalid`` (R, M, K) (working
+    batch; ``to_full`` maps it to full indices)."""
+    first = to_full_components(invalid, to_full).to(torch.int8).argmax(-1).tolist()  # (R, M)
+
+    def reason(r: int, m: int) -> Failure:
+        return Failure(stage, first[r][m], family.invalid_component_advice())
+
+    return reason
+
+
+def to_full_components(invalid: torch.Tensor, to_full: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """(working R, M, K) -> (full R, M, K) through a per-model map ``to_full``."""
+    planes = [to_full(invalid[..., k]) for k in range(invalid.shape[-1])]
+    return torch.stack(planes, -1)
+
 
 def m_step(
-    family: ComponentFamily, stats: Statistics, shift: torch.Tensor | None, active: torch.Tensor,
-    describe_model: Callable[[int, int], str], when: str, fixed: Theta | None = None,
-    failures: Failures | None = None, refine: Callable[[torch.Tensor, Theta], Statistics | None] | None = None,
-) -> tuple[torch.Tensor, Theta]:
-    """Closed-form M-step for the working batch: (log_weights (R, M, K), theta).
+    latent: LatentStructure, family: ComponentFamily, stats: Statistics, reference: torch.Tensor | None,
+    active: torch.Tensor, fixed: Params | None = None,
+    refine: Callable[[torch.Tensor, Theta], Statistics | None] | None = None,
+) -> tuple[Params, torch.Tensor]:
+    """Closed-form M-step for the working batch: the parameters and the invalid components
+    (R, M, K) of the ``active`` (R, M) models (an inactive model's are not reported).
 
-    ``fixed``: parameters held at their values (working layout; ``"logits"`` holds log-weights),
-    the others maximised given them (the family's conditional M-step).
+    ``fixed``: parameters held at their values (working layout), the others maximised given them
+    (the family's conditional M-step).
     ``refine(invalid, theta)``: when components (R, M, K) come out invalid, statistics taken
     again with those components about their own new reference point (exact where the one-pass
     statistics about the shared point lost the variance to rounding), or None; the M-step is then
     redone from them.
-    Raises IllConditionedError naming the first invalid component of an active model; given
-    ``failures``, records every active model with an invalid component there instead (their
-    returned parameters are then not to be used).
     """
-    shared_shift, original_fixed = shift, fixed
-    if stats.reference is not None:  # some components' sums are about their own reference point
-        shift = stats.reference
-    fixed = dict(fixed or {})
-    counts = stats.counts + 10 * torch.finfo(stats.counts.dtype).eps
-    fixed_log_weights = fixed.pop("logits", None)
-    if fixed_log_weights is None:
-        log_weights = counts.log() - counts.sum(-1, keepdim=True).log()
+    every = stats.reference if stats.reference is not None else reference  # per-component where some have their own
+    fixed_emission = {} if fixed is None else fixed.emission
+    counts = floored_counts(stats.counts)
+    if fixed_emission:
+        theta, valid = family.conditional_m_step(counts, stats.sums, every, fixed_emission)
     else:
-        log_weights = fixed_log_weights.expand_as(counts)
-    if fixed:
-        theta, valid = family.conditional_m_step(counts, stats.sums, shift, fixed)
-    else:
-        theta, valid = family.m_step(counts, stats.sums, shift)
+        theta, valid = family.m_step(counts, stats.sums, every)
+    new = Params(latent.m_step(stats, {} if fixed is None else fixed.latent), theta)
     invalid = ~valid & active.unsqueeze(-1)  # (R, M, K)
     if refine is not None and bool(invalid.any()):
         refined = refine(invalid, theta)
         if refined is not None:
-            return m_step(family, refined, shared_shift, active, describe_model, when, original_fixed, failures=failures)
-    if bool(invalid.any()):
-        first_invalid = invalid.to(torch.int8).argmax(-1).tolist()  # (R, M) first invalid component
-
-        def reason(r: int, m: int) -> str:
-            k = first_invalid[r][m]
-            return f"{when}: component {k} of {describe_model(r, m)} is invalid: {family.invalid_component_advice()}"
-
-        if failures is None:
-            r, m, _ = (int(i) for i in invalid.nonzero()[0])
-            raise IllConditionedError(reason(r, m))
-        failures.add(invalid.any(-1), reason)
-    return log_weights, theta
+            return m_step(latent, family, refined, reference, active, fixed)
+    return new, invalid
 
 
 def refiner(
@@ -595,28 +442,113 @@ def refiner(
     return refine
 
 
-def natural_with_weights(
-    family: ComponentFamily, theta: Theta, log_weights: torch.Tensor, shift: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    eta, const = family.natural_parameters(theta, shift)
-    return eta, const + log_weights
+# --- the EM map -----------------------------------------------------------------------------------
+@dataclass
+class EMStep:
+    """One application of the EM map to a working batch (R, M)."""
+
+    params: Params  # the M-step's parameters (not to be used for models in ``invalid`` or not finite)
+    objective: torch.Tensor  # (R, M) mean (weighted) log-likelihood of the parameters the step started from
+    invalid: torch.Tensor  # (R, M, K) invalid components of the models that were running and finite
+    stats: Statistics  # the statistics the M-step used (after re-seeding)
 
 
+class EMMap:
+    """The EM map ``params -> (new params, objective)`` of one model structure and dataset.
+
+    latent, family: the model; data: :class:`Data` or :class:`StreamData`;
+    fixed: parameters held at their values (working layout) or None;
+    pseudo_count: pseudo-points per component distributed like the data (a smoothing prior);
+    reseed: whether components with (almost) no points are re-seeded at the worst-explained
+        points before the M-step; own_reference: whether components the shared expansion would
+        not resolve are evaluated directly (:class:`OwnReference`); reduce: whether statistics
+        are summed over the ranks of torch.distributed.
+    """
+
+    def __init__(
+        self, latent: LatentStructure, family: ComponentFamily, data: Data | StreamData, *,
+        fixed: Params | None = None, pseudo_count: float = 0.0, reseed: bool = True, own_reference: bool = True,
+        reduce: bool = True,
+    ):
+        self.latent, self.family, self.data, self.fixed = latent, family, data, fixed
+        self.pseudo_count, self.reseed, self.own_reference, self.reduce = pseudo_count, reseed, own_reference, reduce
+
+    def own(self, params: Params, summarise: bool = True) -> OwnReference | None:
+        """The components of ``params`` that are evaluated about their own reference point."""
+        if not self.own_reference:
+            return None
+        log_prior = self.latent.log_prior(params.latent)
+        own = OwnReference.of(self.family, params.emission, log_prior, self.data.reference)
+        return own if own is None or summarise else dataclasses.replace(own, summarise=False)
+
+    def statistics(self, params: Params, own: OwnReference | None) -> Statistics:
+        stats = e_step(self.latent, self.family, params, self.data, own, self.pseudo_count)
+        return stats.reduced() if self.reduce else stats
+
+    def objective(self, stats: Statistics) -> torch.Tensor:
+        """(R, M) mean log-likelihood per (weighted) point."""
+        return stats.log_likelihood / self.data.total_weight
+
+    def maximise(self, params: Params, stats: Statistics, active: torch.Tensor, own: OwnReference | None,
+                 refine: bool = True) -> tuple[Params, torch.Tensor, Statistics]:
+        """Re-seeding and the M-step from ``stats`` of ``params`` for the ``active`` models:
+        new parameters, invalid components (R, M, K) and the statistics used. ``refine``: invalid
+        components get their statistics again about their new means (:func:`refiner`), which
+        needs ``stats`` to be those of one pass over the data."""
+        def candidates(k: int) -> torch.Tensor:
+            return worst_points(self.latent, self.family, params, self.data, k)
+
+        def reseeded(stats: Statistics) -> Statistics:
+            return reseed_empty(self.family, stats, candidates, active, self.data.reference) if self.reseed else stats
+
+        stats = reseeded(stats)
+        again = refiner(self.family, own, lambda own: reseeded(self.statistics(params, own))) if refine else None
+        new, invalid = m_step(self.latent, self.family, stats, self.data.reference, active, self.fixed, again)
+        return new, invalid, stats
+
+    def __call__(self, params: Params, active: torch.Tensor) -> EMStep:
+        """E-step of ``params``, then the M-step for the ``active`` (R, M) models whose
+        log-likelihood is finite."""
+        own = self.own(params)
+        stats = self.statistics(params, own)
+        objective = self.objective(stats)
+        new, invalid, stats = self.maximise(params, stats, active & torch.isfinite(objective), own, self.own_reference)
+        return EMStep(new, objective, invalid, stats)
+
+    def models(self, index: torch.Tensor, n_models: int) -> "EMMap":
+        """The map of the models at flat positions ``index`` (A,) of (R, M) only, as (1, A)."""
+        selected = type(self).__new__(type(self))
+        selected.__dict__.update(self.__dict__)
+        selected.data = self.data.select_models(index % n_models)
+        selected.fixed = None if self.fixed is None else self.fixed.models(index)
+        return selected
+
+
+# --- drivers ------------------------------------------------------------------------------------
 @dataclass
 class EMResult:
-    log_weights: torch.Tensor  # (R, M, K)
-    theta: Theta  # (R, M, ...)
+    params: Params  # (R, M, ...)
     lower_bound: torch.Tensor  # (R, M) mean log-likelihood at the last E-step of each model (nan if failed)
     n_iter: torch.Tensor  # (R, M) iterations run by each model (a failed one: those before the one that failed)
     converged: torch.Tensor  # (R, M) bool
     history: torch.Tensor  # (R, M, n_iterations) lower bound per iteration, padded with the last (nan once failed)
     failures: Failures | None = None  # the failed models when isolating, else None
 
+    @property
+    def log_weights(self) -> torch.Tensor:
+        """A mixture's log mixing weights (R, M, K)."""
+        return self.params.latent["log_weights"]
+
+    @property
+    def theta(self) -> Theta:
+        """The emission family's parameters (R, M, ...)."""
+        return self.params.emission
+
 
 def cat_restarts(results: list) -> "EMResult":
     """Results of batches of restarts (R_i, M, ...) joined along the restart axis, in order.
-    Works for any result dataclass whose fields are tensors or dicts of tensors; a per-iteration
-    history (last axis) is padded with its last value to the longest one."""
+    Works for any result dataclass whose fields are tensors, dicts of tensors or :class:`Params`;
+    a per-iteration history (last axis) is padded with its last value to the longest one."""
     if len(results) == 1:
         return results[0]
 
@@ -631,6 +563,8 @@ def cat_restarts(results: list) -> "EMResult":
         values = [getattr(result, field.name) for result in results]
         if field.name == "failures":
             joined[field.name] = Failures.joined(values)
+        elif isinstance(values[0], Params):
+            joined[field.name] = Params.cat(values)
         elif isinstance(values[0], dict):
             joined[field.name] = {key: cat([value[key] for value in values], key) for key in values[0]}
         else:
@@ -644,15 +578,46 @@ def _pad_with_last(history: torch.Tensor, length: int) -> torch.Tensor:
     return history if missing == 0 else torch.cat([history, history[..., -1:].expand(*history.shape[:-1], missing)], -1)
 
 
+class _WorkingBatch:
+    """The models of a fit's batch (R, M) that its loop still computes: all of them, or after a
+    compaction the running ones as a batch (1, A) (``index``: their flat positions in R * M).
+    Per-model results live in full-size tensors; the loop's own in the working layout."""
+
+    def __init__(self, shape: tuple[int, int]):
+        self.shape = shape
+        self.index: torch.Tensor | None = None
+
+    @property
+    def size(self) -> int:
+        return self.shape[0] * self.shape[1] if self.index is None else int(self.index.numel())
+
+    def to_full(self, values: torch.Tensor, fill: torch.Tensor | float | bool = False) -> torch.Tensor:
+        """(working R', M', ...) -> (R, M, ...): the working models' values, ``fill`` (a full
+        tensor, or a value) elsewhere."""
+        if self.index is None:
+            return values
+        full = (fill.clone() if isinstance(fill, torch.Tensor)
+                else values.new_full((*self.shape, *values.shape[2:]), fill))
+        full.view(-1, *values.shape[2:])[self.index] = values[0]
+        return full
+
+    def flushed(self, full: dict, params: Params, n_iter: torch.Tensor, converged: torch.Tensor,
+                lower_bound: torch.Tensor) -> dict:
+        """The full-batch results ``full`` with the working batch's current values written in."""
+        if self.index is None:
+            return {"params": params, "n_iter": n_iter, "converged": converged, "lower_bound": lower_bound}
+        return {"params": full["params"].put_models(self.index, params), "n_iter": self.to_full(n_iter, full["n_iter"]),
+                "converged": self.to_full(converged, full["converged"]),
+                "lower_bound": self.to_full(lower_bound, full["lower_bound"])}
+
+
 def run_em(
-    family: ComponentFamily, data: Data | StreamData, log_weights: torch.Tensor, theta: Theta, *,
-    max_iter: int, tol: float, describe_model: Callable[[int, int], str], progress=None, fixed: Theta | None = None,
-    previous_lower_bound: torch.Tensor | None = None,
-    failures: Failures | None = None,
+    em_map: EMMap, params: Params, *, max_iter: int, tol: float, progress=None,
+    previous_lower_bound: torch.Tensor | None = None, failures: Failures | None = None,
 ) -> EMResult:
     """EM until every model has converged (|change of the mean log-likelihood| < tol) or
-    ``max_iter`` iterations. A converged model keeps its parameters while the others go on.
-    ``fixed`` parameters (working layout, as for :func:`m_step`) are held at their values.
+    ``max_iter`` iterations. A converged model keeps its parameters while the others go on; once
+    at most COMPACTION_FRACTION of the computed models still run, only those are computed.
     ``previous_lower_bound`` (broadcastable to (R, M)): the lower bound that the first
     iteration's is compared with (default -inf), e.g. that of an earlier fit a warm start
     continues, so that a loop of one-iteration fits converges as one long fit does.
@@ -662,68 +627,58 @@ def run_em(
     bound changed by less than tol, and keeps that iteration's M-step.
 
     Without ``failures`` a model whose log-likelihood is not finite or whose M-step gives an
-    invalid component raises IllConditionedError. With a :class:`Failures` record (which may hold
-    models that failed at initialisation: they never run) such a model is recorded there instead,
-    stops and keeps its last valid parameters, those whose lower bound was last computed: the
-    parameters before the failed M-step, or before the update whose log-likelihood was not finite.
+    invalid component raises :class:`ModelFailed`. With a :class:`Failures` record (which may
+    hold models that failed at initialisation: they never run) such a model is recorded there
+    instead, stops and keeps its last valid parameters, those whose lower bound was last
+    computed: the parameters before the failed M-step, or before the update whose log-likelihood
+    was not finite.
     """
-    R, M = log_weights.shape[:2]
-    device = log_weights.device
-    active = torch.ones(R, M, dtype=torch.bool, device=device)
+    R, M = params.batch
+    like = next(iter(params.emission.values()))
+    batch = _WorkingBatch((R, M))
+    full_map = em_map
+    active = torch.ones(R, M, dtype=torch.bool, device=like.device)
     if failures is not None:
         active &= ~failures.failed
     converged = torch.zeros_like(active)
-    n_iter = torch.zeros(R, M, dtype=torch.long, device=device)
-    previous = torch.full((R, M), -math.inf, dtype=log_weights.dtype, device=device)
+    n_iter = torch.zeros(R, M, dtype=torch.long, device=like.device)
+    previous = torch.full((R, M), -math.inf, dtype=like.dtype, device=like.device)
     if previous_lower_bound is not None:
         previous = previous_lower_bound.to(previous).expand(R, M)
     lower_bound = torch.full_like(previous, math.nan)
+    # Per-model results in the full batch: exact for the models the working batch no longer holds.
+    full = {"params": params, "n_iter": n_iter, "converged": converged, "lower_bound": lower_bound}
     history = []
     n_active = int(active.sum())
-    last_valid = log_weights, theta  # the parameters whose lower bound was last computed
+    last_valid = params  # the parameters whose lower bound was last computed
     for iteration in range(1, max_iter + 1):
         if n_active == 0:  # every model failed at initialisation
             break
-        eta, const = natural_with_weights(family, theta, log_weights, data.shift)
-        own = OwnReference.of(family, theta, log_weights, data.shift)
-        stats = data.statistics(eta, const, own)
-        current = stats.log_likelihood / data.n_total
+        step = em_map(params, active)
+        current, stage = step.objective, f"EM iteration {iteration}"
         bad = ~torch.isfinite(current) & active
         if bool(bad.any()):
-            def reason(r: int, m: int) -> str:
-                return (f"EM iteration {iteration}: the log-likelihood of {describe_model(r, m)} is not finite; "
-                        "use float64, scale the data or increase the regularisation")
-
-            if failures is None:
-                raise IllConditionedError(reason(*(int(i) for i in bad.nonzero()[0])))
-            failures.add(bad, reason)
-            log_weights, theta = where_parameters(bad, last_valid, (log_weights, theta))
+            record_failures(failures, bad, lambda r, m: Failure(stage, None, NOT_FINITE_ADVICE), batch.to_full)
+            params = last_valid.where(bad, params)
             active = active & ~bad
-        last_valid = log_weights, theta
-
-        def candidates(k: int, eta=eta, const=const) -> torch.Tensor:
-            return data.worst_points(eta, const, k)
-
-        def reseeded_statistics(own: OwnReference, eta=eta, const=const, active=active) -> Statistics:
-            return reseed_empty(family, data.statistics(eta, const, own), candidates, active, data.shift)
-
-        stats = reseed_empty(family, stats, candidates, active, data.shift)
-        new_log_weights, new_theta = m_step(
-            family, stats, data.shift, active, describe_model, f"EM iteration {iteration}", fixed,
-            failures, refine=refiner(family, own, reseeded_statistics),
-        )
+        last_valid = params
+        invalid = step.invalid & active.unsqueeze(-1)  # (R, M, K)
+        failed = invalid.any(-1)
+        if bool(failed.any()):
+            record_failures(failures, failed, invalid_component_reason(em_map.family, stage, invalid, batch.to_full),
+                            batch.to_full)
         bounded = active  # models whose current parameters got a (finite) lower bound
-        if failures is not None:  # those that failed in the M-step keep their current parameters
-            active = active & ~failures.failed
-            n_active = int(active.sum())
-        if n_active == R * M:  # every model still running: take the update as it is
-            log_weights, theta, lower_bound = new_log_weights, {name: new_theta[name] for name in theta}, current
+        active = active & ~failed  # those that failed in the M-step keep their current parameters
+        n_active = int(active.sum())
+        if n_active == batch.size:  # every model still running: take the update as it is
+            params, lower_bound = step.params, current
             n_iter = torch.full_like(n_iter, iteration)
         else:
-            log_weights, theta = where_parameters(active, (new_log_weights, new_theta), (log_weights, theta))
+            params = step.params.where(active, params)
             lower_bound = torch.where(bounded, current, lower_bound)
             n_iter = torch.where(active, iteration, n_iter)
-        history.append(lower_bound if failures is None else lower_bound.masked_fill(failures.failed, math.nan))
+        whole = batch.to_full(lower_bound, full["lower_bound"])
+        history.append(whole if failures is None else whole.masked_fill(failures.failed, math.nan))
         newly_converged = active & ((current - previous).abs() < tol)
         converged |= newly_converged
         active &= ~newly_converged
@@ -731,26 +686,52 @@ def run_em(
         n_active = int(active.sum())
         if progress is not None:
             progress.update(1)
-            progress.set_postfix(lower_bound=f"{lower_bound.mean().item():.6g}", active=n_active)
+            progress.set_postfix(lower_bound=f"{whole.mean().item():.6g}", active=n_active)
         if n_active == 0:
             break
+        if n_active <= COMPACTION_FRACTION * batch.size:  # from now on compute only the running models
+            full = batch.flushed(full, params, n_iter, converged, lower_bound)
+            keep = active.flatten().nonzero().squeeze(-1)  # their positions in the working batch
+            batch.index = keep if batch.index is None else batch.index[keep]
+            em_map = full_map.models(batch.index, M)
+            params, last_valid = params.models(keep), last_valid.models(keep)
+            active, converged, n_iter, previous, lower_bound = (
+                value.flatten()[keep].unsqueeze(0) for value in (active, converged, n_iter, previous, lower_bound))
+    full = batch.flushed(full, params, n_iter, converged, lower_bound)
+    lower_bound = full["lower_bound"]
     if failures is not None:
         lower_bound = lower_bound.masked_fill(failures.failed, math.nan)
     history_tensor = torch.stack(history, -1) if history else lower_bound.unsqueeze(-1)[..., :0]
-    return EMResult(log_weights, theta, lower_bound, n_iter, converged, history_tensor, failures)
+    return EMResult(full["params"], lower_bound, full["n_iter"], full["converged"], history_tensor, failures)
 
 
-def where_parameters(
-    mask: torch.Tensor, new: tuple[torch.Tensor, Theta], old: tuple[torch.Tensor, Theta]
-) -> tuple[torch.Tensor, Theta]:
-    """(log_weights, theta) from ``new`` where ``mask`` (R, M) holds, else from ``old``."""
-    log_weights = where_models(mask, new[0], old[0])
-    return log_weights, {name: where_models(mask, new[1][name], value) for name, value in old[1].items()}
+@dataclass
+class OnlineStep:
+    """One stepwise (online) EM update of a working batch (R, M) from one batch of data."""
+
+    params: Params  # the M-step of the running statistics (not to be used for failed models)
+    batch_log_likelihood: torch.Tensor  # (R, M) total (weighted) log-likelihood of the batch, before the update
+    invalid: torch.Tensor  # (R, M, K) invalid components of the models that were updated
+    running: Statistics  # the running statistics per (weighted) point after the update
 
 
-def where_models(mask: torch.Tensor, chosen: torch.Tensor | float, other: torch.Tensor) -> torch.Tensor:
-    """``chosen`` for the models of ``mask`` (the leading dimensions of ``other``), else ``other``."""
-    return torch.where(mask.reshape(tuple(mask.shape) + (1,) * (other.dim() - mask.dim())), chosen, other)
+def online_step(em_map: EMMap, params: Params, running: Statistics | None, rho: float, active: torch.Tensor) -> OnlineStep:
+    """Stepwise EM: with the batch's statistics per point ``s_hat``, the running statistics
+    become ``s <- (1 - rho) s + rho s_hat`` (:meth:`Statistics.lerp`; ``s_hat`` alone when there
+    are none yet) and the parameters their M-step, taken at the scale of one batch (re-seeding
+    counts points). Running statistics stay about the data's shared reference point (they are
+    averaged across batches): components far from it are evaluated directly but summarised
+    about it. Models not ``active`` (R, M), or whose batch log-likelihood is not finite, are
+    not updated (their M-step is not checked)."""
+    own = em_map.own(params, summarise=False)
+    batch = em_map.statistics(params, own)
+    total = em_map.data.total_weight
+    per_point = batch.scaled(1 / torch.as_tensor(total, dtype=batch.counts.dtype, device=batch.counts.device))
+    mixed = per_point if running is None else running.lerp(per_point, rho)
+    updating = active & torch.isfinite(batch.log_likelihood)
+    new, invalid, used = em_map.maximise(params, mixed.scaled(total), updating, own=None, refine=False)
+    used = used.scaled(1 / torch.as_tensor(total, dtype=batch.counts.dtype, device=batch.counts.device))
+    return OnlineStep(new, batch.log_likelihood, invalid, used)
 
 
 class ConvergenceWarning(UserWarning):

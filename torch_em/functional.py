@@ -31,7 +31,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -39,6 +39,7 @@ import torch
 from . import em as engine
 from ._validation import check_choice, check_family, check_finite, check_int, check_positive
 from .families.base import ComponentFamily, IllConditionedError, Theta
+from .latent import MIXTURE
 
 GRADIENT_MODES = ("unrolled", "last", "implicit", "none")
 #: The adjoint iteration has diverged once an update exceeds the incoming gradient by this factor.
@@ -95,15 +96,15 @@ class EMState:
 
 
 class _Sets:
-    """Validated, padded sets in the engine's working layout: M = prod(batch) models, one
-    dataset each.
+    """Validated, padded sets as the engine's data: M = prod(batch) models, one dataset each.
 
     X (M, N, D) with padded points replaced by the set's first point (in the family's domain);
-    weights (M, N) or None; T (M, N, F) and h (M, N) or None: the features, computed once;
-    n_points (1, M): the (weighted) number of points of each set.
+    the mask's weights (M, N) are the points' weights (0 at padded points). Features are computed
+    once (with their graph). ``held``: the names of the parameters held at their initial values.
     """
 
-    def __init__(self, family: ComponentFamily, X: torch.Tensor, mask: torch.Tensor | None, prior_count: float):
+    def __init__(self, family: ComponentFamily, X: torch.Tensor, mask: torch.Tensor | None, prior_count: float,
+                 fixed: engine.Params | None = None):
         batch = X.shape[:-2]
         self.batch_shape = batch
         self.n_models = math.prod(batch)
@@ -116,44 +117,32 @@ class _Sets:
             X = torch.where(present.unsqueeze(-1), X, first_point)
         check_finite(X.detach(), "X")
         family.check_domain(X.detach(), "X")
-        shift = family.reference(X.detach())  # a reference point only conditions the arithmetic
-        self.family, self.X, self.weights, self.shift = family, X, weights, shift
-        self.T, self.h = family.features(X, shift)
-        total = X.new_full((self.n_models,), X.shape[-2]) if weights is None else weights.sum(-1)
-        self.n_points = total.unsqueeze(0)  # (1, M)
-        self.prior_count = prior_count
-        self.mean_features = None
-        if prior_count > 0:  # pseudo-points distributed like the whole set (weighted mean of T)
-            weighted = self.T if weights is None else self.T * weights.unsqueeze(-1)
-            self.mean_features = (weighted.sum(-2) / total.unsqueeze(-1)).unsqueeze(0).unsqueeze(-2)  # (1, M, 1, F)
+        reference = family.reference(X.detach())  # a reference point only conditions the arithmetic
+        self.family = family
+        self.data = engine.Data(family, X, reference, chunk_size=X.shape[-2], cache="always", weights=weights)
+        # EM as the modules run it, without what is data-dependent control flow there: no
+        # re-seeding of empty components (prior_count > 0 keeps them alive), no direct path.
+        self.em_map = engine.EMMap(MIXTURE, family, self.data, fixed=fixed, pseudo_count=prior_count, reseed=False,
+                                   own_reference=False, reduce=False)
+        self.every_model = torch.ones(1, self.n_models, dtype=torch.bool, device=X.device)
 
-    def posterior(self, log_weights: torch.Tensor, theta: Theta) -> tuple[torch.Tensor, torch.Tensor]:
-        """Responsibilities (1, M, K, N), zero at padded points, and the per-point
-        log-likelihood (1, M, N)."""
-        eta, const = engine.natural_with_weights(self.family, theta, log_weights, self.shift)
-        resp, log_likelihood = engine.normalise(engine.component_log_prob(self.T, self.h, eta, const))
-        if self.weights is not None:
-            resp = resp * self.weights.unsqueeze(-2)
-        return resp, log_likelihood
+    def posterior(self, params: engine.Params) -> tuple[torch.Tensor, torch.Tensor]:
+        """Responsibilities (1, M, K, N), zero at padded points, and the mean (weighted)
+        log-likelihood per point (1, M)."""
+        resp, log_likelihood = engine.posterior(MIXTURE, self.family, params, self.data)
+        return resp, log_likelihood / self.data.total_weight
 
-    def mean_log_likelihood(self, log_likelihood: torch.Tensor) -> torch.Tensor:
-        """(1, M, N) per point -> (1, M) weighted mean per set."""
-        weighted = log_likelihood if self.weights is None else log_likelihood * self.weights
-        return weighted.sum(-1) / self.n_points
+    def step(self, params: engine.Params, iteration: int) -> engine.Params:
+        """One EM iteration: E-step statistics (with the pseudo-points), closed-form M-step."""
+        step = self.em_map(params, self.every_model)
+        try:
+            engine.record_failures(None, step.invalid.any(-1),
+                                   engine.invalid_component_reason(self.family, f"em iteration {iteration}", step.invalid))
+        except engine.ModelFailed as error:
+            raise IllConditionedError(error.failure.message(self._describe(error.model))) from None
+        return step.params
 
-    def step(self, log_weights: torch.Tensor, theta: Theta, iteration: int) -> tuple[torch.Tensor, Theta]:
-        """One EM iteration: E-step statistics, optional pseudo-points, closed-form M-step."""
-        resp, _ = self.posterior(log_weights, theta)
-        counts = resp.sum(-1)  # (1, M, K)
-        sums = engine.weighted_statistics(self.T, resp)  # (1, M, K, F)
-        if self.mean_features is not None:
-            counts = counts + self.prior_count
-            sums = sums + self.prior_count * self.mean_features
-        stats = engine.Statistics(counts, sums, counts.new_full(counts.shape[:2], math.nan))
-        every_model = torch.ones(counts.shape[:2], dtype=torch.bool, device=counts.device)
-        return engine.m_step(self.family, stats, self.shift, every_model, self._describe, f"em iteration {iteration}")
-
-    def _describe(self, restart: int, model: int) -> str:
+    def _describe(self, model: int) -> str:
         if not self.batch_shape:
             return "the set"
         return f"set {tuple(int(i) for i in np.unravel_index(model, tuple(self.batch_shape)))}"
@@ -168,6 +157,7 @@ def em(
     mask: torch.Tensor | None = None,
     gradient: str = "unrolled",
     prior_count: float = 0.0,
+    em_parameters: Sequence[str] | None = None,
     implicit_max_iter: int = 100,
     implicit_tol: float | None = None,
 ) -> EMState:
@@ -185,6 +175,10 @@ def em(
         prior_count: pseudo-points per component distributed like the whole set, added to the
             statistics before every M-step (MAP-style smoothing: a component that loses all its
             points drifts to the set's mean and spread instead of collapsing). 0: plain EM.
+        em_parameters: names of the parameters EM updates (default: all of ``init``); the others
+            stay at their ``init`` values (which may carry gradients, e.g. learned means) and EM
+            maximises the rest given them (the family's conditional M-step), as the modules'
+            ``em_parameters``.
         implicit_max_iter, implicit_tol: the adjoint iteration of ``gradient="implicit"`` (sets
             with more than 256 parameters; smaller ones solve directly) stops
             when an update changes it by at most ``implicit_tol`` relative to the incoming
@@ -207,70 +201,101 @@ def em(
     check_family(family)
     X = _checked_sets(X)
     mask = _checked_mask(mask, X)
-    log_weights, theta = _working_init(family, init, X)
-    sets = _Sets(family, X if gradient != "none" else X.detach(), mask, float(prior_count))
+    params = _working_init(family, init, X)
+    fixed = _held_parameters(family, params, em_parameters)
+    sets = _Sets(family, X if gradient != "none" else X.detach(), mask, float(prior_count), fixed)
     if gradient == "none":
         with torch.no_grad():
-            log_weights, theta = _iterate(sets, log_weights, theta, 0, n_iter)
-            return _finish(sets, log_weights, theta)
+            params = _iterate(sets, params.map(torch.Tensor.detach), 0, n_iter)
+            return _finish(sets, params)
     if gradient == "unrolled":
-        log_weights, theta = _iterate(sets, log_weights, theta, 0, n_iter)
+        params = _iterate(sets, params, 0, n_iter)
     elif gradient == "last":
         with torch.no_grad():
-            log_weights, theta = _iterate(sets, log_weights, theta, 0, n_iter - 1)
+            params = _iterate(sets, params, 0, n_iter - 1)
         if n_iter > 1:
-            log_weights, theta = log_weights.detach(), {name: value.detach() for name, value in theta.items()}
-        log_weights, theta = sets.step(log_weights, theta, n_iter)
+            params = params.map(torch.Tensor.detach).with_fixed(fixed)
+        params = sets.step(params, n_iter)
     else:
         with torch.no_grad():
-            log_weights, theta = _iterate(sets, log_weights, theta, 0, n_iter)
-        log_weights, theta = _implicit_step(sets, log_weights, theta, n_iter, implicit_max_iter, implicit_tol)
-    return _finish(sets, log_weights, theta)
+            params = _iterate(sets, params, 0, n_iter)
+        params = _implicit_step(sets, params, n_iter, implicit_max_iter, implicit_tol)
+    return _finish(sets, params)
 
 
-def _iterate(sets: _Sets, log_weights: torch.Tensor, theta: Theta, start: int, stop: int) -> tuple[torch.Tensor, Theta]:
+def _held_parameters(family: ComponentFamily, params: engine.Params, em_parameters: Sequence[str] | None,
+                     ) -> engine.Params | None:
+    """The initial values of the parameters EM does not update (``"logits"`` as log-weights)."""
+    if em_parameters is None:
+        return None
+    names = ("logits", *params.emission)
+    if isinstance(em_parameters, str) or not all(isinstance(name, str) for name in em_parameters):
+        raise ValueError(f"em_parameters must be a sequence of parameter names, got {em_parameters!r}")
+    unknown = sorted(set(em_parameters) - set(names))
+    if unknown:
+        raise ValueError(f"em_parameters must name parameters among {list(names)}, got unknown {unknown}")
+    held = set(names) - set(em_parameters)
+    if not family.supports_fixing(held - {"logits"}):
+        raise ValueError(
+            f"em_parameters: {type(family).__name__} has no conditional M-step that holds {sorted(held - {'logits'})} "
+            f"fixed while EM updates {sorted(set(params.emission) - held)}; let EM own all or none of them"
+        )
+    if not held:
+        return None
+    latent = {"log_weights": params.latent["log_weights"]} if "logits" in held else {}
+    return engine.Params(latent, {name: value for name, value in params.emission.items() if name in held})
+
+
+def _iterate(sets: _Sets, params: engine.Params, start: int, stop: int) -> engine.Params:
     for iteration in range(start + 1, stop + 1):
-        log_weights, theta = sets.step(log_weights, theta, iteration)
-    return log_weights, theta
+        params = sets.step(params, iteration)
+    return params
 
 
-def _finish(sets: _Sets, log_weights: torch.Tensor, theta: Theta) -> EMState:
+def _finish(sets: _Sets, params: engine.Params) -> EMState:
     """The E-step under the final parameters, reshaped to the caller's batch."""
-    resp, log_likelihood = sets.posterior(log_weights, theta)
-    mean_ll = sets.mean_log_likelihood(log_likelihood)[0]  # (M,)
+    resp, mean_ll = sets.posterior(params)
+    mean_ll = mean_ll[0]  # (M,)
     if not bool(torch.isfinite(mean_ll.detach()).all()):
         raise IllConditionedError(
             "em: the log-likelihood of a set is not finite; use float64, scale the data or set prior_count > 0"
         )
     batch = tuple(sets.batch_shape)
+    log_weights = params.latent["log_weights"]
     return EMState(
         family=sets.family,
         logits=log_weights[0].reshape(*batch, log_weights.shape[-1]),
-        theta={name: value[0].reshape(*batch, *value.shape[2:]) for name, value in theta.items()},
+        theta={name: value[0].reshape(*batch, *value.shape[2:]) for name, value in params.emission.items()},
         responsibilities=resp[0].mT.reshape(*batch, resp.shape[-1], resp.shape[-2]),
         log_likelihood=mean_ll.reshape(batch),
     )
 
 
 def _implicit_step(
-    sets: _Sets, log_weights: torch.Tensor, theta: Theta, iteration: int, max_iter: int, tol: float | None
-) -> tuple[torch.Tensor, Theta]:
-    """One differentiable step from the fixed point whose backward applies (I - J^T)^{-1}."""
-    names = list(theta)
-    shapes = [log_weights.shape, *(theta[name].shape for name in names)]
+    sets: _Sets, params: engine.Params, iteration: int, max_iter: int, tol: float | None
+) -> engine.Params:
+    """One differentiable step from the fixed point whose backward applies (I - J^T)^{-1} (J
+    over the parameters EM updates; held ones are constants of the map)."""
+    held = sets.em_map.fixed
+    held_names = set() if held is None else {*held.latent, *held.emission}
+    values = {**params.latent, **params.emission}
+    names = [name for name in values if name not in held_names]
+    shapes = [values[name].shape for name in names]
     sizes = [math.prod(shape[2:]) for shape in shapes]
 
-    def pack(lw: torch.Tensor, th: Theta) -> torch.Tensor:  # -> (1, M, P)
-        return torch.cat([value.reshape(*value.shape[:2], -1) for value in (lw, *(th[n] for n in names))], -1)
+    def pack(p: engine.Params) -> torch.Tensor:  # -> (1, M, P)
+        every = {**p.latent, **p.emission}
+        return torch.cat([every[name].reshape(*every[name].shape[:2], -1) for name in names], -1)
 
-    def unpack(z: torch.Tensor) -> tuple[torch.Tensor, Theta]:
-        parts = [part.reshape(shape) for part, shape in zip(z.split(sizes, -1), shapes)]
-        return parts[0], dict(zip(names, parts[1:]))
+    def unpack(z: torch.Tensor) -> engine.Params:
+        parts = dict(zip(names, (part.reshape(shape) for part, shape in zip(z.split(sizes, -1), shapes))))
+        every = {**values, **parts}
+        return engine.Params({n: every[n] for n in params.latent}, {n: every[n] for n in params.emission}).with_fixed(held)
 
     def fixed_point_map(z: torch.Tensor) -> torch.Tensor:
-        return pack(*sets.step(*unpack(z), iteration))
+        return pack(sets.step(unpack(z), iteration))
 
-    z_star = pack(log_weights, theta).detach()
+    z_star = pack(params).detach()
     z = fixed_point_map(z_star)  # graph to X through one step
     _warn_if_not_converged(z.detach(), z_star)
     if z.requires_grad:
@@ -386,7 +411,7 @@ def _checked_mask(mask: Any, X: torch.Tensor) -> torch.Tensor | None:
     return mask.to(device=X.device)
 
 
-def _working_init(family: ComponentFamily, init: Mapping[str, torch.Tensor], X: torch.Tensor) -> tuple[torch.Tensor, Theta]:
+def _working_init(family: ComponentFamily, init: Mapping[str, torch.Tensor], X: torch.Tensor) -> engine.Params:
     """Validated initial parameters in the working layout (1, M, ...): log-weights and theta."""
     if not isinstance(init, Mapping) or "logits" not in init:
         raise ValueError("init must be a mapping with 'logits' (K,) and the family's parameters")
@@ -411,4 +436,4 @@ def _working_init(family: ComponentFamily, init: Mapping[str, torch.Tensor], X: 
         check_finite(value.detach(), f"init[{name!r}]")
         working[name] = value.expand(*batch, *shape).reshape(1, M, *shape)
     log_weights = working.pop("logits").log_softmax(-1)
-    return log_weights, working
+    return engine.Params({"log_weights": log_weights}, working)

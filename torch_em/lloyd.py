@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .em import component_log_prob
+from .em import emission_log_prob
 
 
 def row_chunks(n_points: int, chunk_size: int) -> list[tuple[int, int]]:
@@ -26,7 +26,7 @@ def broadcast_points(X: torch.Tensor) -> torch.Tensor:
 def _centre_scores(X: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
     """``x.c - |c|^2 / 2`` (R, M, C, n): the Gaussian E-step GEMM with identity covariance, so
     the nearest centre is the argmax and ``|x - c|^2 = |x|^2 - 2 score``."""
-    return component_log_prob(X, None, centres, -0.5 * centres.square().sum(-1))
+    return emission_log_prob(X, None, centres, -0.5 * centres.square().sum(-1))
 
 
 def squared_distances(X: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:

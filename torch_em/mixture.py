@@ -8,7 +8,7 @@ keep working on the same objects; ``forward``/``log_prob`` is pure and different
 """
 from __future__ import annotations
 
-import dataclasses
+import contextlib
 import math
 import warnings
 from typing import Any, Sequence
@@ -22,18 +22,23 @@ from . import distributed, em
 from ._precision import FollowsDataDtype, without_autocast
 from ._validation import (
     as_float_tensor, check_choice, check_common_options, check_data, check_device, check_dtype, check_family,
-    check_finite, check_int, check_positive, check_shape, data_dtype,
+    check_finite, check_int, check_positive, check_sample_weight, check_shape, data_dtype,
 )
 from ._state import CheckedLoad, check_state, own_entries
-from .families.base import ComponentFamily, NotFittedError, Theta
+from .families.base import ComponentFamily, IllConditionedError, NotFittedError, Theta
 from ._random import RestartStreams, resolve_seed, restart_groups
-from .streaming import StepSchedule, StreamSample, batch_source, stepwise, unwrap_batch
+from .streaming import StepSchedule, StreamSample, batch_source, unwrap_batch
 from .initialization import METHODS, initial_responsibilities, random_points
+from .latent import MIXTURE
+from .layout import Layout
+from .normalize import log_normalize
 
 
 STREAM_BUFFERS = ("stream_counts", "stream_sums", "stream_steps", "stream_shift")
 #: Choices of ``on_error``: raise IllConditionedError, or isolate the failing models of a batch.
 ON_ERROR = ("raise", "isolate")
+#: ``sample_weight`` of ``fit`` for a batch source whose batches are ``(x, w, ...)``.
+WEIGHTS_IN_BATCHES = "batches"
 #: A FitFailedWarning quotes the reasons of at most this many failed models.
 QUOTED_FAILURES = 3
 
@@ -64,6 +69,11 @@ class Mixture(CheckedLoad, FollowsDataDtype):
             ``rho_t = (t + learning_offset) ** -learning_decay`` with learning_decay in (0.5, 1]
             (or 0: every batch replaces the statistics), or a constant ``step_size`` in (0, 1].
         averaging_start: after this many ``partial_fit`` steps, average the iterates (Polyak).
+        prior_count: pseudo-points per component distributed like the data (weighted), added to
+            the statistics before every M-step of ``fit`` and ``partial_fit``: MAP-style smoothing
+            (a component that loses its points drifts to the data's mean and spread instead of
+            collapsing), as :func:`torch_em.functional.em`'s. 0: maximum likelihood. The lower
+            bound stays the log-likelihood.
         em_parameters: names of the parameters that ``fit`` and ``partial_fit`` update (default:
             all, ``("logits", *family parameter names)``). The others are held at their current
             values and EM maximises the rest given them (a conditional M-step), so an optimizer can
@@ -118,6 +128,7 @@ class Mixture(CheckedLoad, FollowsDataDtype):
         learning_offset: float = 10.0,
         step_size: float | None = None,
         averaging_start: int | None = None,
+        prior_count: float = 0.0,
         em_parameters: Sequence[str] | None = None,
         warm_start: bool = False,
         on_error: str | None = None,
@@ -140,6 +151,8 @@ class Mixture(CheckedLoad, FollowsDataDtype):
         if averaging_start is not None:
             check_int(averaging_start, "averaging_start", minimum=0)
         self.averaging_start = averaging_start
+        check_positive(prior_count, "prior_count", allow_zero=True)
+        self.prior_count = float(prior_count)
         dtype, device = check_dtype(dtype), check_device(device)
         self._dtype_follows_data = dtype is None
         dtype = dtype if dtype is not None else data_dtype(None)
@@ -257,10 +270,17 @@ class Mixture(CheckedLoad, FollowsDataDtype):
     # --- fitting ----------------------------------------------------------------------------
     @without_autocast
     @torch.no_grad()
-    def fit(self, X: Any, verbose: bool = False) -> "Mixture":
+    def fit(self, X: Any, y: Any = None, sample_weight: Any = None, verbose: bool = False) -> "Mixture":
         """Fit every model of the batch by EM (restarts as an extra batch dimension), or, with
         ``warm_start`` and existing parameters, continue EM from them (no initialisation, one
         start per model, convergence judged against the previous fit's lower bound).
+
+        ``y`` is ignored (scikit-learn's convention). ``sample_weight``: per-point weights, ``(N,)``
+        for every model or ``(*batch_shape, N)`` one set per model (e.g. bootstrap resamples):
+        a point of weight w counts as w copies of it (integer weights fit as repeated rows do);
+        for a batch source, ``"batches"``: every batch is ``(x, w, ...)`` with ``w`` the weights
+        of its points. Initialisation (k-means++) picks its seeds without the weights; its
+        M-step, and every EM step, use them.
 
         Restart 0 runs as a batch of its own, bit for bit the fit with ``n_init=1``; restarts
         1..k-1 run together. The fit ends an online stream (``partial_fit`` starts a new one).
@@ -269,35 +289,29 @@ class Mixture(CheckedLoad, FollowsDataDtype):
         and IllConditionedError (also before any change) for a failing model when ``on_error`` is
         ``"raise"``; see ``on_error`` for the isolation of failing models.
         """
-        M = self.n_models
+        M, layout = self.n_models, self._layout
         source = batch_source(X)
-        data = self._prepare_tensor(X) if source is None else self._scan_stream(source)
+        if source is None:
+            data = self._prepare_tensor(X, sample_weight)
+        else:
+            data = self._scan_stream(source, self._weights_in_batches(sample_weight))
         n_features = data.sample.X.shape[-1]
         continued = self.warm_start and self.is_initialized
         groups = [range(1)] if continued else restart_groups(self.n_init)
-        with tqdm(total=self.max_iter * len(groups), desc="EM", disable=not verbose, leave=False) as progress:
+        with tqdm(total=self.max_iter * len(groups), desc="EM", disable=not verbose, leave=False) as progress, \
+                self._naming_failures():
             result = em.cat_restarts([
                 self._run_restarts(data, n_features, restarts, continued, progress if verbose else None)
                 for restarts in groups
             ])
-
-        # (M,) best restart per model; a failed restart (nan) loses, restart 0 when all failed.
-        best = result.lower_bound.nan_to_num(nan=-math.inf).argmax(0)
-
-        def pick(value: torch.Tensor) -> torch.Tensor:
-            """(R, M, ...) -> (*batch_shape, ...) at the best restart of each model."""
-            index = best.view(1, M, *([1] * (value.dim() - 2))).expand(1, *value.shape[1:])
-            chosen = value.gather(0, index)[0]  # (M, ...)
-            return chosen.reshape((*self.batch_shape, *chosen.shape[1:]))
-
-        fitted = {name: pick(value) for name, value in result.theta.items()}
-        fitted["logits"] = pick(result.log_weights)
+        best = layout.best_restart(result.lower_bound)  # (M,) a failed restart (nan) loses
+        fitted = self._module_parameters(result.params, best)
         self._assign_em_update(fitted)
         self.n_features = n_features
-        self.lower_bound_ = pick(result.lower_bound)
-        self.n_iter_ = pick(result.n_iter)
-        self.converged_ = pick(result.converged)
-        self.lower_bound_history_ = pick(result.history)
+        self.lower_bound_ = layout.pick(result.lower_bound, best)
+        self.n_iter_ = layout.pick(result.n_iter, best)
+        self.converged_ = layout.pick(result.converged, best)
+        self.lower_bound_history_ = layout.pick(result.history, best)
         self._clear_stream()  # a later partial_fit starts a new stream from these parameters
         self._record_failures(result.failures, best)
         not_converged = ~self.converged_ & ~self.failed_
@@ -319,24 +333,26 @@ class Mixture(CheckedLoad, FollowsDataDtype):
         previous = None
         failures = em.Failures.none(len(restarts), self.n_models, self.device) if self._isolates_failures() else None
         if continued:
-            log_weights, theta = self._working_parameters()
+            params = self._working_parameters()
             if self.lower_bound_ is not None and self.stream_steps is None:  # mid-stream it is a batch's
-                previous = self._to_working(self.lower_bound_)
+                previous = self._layout.working(self.lower_bound_)
         else:
-            user_theta = self._user_initial_parameters(n_features)
-            user_centres = self.family.initial_centres(
-                tuple(self.batch_shape), self.n_components, n_features, self.device, self.dtype
-            )
-            log_weights, theta = self._initial_parameters(data.sample, data.chunk_size, user_theta, user_centres, restarts,
-                                                          failures)
-            log_weights, theta = self._same_on_every_rank(log_weights, theta)
-        fixed = self._fixed_parameters(log_weights, theta)
-        log_weights, theta = self._with_fixed(log_weights, theta, fixed)
-        return em.run_em(
-            self.family, data, log_weights, theta, max_iter=self.max_iter, tol=self.tol,
-            describe_model=self._describe_model, progress=progress, fixed=fixed, previous_lower_bound=previous,
-            failures=failures,
-        )
+            params = self._initial_parameters(data.sample, data.chunk_size, n_features, restarts, failures)
+            params = self._same_on_every_rank(params)
+        fixed = self._fixed_parameters(params)
+        return em.run_em(self._em_map(data, fixed), params.with_fixed(fixed), max_iter=self.max_iter, tol=self.tol,
+                         progress=progress, previous_lower_bound=previous, failures=failures)
+
+    def _em_map(self, data: em.Data | em.StreamData, fixed: em.Params | None) -> em.EMMap:
+        return em.EMMap(MIXTURE, self.family, data, fixed=fixed, pseudo_count=self.prior_count)
+
+    @contextlib.contextmanager
+    def _naming_failures(self):
+        """Turn the engine's failure of model (r, m) into an IllConditionedError naming it."""
+        try:
+            yield
+        except em.ModelFailed as error:
+            raise IllConditionedError(error.failure.message(self._describe_model(error.restart, error.model))) from None
 
     def _clear_stream(self) -> None:
         """Forget the running statistics of online EM (``partial_fit``)."""
@@ -357,8 +373,8 @@ class Mixture(CheckedLoad, FollowsDataDtype):
         if failures is not None and bool(failures.failed.any()):
             failed = failures.failed.gather(0, best.view(1, M))[0]
             for m in failed.nonzero().flatten().tolist():
-                index = tuple(int(i) for i in np.unravel_index(m, tuple(self.batch_shape)))
-                reasons[index] = failures.reasons[int(best[m]), m]
+                failure = failures.reasons[int(best[m]), m]
+                reasons[self._layout.model_index(m)] = failure.message(self._describe_model(int(best[m]), m))
         self.failed_ = failed.reshape(self.batch_shape)
         self.failure_reasons_ = reasons
         if reasons:
@@ -370,39 +386,57 @@ class Mixture(CheckedLoad, FollowsDataDtype):
                 stacklevel=4,  # past fit (or partial_fit) and its no_grad wrapper
             )
 
-    def _prepare_tensor(self, X: Any) -> em.Data:
-        """Validated data for a fit, its reference point, and a sample to initialise on (a
-        uniform subset when the data are large: bounded memory)."""
-        M, K = self.n_models, self.n_components
-        X = self._working_data(self._validated_input(X, "X", min_samples=K))
+    def _prepare_tensor(self, X: Any, sample_weight: Any = None) -> em.Data:
+        """Validated data (and weights) for a fit, its reference point, and a sample to
+        initialise on (a uniform subset when the data are large: bounded memory)."""
+        K = self.n_components
+        X = self._layout.data(self._validated_input(X, "X", min_samples=K))
+        weights = self._validated_weights(sample_weight, X)
         chunk = self._default_chunk_size(X.shape[-1])
-        shift = distributed.combined_reference(self.family.reference(X), X.shape[-2])
-        data = em.Data(self.family, X, shift, chunk)
-        data.n_total = distributed.total_points(X.shape[-2], X.device)
+        reference = distributed.combined_reference(self.family.reference(X), X.shape[-2])
+        data = em.Data(self.family, X, reference, chunk, weights=weights)
+        data.total_weight = distributed.total_weight(data.total_weight, X.device)
         if X.shape[-2] > self._sample_size():
             generator = torch.Generator().manual_seed(resolve_seed(self.seed))
-            keep = torch.randperm(X.shape[-2], generator=generator)[: self._sample_size()].sort().values
-            data.sample = em.Data(self.family, X[..., keep.to(X.device), :], shift, chunk)
+            keep = torch.randperm(X.shape[-2], generator=generator)[: self._sample_size()].sort().values.to(X.device)
+            data.sample = em.Data(self.family, X[..., keep, :], reference, chunk,
+                                  weights=None if weights is None else weights[..., keep])
         return data
 
-    def _scan_stream(self, source) -> em.StreamData:
-        """First pass over a batch source: validate every batch, count the points, take the data
-        mean (for families with a reference point) and a uniform sample for initialisation."""
+    def _validated_weights(self, sample_weight: Any, X: torch.Tensor, name: str = "sample_weight") -> torch.Tensor | None:
+        """Weights of the working data X as a tensor (N,) or (M, N), or None."""
+        return self._layout.weights(check_sample_weight(
+            sample_weight, name, n_points=X.shape[-2], batch_shape=self.batch_shape, device=X.device, dtype=X.dtype))
+
+    @staticmethod
+    def _weights_in_batches(sample_weight: Any) -> bool:
+        """Whether the batches of a batch source carry weights (``sample_weight="batches"``)."""
+        if sample_weight is None or (isinstance(sample_weight, str) and sample_weight == WEIGHTS_IN_BATCHES):
+            return sample_weight is not None
+        raise ValueError(
+            f"sample_weight must be None or {WEIGHTS_IN_BATCHES!r} (every batch is (x, w, ...)) when X is a batch "
+            f"source, got {type(sample_weight).__name__}"
+        )
+
+    def _scan_stream(self, source, weighted: bool = False) -> em.StreamData:
+        """First pass over a batch source: validate every batch, count the points (and weigh
+        them), take the data mean (for families with a reference point) and a uniform sample
+        for initialisation."""
         K = self.n_components
         sample = StreamSample(self._sample_size(), self._generator())
-        n_points, total, n_features, shared = 0, None, self.n_features, None
+        n_points, total, n_features, shared, total_weight = 0, None, self.n_features, None, 0.0
         for raw in source():
-            batch = self._validated_input(unwrap_batch(raw), "X batch", n_features=n_features)
+            batch, weights = self._stream_batch(raw, n_features, weighted)
             if shared is not None and shared != (batch.dim() == 2):
                 raise ValueError("X batches must all be (n, D) or all (*batch_shape, n, D), got a mix")
             shared, n_features = batch.dim() == 2, batch.shape[-1]
-            batch = self._working_data(batch)
             n_points += batch.shape[-2]
+            total_weight = total_weight + (batch.shape[-2] if weights is None else weights.sum(-1))
             if self.family.uses_reference:
                 batch_sum = batch.sum(-2, keepdim=True)
                 total = batch_sum if total is None else total + batch_sum
-            sample.add(batch)
-        shift = distributed.combined_reference(None if total is None else total / n_points, n_points)
+            sample.add(batch, weights)
+        reference = distributed.combined_reference(None if total is None else total / n_points, n_points)
         n_local, n_points = n_points, distributed.total_points(n_points, self.device)
         if n_points < K:
             raise ValueError(f"X must have at least {K} sample(s) (one per component), got N={n_points} in all batches")
@@ -410,17 +444,29 @@ class Mixture(CheckedLoad, FollowsDataDtype):
 
         def batches():
             for raw in source():
-                yield self._working_data(self._validated_input(unwrap_batch(raw), "X batch", n_features=n_features))
+                yield self._stream_batch(raw, n_features, weighted)
 
-        sample_data = em.Data(self.family, sample.points, shift, chunk)
-        return em.StreamData(self.family, batches, shift, n_points, chunk, sample_data, n_local=n_local,
-                             name="X (the batch source)")
+        sample_data = em.Data(self.family, sample.points, reference, chunk, weights=sample.weights)
+        return em.StreamData(self.family, batches, reference, distributed.total_weight(total_weight, self.device), chunk,
+                             sample_data, n_local=n_local, name="X (the batch source)")
+
+    def _stream_batch(self, raw: Any, n_features: int | None, weighted: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One validated batch of a source in the working layout, with its weights (or None)."""
+        if not weighted:
+            return self._layout.data(self._validated_input(unwrap_batch(raw), "X batch", n_features=n_features)), None
+        if not isinstance(raw, (tuple, list)) or len(raw) < 2:
+            raise ValueError(
+                f"with sample_weight={WEIGHTS_IN_BATCHES!r} every batch must be (x, w, ...), got {type(raw).__name__}"
+            )
+        batch = self._layout.data(self._validated_input(raw[0], "X batch", n_features=n_features))
+        return batch, self._validated_weights(raw[1], batch, "sample_weight (of a batch)")
 
     @staticmethod
-    def _same_on_every_rank(log_weights: torch.Tensor, theta: Theta) -> tuple[torch.Tensor, Theta]:
+    def _same_on_every_rank(params: em.Params) -> em.Params:
         """Rank 0's initial parameters on every rank (no-op without torch.distributed)."""
-        log_weights, *values = distributed.broadcast(log_weights, *theta.values())
-        return log_weights, dict(zip(theta, values))
+        names = [*params.latent, *params.emission]
+        values = dict(zip(names, distributed.broadcast(*params.latent.values(), *params.emission.values())))
+        return em.Params({n: values[n] for n in params.latent}, {n: values[n] for n in params.emission})
 
     def _default_chunk_size(self, n_features: int) -> int:
         """Rows per chunk: ``chunk_size`` or a memory budget for one restart. It does not depend
@@ -433,61 +479,60 @@ class Mixture(CheckedLoad, FollowsDataDtype):
         return max(self.stream_sample_size, 50 * self.n_components)
 
     def _initial_parameters(
-        self, data: em.Data, chunk: int, user_theta: Theta, user_centres: torch.Tensor | None, restarts: range,
-        failures: em.Failures | None = None,
-    ) -> tuple[torch.Tensor, Theta]:
+        self, data: em.Data, chunk: int, n_features: int, restarts: range, failures: em.Failures | None = None,
+    ) -> em.Params:
         """Working initial parameters (R, M, ...) of the given R restarts: an M-step from the
-        initial responsibilities, then overridden by whatever the user supplied. Given
-        ``failures``, a model whose initial M-step is invalid is recorded there and starts from
-        the family's default parameters (finite; it does not run) instead of raising
-        IllConditionedError."""
+        initial responsibilities (weighted by the data's weights), then overridden by whatever
+        the user supplied. Given ``failures``, a model whose initial M-step is invalid is recorded
+        there and starts from the family's default parameters (finite; it does not run) instead
+        of raising."""
         R, M, K = len(restarts), self.n_models, self.n_components
-        X, shift = data.X, data.shift
+        user_theta = self._user_initial_parameters(n_features)
+        user_centres = self.family.initial_centres(tuple(self.batch_shape), K, n_features, self.device, self.dtype)
+        X, reference = data.X, data.reference
         if set(user_theta) == set(self._parameter_names):  # everything given: no clustering needed
-            working = {name: self._to_restarts(value, R) for name, value in user_theta.items()}
-            return working.pop("logits"), working
+            return self._initial_from_user(user_theta, R, em.Params({}, {}))
         streams = RestartStreams(self.seed, restarts, X.device)
         if user_centres is not None:
-            user_centres = self._to_working(user_centres).expand(R, M, *user_centres.shape[-2:])
-            user_centres = self.family.embedding(user_centres, shift)
-        embedded = self.family.embedding(X, shift)
+            user_centres = self._layout.restarts(user_centres, R)
+            user_centres = self.family.embedding(user_centres, reference)
+        embedded = self.family.embedding(X, reference)
         resp = initial_responsibilities(self.init_params, embedded, M, K, streams, chunk, user_centres)
         every_model = torch.ones(R, M, dtype=torch.bool, device=X.device)
 
         def random_candidates(k: int) -> torch.Tensor:
-            return self.family.features(random_points(X, M, k, streams), shift)[0]
+            return self.family.features(random_points(X, M, k, streams), reference)[0]
 
         def reseeded_statistics(own: em.OwnReference | None = None) -> em.Statistics:
             stats = em.statistics_from_responsibilities(data, resp, own)
-            return em.reseed_empty(self.family, stats, random_candidates, every_model, shift)
+            return em.reseed_empty(self.family, stats, random_candidates, every_model, reference)
 
-        log_weights, theta = em.m_step(self.family, reseeded_statistics(), shift, every_model, self._describe_model,
-                                       "initialisation", refine=em.refiner(self.family, None, reseeded_statistics),
-                                       failures=failures)
+        params, invalid = em.m_step(MIXTURE, self.family, reseeded_statistics(), reference, every_model,
+                                    refine=em.refiner(self.family, None, reseeded_statistics))
+        em.record_failures(failures, invalid.any(-1), em.invalid_component_reason(self.family, "initialisation", invalid))
         if failures is not None and bool(failures.failed.any()):
-            log_weights, theta = self._defaults_where(failures.failed, log_weights, theta, X.shape[-1])
-        for name, value in user_theta.items():
-            working = self._to_restarts(value, R)
-            if name == "logits":
-                log_weights = working
-            else:
-                theta[name] = working
-        return log_weights, theta
+            default = em.Params(MIXTURE.default_parameters((R, M), K, X), self.family.default_parameters(
+                (R, M), K, n_features, self._generator(), self.device, self.dtype))
+            params = default.where(failures.failed, params)
+        return self._initial_from_user(user_theta, R, params)
 
-    def _defaults_where(
-        self, mask: torch.Tensor, log_weights: torch.Tensor, theta: Theta, n_features: int
-    ) -> tuple[torch.Tensor, Theta]:
-        """The working parameters with the family's default parameters (and uniform weights) for
-        the models of ``mask`` (R, M)."""
-        R, M, K = *mask.shape, self.n_components
-        default = self.family.default_parameters((R, M), K, n_features, self._generator(), self.device, self.dtype)
-        default_log_weights = torch.full_like(log_weights, -math.log(K))
-        return em.where_parameters(mask, (default_log_weights, default), (log_weights, theta))
+    def _initial_from_user(self, user_theta: Theta, n_restarts: int, params: em.Params) -> em.Params:
+        """``params`` with the user's initial values (module layout; ``"logits"`` as log-weights)
+        for every restart put in."""
+        latent, emission = dict(params.latent), dict(params.emission)
+        for name, value in user_theta.items():
+            working = self._layout.restarts(value, n_restarts)
+            if name == "logits":
+                latent["log_weights"] = working
+            else:
+                emission[name] = working
+        return em.Params(latent, emission)
 
     @without_autocast
     @torch.no_grad()
-    def partial_fit(self, X: Any) -> "Mixture":
-        """One stepwise (online) EM update from a batch ``(n, D)`` or ``(*batch_shape, n, D)``.
+    def partial_fit(self, X: Any, y: Any = None, sample_weight: Any = None) -> "Mixture":
+        """One stepwise (online) EM update from a batch ``(n, D)`` or ``(*batch_shape, n, D)``
+        (``y`` is ignored; ``sample_weight`` as for :meth:`fit`, ``(n,)`` or ``(*batch_shape, n)``).
 
         With per-point statistics ``s_hat`` of the batch, the running statistics become
         ``s <- (1 - rho_t) s + rho_t s_hat`` and the parameters their M-step, where
@@ -502,66 +547,46 @@ class Mixture(CheckedLoad, FollowsDataDtype):
         running statistics stay as they were, zero statistics on a first call) and is marked in
         ``failed_``, as for :meth:`fit`.
         """
-        K, M = self.n_components, self.n_models
+        K, M, layout = self.n_components, self.n_models, self._layout
         started = self.stream_steps is not None
-        X = self._working_data(self._validated_input(X, "X", min_samples=1 if started else K))
-        n_points, n_features = X.shape[-2], X.shape[-1]
+        X = layout.data(self._validated_input(X, "X", min_samples=1 if started else K))
+        weights = self._validated_weights(sample_weight, X)
+        n_features = X.shape[-1]
         chunk = self.chunk_size or em.default_chunk_size(M, K, self.family.n_statistics(n_features))
         every_model = torch.ones(1, M, dtype=torch.bool, device=X.device)
         failures = em.Failures.none(1, M, X.device) if self._isolates_failures() else None
-        if started:
-            shift = self.stream_shift
-            if self.averaging_start is None:
-                log_weights, theta = self._working_parameters()
-            else:  # the parameters hold the average: the iterate is the M-step of the running statistics
-                running = em.Statistics(self._to_working(self.stream_counts), self._to_working(self.stream_sums),
-                                        torch.zeros(1, M, dtype=X.dtype, device=X.device))
-                log_weights, theta = em.m_step(self.family, running, shift, every_model, self._describe_model, "partial_fit",
-                                               self._fixed_parameters(log_weights=None, theta=None), failures)
-        else:
-            shift = distributed.combined_reference(self.family.reference(X), n_points)  # fixed for the stream
-            if self.is_initialized:
-                log_weights, theta = self._working_parameters()
+        running = self._running_statistics() if started else None
+        with self._naming_failures():
+            if started:
+                reference = self.stream_shift
+                params = self._working_parameters()
+                if self.averaging_start is not None:  # the parameters hold the average: the iterate is the running M-step
+                    params, invalid = em.m_step(MIXTURE, self.family, running, reference, every_model,
+                                                self._fixed_parameters(None))
+                    em.record_failures(failures, invalid.any(-1),
+                                       em.invalid_component_reason(self.family, "partial_fit", invalid))
             else:
-                user_theta = self._user_initial_parameters(n_features)
-                user_centres = self.family.initial_centres(tuple(self.batch_shape), K, n_features, self.device, self.dtype)
-                log_weights, theta = self._same_on_every_rank(*self._initial_parameters(
-                    em.Data(self.family, X, shift, chunk), chunk, user_theta, user_centres, restarts=range(1), failures=failures
-                ))
-        fixed = self._fixed_parameters(log_weights, theta)
-        log_weights, theta = self._with_fixed(log_weights, theta, fixed)
-        data = em.Data(self.family, X, shift, chunk)
-        n_points = distributed.total_points(n_points, X.device)  # the batch over all ranks
-        eta, const = em.natural_with_weights(self.family, theta, log_weights, shift)
-        # Components far from the stream's reference are evaluated directly; the running
-        # statistics stay about the shared reference (they are averaged across batches).
-        own = em.OwnReference.of(self.family, theta, log_weights, shift)
-        own = None if own is None else dataclasses.replace(own, summarise=False)
-        batch = data.statistics(eta, const, own)  # (1, M, ...)
-        infinite = ~torch.isfinite(batch.log_likelihood)  # (1, M)
-        if bool(infinite.any()):
-            def reason(r: int, m: int) -> str:
-                return (f"partial_fit: the batch log-likelihood of {self._describe_model(r, m)} is not finite; "
-                        "use float64 or scale the data")
-
-            if failures is None:
-                raise em.IllConditionedError(reason(*(int(i) for i in infinite.nonzero()[0])))
-            failures.add(infinite, reason)
-        updating = every_model if failures is None else ~failures.failed  # (1, M)
-        rho = self.schedule.rho(int(self.stream_steps) if started else 0)
-        counts = stepwise(self._to_working(self.stream_counts) if started else None, batch.counts / n_points, rho)
-        sums = stepwise(self._to_working(self.stream_sums) if started else None, batch.sums / n_points, rho)
-        # The M-step sees the running statistics at the scale of one batch (re-seeding counts points).
-        scaled = em.Statistics(counts * n_points, sums * n_points, batch.log_likelihood)
-        scaled = em.reseed_empty(self.family, scaled, lambda k: data.worst_points(eta, const, k), updating)
-        new_log_weights, new_theta = em.m_step(self.family, scaled, shift, updating, self._describe_model, "partial_fit",
-                                               fixed, failures)
-        new_theta = self._from_working(new_log_weights, new_theta)
-        new_counts = (scaled.counts / n_points)[0].reshape(*self.batch_shape, K)
-        new_sums = (scaled.sums / n_points)[0].reshape(*self.batch_shape, K, scaled.sums.shape[-1])
+                reference = distributed.combined_reference(self.family.reference(X), X.shape[-2])  # fixed for the stream
+                data = em.Data(self.family, X, reference, chunk, weights=weights)
+                params = self._working_parameters() if self.is_initialized else self._same_on_every_rank(
+                    self._initial_parameters(data, chunk, n_features, range(1), failures))
+            fixed = self._fixed_parameters(params)
+            params = params.with_fixed(fixed)
+            data = em.Data(self.family, X, reference, chunk, weights=weights)
+            data.total_weight = distributed.total_weight(data.total_weight, X.device)  # the batch over all ranks
+            updating = every_model if failures is None else ~failures.failed
+            step = em.online_step(self._em_map(data, fixed), params, running,
+                                  self.schedule.rho(int(self.stream_steps) if started else 0), updating)
+            infinite = ~torch.isfinite(step.batch_log_likelihood) & updating  # (1, M)
+            em.record_failures(failures, infinite, lambda r, m: em.Failure(
+                "partial_fit", None, "use float64 or scale the data", likelihood="batch log-likelihood"))
+            invalid = step.invalid & ~infinite.unsqueeze(-1)
+            em.record_failures(failures, invalid.any(-1), em.invalid_component_reason(self.family, "partial_fit", invalid))
+        new_theta = self._module_parameters(step.params)
+        new_counts, new_sums = layout.module(step.running.counts[0]), layout.module(step.running.sums[0])
         if failures is not None and bool(failures.failed.any()):  # failed models skip the update
             skipped = failures.failed[0].reshape(self.batch_shape)
-            held = {"logits": self.logits, **self.theta()} if self.is_initialized else self._from_working(log_weights, theta)
+            held = {"logits": self.logits, **self.theta()} if self.is_initialized else self._module_parameters(params)
             new_theta = {name: em.where_models(skipped, held[name], value) for name, value in new_theta.items()}
             new_counts = em.where_models(skipped, self.stream_counts if started else 0.0, new_counts)
             new_sums = em.where_models(skipped, self.stream_sums if started else 0.0, new_sums)
@@ -575,10 +600,16 @@ class Mixture(CheckedLoad, FollowsDataDtype):
         self.stream_counts = new_counts
         self.stream_sums = new_sums
         self.stream_steps = torch.tensor(steps, device=X.device)
-        self.stream_shift = shift
+        self.stream_shift = reference
         self._record_failures(failures, torch.zeros(M, dtype=torch.long, device=X.device))
-        self.lower_bound_ = (batch.log_likelihood[0] / n_points).reshape(self.batch_shape).masked_fill(self.failed_, math.nan)
+        mean = step.batch_log_likelihood[0] / data.total_weight
+        self.lower_bound_ = layout.module(mean).masked_fill(self.failed_, math.nan)
         return self
+
+    def _running_statistics(self) -> em.Statistics:
+        """The running statistics of online EM (per point; working layout (1, M, ...))."""
+        counts = self._layout.working(self.stream_counts)
+        return em.Statistics(counts, self._layout.working(self.stream_sums), counts.new_zeros(counts.shape[:2]))
 
     # --- evaluation ---------------------------------------------------------------------------
     def log_joint(self, X: Any) -> torch.Tensor:
@@ -587,15 +618,16 @@ class Mixture(CheckedLoad, FollowsDataDtype):
         self._require_parameters()
         X = self._validated_input(X, "X")
         N = X.shape[-2]
-        X = self._working_data(X)
-        log_weights, theta = self._working_parameters()
-        shift = self._evaluation_reference(log_weights, theta, shared=X.dim() == 2)
-        eta, const = em.natural_with_weights(self.family, theta, log_weights, shift)
-        T, h = self.family.features(X, shift)
-        lp = em.component_log_prob(T, h, eta, const)  # (1, M, K, N)
-        own = em.OwnReference.of(self.family, theta, log_weights, shift, evaluation=True)
+        X = self._layout.data(X)
+        params = self._working_parameters()
+        log_weights, theta = params.latent["log_weights"], params.emission
+        reference = self._evaluation_reference(log_weights, theta, shared=X.dim() == 2)
+        eta, const = self.family.natural_parameters(theta, reference)
+        T, h = self.family.features(X, reference)
+        lp = em.emission_log_prob(T, h, eta, const + log_weights)  # (1, M, K, N)
+        own = em.OwnReference.of(self.family, theta, log_weights, reference, evaluation=True)
         if own is not None:  # components the expansion about the reference would not resolve
-            own.write_log_prob(own.groups(X, self.n_components, self.n_models), lp, scale=1.0)
+            own.write_log_prob(own.groups(X, self.n_components, self.n_models), lp)
         return lp.mT.reshape(*self.batch_shape, N, self.n_components)
 
     def _evaluation_reference(self, log_weights: torch.Tensor, theta: Theta, shared: bool) -> torch.Tensor | None:
@@ -611,7 +643,7 @@ class Mixture(CheckedLoad, FollowsDataDtype):
     def log_prob(self, X: Any) -> torch.Tensor:
         """Per-point log-likelihood ``(*batch_shape, N)``; differentiable and pure. The density of
         the parameters held, also for models in ``failed_`` (unlike :meth:`score_samples`)."""
-        return em.normalise(self.log_joint(X), dim=-1)[1]
+        return log_normalize(self.log_joint(X), dim=-1)[1]
 
     def forward(self, X: Any) -> torch.Tensor:
         """Same as :meth:`log_prob`."""
@@ -623,14 +655,20 @@ class Mixture(CheckedLoad, FollowsDataDtype):
         return self._reported(self.log_prob(X), "score_samples")
 
     @torch.no_grad()
-    def score(self, X: Any) -> torch.Tensor:
-        """Mean log-likelihood per point ``(*batch_shape)``; NaN for models in ``failed_``."""
-        return self._reported(self.log_prob(X).mean(-1), "score")
+    def score(self, X: Any, y: Any = None, sample_weight: Any = None) -> torch.Tensor:
+        """Mean log-likelihood per point ``(*batch_shape)`` (weighted by ``sample_weight``, ``(N,)``
+        or ``(*batch_shape, N)``, when given); NaN for models in ``failed_``. ``y`` is ignored."""
+        log_prob = self.log_prob(X)
+        if sample_weight is None:
+            return self._reported(log_prob.mean(-1), "score")
+        weights = check_sample_weight(sample_weight, "sample_weight", n_points=log_prob.shape[-1],
+                                      batch_shape=self.batch_shape, device=log_prob.device, dtype=log_prob.dtype)
+        return self._reported((log_prob * weights).sum(-1) / weights.sum(-1), "score")
 
     @torch.no_grad()
     def predict_proba(self, X: Any) -> torch.Tensor:
         """Posterior responsibilities ``(*batch_shape, N, K)``; NaN for models in ``failed_``."""
-        return self._reported(em.normalise(self.log_joint(X), dim=-1)[0], "predict_proba")
+        return self._reported(log_normalize(self.log_joint(X), dim=-1)[0], "predict_proba")
 
     @torch.no_grad()
     def predict(self, X: Any) -> torch.Tensor:
@@ -686,7 +724,7 @@ class Mixture(CheckedLoad, FollowsDataDtype):
             generator = self._sample_generator
         M = self.n_models
         labels = torch.multinomial(self.weights.reshape(M, self.n_components), n_samples, replacement=True, generator=generator)
-        theta = {name: self._to_working(value)[0] for name, value in self.theta().items()}
+        theta = {name: self._layout.working(value)[0] for name, value in self.theta().items()}
         samples = self.family.sample(theta, labels, generator)
         return samples.reshape(*self.batch_shape, n_samples, -1), labels.reshape(*self.batch_shape, n_samples)
 
@@ -704,30 +742,24 @@ class Mixture(CheckedLoad, FollowsDataDtype):
             )
         return self.logits
 
-    def _working_data(self, X: torch.Tensor) -> torch.Tensor:
-        """(N, D) stays shared; (*batch_shape, N, D) -> (M, N, D)."""
-        return X if X.dim() == 2 else X.reshape(self.n_models, *X.shape[-2:])
+    @property
+    def _layout(self) -> Layout:
+        return Layout(tuple(self.batch_shape))
 
-    def _working_parameters(self) -> tuple[torch.Tensor, Theta]:
-        """The current log-weights (1, M, K) and family parameters (1, M, ...): live views."""
-        theta = {name: self._to_working(value) for name, value in self.theta().items()}
-        return self._to_working(self.logits.log_softmax(-1)), theta
+    def _working_parameters(self) -> em.Params:
+        """The current parameters in the working layout (1, M, ...): live views (log-weights
+        normalised from the logits)."""
+        layout = self._layout
+        theta = {name: layout.working(value) for name, value in self.theta().items()}
+        return em.Params({"log_weights": layout.working(self.logits.log_softmax(-1))}, theta)
 
-    def _from_working(self, log_weights: torch.Tensor, theta: Theta) -> Theta:
-        """Working parameters with one restart (1, M, ...) -> module layout (*batch_shape, ...),
-        the log-weights as ``"logits"``."""
-        module = {name: value[0].reshape(*self.batch_shape, *value.shape[2:]) for name, value in theta.items()}
-        module["logits"] = log_weights[0].reshape(*self.batch_shape, self.n_components)
+    def _module_parameters(self, params: em.Params, best: torch.Tensor | None = None) -> Theta:
+        """Working parameters (R, M, ...) -> module layout (*batch_shape, ...) at restart ``best``
+        (M,) of each model (default: restart 0), the log-weights as ``"logits"``."""
+        best = torch.zeros(self.n_models, dtype=torch.long, device=self.device) if best is None else best
+        module = {name: self._layout.pick(value, best) for name, value in params.emission.items()}
+        module["logits"] = self._layout.pick(params.latent["log_weights"], best)
         return module
-
-    def _to_working(self, value: torch.Tensor) -> torch.Tensor:
-        """(*batch_shape, *event) -> (1, M, *event): the working layout with one restart."""
-        return value.reshape(1, self.n_models, *value.shape[len(self.batch_shape):])
-
-    def _to_restarts(self, value: torch.Tensor, n_restarts: int) -> torch.Tensor:
-        """(*batch_shape, *event) -> (R, M, *event), the same for every restart."""
-        working = self._to_working(value)
-        return working.expand(n_restarts, *working.shape[1:])
 
     def _validated_input(self, X: Any, name: str, min_samples: int = 1, n_features: int | None = None) -> torch.Tensor:
         """X as a checked tensor in the model's dtype. A module that follows its data's dtype and
@@ -763,25 +795,21 @@ class Mixture(CheckedLoad, FollowsDataDtype):
             theta["logits"] = weights.clamp_min(tiny).log().expand(*batch, self.n_components)
         return theta
 
-    def _fixed_parameters(self, log_weights: torch.Tensor | None, theta: Theta | None) -> Theta:
+    def _fixed_parameters(self, params: em.Params | None) -> em.Params | None:
         """Working values (R, M, ...) of the parameters EM holds fixed (``"logits"`` as
-        log-weights): the module's current values, or the initial ``log_weights``/``theta`` of a
-        module that has no parameters yet."""
+        log-weights), or None: the module's current values, or the initial ``params`` of a module
+        that has no parameters yet (``params`` None: one restart of the current values)."""
         names = [name for name in self._parameter_names if name not in self._em_parameters]
         if not names:
-            return {}
+            return None
         if not self.is_initialized:
-            initial = {"logits": log_weights, **theta}
-            return {name: initial[name] for name in names}
-        n_restarts = 1 if log_weights is None else log_weights.shape[0]
-        current = {"logits": self.logits.log_softmax(-1), **self.theta()}
-        return {name: self._to_restarts(current[name].detach(), n_restarts) for name in names}
-
-    @staticmethod
-    def _with_fixed(log_weights: torch.Tensor, theta: Theta, fixed: Theta) -> tuple[torch.Tensor, Theta]:
-        """The working parameters with the fixed ones put in."""
-        theta = {name: fixed.get(name, value) for name, value in theta.items()}
-        return fixed.get("logits", log_weights), theta
+            latent = {"log_weights": params.latent["log_weights"]} if "logits" in names else {}
+            return em.Params(latent, {name: params.emission[name] for name in names if name != "logits"})
+        n_restarts = 1 if params is None else params.batch[0]
+        current = self._working_parameters()
+        latent = {"log_weights": current.latent["log_weights"]} if "logits" in names else {}
+        emission = {name: current.emission[name] for name in names if name != "logits"}
+        return em.Params(latent, emission).map(lambda value: value.detach().expand(n_restarts, *value.shape[1:]))
 
     def _assign_em_update(self, theta: Theta) -> None:
         """Write what EM computed: every parameter of a new module, else those EM owns (a held
@@ -864,5 +892,4 @@ class Mixture(CheckedLoad, FollowsDataDtype):
             self.to(saved["logits"].dtype)  # in place: the Parameter objects stay the same
 
     def _describe_model(self, restart: int, model: int) -> str:
-        where = f"model {tuple(int(i) for i in np.unravel_index(model, tuple(self.batch_shape)))}" if self.batch_shape else "the model"
-        return where + (f" (restart {restart})" if self.n_init > 1 else "")
+        return self._layout.describe(restart, model, self.n_init)

@@ -75,16 +75,30 @@ class StreamSample:
         self.generator = generator
         self.keys: torch.Tensor | None = None
         self.points: torch.Tensor | None = None
+        self.weights: torch.Tensor | None = None  # (n,) or (M, n) of the sampled points, if weighted
 
-    def add(self, batch: torch.Tensor) -> None:
+    def add(self, batch: torch.Tensor, weights: torch.Tensor | None = None) -> None:
+        """Offer the points of ``batch`` (n, D) or (M, n, D) with their weights ((n,) or (M, n);
+        every batch of a stream weighted, or none)."""
         keys = torch.rand(batch.shape[-2], generator=self.generator, device=batch.device)
         if self.points is not None:
             keys = torch.cat([self.keys, keys])
             batch = torch.cat([self.points, batch], dim=-2)
+            if weights is not None:
+                weights = _cat_weights(self.weights, weights)
         if keys.numel() > self.size:
             keep = keys.topk(self.size, largest=False).indices.sort().values
             keys, batch = keys[keep], batch[..., keep, :]
-        self.keys, self.points = keys, batch
+            weights = None if weights is None else weights[..., keep]
+        self.keys, self.points, self.weights = keys, batch, weights
+
+
+def _cat_weights(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """Weights of consecutive points, (n1,) or (M, n1) and (n2,) or (M, n2), as one tensor."""
+    if first.dim() != second.dim():
+        models = max(first, second, key=lambda w: w.dim()).shape[0]
+        first, second = (w.expand(models, -1) if w.dim() == 1 else w for w in (first, second))
+    return torch.cat([first, second], -1)
 
 
 class StepSchedule:
@@ -116,6 +130,8 @@ class StepSchedule:
         if self.step_size is not None:
             return self.step_size
         return (previous_steps + self.learning_offset) ** -self.learning_decay
+
+
 
 
 def stepwise(running: torch.Tensor | None, new: torch.Tensor, rho: float) -> torch.Tensor:

@@ -1,0 +1,182 @@
+"""Observations prepared for EM: chunks of features, optional per-point weights, streams.
+
+Inside a fit every tensor carries a working batch ``(R, M)``: ``R`` restarts (``n_init``) times
+``M`` independent models (the flattened ``batch_shape``). Data are either shared by all models,
+``X (N, D)``, or one dataset per model, ``X (M, N, D)``; per-point weights are ``(N,)`` (the same
+for every model) or ``(M, N)`` (e.g. one bootstrap resample per model), whatever the data's
+layout. An E-step passes over :meth:`Data.parts` (one part for data in memory, one per batch of
+a stream) and the chunks of each part (:meth:`Data.chunks`), which carry what it needs.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterator, NamedTuple
+
+import torch
+
+from .families.base import ComponentFamily
+
+#: Log-density rows per chunk are chosen so one chunk's (n, R*M*K) block stays near this size.
+CHUNK_ELEMENTS = 1 << 21
+#: Features of the whole dataset are computed once per fit when they take at most this many bytes.
+FEATURE_CACHE_BYTES = 256 << 20
+
+Weights = torch.Tensor  # (n,) shared by every model or (M, n) one set per model
+
+
+def default_chunk_size(n_models: int, n_components: int, n_stats: int) -> int:
+    return max(256, CHUNK_ELEMENTS // max(1, n_models * n_components + n_stats))
+
+
+class Chunk(NamedTuple):
+    """Rows of the data as the E-step sees them.
+
+    X: (n, D) or (M, n, D); T: the family's features (n, F) or (M, n, F); h: (n,) or (M, n) or
+    None; weights: (n,) or (M, n) or None (every point counts once).
+    """
+
+    X: torch.Tensor
+    T: torch.Tensor
+    h: torch.Tensor | None
+    weights: Weights | None
+
+
+class Data:
+    """Data in memory prepared for EM: features ``T(x)`` of fixed-size row chunks, cached when small.
+
+    X: (N, D) shared by every model or (M, N, D) one dataset per model.
+    reference: the family's reference point, broadcastable to data and parameters, or None.
+    weights: per-point weights (N,) or (M, N), or None.
+    cache: whether features may be kept for the whole fit (``"always"``: whatever their size,
+        e.g. to keep their autograd graph).
+    """
+
+    def __init__(
+        self, family: ComponentFamily, X: torch.Tensor, reference: torch.Tensor | None, chunk_size: int,
+        cache: bool | str = True, weights: Weights | None = None,
+    ):
+        self.family = family
+        self.X = X
+        self.reference = reference
+        self.weights = weights
+        self.n_points = X.shape[-2]
+        #: The (weighted) number of points, over all ranks under torch.distributed (set by the
+        #: caller): a number, or (M,) per model when the weights are per model.
+        self.total_weight: float | torch.Tensor = self.n_points if weights is None else weights.sum(-1)
+        self._sample: Data | None = None
+        self.chunk_size = chunk_size
+        self.bounds = [(start, min(start + chunk_size, self.n_points)) for start in range(0, self.n_points, chunk_size)]
+        self._cache: list[tuple[torch.Tensor, torch.Tensor | None]] | None = None
+        n_stats = family.n_statistics(X.shape[-1])
+        small = X.numel() // X.shape[-1] * n_stats * X.element_size() <= FEATURE_CACHE_BYTES
+        if cache == "always" or (cache and small):
+            self._cache = [self._layout(*self._features(start, stop)) for start, stop in self.bounds]
+
+    @property
+    def sample(self) -> "Data":
+        """The data that initialisation works on: these data, or a subset of large data set by
+        the caller. (Not stored as ``self``: a reference cycle would keep every per-batch Data of
+        a stream, and its tensors, alive until the cyclic garbage collector ran.)"""
+        return self if self._sample is None else self._sample
+
+    @sample.setter
+    def sample(self, value: "Data") -> None:
+        self._sample = value
+
+    def _layout(self, T: torch.Tensor, h: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Per-model data: many small GEMMs, much faster on feature-major features (both E-step
+        GEMMs then read rows of points). Shared data (one large GEMM) keep the point-major
+        layout, which suits its statistics GEMM."""
+        return (T.mT.contiguous().mT, h) if T.dim() == 3 else (T, h)
+
+    def _features(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.family.features(self.X[..., start:stop, :], self.reference)
+
+    def parts(self) -> Iterator["Data"]:
+        """The parts an E-step passes over: these data whole."""
+        yield self
+
+    def chunks(self) -> Iterator[Chunk]:
+        for index, (start, stop) in enumerate(self.bounds):
+            T, h = self._cache[index] if self._cache is not None else self._features(start, stop)
+            weights = None if self.weights is None else self.weights[..., start:stop]
+            yield Chunk(self.X[..., start:stop, :], T, h, weights)
+
+    def select_models(self, models: torch.Tensor) -> "Data":
+        """The data of the models ``models`` (A,) only, in that order (shared data stay shared)."""
+        selected = Data.__new__(Data)
+        selected.__dict__.update(self.__dict__)
+        per_model = self.X.dim() == 3
+        selected.X = self.X[models] if per_model else self.X
+        if per_model and self.reference is not None and self.reference.dim() == 3:
+            selected.reference = self.reference[models]
+        if self.weights is not None and self.weights.dim() == 2:
+            selected.weights = self.weights[models]
+        if isinstance(self.total_weight, torch.Tensor) and self.total_weight.dim() == 1:
+            selected.total_weight = self.total_weight[models]
+        if self._cache is not None and per_model:
+            selected._cache = [self._layout(T[models], None if h is None else h[models]) for T, h in self._cache]
+        selected._sample = None if self._sample is None else self._sample.select_models(models)
+        return selected
+
+
+class StreamData:
+    """Data that arrive in batches (larger than memory, or from a DataLoader): every E-step is
+    one pass over ``batches()``, summing the statistics batch by batch. Empty components are
+    re-seeded from a sample of the data (``sample``, a :class:`Data`).
+
+    batches(): a fresh iterator of working-layout batches ``(X, weights)`` per call, X (n, D) or
+    (M, n, D) and weights (n,) / (M, n) or None;
+    total_weight: their (weighted) number of points (over all ranks under torch.distributed);
+    n_local: the points of one pass on this rank, when known (every pass is checked against it);
+    name: how error messages call the source.
+    """
+
+    def __init__(
+        self, family: ComponentFamily, batches: Callable[[], Iterator[tuple[torch.Tensor, Weights | None]]],
+        reference: torch.Tensor | None, total_weight: float | torch.Tensor, chunk_size: int, sample: Data, *,
+        n_local: int | None = None, name: str = "the batch source", models: torch.Tensor | None = None,
+    ):
+        self.family = family
+        self.batches = batches
+        self.reference = reference
+        self.total_weight = total_weight
+        self.chunk_size = chunk_size
+        self.sample = sample
+        self.n_local = n_local
+        self.name = name
+        self.models = models  # the models (A,) a compacted fit still runs, or None: all
+
+    def parts(self) -> Iterator[Data]:
+        """One :class:`Data` per batch of a pass (features not cached), checking the pass's size."""
+        seen = 0
+        for X, weights in self.batches():
+            seen += X.shape[-2]
+            if self.n_local is not None and seen > self.n_local:  # stop before summing points of another dataset
+                self._raise_changed(f"more than {self.n_local}")
+            if self.models is not None:  # the models a compacted fit still runs
+                X = X[self.models] if X.dim() == 3 else X
+                weights = weights[self.models] if weights is not None and weights.dim() == 2 else weights
+            yield Data(self.family, X, self.reference, self.chunk_size, cache=False, weights=weights)
+        if self.n_local is not None and seen != self.n_local:
+            self._raise_changed(str(seen))
+
+    def select_models(self, models: torch.Tensor) -> "StreamData":
+        """The stream restricted to the models ``models`` (A,) (indices among all models)."""
+        chosen = models if self.models is None else self.models[models]
+        reference = self.reference
+        if reference is not None and reference.dim() == 3:
+            reference = reference[models]
+        total = self.total_weight
+        if isinstance(total, torch.Tensor) and total.dim() == 1:
+            total = total[models]
+        return StreamData(self.family, self.batches, reference, total, self.chunk_size, self.sample.select_models(models),
+                          n_local=self.n_local, name=self.name, models=chosen)
+
+    def _raise_changed(self, seen: str) -> None:
+        """A pass that yields another number of points than the first would make the lower
+        bound (a mean over the points) and the M-step silently wrong."""
+        raise ValueError(
+            f"{self.name} yielded {seen} points in a pass of EM but {self.n_local} in the first pass; it must yield "
+            "the same points on every pass (a DataLoader with a fixed dataset and without a sampler that draws "
+            "a varying number of points)"
+        )

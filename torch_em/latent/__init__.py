@@ -1,0 +1,5 @@
+"""Latent structures: how the hidden states of a model are distributed (see :mod:`.base`)."""
+from .base import LatentParams, LatentStructure
+from .independent import MIXTURE, IndependentCategorical
+
+__all__ = ["LatentParams", "LatentStructure", "IndependentCategorical", "MIXTURE"]

@@ -1,0 +1,59 @@
+"""The protocol every latent structure implements.
+
+A latent structure says how the hidden variable of a model is distributed: one categorical per
+point (a mixture, :mod:`torch_em.latent.independent`) or a Markov chain over each sequence (a
+hidden Markov model). Given the emission log-densities of every point under every state, it
+gives the posterior over the states, the log-evidence and its own expected statistics; from the
+summed statistics its closed-form M-step gives its parameters. It never sees the emission
+family, and a family never sees it: any family works under any latent structure.
+
+Its parameters are a dict of tensors in the working layout ``(R, M, ...)`` (e.g.
+``{"log_weights": (R, M, K)}``), travelling with the family's as :class:`torch_em.em.Params`.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..statistics import Statistics
+
+LatentParams = dict[str, torch.Tensor]
+
+
+class LatentStructure:
+    """The distribution of the hidden states of a batch of models, as EM needs it."""
+
+    #: Names of its parameters (working layout, (R, M, ...) each).
+    parameter_names: tuple[str, ...] = ()
+    #: Names of its own statistics in :attr:`Statistics.latent` (none for a mixture).
+    statistic_names: tuple[str, ...] = ()
+
+    def log_prior(self, latent: LatentParams) -> torch.Tensor | None:
+        """A log-probability per state (R, M, K) that does not depend on the point, added to
+        every emission log-density before the posterior (folded into the emission GEMM's
+        constant, so it costs nothing), or None."""
+        raise NotImplementedError
+
+    def posterior(
+        self, log_joint: torch.Tensor, latent: LatentParams, weights: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """Posterior over the states of every point of a chunk.
+
+        ``log_joint``: (R, M, K, n) emission log-densities plus :meth:`log_prior`, which the
+        structure may overwrite (its storage is the posterior's); ``weights``: (n,) / (M, n) or
+        None. Returns the weighted posteriors (R, M, K, n) (``weights`` applied: what the
+        emission statistics sum), the weighted log-evidence of the chunk (R, M) and the chunk's
+        own statistics by name (additive over chunks).
+        """
+        raise NotImplementedError
+
+    def m_step(self, stats: Statistics, fixed: LatentParams) -> LatentParams:
+        """Closed-form maximiser given summed statistics; ``fixed`` parameters are kept."""
+        raise NotImplementedError
+
+    def default_parameters(self, shape: tuple[int, ...], n_states: int, like: torch.Tensor) -> LatentParams:
+        """Uninformative parameters for a batch ``shape`` (e.g. (R, M)), on ``like``'s device and dtype."""
+        raise NotImplementedError
+
+    def n_free_parameters(self, n_states: int) -> int:
+        """Free parameters of one model's latent structure (for BIC/AIC)."""
+        raise NotImplementedError

@@ -156,13 +156,17 @@ def e_step(
     log_prior = latent.log_prior(params.latent)
     if log_prior is not None:  # folded into the GEMM's constant
         const = const + log_prior
+    scale = latent.log_joint_scale  # the posterior's units, applied to the GEMM's parameters (free)
+    if scale != 1.0:
+        eta, const = eta * scale, const * scale
     total = None
     for part in data.parts():
         for chunk in part.chunks():
-            log_joint = emission_log_prob(chunk.T, chunk.h, eta, const)  # (R, M, K, n)
+            h = chunk.h if chunk.h is None or scale == 1.0 else chunk.h * scale
+            log_joint = emission_log_prob(chunk.T, h, eta, const)  # (R, M, K, n)
             if own is not None:
                 groups = own.groups(chunk.X, log_joint.shape[-2], log_joint.shape[1])
-                own.write_log_prob(groups, log_joint)
+                own.write_log_prob(groups, log_joint, scale)
             resp, log_likelihood, latent_stats = latent.posterior(log_joint, params.latent, chunk.weights)
             if pseudo_count:
                 resp = resp + _pseudo_responsibility(pseudo_count, chunk, data.total_weight, resp)
@@ -193,7 +197,9 @@ def posterior(latent: LatentStructure, family: ComponentFamily, params: Params, 
     eta, const = family.natural_parameters(params.emission, data.reference)
     log_prior = latent.log_prior(params.latent)
     const = const if log_prior is None else const + log_prior
-    parts = [latent.posterior(emission_log_prob(c.T, c.h, eta, const), params.latent, c.weights) for c in data.chunks()]
+    scale = latent.log_joint_scale
+    parts = [latent.posterior(emission_log_prob(c.T, None if c.h is None else c.h * scale, eta * scale, const * scale),
+                              params.latent, c.weights) for c in data.chunks()]
     return torch.cat([p[0] for p in parts], -1), sum(p[1] for p in parts)
 
 

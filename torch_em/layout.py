@@ -12,6 +12,10 @@ import numpy as np
 import torch
 
 
+#: Restarts whose scores differ by at most this many eps (relative) are equally good.
+RESTART_TIE_EPS = 64
+
+
 class Layout:
     """Conversions for a module whose models are shaped ``batch_shape``."""
 
@@ -42,8 +46,13 @@ class Layout:
 
     @staticmethod
     def best_restart(score: torch.Tensor) -> torch.Tensor:
-        """(M,) the restart of highest ``score`` (R, M) per model; NaN loses (restart 0 when all are)."""
-        return score.nan_to_num(nan=-math.inf).argmax(0)
+        """(M,) the restart of highest ``score`` (R, M) per model; NaN loses (restart 0 when all
+        are). Scores within rounding (RESTART_TIE_EPS relative) of the highest tie, and the
+        earliest of them wins, so that the choice does not hang on the last bit of a sum."""
+        score = score.nan_to_num(nan=-math.inf)
+        best = score.amax(0, keepdim=True)
+        slack = RESTART_TIE_EPS * torch.finfo(score.dtype).eps * best.abs().clamp_min(1.0)
+        return (score >= best - slack).to(torch.int8).argmax(0)
 
     def pick(self, value: torch.Tensor, best: torch.Tensor) -> torch.Tensor:
         """(R, M, ...) -> (*batch_shape, ...) at restart ``best`` (M,) of each model."""

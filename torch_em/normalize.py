@@ -4,7 +4,9 @@ Every posterior of the library (a mixture's responsibilities, the predictions of
 the differentiable layer) goes through :func:`log_normalize` or :func:`log_normalize_total`.
 Their speed tricks stay here, invisible to callers, who pass and get natural logarithms:
 
-* the exponentials are base 2 (exp2 is about twice as fast as exp on CPUs, vectorised);
+* the exponentials are base 2 (exp2 is about twice as fast as exp on CPUs, vectorised); a
+  caller that forms its log-densities as a GEMM can hand them over in bits (``scale=BITS``,
+  the GEMM's parameters scaled, for free) and save the pass that changes the base;
 * the shifted log-densities are clamped so that no subnormal number is ever formed (subnormal
   operands make exp2, sums and GEMMs many times slower on CPUs);
 * the total log-evidence over many points takes one log2 per group of points (the log of a
@@ -19,6 +21,8 @@ import torch
 #: log2(e) and ln(2): the change of base between nats and bits.
 LOG2_E = 1.0 / math.log(2.0)
 LN_2 = math.log(2.0)
+#: The units (per nat) the normaliser computes in: bits.
+BITS = LOG2_E
 
 
 def log_normalize(log_joint: torch.Tensor, dim: int = -1, inplace: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -36,28 +40,37 @@ def log_normalize(log_joint: torch.Tensor, dim: int = -1, inplace: bool = False)
 
 
 def log_normalize_total(
-    log_joint: torch.Tensor, weights: torch.Tensor | None = None, inplace: bool = False
+    log_joint: torch.Tensor, weights: torch.Tensor | None = None, inplace: bool = False, scale: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Posteriors over the states (axis -2) and the log-evidence summed over the points (axis -1),
-    each point weighted by ``weights`` (None: 1).
+    """Posteriors over the states (axis -2) and the log-evidence (nats) summed over the points
+    (axis -1), each point weighted by ``weights`` (None: 1).
+
+    ``scale``: the units of ``log_joint``, ``scale`` per nat. :data:`BITS` (log2) saves a pass
+    over the block: a caller that forms ``log_joint`` as a GEMM scales its parameters instead,
+    which costs nothing.
 
     Shape:
         log_joint: (..., K, n); weights: (n,) or broadcastable to (..., n) -> resp (..., K, n),
         total log-evidence (...)
     """
-    resp, peak, total = _normalize_bits(log_joint, -2, inplace)
+    resp, peak, total = _normalize_bits(log_joint, -2, inplace, scale)
     peak, total = peak.squeeze(-2), total.squeeze(-2)  # (..., n)
     if weights is not None:
         return resp, ((peak + total.log2() * LN_2) * weights).sum(-1)
     return resp, peak.sum(-1) + _sum_log2(total, bound=log_joint.shape[-2]) * LN_2
 
 
-def _normalize_bits(log_joint: torch.Tensor, dim: int, inplace: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _normalize_bits(
+    log_joint: torch.Tensor, dim: int, inplace: bool, scale: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """resp, the peak (nats) and the total (in [1, K]) with ``dim`` kept as size 1:
     ``logsumexp = peak + ln(total)``. Written out (to bits, max, shifted exp2, normalise) rather
     than ``softmax``/``logsumexp``: one exp2 per entry, several times faster over a short axis.
     The maximum is subtracted after the change of base, so the largest entry is exactly 0."""
-    bits = log_joint.mul_(LOG2_E) if inplace else log_joint * LOG2_E
+    if scale == BITS:
+        bits = log_joint
+    else:
+        bits = log_joint.mul_(BITS / scale) if inplace else log_joint * (BITS / scale)
     peak = bits.amax(dim, keepdim=True)
     # Clamp so that exp2, and the division by a total of at most K, stay above the smallest normal
     # number; a posterior changes by less than 3 * K * tiny.

@@ -132,8 +132,10 @@ class OwnReference:
         whole = len(parts) == 1
         return [(part, (self if whole else self._slice(part)).offsets(X, n_components, n_models)) for part in parts]
 
-    def write_log_prob(self, groups: list[tuple[slice, torch.Tensor]], log_joint: torch.Tensor) -> None:
-        """Overwrite the direct components' log joint densities in ``log_joint`` (R, M, K, n)."""
+    def write_log_prob(self, groups: list[tuple[slice, torch.Tensor]], log_joint: torch.Tensor,
+                       scale: float = 1.0) -> None:
+        """Overwrite the direct components' log joint densities in ``log_joint`` (R, M, K, n),
+        in units of ``scale`` per nat."""
         n = log_joint.shape[-1]
         for part, offsets in groups:
             index, log_prior = self.index[part], self.log_prior[part]
@@ -142,7 +144,7 @@ class OwnReference:
                 index, log_prior, offsets = index[direct], log_prior[direct], offsets[direct]
             if index.numel():
                 log_prob = self.family.direct_log_prob(offsets, self.theta, index)
-                log_joint.view(-1, n)[index] = log_prob + log_prior.unsqueeze(-1)
+                log_joint.view(-1, n)[index] = (log_prob + log_prior.unsqueeze(-1)) * scale
 
     def write_statistics(self, groups: list[tuple[slice, torch.Tensor]], resp: torch.Tensor, sums: torch.Tensor) -> None:
         """Overwrite the components' statistics ``sums`` (R, M, K, F) by those about their own

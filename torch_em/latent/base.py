@@ -26,6 +26,9 @@ class LatentStructure:
     parameter_names: tuple[str, ...] = ()
     #: Names of its own statistics in :attr:`Statistics.latent` (none for a mixture).
     statistic_names: tuple[str, ...] = ()
+    #: The units (per nat) its :meth:`posterior` takes log-densities in: the E-step scales the
+    #: emission GEMM's parameters by it (free), where a pass over the block would cost time.
+    log_joint_scale: float = 1.0
 
     def log_prior(self, latent: LatentParams) -> torch.Tensor | None:
         """A log-probability per state (R, M, K) that does not depend on the point, added to
@@ -38,8 +41,9 @@ class LatentStructure:
     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """Posterior over the states of every point of a chunk.
 
-        ``log_joint``: (R, M, K, n) emission log-densities plus :meth:`log_prior`, which the
-        structure may overwrite (its storage is the posterior's); ``weights``: (n,) / (M, n) or
+        ``log_joint``: (R, M, K, n) emission log-densities plus :meth:`log_prior`, in units of
+        :attr:`log_joint_scale` per nat, which the structure may overwrite (its storage is the
+        posterior's); ``weights``: (n,) / (M, n) or
         None. Returns the weighted posteriors (R, M, K, n) (``weights`` applied: what the
         emission statistics sum), the weighted log-evidence of the chunk (R, M) and the chunk's
         own statistics by name (additive over chunks).

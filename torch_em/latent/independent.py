@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from ..normalize import log_normalize_total
+from ..normalize import BITS, log_normalize_total
 from ..statistics import Statistics, floored_counts
 from .base import LatentParams, LatentStructure
 
@@ -22,6 +22,7 @@ class IndependentCategorical(LatentStructure):
 
     parameter_names = ("log_weights",)
     statistic_names = ()
+    log_joint_scale = BITS  # the normaliser's own units: no pass to change the base
 
     def log_prior(self, latent: LatentParams) -> torch.Tensor:
         return latent["log_weights"]
@@ -30,7 +31,7 @@ class IndependentCategorical(LatentStructure):
         self, log_joint: torch.Tensor, latent: LatentParams, weights: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         inplace = not log_joint.requires_grad
-        resp, log_evidence = log_normalize_total(log_joint, weights, inplace=inplace)  # (R, M, K, n), (R, M)
+        resp, log_evidence = log_normalize_total(log_joint, weights, inplace, self.log_joint_scale)  # (R, M, K, n), (R, M)
         if weights is not None:
             resp = resp.mul_(weights.unsqueeze(-2)) if inplace else resp * weights.unsqueeze(-2)
         return resp, log_evidence, {}

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from . import em as engine
-from ._validation import check_choice, check_family, check_finite, check_int, check_positive
+from ._validation import check_choice, check_family, check_finite, check_int, check_positive, check_sample_weight
 from .families.base import ComponentFamily, IllConditionedError, Theta
 from .latent import MIXTURE
 
@@ -155,6 +155,7 @@ def em(
     *,
     family: ComponentFamily,
     mask: torch.Tensor | None = None,
+    sample_weight: torch.Tensor | None = None,
     gradient: str = "unrolled",
     prior_count: float = 0.0,
     em_parameters: Sequence[str] | None = None,
@@ -171,6 +172,9 @@ def em(
         n_iter: EM iterations (>= 1).
         family: the component family (e.g. ``torch_em.Gaussian("diag")``).
         mask: ``(*batch, N)``: True / 1 for the points of each set, or weights in [0, 1].
+        sample_weight: ``(N,)`` or ``(*batch, N)`` non-negative weights of the points (a point
+            of weight w counts as w copies of it: integer weights fit as repeated points do),
+            multiplying the mask's. Not differentiated.
         gradient: ``"unrolled"``, ``"last"``, ``"implicit"`` or ``"none"`` (module docstring).
         prior_count: pseudo-points per component distributed like the whole set, added to the
             statistics before every M-step (MAP-style smoothing: a component that loses all its
@@ -200,7 +204,7 @@ def em(
         check_positive(implicit_tol, "implicit_tol")
     check_family(family)
     X = _checked_sets(X)
-    mask = _checked_mask(mask, X)
+    mask = _weights_of(_checked_mask(mask, X), sample_weight, X)
     params = _working_init(family, init, X)
     fixed = _held_parameters(family, params, em_parameters)
     sets = _Sets(family, X if gradient != "none" else X.detach(), mask, float(prior_count), fixed)
@@ -409,6 +413,19 @@ def _checked_mask(mask: Any, X: torch.Tensor) -> torch.Tensor | None:
     if not bool((mask > 0).any(-1).all()):
         raise ValueError("mask must keep at least one point of every set, got a set without points")
     return mask.to(device=X.device)
+
+
+def _weights_of(mask: torch.Tensor | None, sample_weight: Any, X: torch.Tensor) -> torch.Tensor | None:
+    """The points' weights (*batch, N): the mask's times ``sample_weight``'s, or None."""
+    weights = check_sample_weight(sample_weight, "sample_weight", n_points=X.shape[-2], batch_shape=X.shape[:-2],
+                                  device=X.device, dtype=X.dtype)
+    if weights is None:
+        return mask
+    weights = weights.detach().expand(X.shape[:-1])
+    weights = weights if mask is None else weights * mask.to(X.dtype)
+    if not bool((weights > 0).any(-1).all()):
+        raise ValueError("mask and sample_weight must keep at least one point of every set, got a set without points")
+    return weights
 
 
 def _working_init(family: ComponentFamily, init: Mapping[str, torch.Tensor], X: torch.Tensor) -> engine.Params:

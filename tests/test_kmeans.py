@@ -150,8 +150,9 @@ def test_callable_init_gets_each_models_data_and_a_seeded_random_state():
     torch_em.KMeans(3, init=init, n_init=1, batch_shape=(2,), seed=4, dtype=torch.float64).fit(data)
     assert [draw for _, draw in calls] == first_draws[:2]  # restart 0 gets what n_init=1 gets
     given = np.stack([clusters(3, 40, 2, seed=s)[:3] for s in range(2)])
-    fixed = torch_em.KMeans(3, init=lambda X, n_clusters, random_state: X[:n_clusters], batch_shape=(2,), dtype=torch.float64).fit(data)
-    assert torch.equal(fixed.cluster_centers_, torch_em.KMeans(3, init=given, batch_shape=(2,), dtype=torch.float64).fit(data).cluster_centers_)
+    options = dict(batch_shape=(2,), dtype=torch.float64)
+    fixed = torch_em.KMeans(3, init=lambda X, n_clusters, random_state: X[:n_clusters], **options).fit(data)
+    assert torch.equal(fixed.cluster_centers_, torch_em.KMeans(3, init=given, **options).fit(data).cluster_centers_)
     assert model.cluster_centers_.shape == (2, 3, 2)
 
 
@@ -187,8 +188,8 @@ def test_kmeans_plusplus_default_trials_are_two_plus_log_k():
     for seed in range(5):
         default = torch_em.kmeans_plusplus(X, 8, seed=seed)[1]
         np.testing.assert_array_equal(default, torch_em.kmeans_plusplus(X, 8, seed=seed, n_local_trials=2 + int(np.log(8)))[1])
-    differs = [not np.array_equal(torch_em.kmeans_plusplus(X, 8, seed=s)[1], torch_em.kmeans_plusplus(X, 8, seed=s, n_local_trials=1)[1])
-               for s in range(5)]
+    differs = [not np.array_equal(torch_em.kmeans_plusplus(X, 8, seed=s)[1],
+                                  torch_em.kmeans_plusplus(X, 8, seed=s, n_local_trials=1)[1]) for s in range(5)]
     assert any(differs)
 
 

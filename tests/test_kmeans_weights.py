@@ -177,7 +177,8 @@ def test_zero_weights_equal_removed_rows(init):
     np.testing.assert_allclose(with_zeros.cluster_centers_.numpy(), removed.cluster_centers_.numpy(), rtol=1e-10, atol=1e-10)
     assert float(with_zeros.inertia_) == pytest.approx(float(removed.inertia_), rel=1e-10)
     np.testing.assert_array_equal(with_zeros.labels_[kept].numpy(), removed.labels_.numpy())
-    assert float(with_zeros.score(X, sample_weight=weights)) == pytest.approx(float(removed.score(X[kept], sample_weight=weights[kept])), rel=1e-10)
+    kept_score = float(removed.score(X[kept], sample_weight=weights[kept]))
+    assert float(with_zeros.score(X, sample_weight=weights)) == pytest.approx(kept_score, rel=1e-10)
 
 
 def test_score_is_minus_weighted_inertia():
@@ -317,3 +318,18 @@ def test_float32_weights_overflow_rejected():
     X = clusters(3, 30, 2).astype(np.float32)
     with pytest.raises(ValueError, match="sample_weight sums to .* overflow torch.float32"):
         torch_em.KMeans(3).fit(X, sample_weight=np.full(len(X), 1e36, dtype=np.float32))
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_more_clusters_than_distinct_points_like_sklearn(weighted):
+    """Every point on its centre: nothing is relocated, and the cluster without weight sits at
+    the mean of the heaviest cluster (scikit-learn's convention)."""
+    X = np.repeat(np.array([[0.0, 0.0], [3.0, 1.0], [-2.0, 4.0]]), [4, 6, 5], axis=0)
+    weights = np.random.default_rng(33).uniform(0.5, 2.0, size=len(X)) if weighted else None
+    init = np.concatenate([X[[0, 4, 10]], X[[0]]])  # the last centre duplicates the first: it attracts nothing
+    with pytest.warns(Warning, match="distinct clusters"):
+        reference = SklearnKMeans(4, init=init, n_init=1, algorithm="lloyd").fit(X, sample_weight=weights)
+    ours = torch_em.KMeans(4, init=init, dtype=torch.float64).fit(X, sample_weight=weights)
+    np.testing.assert_allclose(ours.cluster_centers_.numpy(), reference.cluster_centers_, rtol=1e-12, atol=1e-12)
+    assert float(ours.inertia_) == pytest.approx(reference.inertia_, abs=1e-12)
+    np.testing.assert_array_equal(ours.labels_.numpy(), reference.labels_)

@@ -87,9 +87,9 @@ class KMeans(CheckedLoad, FollowsDataDtype):
         init: ``"k-means++"`` (greedy, as scikit-learn), ``"random"`` (K distinct data points),
             initial centres ``(K, D)`` / ``(*batch_shape, K, D)``, or a callable
             ``init(X, n_clusters, random_state=...) -> (K, D)`` (scikit-learn's signature), called for
-            every restart and model in turn (restart by restart) with that model's data as a
-            numpy array ``(N, D)`` on the CPU and one ``numpy.random.RandomState`` seeded from
-            ``seed``.
+            every restart and model in turn (restart by restart) with a copy of that model's data
+            as given (not centred) as a numpy array ``(N, D)`` on the CPU, and one
+            ``numpy.random.RandomState`` seeded from ``seed``.
         n_init: restarts per model (an extra batch dimension); the lowest inertia wins.
         max_iter: Lloyd iterations at most (>= 1).
         tol: a model stops when its squared centre shift is at most ``tol`` times the mean
@@ -108,8 +108,9 @@ class KMeans(CheckedLoad, FollowsDataDtype):
         ``"random"`` draws K distinct points proportionally to ``w``, and a cluster is empty when
         its weight is 0 (it takes the farthest point, with that point's weight). An integer
         weight equals repeating the row (up to rounding), a zero weight removes it from the
-        centres and the inertia (it is still labelled). ``tol`` ignores the weights, as in
-        scikit-learn.
+        centres and the inertia (it is still labelled). Both hold as long as no cluster empties:
+        as in scikit-learn, the farthest point moves whole (with all its weight) and may be a
+        point of zero weight. ``tol`` ignores the weights, as in scikit-learn.
 
     Scope and numerics:
         Elkan's algorithm is not offered: Lloyd's dense GEMM + argmin keeps every model (and
@@ -468,7 +469,8 @@ def kmeans_plusplus(
     The first centre is a row drawn uniformly (proportionally to ``sample_weight`` when given);
     each later one is the best of ``n_local_trials`` (default ``2 + int(log(n_clusters))``)
     candidates drawn proportionally to ``w * D^2``, D the distance to the nearest centre so far:
-    the one leaving the least weighted potential. A point of zero weight is never chosen.
+    the one leaving the least weighted potential. A point of zero weight is never chosen while
+    a point of positive weight is left unchosen.
 
     Args:
         X: data; numpy (or anything array-like) in gives numpy out, a tensor gives tensors on

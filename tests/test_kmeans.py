@@ -112,3 +112,126 @@ def test_bad_arguments(kwargs, name):
 def test_init_centres_of_wrong_shape_rejected():
     with pytest.raises(ValueError, match="init"):
         torch_em.KMeans(3, init=np.zeros((2, 5))).fit(clusters())
+
+
+def test_max_iter_zero_rejected_with_a_message_naming_it():
+    with pytest.raises(ValueError, match=r"^max_iter must be an integer >= 1, got 0$"):
+        torch_em.KMeans(2, max_iter=0)
+
+
+def first_rows(X, n_clusters, random_state):
+    return X[:n_clusters].copy()  # scikit-learn's Lloyd loop would write into a view of its X
+
+
+def test_callable_init_matches_sklearn():
+    X = clusters()
+    reference = SklearnKMeans(6, init=first_rows, n_init=1, algorithm="lloyd").fit(X)
+    ours = torch_em.KMeans(6, init=first_rows, dtype=torch.float64).fit(X)
+    np.testing.assert_allclose(ours.cluster_centers_.numpy(), reference.cluster_centers_, rtol=1e-10, atol=1e-10)
+    assert float(ours.inertia_) == pytest.approx(reference.inertia_, rel=1e-10)
+    assert int(ours.n_iter_) == reference.n_iter_
+
+
+def test_callable_init_gets_each_models_data_and_a_seeded_random_state():
+    data = np.stack([clusters(3, 40, 2, seed=s) for s in range(2)])  # (2, N, 2)
+    calls = []
+
+    def init(X, n_clusters, random_state):
+        assert isinstance(X, np.ndarray) and isinstance(random_state, np.random.RandomState)
+        calls.append((X.copy(), random_state.randint(1 << 30)))
+        return X[random_state.choice(len(X), n_clusters, replace=False)]
+
+    model = torch_em.KMeans(3, init=init, n_init=2, batch_shape=(2,), seed=4, dtype=torch.float64).fit(data)
+    assert len(calls) == 4  # restart by restart, model by model
+    for (X, _), b in zip(calls, [0, 1, 0, 1]):
+        np.testing.assert_array_equal(X, data[b])
+    first_draws = [draw for _, draw in calls]
+    calls.clear()
+    torch_em.KMeans(3, init=init, n_init=1, batch_shape=(2,), seed=4, dtype=torch.float64).fit(data)
+    assert [draw for _, draw in calls] == first_draws[:2]  # restart 0 gets what n_init=1 gets
+    given = np.stack([clusters(3, 40, 2, seed=s)[:3] for s in range(2)])
+    options = dict(batch_shape=(2,), dtype=torch.float64)
+    fixed = torch_em.KMeans(3, init=lambda X, n_clusters, random_state: X[:n_clusters], **options).fit(data)
+    assert torch.equal(fixed.cluster_centers_, torch_em.KMeans(3, init=given, **options).fit(data).cluster_centers_)
+    assert model.cluster_centers_.shape == (2, 3, 2)
+
+
+@pytest.mark.parametrize("returned, message", [
+    (np.zeros((2, 5)), r"init\(X, n_clusters, random_state\) must return centres of shape \(3, 5\), got \(2, 5\)"),
+    (np.full((3, 5), np.nan), r"init\(X, n_clusters, random_state\) must be finite"),
+])
+def test_callable_init_result_checked_and_model_unchanged(returned, message):
+    X = clusters()
+    model = torch_em.KMeans(3, seed=0).fit(X)
+    before = model.cluster_centers_.clone()
+    model.init = lambda X, n_clusters, random_state: returned
+    with pytest.raises(ValueError, match=message):
+        model.fit(X)
+    assert torch.equal(model.cluster_centers_, before)
+
+
+def test_kmeans_plusplus_returns_rows_of_X_as_numpy_or_tensors(device):
+    X = clusters(5, 40, 3, seed=2)
+    centers, indices = torch_em.kmeans_plusplus(X, 5, seed=0)
+    assert isinstance(centers, np.ndarray) and isinstance(indices, np.ndarray)
+    assert centers.shape == (5, 3) and indices.shape == (5,) and centers.dtype == X.dtype
+    np.testing.assert_array_equal(centers, X[indices])
+    assert len(set(indices.tolist())) == 5
+    tensor = torch.as_tensor(X, device=device)
+    centers_t, indices_t = torch_em.kmeans_plusplus(tensor, 5, seed=0)
+    assert centers_t.device == tensor.device and torch.equal(centers_t, tensor[indices_t])
+    assert indices_t.dtype == torch.long
+
+
+def test_kmeans_plusplus_default_trials_are_two_plus_log_k():
+    X = clusters(8, 30, 2, seed=3)
+    for seed in range(5):
+        default = torch_em.kmeans_plusplus(X, 8, seed=seed)[1]
+        np.testing.assert_array_equal(default, torch_em.kmeans_plusplus(X, 8, seed=seed, n_local_trials=2 + int(np.log(8)))[1])
+    differs = [not np.array_equal(torch_em.kmeans_plusplus(X, 8, seed=s)[1],
+                                  torch_em.kmeans_plusplus(X, 8, seed=s, n_local_trials=1)[1]) for s in range(5)]
+    assert any(differs)
+
+
+def test_kmeans_plusplus_batched_equals_one_by_one():
+    data = np.stack([clusters(4, 30, 2, seed=s) for s in range(3)])  # (3, N, 2)
+    weights = np.random.default_rng(0).uniform(size=data.shape[:2])
+    centers, indices = torch_em.kmeans_plusplus(data, 4, sample_weight=weights, seed=7)
+    assert centers.shape == (3, 4, 2) and indices.shape == (3, 4)
+    for b in range(3):
+        single = torch_em.kmeans_plusplus(data[b], 4, sample_weight=weights[b], seed=7)
+        np.testing.assert_array_equal(indices[b], single[1])
+        np.testing.assert_array_equal(centers[b], single[0])
+
+
+def test_kmeans_plusplus_seeds_kmeans():
+    """KMeans(seed=s) starts from kmeans_plusplus(X, K, seed=s) (one dataset)."""
+    X = clusters(6, 50, 3, seed=4)
+    seeded = torch_em.KMeans(6, seed=3, dtype=torch.float64).fit(X)
+    given = torch_em.KMeans(6, init=torch_em.kmeans_plusplus(X, 6, seed=3)[0], dtype=torch.float64).fit(X)
+    assert torch.equal(seeded.cluster_centers_, given.cluster_centers_)
+
+
+def test_kmeans_plusplus_potential_close_to_sklearn():
+    from sklearn.cluster import kmeans_plusplus as sklearn_kmeans_plusplus
+
+    X = clusters(10, 40, 2, seed=5)
+
+    def potential(centers):
+        return ((X[:, None] - centers[None]) ** 2).sum(-1).min(1).sum()
+
+    ours = np.mean([potential(torch_em.kmeans_plusplus(X, 10, seed=s)[0]) for s in range(30)])
+    reference = np.mean([potential(sklearn_kmeans_plusplus(X, 10, random_state=s)[0]) for s in range(30)])
+    assert ours <= 1.15 * reference
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(n_clusters=0), "n_clusters must be an integer >= 1"),
+    (dict(n_clusters=500), "X must have at least 500 sample"),
+    (dict(n_clusters=3, n_local_trials=0), "n_local_trials must be an integer >= 1"),
+    (dict(n_clusters=3, seed=-1), "seed must be an integer >= 0"),
+    (dict(n_clusters=3, sample_weight=np.ones(3)), r"sample_weight must have shape \(100,\)"),
+])
+def test_kmeans_plusplus_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        torch_em.kmeans_plusplus(clusters(2, 50, 2)[:100], **kwargs)

@@ -3,7 +3,7 @@ from .em import ConvergenceWarning, FitFailedWarning
 from .families.base import NotFittedError
 from .families import Bernoulli, Categorical, ComponentFamily, Exponential, Gamma, Gaussian, IllConditionedError, Poisson, Product, VonMisesFisher
 from .gaussian_mixture import GaussianMixture
-from .kmeans import KMeans
+from .kmeans import KMeans, kmeans_plusplus
 from .mixture import Mixture
 from . import functional, nn
 from .functional import EMState, ImplicitGradientWarning
@@ -33,6 +33,7 @@ __all__ = [
     "Mixture",
     "NotFittedError",
     "functional",
+    "kmeans_plusplus",
     "nn",
     "reset_optimizer_state",
     "saved_tensor_bytes",

@@ -14,7 +14,8 @@ AUTOCAST_DEVICE_TYPES = ("cpu", "cuda")
 
 
 def without_autocast(method: Method) -> Method:
-    """Run a model's method with autocast disabled, so that it computes in the model's dtype.
+    """Run a model's method (or a function of data, its first argument) with autocast
+    disabled, so that it computes in the model's (data's) dtype.
 
     Under ``torch.autocast(dtype=torch.bfloat16)`` matrix products would run in bfloat16: the
     E-step statistics lose all but 3 digits (covariances stop being positive definite, k-means
@@ -31,9 +32,12 @@ def without_autocast(method: Method) -> Method:
     return wrapper  # type: ignore[return-value]
 
 
-def _device_type(module: torch.nn.Module) -> str:
-    tensor = next(iter(module.buffers()), None)
-    return "cpu" if tensor is None else tensor.device.type
+def _device_type(owner: Any) -> str:
+    """The device type of a module's first buffer, or of a function's first argument when it is
+    a tensor (the data); "cpu" otherwise."""
+    if isinstance(owner, torch.nn.Module):
+        owner = next(iter(owner.buffers()), None)
+    return owner.device.type if isinstance(owner, torch.Tensor) else "cpu"
 
 
 def _autocast_enabled(device_type: str) -> bool:

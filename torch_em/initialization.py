@@ -4,7 +4,7 @@ Shapes as in :mod:`torch_em.lloyd`: a working batch ``(R, M)`` (restarts x model
 ``X (N, D)`` shared by every model or ``X (M, N, D)``, already centred; centres
 ``(R, M, K, D)``, labels ``(R, M, N)``. Randomness comes from one generator per restart
 (``RestartStreams``), so a seed reproduces everything and restart r does not depend on how
-many restarts run.
+many restarts run. Sample weights, where a function takes them, are ``(N,)`` or ``(M, N)``.
 """
 from __future__ import annotations
 
@@ -14,47 +14,84 @@ from typing import Callable
 import torch
 
 from ._random import RestartStreams
-from .lloyd import accumulator_dtype, gather_points, lloyd, nearest, relative_tolerance, row_chunks, squared_distances
+from .lloyd import (
+    accumulator_dtype, broadcast_weights, gather_points, lloyd, nearest, relative_tolerance, row_chunks, squared_distances,
+)
 
 METHODS = ("k-means++", "kmeans", "random", "random_from_data")
 #: Lloyd iterations run after k-means++ seeding by the default initialisation.
 SEEDING_LLOYD_ITERATIONS = 5
 
 
-def random_points(X: torch.Tensor, M: int, K: int, streams: RestartStreams) -> torch.Tensor:
-    """K distinct random data points per model: (R, M, K, D)."""
-    keys = streams.rand(M, X.shape[-2])
+def random_points(
+    X: torch.Tensor, M: int, K: int, streams: RestartStreams, weights: torch.Tensor | None = None
+) -> torch.Tensor:
+    """K distinct random data points per model: (R, M, K, D). With ``weights`` a weighted draw
+    without replacement (as numpy's ``choice(replace=False, p=w / w.sum())``): the K largest
+    keys ``log(u) / w`` (Efraimidis-Spirakis); a zero-weight point comes last."""
+    keys = streams.rand(M, X.shape[-2])  # (R, M, N)
+    if weights is not None:
+        keys = keys.log() / broadcast_weights(weights)
     return gather_points(X, keys.topk(K, dim=-1).indices)
 
 
-def kmeans_plusplus(X: torch.Tensor, M: int, K: int, streams: RestartStreams, chunk_size: int) -> torch.Tensor:
-    """Greedy k-means++ seeding (as scikit-learn): each new centre is the best of 2 + log K
-    candidates drawn with probability proportional to the squared distance to the nearest
-    centre chosen so far. Returns centres (R, M, K, D).
+def draw_proportional(mass: torch.Tensor, streams: RestartStreams, M: int, n_draws: int) -> torch.Tensor:
+    """Indices (R, M, n_draws) drawn with probability proportional to ``mass`` (R, M, N)
+    (non-negative, in the draws' dtype). An index of zero mass is never drawn, unless a model
+    has no mass at all (then 0)."""
+    cumulative = mass.cumsum(-1)  # non-decreasing: a step up means mass of its own
+    total = cumulative[..., -1:].contiguous()
+    targets = streams.rand(M, n_draws, dtype=mass.dtype) * total
+    index = torch.searchsorted(cumulative, targets, right=True)  # first cumulative above the target
+    return torch.minimum(index, torch.searchsorted(cumulative, total))  # a target rounded up to total
+
+
+def kmeans_plusplus(
+    X: torch.Tensor, M: int, K: int, streams: RestartStreams, chunk_size: int, weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Greedy k-means++ seeding (see :func:`kmeans_plusplus_indices`): centres (R, M, K, D)."""
+    return gather_points(X, kmeans_plusplus_indices(X, M, K, streams, chunk_size, weights))
+
+
+def kmeans_plusplus_indices(
+    X: torch.Tensor, M: int, K: int, streams: RestartStreams, chunk_size: int,
+    weights: torch.Tensor | None = None, n_local_trials: int | None = None,
+) -> torch.Tensor:
+    """Greedy k-means++ seeding (as scikit-learn): each new centre is the best of
+    ``n_local_trials`` (default 2 + log K) candidates drawn with probability proportional to
+    ``w * D^2``, D the distance to the nearest centre chosen so far; the best leaves the least
+    weighted potential ``sum_n w_n min(D_n^2, |x_n - candidate|^2)``. The first centre is drawn
+    uniformly, or proportionally to ``w`` with ``weights`` (N,) / (M, N).
+
+    Returns the centres' row indices (R, M, K) into X.
 
     The uniforms are drawn, and the distances summed, in float64 whatever X's dtype (float32 on
     devices without float64), so float32 and float64 data pick the same points for a seed."""
     R, n_points = len(streams), X.shape[-2]
-    n_trials = 2 + int(math.log(K))
+    n_trials = n_local_trials or 2 + int(math.log(K))
     draw_dtype = accumulator_dtype(X.device)
-    first = streams.randint(n_points, M, 1)
-    centres = [gather_points(X, first)]
-    closest = nearest(X, centres[0], chunk_size)[1]  # (R, M, N)
+    if weights is None:
+        first = streams.randint(n_points, M, 1)
+    else:
+        first = draw_proportional(broadcast_weights(weights.to(draw_dtype)).expand(R, M, n_points).contiguous(), streams, M, 1)
+    indices = [first]
+    closest = nearest(X, gather_points(X, first), chunk_size)[1]  # (R, M, N)
     for _ in range(1, K):
-        cumulative = closest.to(draw_dtype).cumsum(-1)
-        targets = streams.rand(M, n_trials, dtype=draw_dtype)
-        targets = targets * cumulative[..., -1:]
-        candidates = torch.searchsorted(cumulative, targets).clamp_max_(n_points - 1)  # (R, M, t)
+        mass = closest.to(draw_dtype) if weights is None else closest.to(draw_dtype) * broadcast_weights(weights)
+        candidates = draw_proportional(mass, streams, M, n_trials)  # (R, M, t)
         candidate_points = gather_points(X, candidates)  # (R, M, t, D)
         potentials = torch.zeros(R, M, n_trials, dtype=X.dtype, device=X.device)
         for start, stop in row_chunks(n_points, chunk_size):
             d = squared_distances(X[..., start:stop, :], candidate_points)  # (R, M, t, n)
-            potentials += torch.minimum(d, closest[..., None, start:stop]).sum(-1)
+            reached = torch.minimum(d, closest[..., None, start:stop])
+            if weights is not None:
+                reached = reached * broadcast_weights(weights[..., start:stop]).unsqueeze(-2)
+            potentials += reached.sum(-1)
         best = potentials.argmin(-1, keepdim=True)  # (R, M, 1)
+        indices.append(candidates.gather(2, best))
         chosen = candidate_points.gather(2, best.unsqueeze(-1).expand(R, M, 1, X.shape[-1]))
-        centres.append(chosen)
         closest = torch.minimum(closest, nearest(X, chosen, chunk_size)[1])
-    return torch.cat(centres, 2)
+    return torch.cat(indices, 2)
 
 
 def initial_responsibilities(

@@ -4,6 +4,8 @@ centres, per-cluster sums.
 Everything works on a working batch ``(R, M)`` (restarts x models) and on data shared by every
 model, ``X (N, D)``, or one dataset per model, ``X (M, N, D)``; data are expected to be centred
 already (the caller subtracts its shift). Centres are ``(R, M, K, D)``, labels ``(R, M, N)``.
+Optional sample weights are ``(N,)`` (one weight per row, shared by every model) or ``(M, N)``;
+``None`` (every weight 1) keeps the unweighted arithmetic (no product by ones anywhere).
 """
 from __future__ import annotations
 
@@ -21,6 +23,17 @@ def row_chunks(n_points: int, chunk_size: int) -> list[tuple[int, int]]:
 def broadcast_points(X: torch.Tensor) -> torch.Tensor:
     """(N, D) -> (1, 1, N, D); (M, N, D) -> (1, M, N, D): broadcasts against (R, M, ...)."""
     return X.unsqueeze(0).unsqueeze(0) if X.dim() == 2 else X.unsqueeze(0)
+
+
+def broadcast_weights(weights: torch.Tensor) -> torch.Tensor:
+    """(N,) -> (1, 1, N); (M, N) -> (1, M, N): broadcasts against labels (R, M, N)."""
+    return weights.view(1, 1, -1) if weights.dim() == 1 else weights.unsqueeze(0)
+
+
+def weighted_total(values: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """``sum_n w_n values[..., n]`` over the last axis of values (R, M, N): (R, M); the plain sum
+    without weights."""
+    return values.sum(-1) if weights is None else (values * broadcast_weights(weights)).sum(-1)
 
 
 def _centre_scores(X: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
@@ -91,27 +104,51 @@ def accumulator_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64
 
 
+def flat_cluster_index(labels: torch.Tensor, n_clusters: int) -> torch.Tensor:
+    """Labels (R, M, n) as indices (R*M*n,) into the flattened clusters (R*M*K) of every model."""
+    R, M = labels.shape[:2]
+    offsets = (torch.arange(R * M, device=labels.device) * n_clusters).view(R, M, 1)
+    return (labels + offsets).reshape(-1)
+
+
 def cluster_sums(
-    X: torch.Tensor, labels: torch.Tensor, n_clusters: int, chunk_size: int, dtype: torch.dtype | None = None
+    X: torch.Tensor, labels: torch.Tensor, n_clusters: int, chunk_size: int, dtype: torch.dtype | None = None,
+    weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-cluster sums of points (R, M, K, D) and counts (R, M, K) for labels (R, M, N), by
-    scatter-add (linear in N, no N x K one-hot), accumulated in ``dtype`` (default X's)."""
+    scatter-add (linear in N, no N x K one-hot), accumulated in ``dtype`` (default X's). With
+    ``weights`` (N,) or (M, N) they are the sums of ``w x`` and of ``w``."""
     R, M = labels.shape[:2]
     D, dtype = X.shape[-1], dtype or X.dtype
     sums = X.new_zeros(R * M * n_clusters, D, dtype=dtype)
     counts = X.new_zeros(R * M * n_clusters, dtype=dtype)
-    offsets = (torch.arange(R * M, device=X.device) * n_clusters).view(R, M, 1)
     for start, stop in row_chunks(X.shape[-2], chunk_size):
-        flat = (labels[..., start:stop] + offsets).reshape(-1)  # (R*M*n,)
-        points = broadcast_points(X[..., start:stop, :].to(dtype)).expand(R, M, stop - start, D).reshape(-1, D)
-        sums.index_add_(0, flat, points)
-        counts += torch.bincount(flat, minlength=R * M * n_clusters).to(dtype)
+        flat = flat_cluster_index(labels[..., start:stop], n_clusters)  # (R*M*n,)
+        points = broadcast_points(X[..., start:stop, :].to(dtype)).expand(R, M, stop - start, D)
+        if weights is None:
+            sums.index_add_(0, flat, points.reshape(-1, D))
+            counts += torch.bincount(flat, minlength=R * M * n_clusters).to(dtype)
+        else:
+            w = broadcast_weights(weights[..., start:stop].to(dtype)).expand(R, M, stop - start)
+            sums.index_add_(0, flat, (points * w.unsqueeze(-1)).reshape(-1, D))
+            counts.index_add_(0, flat, w.reshape(-1))
     return sums.view(R, M, n_clusters, D), counts.view(R, M, n_clusters)
+
+
+def positive_members(labels: torch.Tensor, weights: torch.Tensor, n_clusters: int) -> torch.Tensor:
+    """Members of positive weight per cluster (R, M, K), exact integers, for labels (R, M, N) and
+    weights (N,) or (M, N). A cluster is empty when it has none (scikit-learn: zero weight),
+    whatever rounding the running weight sums carry after points come and go."""
+    R, M, N = labels.shape
+    positive = (broadcast_weights(weights) > 0).expand(R, M, N).reshape(-1).long()
+    members = torch.zeros(R * M * n_clusters, dtype=torch.long, device=labels.device)
+    return members.index_add_(0, flat_cluster_index(labels, n_clusters), positive).view(R, M, n_clusters)
 
 
 def relative_tolerance(X: torch.Tensor, tol: float) -> torch.Tensor:
     """scikit-learn's k-means tolerance: ``tol`` times the mean per-feature variance of each
-    model's data, () for shared X or (M,) for per-model X."""
+    model's data, () for shared X or (M,) for per-model X. Sample weights play no part (as in
+    scikit-learn's ``_tolerance``)."""
     if X.shape[-2] < 2:
         return X.new_zeros(X.shape[:-2])
     return tol * X.var(-2).mean(-1)
@@ -127,11 +164,13 @@ class LloydResult:
 
 
 def _move_points(
-    X: torch.Tensor, sums: torch.Tensor, counts: torch.Tensor, old: torch.Tensor, new: torch.Tensor
+    X: torch.Tensor, sums: torch.Tensor, counts: torch.Tensor, old: torch.Tensor, new: torch.Tensor,
+    weights: torch.Tensor | None = None, members: torch.Tensor | None = None,
 ) -> None:
     """Update per-cluster sums (R, M, K, D) and counts (R, M, K) in place for the points whose
     label changes from ``old`` to ``new`` (R, M, N): after the first steps few points move, so
-    this is far cheaper than summing all points again."""
+    this is far cheaper than summing all points again. With ``weights`` (N,) or (M, N) a point
+    carries ``w x`` and ``w``, and ``members`` (R, M, K), the members of positive weight, follow."""
     R, M, K, D = sums.shape
     N = old.shape[-1]
     flat = (new != old).view(-1).nonzero().squeeze(1)  # flat (R*M*N) indices of the moved points
@@ -141,57 +180,86 @@ def _move_points(
     rows = point if X.dim() == 2 else model.remainder(M) * N + point  # rows of X.reshape(-1, D)
     points = X.reshape(-1, D).index_select(0, rows).to(sums.dtype)
     into, out_of = model * K + new.view(-1).index_select(0, flat), model * K + old.view(-1).index_select(0, flat)
-    ones = points.new_ones(len(flat))
+    if weights is None:
+        mass = points.new_ones(len(flat))
+    else:
+        weight_rows = point if weights.dim() == 1 else model.remainder(M) * N + point
+        mass = weights.reshape(-1).index_select(0, weight_rows).to(sums.dtype)
+        points = points * mass.unsqueeze(-1)
+        positive = (mass > 0).long()
+        members.view(-1).index_add_(0, into, positive).index_add_(0, out_of, positive, alpha=-1)
     sums.view(-1, D).index_add_(0, into, points).index_add_(0, out_of, points, alpha=-1)
-    counts.view(-1).index_add_(0, into, ones).index_add_(0, out_of, ones, alpha=-1)
+    counts.view(-1).index_add_(0, into, mass).index_add_(0, out_of, mass, alpha=-1)
 
 
 def _relocate_empty(
-    X: torch.Tensor, labels: torch.Tensor, dist: torch.Tensor, sums: torch.Tensor, counts: torch.Tensor, empty: torch.Tensor
+    X: torch.Tensor, labels: torch.Tensor, dist: torch.Tensor, sums: torch.Tensor, counts: torch.Tensor,
+    empty: torch.Tensor, weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """As scikit-learn: the j-th empty cluster takes the j-th farthest point from its centre,
-    which leaves its former cluster. sums (R, M, K, D), counts and empty (R, M, K), labels and
-    dist (R, M, N)."""
+    """As scikit-learn: the j-th empty cluster takes the j-th farthest point from its centre
+    (farthest unweighted), which leaves its former cluster with its weight. A model whose
+    points all sit on their centres relocates nothing (more clusters than distinct points).
+    sums (R, M, K, D), counts and empty (R, M, K), labels and dist (R, M, N), weights (N,) or
+    (M, N). Returns sums and counts; a cluster left without weight has count 0."""
     R, M, K, D = sums.shape
-    rank = (empty.cumsum(-1) - 1).clamp_min(0)
+    relocated = empty & (dist.amax(-1, keepdim=True) > 0)
+    rank = (relocated.cumsum(-1) - 1).clamp_min(0)
     chosen = dist.topk(K, dim=-1).indices.gather(-1, rank)  # (R, M, K) point per component
     points = gather_points(X, chosen)  # (R, M, K, D)
     donor = labels.gather(-1, chosen)  # the cluster each chosen point leaves
-    moved = empty.to(X.dtype)
-    sums = sums.scatter_add(2, donor.unsqueeze(-1).expand(R, M, K, D), -points * moved.unsqueeze(-1))
+    moved = relocated.to(X.dtype)  # the weight each chosen point carries
+    if weights is not None:
+        moved = moved * broadcast_weights(weights).expand(R, M, -1).gather(-1, chosen)
+    points = points * moved.unsqueeze(-1)
+    sums = sums.scatter_add(2, donor.unsqueeze(-1).expand(R, M, K, D), -points)
     counts = counts.scatter_add(2, donor, -moved)
-    return torch.where(empty.unsqueeze(-1), points, sums), torch.where(empty, torch.ones_like(counts), counts)
+    return torch.where(empty.unsqueeze(-1), points, sums), torch.where(empty, moved, counts)
+
+
+def _cluster_means(sums: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """``sums / counts`` (R, M, K, D); as in scikit-learn, a cluster without weight sits at the
+    mean of the heaviest cluster of its model."""
+    R, M, K, D = sums.shape
+    weightless = counts <= 0
+    means = sums / torch.where(weightless, torch.ones_like(counts), counts).unsqueeze(-1)
+    heaviest = counts.argmax(-1, keepdim=True).unsqueeze(-1).expand(R, M, 1, D)
+    return torch.where(weightless.unsqueeze(-1), means.gather(2, heaviest), means)
 
 
 def lloyd(
-    X: torch.Tensor, centres: torch.Tensor, *, max_iter: int, tol: float | torch.Tensor, chunk_size: int
+    X: torch.Tensor, centres: torch.Tensor, *, max_iter: int, tol: float | torch.Tensor, chunk_size: int,
+    weights: torch.Tensor | None = None,
 ) -> LloydResult:
     """Lloyd iterations from ``centres`` (R, M, K, D); each model stops on its own once its
-    squared centre shift is at most ``tol`` (absolute; broadcastable to (R, M)).
+    squared centre shift is at most ``tol`` (absolute; broadcastable to (R, M)). ``weights``
+    (N,) or (M, N): sample weights (centres are weighted means), or None.
 
-    As in scikit-learn, an empty cluster takes the point farthest from its centre (the j-th
-    empty cluster the j-th farthest point), which leaves its former cluster. The per-cluster
-    sums are summed once and then kept up to date from the points that change cluster, in
-    float64 (float32 on devices without it).
+    As in scikit-learn, an empty cluster (one without weight) takes the point farthest from its
+    centre (the j-th empty cluster the j-th farthest point), which leaves its former cluster. The
+    per-cluster sums are summed once and then kept up to date from the points that change
+    cluster, in float64 (float32 on devices without it); with weights, emptiness is decided on
+    exact counts of the members of positive weight.
     """
     R, M, K, D = centres.shape
     active = torch.ones(R, M, dtype=torch.bool, device=X.device)
     n_iter = torch.zeros(R, M, dtype=torch.long, device=X.device)
     norms = X.square().sum(-1)  # (N,) or (M, N)
     labels, dist = nearest(X, centres, chunk_size, norms)
-    running_sums, running_counts = cluster_sums(X, labels, K, chunk_size, accumulator_dtype(X.device))
+    running_sums, running_counts = cluster_sums(X, labels, K, chunk_size, accumulator_dtype(X.device), weights)
+    members = None if weights is None else positive_members(labels, weights, K)
     for iteration in range(1, max_iter + 1):
         sums, counts = running_sums.to(X.dtype), running_counts.to(X.dtype)
-        empty = counts == 0
+        empty = counts == 0 if members is None else members == 0
         if bool(empty.any()):
-            sums, counts = _relocate_empty(X, labels, dist, sums, counts, empty)
-        new = sums / counts.clamp_min(1).unsqueeze(-1)
+            new = _cluster_means(*_relocate_empty(X, labels, dist, sums, counts, empty, weights))
+        else:
+            new = sums / counts.unsqueeze(-1)
         shift = (new - centres).square().sum((-1, -2))  # (R, M)
         centres = torch.where(active[..., None, None], new, centres)
         n_iter = torch.where(active, iteration, n_iter)
         previous = labels
         labels, dist = nearest(X, centres, chunk_size, norms)
-        _move_points(X, running_sums, running_counts, previous, labels)
+        _move_points(X, running_sums, running_counts, previous, labels, weights, members)
         active &= shift > tol
         if not bool(active.any()):
             break

@@ -150,9 +150,9 @@ def test_functional_em_weights_equal_repeated_points():
 
 @pytest.mark.parametrize("bad, message", [
     (lambda n: np.ones(5), r"sample_weight must have shape \(231,\) \(one weight per point of X\), got \(5,\)"),
-    (lambda n: -np.ones(n), r"sample_weight must be non-negative, got a minimum of -1"),
+    (lambda n: -np.ones(n), r"sample_weight must be non-negative, got minimum -1"),
     (lambda n: np.full(n, np.nan), r"sample_weight must be finite"),
-    (lambda n: np.zeros(n), r"sample_weight must give every model a positive total weight"),
+    (lambda n: np.zeros(n), r"sample_weight must have a positive sum for every model, got 0"),
 ], ids=["shape", "negative", "nan", "zero"])
 def test_bad_weights_are_rejected_and_change_nothing(bad, message):
     X, _, _ = weighted_data()
@@ -214,3 +214,17 @@ def test_weighted_score_is_the_weighted_mean_of_score_samples():
     expected = (model.score_samples(X) * weights).sum() / weights.sum()
     torch.testing.assert_close(model.score(X, sample_weight=weights), expected, rtol=1e-12, atol=0)
     assert not math.isclose(float(model.score(X, sample_weight=weights)), float(model.score(X)), rel_tol=1e-6)
+
+
+def test_default_initialisation_never_seeds_at_a_zero_weight_point():
+    """k-means++ (and random_from_data) draw in proportion to the weights: far outliers of weight
+    0 never become a component, as they would without weights."""
+    X, _, _ = weighted_data()
+    outliers = torch.full((5, 3), 1e3, dtype=F64)
+    data = torch.cat([X, outliers])
+    weights = torch.cat([torch.ones(len(X), dtype=F64), torch.zeros(5, dtype=F64)])
+    for init_params in ("k-means++", "random_from_data"):
+        for seed in range(5):
+            model = quiet(torch_em.GaussianMixture(3, init_params=init_params, seed=seed, max_iter=1, dtype=F64).fit,
+                          data, sample_weight=weights)
+            assert float(model.means.abs().max()) < 100, (init_params, seed)

@@ -254,18 +254,20 @@ def check_sample_weight(
     dtype: torch.dtype,
 ) -> torch.Tensor | None:
     """Per-point weights as a tensor ``(N,)`` (the same for every model) or ``(*batch_shape, N)``
-    (one set per model), finite and non-negative, with a positive total for every model; None
+    (one set per model), finite and non-negative, with a positive sum for every model; None
     stays None."""
     if sample_weight is None:
         return None
     weights = as_float_tensor(sample_weight, name, device=device, dtype=dtype)
-    shapes = [(n_points,)] + ([(*batch_shape, n_points)] if len(batch_shape) else [])
+    batch = tuple(batch_shape)
+    shapes = [(n_points,)] + ([(*batch, n_points)] if batch else [])
     if tuple(weights.shape) not in shapes:
         expected = " or ".join(str(shape) for shape in shapes)
         raise ValueError(f"{name} must have shape {expected} (one weight per point of X), got {tuple(weights.shape)}")
     check_finite(weights, name)
-    if bool((weights < 0).any()):
-        raise ValueError(f"{name} must be non-negative, got a minimum of {weights.min().item():g}")
-    if bool((weights.sum(-1) <= 0).any()):
-        raise ValueError(f"{name} must give every model a positive total weight, got a total of 0")
+    check_positive_tensor(weights, name, allow_zero=True)
+    totals = weights.sum(-1)  # () or (*batch_shape)
+    if not bool((totals > 0).all()):
+        where = "" if totals.dim() == 0 else f" for model(s) {[tuple(i) for i in (totals <= 0).nonzero().tolist()]}"
+        raise ValueError(f"{name} must have a positive sum for every model, got 0{where}")
     return weights

@@ -96,13 +96,15 @@ def kmeans_plusplus_indices(
 
 def initial_responsibilities(
     method: str, X: torch.Tensor, M: int, K: int, streams: RestartStreams, chunk_size: int,
-    centres: torch.Tensor | None = None,
+    centres: torch.Tensor | None = None, weights: torch.Tensor | None = None,
 ) -> Callable[[int, int], torch.Tensor]:
     """Initial responsibilities as a function ``resp(start, stop) -> (R, M, K, stop - start)``
     (generated chunk by chunk, so N x K is never materialised for random responsibilities).
 
     ``centres`` (R, M, K, D), when given (e.g. ``means_init``), replace the seeding: points are
-    assigned to the nearest given centre.
+    assigned to the nearest given centre. ``weights`` (N,) or (M, N) of the points weight the
+    seeding (k-means++, Lloyd, random data points) as scikit-learn's k-means does; random
+    responsibilities do not depend on them.
     """
     if method == "random" and centres is None:
         def random_resp(start: int, stop: int) -> torch.Tensor:
@@ -112,12 +114,12 @@ def initial_responsibilities(
         return random_resp
     if centres is None:
         if method == "random_from_data":
-            centres = random_points(X, M, K, streams)
+            centres = random_points(X, M, K, streams, weights)
         else:
-            centres = kmeans_plusplus(X, M, K, streams, chunk_size)
+            centres = kmeans_plusplus(X, M, K, streams, chunk_size, weights)
             n_lloyd = SEEDING_LLOYD_ITERATIONS if method == "k-means++" else 300
             tol = relative_tolerance(X, 1e-4)
-            centres = lloyd(X, centres, max_iter=n_lloyd, tol=tol, chunk_size=chunk_size).centres
+            centres = lloyd(X, centres, max_iter=n_lloyd, tol=tol, chunk_size=chunk_size, weights=weights).centres
     labels = nearest(X, centres, chunk_size)[0]  # (R, M, N)
 
     def hard_resp(start: int, stop: int) -> torch.Tensor:

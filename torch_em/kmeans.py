@@ -10,13 +10,15 @@ import torch
 from ._precision import FollowsDataDtype, without_autocast
 from ._validation import (
     MAGNITUDE_HEADROOM, as_float_tensor, check_common_options, check_data, check_device, check_dtype, check_finite,
-    check_int, check_magnitude, check_positive, check_positive_tensor, check_shape, data_dtype,
+    check_int, check_magnitude, check_positive, check_sample_weight, check_shape, data_dtype,
 )
 from .families.base import NotFittedError
 from ._random import RestartStreams, resolve_seed, restart_groups
 from ._state import CheckedLoad, check_state, own_entries
 from .em import cat_restarts
-from .streaming import StepSchedule, stepwise
+from .layout import Layout
+from .statistics import Statistics
+from .streaming import StepSchedule
 from . import initialization
 from .initialization import random_points
 from .lloyd import cluster_sums, gather_points, lloyd, nearest, relative_tolerance, squared_distances, weighted_total
@@ -40,30 +42,18 @@ def per_model(value: torch.Tensor | None, n_models: int, event_dims: int) -> tor
     return value.reshape(n_models, *value.shape[-event_dims:])
 
 
-def check_sample_weight(sample_weight: Any, X: torch.Tensor, batch_shape: Sequence[int]) -> torch.Tensor | None:
-    """``sample_weight`` as a tensor in X's dtype and device, or None; raises ValueError unless
-    the weights are finite and non-negative, every model's sum is positive, and the weighted
-    sums of squared distances stay finite in X's dtype.
+def checked_weights(sample_weight: Any, X: torch.Tensor, batch_shape: Sequence[int]) -> torch.Tensor | None:
+    """``sample_weight`` as a tensor in X's dtype and device, or None
+    (:func:`torch_em._validation.check_sample_weight`), whose weighted sums of squared distances
+    also stay finite in X's dtype.
 
     Shape:
         X: ``(N, D)`` or ``(*batch_shape, N, D)``; sample_weight: ``(N,)`` or ``(*batch_shape, N)``.
     """
-    if sample_weight is None:
-        return None
-    weights = as_float_tensor(sample_weight, "sample_weight", device=X.device, dtype=X.dtype)
-    batch, n_points = tuple(batch_shape), X.shape[-2]
-    allowed = [(n_points,)] + ([(*batch, n_points)] if batch else [])
-    if tuple(weights.shape) not in allowed:
-        expected = " or ".join(str(shape) for shape in allowed)
-        raise ValueError(f"sample_weight must have shape {expected}, one weight per row of X {tuple(X.shape)}, "
-                         f"got {tuple(weights.shape)}")
-    check_finite(weights, "sample_weight")
-    check_positive_tensor(weights, "sample_weight", allow_zero=True)
-    totals = weights.sum(-1)  # () or (*batch_shape)
-    if not bool((totals > 0).all()):
-        where = "" if totals.dim() == 0 else f" for model(s) {[tuple(i) for i in (totals <= 0).nonzero().tolist()]}"
-        raise ValueError(f"sample_weight must have a positive sum for every model, got 0{where}")
-    _check_weighted_magnitude(X, float(totals.max()))
+    weights = check_sample_weight(sample_weight, "sample_weight", n_points=X.shape[-2], batch_shape=batch_shape,
+                                  device=X.device, dtype=X.dtype)
+    if weights is not None:
+        _check_weighted_magnitude(X, float(weights.sum(-1).max()))
     return weights
 
 
@@ -204,18 +194,13 @@ class KMeans(CheckedLoad, FollowsDataDtype):
             for restarts in restart_groups(R)
         ])
         inertia = weighted_total(result.distances, weights)  # (R, M)
-        best = inertia.argmin(0)  # (M,)
-
-        def pick(value: torch.Tensor) -> torch.Tensor:
-            index = best.view(1, M, *([1] * (value.dim() - 2))).expand(1, *value.shape[1:])
-            chosen = value.gather(0, index)[0]
-            return chosen.reshape((*self.batch_shape, *chosen.shape[1:]))
-
-        self.cluster_centers_ = pick(result.centres + shift)  # shift (1, D) or (M, 1, D) broadcasts
-        self.labels_ = pick(result.labels)
-        self.inertia_ = pick(inertia)
-        self.n_iter_ = pick(result.n_iter)
-        self.converged_ = pick(result.converged)
+        layout = Layout(tuple(self.batch_shape))
+        best = layout.best_restart(-inertia)  # (M,) the lowest inertia
+        self.cluster_centers_ = layout.pick(result.centres + shift, best)  # shift (1, D) or (M, 1, D) broadcasts
+        self.labels_ = layout.pick(result.labels, best)
+        self.inertia_ = layout.pick(inertia, best)
+        self.n_iter_ = layout.pick(result.n_iter, best)
+        self.converged_ = layout.pick(result.converged, best)
         for name in STREAM_BUFFERS:  # a later partial_fit starts a new stream from these centres
             setattr(self, name, None)
         return self
@@ -261,17 +246,20 @@ class KMeans(CheckedLoad, FollowsDataDtype):
             centres = self.cluster_centers_.reshape(1, M, K, D)
         labels, dist = nearest(X, centres, chunk)
         sums, counts = cluster_sums(X, labels, K, chunk, weights=weights)  # (1, M, K, D), (1, M, K)
-        total = (X.new_tensor(X.shape[-2]) if weights is None else weights.sum(-1)).reshape(1, -1, 1)  # the batch's weight
-        rho = self.schedule.rho(int(self.stream_steps) if started else 0)
-        counts = stepwise(self.stream_counts.reshape(1, M, K) if started else None, counts / total, rho)
-        sums = stepwise(self.stream_sums.reshape(1, M, K, D) if started else None, sums / total.unsqueeze(-1), rho)
+        inertia = weighted_total(dist, weights)  # (1, M), of this batch before the step
+        total = (X.new_tensor(X.shape[-2]) if weights is None else weights.sum(-1)).expand(1, M)  # the batch's weight
+        batch = Statistics(counts, sums, -inertia).scaled(1 / total)  # per (weighted) point
+        if started:  # the stepwise rule of online EM, with the same schedule
+            running = Statistics(self.stream_counts.reshape(1, M, K), self.stream_sums.reshape(1, M, K, D), -inertia)
+            batch = running.lerp(batch, self.schedule.rho(int(self.stream_steps)))
+        counts, sums = batch.counts, batch.sums
         reached = counts > 0
         centres = torch.where(reached.unsqueeze(-1), sums / counts.clamp_min(torch.finfo(X.dtype).tiny).unsqueeze(-1), centres)
         self.cluster_centers_ = centres[0].reshape(*self.batch_shape, K, D)
         self.stream_counts = counts[0].reshape(*self.batch_shape, K)
         self.stream_sums = sums[0].reshape(*self.batch_shape, K, D)
         self.stream_steps = torch.tensor(int(self.stream_steps) + 1 if started else 1, device=X.device)
-        self.inertia_ = weighted_total(dist, weights)[0].reshape(self.batch_shape)  # of this batch, before the step
+        self.inertia_ = inertia[0].reshape(self.batch_shape)
         return self
 
     @torch.no_grad()
@@ -351,7 +339,7 @@ class KMeans(CheckedLoad, FollowsDataDtype):
         check_data(X, "X", n_features=None if fitting else self.n_features, batch_shape=self.batch_shape,
                    min_samples=self.n_clusters if fitting else 1)
         check_magnitude(X, "X", power=2, what="squared distances")
-        weights = check_sample_weight(sample_weight, X, self.batch_shape)
+        weights = checked_weights(sample_weight, X, self.batch_shape)
         if adopts:  # the empty placeholder takes the dtype the centres will have
             self.cluster_centers_ = self.cluster_centers_.to(dtype)
         return X, weights
@@ -499,7 +487,7 @@ def kmeans_plusplus(
     batch = data.shape[:-2]
     check_data(data, "X", n_features=None, batch_shape=batch, min_samples=n_clusters)
     check_magnitude(data, "X", power=2, what="squared distances")
-    weights = check_sample_weight(sample_weight, data, batch)
+    weights = checked_weights(sample_weight, data, batch)
     M = math.prod(batch)
     flat, weights = per_model(data, M, 2), per_model(weights, M, 1)
     streams = DrawsSharedByModels(RestartStreams(seed, 1, data.device))

@@ -279,8 +279,8 @@ class Mixture(CheckedLoad, FollowsDataDtype):
         for every model or ``(*batch_shape, N)`` one set per model (e.g. bootstrap resamples):
         a point of weight w counts as w copies of it (integer weights fit as repeated rows do);
         for a batch source, ``"batches"``: every batch is ``(x, w, ...)`` with ``w`` the weights
-        of its points. Initialisation (k-means++) picks its seeds without the weights; its
-        M-step, and every EM step, use them.
+        of its points. Initialisation weighs them too (weighted k-means++ and Lloyd steps, as
+        scikit-learn's k-means does; a point of weight 0 is never a seed).
 
         Restart 0 runs as a batch of its own, bit for bit the fit with ``n_init=1``; restarts
         1..k-1 run together. The fit ends an online stream (``partial_fit`` starts a new one).
@@ -497,11 +497,11 @@ class Mixture(CheckedLoad, FollowsDataDtype):
             user_centres = self._layout.restarts(user_centres, R)
             user_centres = self.family.embedding(user_centres, reference)
         embedded = self.family.embedding(X, reference)
-        resp = initial_responsibilities(self.init_params, embedded, M, K, streams, chunk, user_centres)
+        resp = initial_responsibilities(self.init_params, embedded, M, K, streams, chunk, user_centres, data.weights)
         every_model = torch.ones(R, M, dtype=torch.bool, device=X.device)
 
         def random_candidates(k: int) -> torch.Tensor:
-            return self.family.features(random_points(X, M, k, streams), reference)[0]
+            return self.family.features(random_points(X, M, k, streams, data.weights), reference)[0]
 
         def reseeded_statistics(own: em.OwnReference | None = None) -> em.Statistics:
             stats = em.statistics_from_responsibilities(data, resp, own)

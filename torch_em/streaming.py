@@ -132,8 +132,3 @@ class StepSchedule:
         return (previous_steps + self.learning_offset) ** -self.learning_decay
 
 
-
-
-def stepwise(running: torch.Tensor | None, new: torch.Tensor, rho: float) -> torch.Tensor:
-    """``(1 - rho) running + rho new`` (``new`` alone for the first update)."""
-    return new if running is None else (1 - rho) * running + rho * new

@@ -249,6 +249,24 @@ def check_family(family: Any) -> None:
         raise ValueError(f"family must be a torch_em ComponentFamily (e.g. torch_em.Gaussian('full')), got {type(family).__name__} {family!r}")
 
 
+def check_em_parameters(names: Any, parameter_names: Sequence[str], family: Any) -> tuple[str, ...]:
+    """The names of the parameters EM updates, ``names`` among ``parameter_names`` (``"logits"``
+    and the family's) in their order; the family must have a conditional M-step for the others."""
+    if isinstance(names, str) or not all(isinstance(name, str) for name in names):
+        raise ValueError(f"em_parameters must be a sequence of parameter names, got {names!r}")
+    unknown = sorted(set(names) - set(parameter_names))
+    if unknown:
+        raise ValueError(f"em_parameters must name parameters among {list(parameter_names)}, got unknown {unknown}")
+    family_names = [name for name in parameter_names if name != "logits"]
+    held = set(family_names) - set(names)
+    if not family.supports_fixing(held):
+        raise ValueError(
+            f"em_parameters: {type(family).__name__} has no conditional M-step that holds {sorted(held)} "
+            f"fixed while EM updates {sorted(set(family_names) - held)}; let EM own all or none of them"
+        )
+    return tuple(name for name in parameter_names if name in set(names))
+
+
 def check_sample_weight(
     sample_weight: Any, name: str, *, n_points: int, batch_shape: Sequence[int], device: torch.device,
     dtype: torch.dtype,

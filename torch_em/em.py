@@ -32,9 +32,9 @@ from typing import Callable
 import torch
 
 from . import distributed
-from .data import CHUNK_ELEMENTS, FEATURE_CACHE_BYTES, Chunk, Data, StreamData, default_chunk_size  # noqa: F401
+from .data import Chunk, Data, StreamData, default_chunk_size  # noqa: F401  (the engine's data types)
 from .families.base import ComponentFamily, IllConditionedError, Theta
-from .latent import MIXTURE, LatentParams, LatentStructure
+from .latent import LatentParams, LatentStructure
 from .normalize import log_normalize
 from .own_reference import OwnReference
 from .statistics import Statistics, floored_counts

@@ -33,13 +33,15 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
-import numpy as np
 import torch
 
 from . import em as engine
-from ._validation import check_choice, check_family, check_finite, check_int, check_positive, check_sample_weight
+from ._validation import (
+    check_choice, check_em_parameters, check_family, check_finite, check_int, check_positive, check_sample_weight,
+)
 from .families.base import ComponentFamily, IllConditionedError, Theta
 from .latent import MIXTURE
+from .layout import Layout
 
 GRADIENT_MODES = ("unrolled", "last", "implicit", "none")
 #: The adjoint iteration has diverged once an update exceeds the incoming gradient by this factor.
@@ -143,9 +145,7 @@ class _Sets:
         return step.params
 
     def _describe(self, model: int) -> str:
-        if not self.batch_shape:
-            return "the set"
-        return f"set {tuple(int(i) for i in np.unravel_index(model, tuple(self.batch_shape)))}"
+        return f"set {Layout(self.batch_shape).model_index(model)}" if self.batch_shape else "the set"
 
 
 def em(
@@ -233,17 +233,7 @@ def _held_parameters(family: ComponentFamily, params: engine.Params, em_paramete
     if em_parameters is None:
         return None
     names = ("logits", *params.emission)
-    if isinstance(em_parameters, str) or not all(isinstance(name, str) for name in em_parameters):
-        raise ValueError(f"em_parameters must be a sequence of parameter names, got {em_parameters!r}")
-    unknown = sorted(set(em_parameters) - set(names))
-    if unknown:
-        raise ValueError(f"em_parameters must name parameters among {list(names)}, got unknown {unknown}")
-    held = set(names) - set(em_parameters)
-    if not family.supports_fixing(held - {"logits"}):
-        raise ValueError(
-            f"em_parameters: {type(family).__name__} has no conditional M-step that holds {sorted(held - {'logits'})} "
-            f"fixed while EM updates {sorted(set(params.emission) - held)}; let EM own all or none of them"
-        )
+    held = set(names) - set(check_em_parameters(em_parameters, names, family))
     if not held:
         return None
     latent = {"log_weights": params.latent["log_weights"]} if "logits" in held else {}

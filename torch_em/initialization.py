@@ -1,4 +1,4 @@
-"""Batched initial responsibilities for EM: k-means++, Lloyd's k-means, random, random points.
+"""Initial parameters for EM: batched k-means++, Lloyd's k-means, random responsibilities or points.
 
 Shapes as in :mod:`torch_em.lloyd`: a working batch ``(R, M)`` (restarts x models), data
 ``X (N, D)`` shared by every model or ``X (M, N, D)``, already centred; centres
@@ -14,6 +14,16 @@ from typing import Callable
 import torch
 
 from ._random import RestartStreams
+from .data import Data
+from .em import (
+    Failures, Params, invalid_component_reason, m_step, record_failures, refiner, reseed_empty,
+    statistics_from_responsibilities,
+)
+from .families.base import ComponentFamily, Theta
+from .latent import LatentStructure
+from .layout import Layout
+from .own_reference import OwnReference
+from .statistics import Statistics
 from .lloyd import (
     accumulator_dtype, broadcast_weights, gather_points, lloyd, nearest, relative_tolerance, row_chunks, squared_distances,
 )
@@ -128,3 +138,55 @@ def initial_responsibilities(
     return hard_resp
 
 
+
+
+def initial_parameters(
+    latent: LatentStructure, family: ComponentFamily, data: Data, *, method: str, n_components: int, layout: Layout,
+    restarts: range, seed: int | None, chunk_size: int, user_parameters: Theta, user_centres: torch.Tensor | None,
+    failures: Failures | None, generator: Callable[[], torch.Generator],
+) -> Params:
+    """Working initial parameters (R, M, ...) of the given R ``restarts``: an M-step from the
+    initial responsibilities of ``method`` (weighted by the data's weights), then overridden by
+    what the user supplied (``user_parameters`` in module layout, ``"logits"`` for the
+    log-weights; ``user_centres`` (*batch_shape, K, D) replace the seeding). Given ``failures``,
+    a model whose initial M-step is invalid is recorded there and starts from the default
+    parameters (finite; it does not run) instead of raising."""
+    R, M, K = len(restarts), layout.n_models, n_components
+    X, reference = data.X, data.reference
+    if set(user_parameters) == {"logits", *family.event_shapes(1, 1)}:  # everything given: no clustering needed
+        return _with_user_values(Params({}, {}), user_parameters, layout, R)
+    streams = RestartStreams(seed, restarts, X.device)
+    if user_centres is not None:
+        user_centres = family.embedding(layout.restarts(user_centres, R), reference)
+    resp = initial_responsibilities(method, family.embedding(X, reference), M, K, streams, chunk_size, user_centres,
+                                    data.weights)
+    every_model = torch.ones(R, M, dtype=torch.bool, device=X.device)
+
+    def random_candidates(k: int) -> torch.Tensor:
+        return family.features(random_points(X, M, k, streams, data.weights), reference)[0]
+
+    def reseeded_statistics(own: OwnReference | None = None) -> Statistics:
+        return reseed_empty(family, statistics_from_responsibilities(data, resp, own), random_candidates, every_model,
+                            reference)
+
+    params, invalid = m_step(latent, family, reseeded_statistics(), reference, every_model,
+                             refine=refiner(family, None, reseeded_statistics))
+    record_failures(failures, invalid.any(-1), invalid_component_reason(family, "initialisation", invalid))
+    if failures is not None and bool(failures.failed.any()):
+        default = Params(latent.default_parameters((R, M), K, X), family.default_parameters(
+            (R, M), K, X.shape[-1], generator(), X.device, X.dtype))
+        params = default.where(failures.failed, params)
+    return _with_user_values(params, user_parameters, layout, R)
+
+
+def _with_user_values(params: Params, user_parameters: Theta, layout: Layout, n_restarts: int) -> Params:
+    """``params`` with the user's initial values (module layout; ``"logits"`` as log-weights)
+    put in for every restart."""
+    latent, emission = dict(params.latent), dict(params.emission)
+    for name, value in user_parameters.items():
+        working = layout.restarts(value, n_restarts)
+        if name == "logits":
+            latent["log_weights"] = working
+        else:
+            emission[name] = working
+    return Params(latent, emission)

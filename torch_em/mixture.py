@@ -13,7 +13,6 @@ import math
 import warnings
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
@@ -21,14 +20,15 @@ from tqdm import tqdm
 from . import distributed, em
 from ._precision import FollowsDataDtype, without_autocast
 from ._validation import (
-    as_float_tensor, check_choice, check_common_options, check_data, check_device, check_dtype, check_family,
+    as_float_tensor, check_choice, check_common_options, check_data, check_device, check_dtype, check_em_parameters, check_family,
     check_finite, check_int, check_positive, check_sample_weight, check_shape, data_dtype,
 )
 from ._state import CheckedLoad, check_state, own_entries
 from .families.base import ComponentFamily, IllConditionedError, NotFittedError, Theta
-from ._random import RestartStreams, resolve_seed, restart_groups
-from .streaming import StepSchedule, StreamSample, batch_source, unwrap_batch
-from .initialization import METHODS, initial_responsibilities, random_points
+from ._random import resolve_seed, restart_groups
+from .observations import Observations
+from .streaming import StepSchedule, batch_source
+from .initialization import METHODS, initial_parameters
 from .latent import MIXTURE
 from .layout import Layout
 from .normalize import log_normalize
@@ -37,8 +37,6 @@ from .normalize import log_normalize
 STREAM_BUFFERS = ("stream_counts", "stream_sums", "stream_steps", "stream_shift")
 #: Choices of ``on_error``: raise IllConditionedError, or isolate the failing models of a batch.
 ON_ERROR = ("raise", "isolate")
-#: ``sample_weight`` of ``fit`` for a batch source whose batches are ``(x, w, ...)``.
-WEIGHTS_IN_BATCHES = "batches"
 #: A FitFailedWarning quotes the reasons of at most this many failed models.
 QUOTED_FAILURES = 3
 
@@ -211,18 +209,7 @@ class Mixture(CheckedLoad, FollowsDataDtype):
 
     @em_parameters.setter
     def em_parameters(self, names: Sequence[str]) -> None:
-        if isinstance(names, str) or not all(isinstance(name, str) for name in names):
-            raise ValueError(f"em_parameters must be a sequence of parameter names, got {names!r}")
-        unknown = sorted(set(names) - set(self._parameter_names))
-        if unknown:
-            raise ValueError(f"em_parameters must name parameters among {list(self._parameter_names)}, got unknown {unknown}")
-        held = set(self._parameter_names[1:]) - set(names)
-        if not self.family.supports_fixing(held):
-            raise ValueError(
-                f"em_parameters: {type(self.family).__name__} has no conditional M-step that holds {sorted(held)} "
-                f"fixed while EM updates {sorted(set(self._parameter_names[1:]) - held)}; let EM own all or none of them"
-            )
-        self._em_parameters = tuple(name for name in self._parameter_names if name in set(names))
+        self._em_parameters = check_em_parameters(names, self._parameter_names, self.family)
 
     @property
     def device(self) -> torch.device:
@@ -291,10 +278,8 @@ class Mixture(CheckedLoad, FollowsDataDtype):
         """
         M, layout = self.n_models, self._layout
         source = batch_source(X)
-        if source is None:
-            data = self._prepare_tensor(X, sample_weight)
-        else:
-            data = self._scan_stream(source, self._weights_in_batches(sample_weight))
+        observations = self._observations()
+        data = observations.tensor(X, sample_weight) if source is None else observations.stream(source, sample_weight)
         n_features = data.sample.X.shape[-1]
         continued = self.warm_start and self.is_initialized
         groups = [range(1)] if continued else restart_groups(self.n_init)
@@ -386,80 +371,13 @@ class Mixture(CheckedLoad, FollowsDataDtype):
                 stacklevel=4,  # past fit (or partial_fit) and its no_grad wrapper
             )
 
-    def _prepare_tensor(self, X: Any, sample_weight: Any = None) -> em.Data:
-        """Validated data (and weights) for a fit, its reference point, and a sample to
-        initialise on (a uniform subset when the data are large: bounded memory)."""
-        K = self.n_components
-        X = self._layout.data(self._validated_input(X, "X", min_samples=K))
-        weights = self._validated_weights(sample_weight, X)
-        chunk = self._default_chunk_size(X.shape[-1])
-        reference = distributed.combined_reference(self.family.reference(X), X.shape[-2])
-        data = em.Data(self.family, X, reference, chunk, weights=weights)
-        data.total_weight = distributed.total_weight(data.total_weight, X.device)
-        if X.shape[-2] > self._sample_size():
-            generator = torch.Generator().manual_seed(resolve_seed(self.seed))
-            keep = torch.randperm(X.shape[-2], generator=generator)[: self._sample_size()].sort().values.to(X.device)
-            data.sample = em.Data(self.family, X[..., keep, :], reference, chunk,
-                                  weights=None if weights is None else weights[..., keep])
-        return data
-
-    def _validated_weights(self, sample_weight: Any, X: torch.Tensor, name: str = "sample_weight") -> torch.Tensor | None:
-        """Weights of the working data X as a tensor (N,) or (M, N), or None."""
-        return self._layout.weights(check_sample_weight(
-            sample_weight, name, n_points=X.shape[-2], batch_shape=self.batch_shape, device=X.device, dtype=X.dtype))
-
-    @staticmethod
-    def _weights_in_batches(sample_weight: Any) -> bool:
-        """Whether the batches of a batch source carry weights (``sample_weight="batches"``)."""
-        if sample_weight is None or (isinstance(sample_weight, str) and sample_weight == WEIGHTS_IN_BATCHES):
-            return sample_weight is not None
-        raise ValueError(
-            f"sample_weight must be None or {WEIGHTS_IN_BATCHES!r} (every batch is (x, w, ...)) when X is a batch "
-            f"source, got {type(sample_weight).__name__}"
+    def _observations(self) -> Observations:
+        """How this module's data become the engine's: validation in its dtype and layout."""
+        return Observations(
+            family=self.family, layout=self._layout, n_components=self.n_components, n_features=self.n_features,
+            validate=self._validated_input, chunk_size=self._default_chunk_size, sample_size=self._sample_size(),
+            seed=self.seed, generator=self._generator, device=self.device,
         )
-
-    def _scan_stream(self, source, weighted: bool = False) -> em.StreamData:
-        """First pass over a batch source: validate every batch, count the points (and weigh
-        them), take the data mean (for families with a reference point) and a uniform sample
-        for initialisation."""
-        K = self.n_components
-        sample = StreamSample(self._sample_size(), self._generator())
-        n_points, total, n_features, shared, total_weight = 0, None, self.n_features, None, 0.0
-        for raw in source():
-            batch, weights = self._stream_batch(raw, n_features, weighted)
-            if shared is not None and shared != (batch.dim() == 2):
-                raise ValueError("X batches must all be (n, D) or all (*batch_shape, n, D), got a mix")
-            shared, n_features = batch.dim() == 2, batch.shape[-1]
-            n_points += batch.shape[-2]
-            total_weight = total_weight + (batch.shape[-2] if weights is None else weights.sum(-1))
-            if self.family.uses_reference:
-                batch_sum = batch.sum(-2, keepdim=True)
-                total = batch_sum if total is None else total + batch_sum
-            sample.add(batch, weights)
-        reference = distributed.combined_reference(None if total is None else total / n_points, n_points)
-        n_local, n_points = n_points, distributed.total_points(n_points, self.device)
-        if n_points < K:
-            raise ValueError(f"X must have at least {K} sample(s) (one per component), got N={n_points} in all batches")
-        chunk = self._default_chunk_size(n_features)
-
-        def batches():
-            for raw in source():
-                yield self._stream_batch(raw, n_features, weighted)
-
-        sample_data = em.Data(self.family, sample.points, reference, chunk, weights=sample.weights)
-        return em.StreamData(self.family, batches, reference, distributed.total_weight(total_weight, self.device), chunk,
-                             sample_data, n_local=n_local, name="X (the batch source)")
-
-    def _stream_batch(self, raw: Any, n_features: int | None, weighted: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """One validated batch of a source in the working layout, with its weights (or None)."""
-        if not weighted:
-            return self._layout.data(self._validated_input(unwrap_batch(raw), "X batch", n_features=n_features)), None
-        if not isinstance(raw, (tuple, list)) or len(raw) < 2:
-            raise ValueError(
-                f"with sample_weight={WEIGHTS_IN_BATCHES!r} every batch must be (x, w, ...), got {type(raw).__name__}"
-            )
-        batch = self._layout.data(self._validated_input(raw[0], "X batch", n_features=n_features))
-        return batch, self._validated_weights(raw[1], batch, "sample_weight (of a batch)")
 
     @staticmethod
     def _same_on_every_rank(params: em.Params) -> em.Params:
@@ -481,52 +399,16 @@ class Mixture(CheckedLoad, FollowsDataDtype):
     def _initial_parameters(
         self, data: em.Data, chunk: int, n_features: int, restarts: range, failures: em.Failures | None = None,
     ) -> em.Params:
-        """Working initial parameters (R, M, ...) of the given R restarts: an M-step from the
-        initial responsibilities (weighted by the data's weights), then overridden by whatever
-        the user supplied. Given ``failures``, a model whose initial M-step is invalid is recorded
-        there and starts from the family's default parameters (finite; it does not run) instead
-        of raising."""
-        R, M, K = len(restarts), self.n_models, self.n_components
-        user_theta = self._user_initial_parameters(n_features)
-        user_centres = self.family.initial_centres(tuple(self.batch_shape), K, n_features, self.device, self.dtype)
-        X, reference = data.X, data.reference
-        if set(user_theta) == set(self._parameter_names):  # everything given: no clustering needed
-            return self._initial_from_user(user_theta, R, em.Params({}, {}))
-        streams = RestartStreams(self.seed, restarts, X.device)
-        if user_centres is not None:
-            user_centres = self._layout.restarts(user_centres, R)
-            user_centres = self.family.embedding(user_centres, reference)
-        embedded = self.family.embedding(X, reference)
-        resp = initial_responsibilities(self.init_params, embedded, M, K, streams, chunk, user_centres, data.weights)
-        every_model = torch.ones(R, M, dtype=torch.bool, device=X.device)
-
-        def random_candidates(k: int) -> torch.Tensor:
-            return self.family.features(random_points(X, M, k, streams, data.weights), reference)[0]
-
-        def reseeded_statistics(own: em.OwnReference | None = None) -> em.Statistics:
-            stats = em.statistics_from_responsibilities(data, resp, own)
-            return em.reseed_empty(self.family, stats, random_candidates, every_model, reference)
-
-        params, invalid = em.m_step(MIXTURE, self.family, reseeded_statistics(), reference, every_model,
-                                    refine=em.refiner(self.family, None, reseeded_statistics))
-        em.record_failures(failures, invalid.any(-1), em.invalid_component_reason(self.family, "initialisation", invalid))
-        if failures is not None and bool(failures.failed.any()):
-            default = em.Params(MIXTURE.default_parameters((R, M), K, X), self.family.default_parameters(
-                (R, M), K, n_features, self._generator(), self.device, self.dtype))
-            params = default.where(failures.failed, params)
-        return self._initial_from_user(user_theta, R, params)
-
-    def _initial_from_user(self, user_theta: Theta, n_restarts: int, params: em.Params) -> em.Params:
-        """``params`` with the user's initial values (module layout; ``"logits"`` as log-weights)
-        for every restart put in."""
-        latent, emission = dict(params.latent), dict(params.emission)
-        for name, value in user_theta.items():
-            working = self._layout.restarts(value, n_restarts)
-            if name == "logits":
-                latent["log_weights"] = working
-            else:
-                emission[name] = working
-        return em.Params(latent, emission)
+        """Working initial parameters (R, M, ...) of the given restarts, with the user's initial
+        values (:func:`torch_em.initialization.initial_parameters`)."""
+        K = self.n_components
+        return initial_parameters(
+            MIXTURE, self.family, data, method=self.init_params, n_components=K, layout=self._layout,
+            restarts=restarts, seed=self.seed, chunk_size=chunk,
+            user_parameters=self._user_initial_parameters(n_features),
+            user_centres=self.family.initial_centres(tuple(self.batch_shape), K, n_features, self.device, self.dtype),
+            failures=failures, generator=self._generator,
+        )
 
     @without_autocast
     @torch.no_grad()
@@ -550,7 +432,7 @@ class Mixture(CheckedLoad, FollowsDataDtype):
         K, M, layout = self.n_components, self.n_models, self._layout
         started = self.stream_steps is not None
         X = layout.data(self._validated_input(X, "X", min_samples=1 if started else K))
-        weights = self._validated_weights(sample_weight, X)
+        weights = self._observations().weights(sample_weight, X)
         n_features = X.shape[-1]
         chunk = self.chunk_size or em.default_chunk_size(M, K, self.family.n_statistics(n_features))
         every_model = torch.ones(1, M, dtype=torch.bool, device=X.device)

@@ -1,0 +1,50 @@
+"""The code blocks of docs/architecture.md run as written (the family and latent-structure examples)."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+ARCHITECTURE = Path(__file__).resolve().parents[1] / "docs" / "architecture.md"
+BLOCKS = re.findall(r"```python\n(.*?)```", ARCHITECTURE.read_text(), flags=re.S)
+
+
+def test_the_architecture_document_has_its_two_examples():
+    assert len(BLOCKS) == 2
+
+
+@pytest.mark.parametrize("index", range(len(BLOCKS)), ids=["family", "latent-structure"][: len(BLOCKS)])
+def test_architecture_code_block_runs(index):
+    namespace: dict = {}
+    exec(compile(BLOCKS[index], f"{ARCHITECTURE.name}[{index}]", "exec"), namespace)
+
+
+def test_the_equal_weights_structure_fits_as_a_mixture_with_weights_held_equal():
+    import warnings
+
+    import torch
+
+    import torch_em
+
+    namespace: dict = {}
+    exec(compile(BLOCKS[1], ARCHITECTURE.name, "exec"), namespace)
+    result, X, theta = namespace["result"], namespace["X"], namespace["theta"]
+    model = torch_em.GaussianMixture(2, n_features=2, covariance_type="diag", dtype=torch.float64, warm_start=True,
+                                     em_parameters=("loc", "raw_precision_cholesky"), max_iter=100, tol=1e-8)
+    model.load_state_dict({"logits": torch.zeros(2, dtype=torch.float64), "loc": theta["loc"][0, 0],
+                           "raw_precision_cholesky": theta["raw_precision_cholesky"][0, 0]})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch_em.ConvergenceWarning)
+        model.fit(X)
+    torch.testing.assert_close(model.means, result.theta["loc"][0, 0], rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(model.lower_bound_, result.lower_bound[0, 0], rtol=1e-12, atol=1e-12)
+    assert int(model.n_iter_) == int(result.n_iter[0, 0])
+
+
+def test_the_readme_tour_runs():
+    readme = Path(__file__).resolve().parents[1] / "README.md"
+    tour = re.search(r"## A short tour\n\n```python\n(.*?)```", readme.read_text(), flags=re.S).group(1)
+    namespace: dict = {}
+    exec(compile(tour, "README.md (tour)", "exec"), namespace)
+    assert namespace["bootstrap"].means.shape == (16, 3, 2)

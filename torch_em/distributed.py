@@ -48,9 +48,9 @@ def total_weight(total: float | torch.Tensor, device: torch.device) -> float | t
     return all_reduce_sum(total)[0]
 
 
-def combined_reference(shift: torch.Tensor | None, n_points: int) -> torch.Tensor | None:
+def combined_reference(reference: torch.Tensor | None, n_points: int) -> torch.Tensor | None:
     """A per-rank data mean (reference point) turned into the mean over all ranks' points."""
-    if shift is None or not active():
-        return shift
-    weighted, count = all_reduce_sum(shift * n_points, torch.tensor(float(n_points), dtype=shift.dtype, device=shift.device))
+    if reference is None or not active():
+        return reference
+    weighted, count = all_reduce_sum(reference * n_points, torch.tensor(float(n_points), dtype=reference.dtype, device=reference.device))
     return weighted / count

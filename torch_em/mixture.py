@@ -176,7 +176,8 @@ class Mixture(CheckedLoad, FollowsDataDtype):
         self.on_error = on_error
         for name in self._parameter_names:
             self.register_parameter(name, None)
-        # Running state of online EM (partial_fit): normalised statistics, step count, shift.
+        # Running state of online EM (partial_fit): statistics per point, step count, and the stream's
+        # reference point (its state_dict key keeps the name stream_shift).
         for name in STREAM_BUFFERS:
             self.register_buffer(name, None)
         self._register_load_state_dict_pre_hook(self._create_parameters_before_load, with_module=False)

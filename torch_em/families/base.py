@@ -9,12 +9,12 @@ with natural parameters ``eta_k``, log-normaliser term ``c_k`` and base measure 
 mixture (``torch_em.em``) then evaluates all components of all models with one GEMM, and the
 E-step statistics are one more GEMM: ``S = resp^T @ T(X)``. A family only describes:
 
-    T, h    = features(X, shift)            # (..., n, F), (..., n) or None: data transform
-    eta, c  = natural_parameters(theta, shift)   # (*batch, K, F), (*batch, K): differentiable
-    theta   = m_step(counts, S, shift)      # closed-form maximiser from (*batch, K) and (*batch, K, F)
+    T, h    = features(X, reference)            # (..., n, F), (..., n) or None: data transform
+    eta, c  = natural_parameters(theta, reference)   # (*batch, K, F), (*batch, K): differentiable
+    theta   = m_step(counts, S, reference)      # closed-form maximiser from (*batch, K) and (*batch, K, F)
 
 Statistics are sums, so full-batch, chunked, streaming and distributed EM all reuse them.
-``shift`` is an optional reference point (the data mean for Gaussians) about which features and
+``reference`` is an optional point (the data mean for Gaussians) about which features and
 statistics are taken, which keeps second moments well conditioned; it has shape ``(D,)`` or
 ``(M, 1, D)`` so that it broadcasts against both data ``(..., n, D)`` and parameters
 ``(R, M, K, D)``; the M-step may also get one reference point per component, ``(R, M, K, D)``,
@@ -62,7 +62,7 @@ class ComponentFamily:
     accepts_bool: bool = False
     #: A component with fewer expected points than this is re-seeded by the mixture.
     min_count: float = 1e-3
-    #: Whether :meth:`reference` returns a shift (statistics taken about a reference point).
+    #: Whether :meth:`reference` returns a point (statistics taken about a reference point).
     uses_reference: bool = False
     #: Whether components can be evaluated and summarised about their own reference point
     #: (:meth:`expansion_error` and the methods after it).
@@ -122,32 +122,32 @@ class ComponentFamily:
         result depends on the model alone, not on the other rows evaluated with it."""
         return None
 
-    def embedding(self, X: torch.Tensor, shift: torch.Tensor | None) -> torch.Tensor:
+    def embedding(self, X: torch.Tensor, reference: torch.Tensor | None) -> torch.Tensor:
         """Map of data (..., n, D) -> (..., n, E) in which the initialisation clusters with
-        Euclidean k-means (e.g. one-hot codes for categorical data). Default: X - shift. It must
+        Euclidean k-means (e.g. one-hot codes for categorical data). Default: X - reference. It must
         be pointwise when the family supplies ``initial_centres`` (they are mapped with it too)."""
-        return X if shift is None else X - shift
+        return X if reference is None else X - reference
 
     # --- the EM functions ------------------------------------------------------------------
-    def features(self, X: torch.Tensor, shift: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def features(self, X: torch.Tensor, reference: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Sufficient statistics ``T(x)`` (..., n, F) and base measure ``h(x)`` (..., n) or None."""
         raise NotImplementedError
 
     def natural_parameters(
-        self, theta: Mapping[str, torch.Tensor], shift: torch.Tensor | None
+        self, theta: Mapping[str, torch.Tensor], reference: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``eta`` (*batch, K, F) and ``c`` (*batch, K) such that log p = T(x).eta + c + h(x)."""
         raise NotImplementedError
 
     def m_step(
-        self, counts: torch.Tensor, stats: torch.Tensor, shift: torch.Tensor | None
+        self, counts: torch.Tensor, stats: torch.Tensor, reference: torch.Tensor | None
     ) -> tuple[Theta, torch.Tensor]:
         """Closed-form maximiser. Returns theta and a (*batch, K) bool mask of components whose
         parameters are valid (False: e.g. a failed Cholesky factorisation)."""
         raise NotImplementedError
 
     def conditional_m_step(
-        self, counts: torch.Tensor, stats: torch.Tensor, shift: torch.Tensor | None, fixed: Mapping[str, torch.Tensor]
+        self, counts: torch.Tensor, stats: torch.Tensor, reference: torch.Tensor | None, fixed: Mapping[str, torch.Tensor]
     ) -> tuple[Theta, torch.Tensor]:
         """The M-step of the parameters not in ``fixed`` with those in ``fixed`` held at their
         values (broadcastable to theta): an ECM step, which never decreases the likelihood either.
@@ -156,7 +156,7 @@ class ComponentFamily:
         family has one parameter (fixing it or not is all or nothing). Families with coupled
         parameters override this and :meth:`supports_fixing`.
         """
-        theta, valid = self.m_step(counts, stats, shift)
+        theta, valid = self.m_step(counts, stats, reference)
         theta.update({name: value.expand_as(theta[name]) for name, value in fixed.items()})
         return theta, valid
 
@@ -167,12 +167,12 @@ class ComponentFamily:
 
     # --- components summarised about their own reference point ----------------------------
     def expansion_error(
-        self, theta: Mapping[str, torch.Tensor], shift: torch.Tensor | None
+        self, theta: Mapping[str, torch.Tensor], reference: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Estimated rounding errors (nats, (*batch, K) each) of a component's log-density near
-        its mode when expanded about the shared ``shift`` (``T(x).eta + c``) and when evaluated
+        its mode when expanded about the shared ``reference`` (``T(x).eta + c``) and when evaluated
         directly (:meth:`direct_log_prob`). Where the first is large (e.g. a Gaussian narrow or far
-        from ``shift``: the expanded quadratic form cancels), the engine evaluates the component
+        from ``reference``: the expanded quadratic form cancels), the engine evaluates the component
         directly and takes its statistics about :meth:`own_reference` (``torch_em.em.OwnReference``).
         None (the default): no such components (families without a reference point)."""
         return None

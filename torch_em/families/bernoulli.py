@@ -75,7 +75,7 @@ class Bernoulli(ComponentFamily):
         if bool(bad.any()):
             raise ValueError(f"{name} must be binary (0 or 1) for Bernoulli components, got {describe_bad_values(X, bad)}")
 
-    def features(self, X: torch.Tensor, shift: torch.Tensor | None) -> tuple[torch.Tensor, None]:
+    def features(self, X: torch.Tensor, reference: torch.Tensor | None) -> tuple[torch.Tensor, None]:
         return X, None
 
     # --- constrained views -------------------------------------------------------------------
@@ -88,11 +88,11 @@ class Bernoulli(ComponentFamily):
         return self.probs(theta)
 
     # --- EM ----------------------------------------------------------------------------------
-    def natural_parameters(self, theta, shift) -> tuple[torch.Tensor, torch.Tensor]:
+    def natural_parameters(self, theta, reference) -> tuple[torch.Tensor, torch.Tensor]:
         logits = theta["logit_probs"]  # (*b, K, D)
         return logits, -F.softplus(logits).sum(-1)
 
-    def m_step(self, counts, stats, shift) -> tuple[Theta, torch.Tensor]:
+    def m_step(self, counts, stats, reference) -> tuple[Theta, torch.Tensor]:
         logits = _logit(stats / counts.unsqueeze(-1))  # (*b, K, D)
         return {"logit_probs": logits}, torch.isfinite(logits).all(-1)
 

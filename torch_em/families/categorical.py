@@ -89,7 +89,7 @@ class Categorical(ComponentFamily):
                 f"Categorical(n_categories={self.n_categories}) components, got {describe_bad_values(X, bad)}"
             )
 
-    def features(self, X: torch.Tensor, shift: torch.Tensor | None) -> tuple[torch.Tensor, None]:
+    def features(self, X: torch.Tensor, reference: torch.Tensor | None) -> tuple[torch.Tensor, None]:
         return self.one_hot(X), None
 
     def one_hot(self, X: torch.Tensor) -> torch.Tensor:
@@ -97,7 +97,7 @@ class Categorical(ComponentFamily):
         codes = F.one_hot(X.detach().long(), self.n_categories)  # (..., n, D, C)
         return codes.to(X.dtype).flatten(-2)
 
-    def embedding(self, X: torch.Tensor, shift: torch.Tensor | None) -> torch.Tensor:
+    def embedding(self, X: torch.Tensor, reference: torch.Tensor | None) -> torch.Tensor:
         return self.one_hot(X)
 
     # --- constrained views -------------------------------------------------------------------
@@ -110,11 +110,11 @@ class Categorical(ComponentFamily):
         return theta["logit_categories"].log_softmax(-1)
 
     # --- EM ----------------------------------------------------------------------------------
-    def natural_parameters(self, theta, shift) -> tuple[torch.Tensor, torch.Tensor]:
+    def natural_parameters(self, theta, reference) -> tuple[torch.Tensor, torch.Tensor]:
         log_probs = self.log_probs(theta)  # (*b, K, D, C)
         return log_probs.flatten(-2), log_probs.new_zeros(log_probs.shape[:-2])
 
-    def m_step(self, counts, stats, shift) -> tuple[Theta, torch.Tensor]:
+    def m_step(self, counts, stats, reference) -> tuple[Theta, torch.Tensor]:
         n_features = stats.shape[-1] // self.n_categories
         frequencies = stats.view(*stats.shape[:-1], n_features, self.n_categories) / counts[..., None, None]
         logits = _log_probs(frequencies)  # (*b, K, D, C)

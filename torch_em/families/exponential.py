@@ -46,12 +46,12 @@ class Exponential(RateFamily):
             )
         check_magnitude(X, name, power=1, what="the sums")
 
-    def embedding(self, X: torch.Tensor, shift: torch.Tensor | None) -> torch.Tensor:
+    def embedding(self, X: torch.Tensor, reference: torch.Tensor | None) -> torch.Tensor:
         # Not pointwise (it uses the data mean), which is fine: this family has no initial_centres.
         scale = 0.01 * X.mean(-2, keepdim=True).clamp_min(torch.finfo(X.dtype).tiny)
         return (X / scale).log1p()
 
-    def features(self, X: torch.Tensor, shift: torch.Tensor | None) -> tuple[torch.Tensor, None]:
+    def features(self, X: torch.Tensor, reference: torch.Tensor | None) -> tuple[torch.Tensor, None]:
         return X, None
 
     # --- constrained views -------------------------------------------------------------------
@@ -60,11 +60,11 @@ class Exponential(RateFamily):
         return (-theta["log_rates"]).exp()
 
     # --- EM ----------------------------------------------------------------------------------
-    def natural_parameters(self, theta, shift) -> tuple[torch.Tensor, torch.Tensor]:
+    def natural_parameters(self, theta, reference) -> tuple[torch.Tensor, torch.Tensor]:
         log_rates = theta["log_rates"]  # (*b, K, D)
         return -log_rates.exp(), log_rates.sum(-1)
 
-    def m_step(self, counts, stats, shift) -> tuple[Theta, torch.Tensor]:
+    def m_step(self, counts, stats, reference) -> tuple[Theta, torch.Tensor]:
         means = stats / counts.unsqueeze(-1)  # (*b, K, D)
         overall = stats.sum(-2, keepdim=True) / counts.sum(-1)[..., None, None]  # (*b, 1, D)
         floor = (probability_bound(stats.dtype) * overall).clamp_min(torch.finfo(stats.dtype).tiny)

@@ -178,10 +178,10 @@ class Gamma(ComponentFamily):
             raise ValueError(f"{name} must be positive for Gamma components, got {describe_bad_values(X, bad)}")
         check_magnitude(X, name, power=1, what="the sums")
 
-    def embedding(self, X: torch.Tensor, shift: torch.Tensor | None) -> torch.Tensor:
+    def embedding(self, X: torch.Tensor, reference: torch.Tensor | None) -> torch.Tensor:
         return X.log()
 
-    def features(self, X: torch.Tensor, shift: torch.Tensor | None) -> tuple[torch.Tensor, None]:
+    def features(self, X: torch.Tensor, reference: torch.Tensor | None) -> tuple[torch.Tensor, None]:
         return torch.cat([X, X.log()], dim=-1), None  # (..., n, 2D)
 
     # --- constrained views -------------------------------------------------------------------
@@ -198,13 +198,13 @@ class Gamma(ComponentFamily):
         return (theta["log_shapes"] - theta["log_rates"]).exp()
 
     # --- EM ----------------------------------------------------------------------------------
-    def natural_parameters(self, theta, shift) -> tuple[torch.Tensor, torch.Tensor]:
+    def natural_parameters(self, theta, reference) -> tuple[torch.Tensor, torch.Tensor]:
         log_shapes, log_rates = theta["log_shapes"], theta["log_rates"]  # (*b, K, D)
         shapes = log_shapes.exp()
         eta = torch.cat([-log_rates.exp(), shapes - 1], dim=-1)  # (*b, K, 2D)
         return eta, (shapes * log_rates - torch.lgamma(shapes)).sum(-1)
 
-    def m_step(self, counts, stats, shift) -> tuple[Theta, torch.Tensor]:
+    def m_step(self, counts, stats, reference) -> tuple[Theta, torch.Tensor]:
         dtype = stats.dtype
         work = stats.dtype if stats.device.type == "mps" else torch.float64  # a (K, D) problem: cheap
         n_features = stats.shape[-1] // 2
@@ -221,11 +221,11 @@ class Gamma(ComponentFamily):
     def supports_fixing(self, names: set[str]) -> bool:
         return True
 
-    def conditional_m_step(self, counts, stats, shift, fixed) -> tuple[Theta, torch.Tensor]:
+    def conditional_m_step(self, counts, stats, reference, fixed) -> tuple[Theta, torch.Tensor]:
         # Given shapes a: rate b = a n / sum x (closed form). Given rates b: the shape solves
         # digamma(a) = log b + mean(log x), by Newton steps on the inverse digamma.
         if len(fixed) != 1:
-            return super().conditional_m_step(counts, stats, shift, fixed)
+            return super().conditional_m_step(counts, stats, reference, fixed)
         dtype, work = stats.dtype, (stats.dtype if stats.device.type == "mps" else torch.float64)
         n_features = stats.shape[-1] // 2
         n = counts.to(work).unsqueeze(-1)  # (*b, K, 1)

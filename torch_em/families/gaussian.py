@@ -9,7 +9,7 @@ Unconstrained parameters (``K`` components, ``D`` features, batch dims in front)
 (``Lambda = P P^T``, scikit-learn's ``precisions_cholesky_``) with its diagonal stored as a
 logarithm, so any real tensor is a valid parameter (entries below the diagonal are ignored).
 
-Exponential-family form. With ``x~ = x - s`` and ``mu~ = mu - s`` for a fixed shift ``s`` (the data
+Exponential-family form. With ``x~ = x - s`` and ``mu~ = mu - s`` for a fixed reference ``s`` (the data
 mean), ``log N(x | mu, Sigma) = T(x~).eta + c`` where
 
     full / tied: T = [x~, triu(x~ x~^T)]  eta = [Lambda mu~, -1/2 triu(Lambda) * (2 off the diagonal)]
@@ -19,7 +19,7 @@ mean), ``log N(x | mu, Sigma) = T(x~).eta + c`` where
 
 Centring keeps the expanded quadratic form from cancelling catastrophically: its relative
 error grows like eps * (|mu~| / sigma)^2, small when the data are centred. A component narrow or
-far from the shift, for which it is not (``expansion_error``), is evaluated directly instead,
+far from the reference, for which it is not (``expansion_error``), is evaluated directly instead,
 ``-1/2 |(x - mu)^T P|^2 + log|P| - D/2 log(2 pi)`` (``direct_log_prob``), and in a fit its
 statistics are taken about its own mean (``own_reference_statistics``): the cost of that is one
 (n, D) x (D, D) product per such component and chunk, paid only where the shared GEMM would be
@@ -356,8 +356,8 @@ class Gaussian(ComponentFamily):
             "spherical": n_features + 1,
         }[self.covariance_type]
 
-    def features(self, X: torch.Tensor, shift: torch.Tensor | None) -> tuple[torch.Tensor, None]:
-        centred = X if shift is None else X - shift
+    def features(self, X: torch.Tensor, reference: torch.Tensor | None) -> tuple[torch.Tensor, None]:
+        centred = X if reference is None else X - reference
         if self.covariance_type == "diag":
             second = centred.square()
         elif self.covariance_type == "spherical":
@@ -387,10 +387,10 @@ class Gaussian(ComponentFamily):
         return chol.square()
 
     # --- EM ----------------------------------------------------------------------------------
-    def natural_parameters(self, theta, shift) -> tuple[torch.Tensor, torch.Tensor]:
+    def natural_parameters(self, theta, reference) -> tuple[torch.Tensor, torch.Tensor]:
         loc = theta["loc"]  # (*b, K, D)
         n_features = loc.shape[-1]
-        centred = loc if shift is None else loc - shift
+        centred = loc if reference is None else loc - reference
         raw = theta["raw_precision_cholesky"]
         log_2pi_term = 0.5 * n_features * math.log(2 * math.pi)
         if self.covariance_type in ("full", "tied") and n_features <= SMALL_FEATURES:
@@ -419,11 +419,11 @@ class Gaussian(ComponentFamily):
         const = half_logdet - 0.5 * mahalanobis_mean - log_2pi_term
         return torch.cat([linear, quadratic], dim=-1), const
 
-    def m_step(self, counts, stats, shift) -> tuple[Theta, torch.Tensor]:
+    def m_step(self, counts, stats, reference) -> tuple[Theta, torch.Tensor]:
         n_features = self._n_features_from_stats(stats.shape[-1])
         centred_mean = stats[..., :n_features] / counts.unsqueeze(-1)  # (*b, K, D)
         second = stats[..., n_features:]
-        loc = centred_mean if shift is None else centred_mean + shift
+        loc = centred_mean if reference is None else centred_mean + reference
         small = None
         if self.covariance_type == "full" and n_features <= SMALL_FEATURES:
             small = self._small_full_m_step(counts, centred_mean, second)
@@ -469,19 +469,19 @@ class Gaussian(ComponentFamily):
     def supports_fixing(self, names: set[str]) -> bool:
         return True
 
-    def conditional_m_step(self, counts, stats, shift, fixed) -> tuple[Theta, torch.Tensor]:
+    def conditional_m_step(self, counts, stats, reference, fixed) -> tuple[Theta, torch.Tensor]:
         if "loc" in fixed and "raw_precision_cholesky" not in fixed:
             # The spread about fixed means mu rather than the weighted means m:
             # sum_n r (x - mu)(x - mu)^T = [S_xx - n m m^T] + n (m - mu)(m - mu)^T, so adding
             # n T2(m - mu) to the second-moment statistics makes the M-step's covariance the
             # conditional maximiser (for every covariance type, tied included).
             n_features = fixed["loc"].shape[-1]
-            centred_mean = stats[..., :n_features] / counts.unsqueeze(-1)  # (*b, K, D), about the shift
-            fixed_mean = fixed["loc"] if shift is None else fixed["loc"] - shift
+            centred_mean = stats[..., :n_features] / counts.unsqueeze(-1)  # (*b, K, D), about the reference
+            fixed_mean = fixed["loc"] if reference is None else fixed["loc"] - reference
             offset = (centred_mean - fixed_mean).expand_as(centred_mean)
             second = self.features(offset, None)[0][..., n_features:]  # (*b, K, F - D)
             stats = torch.cat([stats[..., :n_features], stats[..., n_features:] + counts.unsqueeze(-1) * second], -1)
-        return super().conditional_m_step(counts, stats, shift, fixed)
+        return super().conditional_m_step(counts, stats, reference, fixed)
 
     def _small_full_m_step(
         self, counts: torch.Tensor, centred_mean: torch.Tensor, second: torch.Tensor
@@ -521,8 +521,8 @@ class Gaussian(ComponentFamily):
         return resolved.all(-1) if self.covariance_type != "spherical" else resolved
 
     # --- components about their own mean (narrow or far from the shared reference) ----------
-    def expansion_error(self, theta, shift) -> tuple[torch.Tensor, torch.Tensor]:
-        # Expanded about the shift s, log N(x) = T(x~).eta + c adds terms of size
+    def expansion_error(self, theta, reference) -> tuple[torch.Tensor, torch.Tensor]:
+        # Expanded about the reference s, log N(x) = T(x~).eta + c adds terms of size
         # q = a^T |Lambda| a for a = |mu - s| + sigma (a point one standard deviation from the
         # mean), which cancel to O(D): its rounding error is about eps * q (estimated from above
         # by eps * |a^T |P||^2 for full and tied covariances), and so is the relative
@@ -531,7 +531,7 @@ class Gaussian(ComponentFamily):
         # roundings of the D entries of y, of unit size near the mode, add up like random signs).
         with torch.no_grad():
             loc = theta["loc"]  # (*b, K, D)
-            centred = loc if shift is None else loc - shift
+            centred = loc if reference is None else loc - reference
             if self.covariance_type in ("full", "tied") and loc.shape[-1] <= SMALL_FEATURES:
                 expanded, direct = small_expansion_error(
                     theta["raw_precision_cholesky"], centred, loc, tied=self.covariance_type == "tied"

@@ -48,10 +48,10 @@ class Poisson(RateFamily):
             )
         check_magnitude(X, name, power=1, what="the sums of counts and their log-factorials")
 
-    def embedding(self, X: torch.Tensor, shift: torch.Tensor | None) -> torch.Tensor:
+    def embedding(self, X: torch.Tensor, reference: torch.Tensor | None) -> torch.Tensor:
         return 2 * (X + 0.375).sqrt()  # Anscombe: variance ~1 for any rate
 
-    def features(self, X: torch.Tensor, shift: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def features(self, X: torch.Tensor, reference: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         return X, -torch.lgamma(X + 1).sum(-1)
 
     # --- constrained views -------------------------------------------------------------------
@@ -60,11 +60,11 @@ class Poisson(RateFamily):
         return self.rates(theta)
 
     # --- EM ----------------------------------------------------------------------------------
-    def natural_parameters(self, theta, shift) -> tuple[torch.Tensor, torch.Tensor]:
+    def natural_parameters(self, theta, reference) -> tuple[torch.Tensor, torch.Tensor]:
         log_rates = theta["log_rates"]  # (*b, K, D)
         return log_rates, -log_rates.exp().sum(-1)
 
-    def m_step(self, counts, stats, shift) -> tuple[Theta, torch.Tensor]:
+    def m_step(self, counts, stats, reference) -> tuple[Theta, torch.Tensor]:
         log_rates = clamped_log(stats / counts.unsqueeze(-1))  # (*b, K, D)
         return {"log_rates": log_rates}, torch.isfinite(log_rates).all(-1)
 

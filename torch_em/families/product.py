@@ -163,8 +163,8 @@ class Product(ComponentFamily):
         block = self.blocks[position]
         return {name: theta[block.prefix + name] for name in block.names}
 
-    def _block_shift(self, shift: torch.Tensor | None, block: Block) -> torch.Tensor | None:
-        return None if shift is None or not block.has_reference else shift[..., block.index]
+    def _block_shift(self, reference: torch.Tensor | None, block: Block) -> torch.Tensor | None:
+        return None if reference is None or not block.has_reference else reference[..., block.index]
 
     def _merge(self, parts: Sequence[torch.Tensor]) -> torch.Tensor:
         """Block-ordered pieces (..., D_b) -> (..., D) in the columns' own order."""
@@ -243,37 +243,37 @@ class Product(ComponentFamily):
         lead = torch.broadcast_shapes(*(part.shape[:-1] for part in parts))
         return self._merge([part.expand(*lead, part.shape[-1]) for part in parts])
 
-    def embedding(self, X: torch.Tensor, shift: torch.Tensor | None) -> torch.Tensor:
+    def embedding(self, X: torch.Tensor, reference: torch.Tensor | None) -> torch.Tensor:
         parts = []
         for block in self.blocks:
-            part = block.family.embedding(X[..., block.index], self._block_shift(shift, block))
+            part = block.family.embedding(X[..., block.index], self._block_shift(reference, block))
             part = part - part.mean(-2, keepdim=True)
             spread = part.square().sum(-1, keepdim=True).mean(-2, keepdim=True)  # total variance (..., 1, 1)
             scale = (block.n_columns / spread.clamp_min(torch.finfo(part.dtype).tiny)).sqrt()
             parts.append(part * scale)
         return torch.cat(parts, dim=-1)
 
-    def features(self, X: torch.Tensor, shift: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def features(self, X: torch.Tensor, reference: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         statistics, base = [], None
         for block in self.blocks:
-            T, h = block.family.features(X[..., block.index], self._block_shift(shift, block))
+            T, h = block.family.features(X[..., block.index], self._block_shift(reference, block))
             statistics.append(T)
             if h is not None:
                 base = h if base is None else base + h
         return torch.cat(statistics, dim=-1), base
 
     # --- EM ----------------------------------------------------------------------------------
-    def natural_parameters(self, theta, shift) -> tuple[torch.Tensor, torch.Tensor]:
+    def natural_parameters(self, theta, reference) -> tuple[torch.Tensor, torch.Tensor]:
         etas, const = [], None
         for position, block in enumerate(self.blocks):
-            eta, c = block.family.natural_parameters(self.block_theta(theta, position), self._block_shift(shift, block))
+            eta, c = block.family.natural_parameters(self.block_theta(theta, position), self._block_shift(reference, block))
             etas.append(eta)
             const = c if const is None else const + c
         lead = torch.broadcast_shapes(*(eta.shape[:-1] for eta in etas))
         return torch.cat([eta.expand(*lead, eta.shape[-1]) for eta in etas], dim=-1), const
 
-    def m_step(self, counts, stats, shift) -> tuple[Theta, torch.Tensor]:
-        return self.conditional_m_step(counts, stats, shift, {})
+    def m_step(self, counts, stats, reference) -> tuple[Theta, torch.Tensor]:
+        return self.conditional_m_step(counts, stats, reference, {})
 
     def _block_fixed(self, fixed: Mapping[str, torch.Tensor], block: Block) -> Theta:
         return {name: fixed[block.prefix + name] for name in block.names if block.prefix + name in fixed}
@@ -284,12 +284,12 @@ class Product(ComponentFamily):
             for block in self.blocks
         )
 
-    def conditional_m_step(self, counts, stats, shift, fixed) -> tuple[Theta, torch.Tensor]:
+    def conditional_m_step(self, counts, stats, reference, fixed) -> tuple[Theta, torch.Tensor]:
         theta: Theta = {}
         valid = None
         for block, part in zip(self.blocks, self._split_statistics(stats)):
             block_theta, block_valid = block.family.conditional_m_step(
-                counts, part, self._block_shift(shift, block), self._block_fixed(fixed, block)
+                counts, part, self._block_shift(reference, block), self._block_fixed(fixed, block)
             )
             theta.update({block.prefix + name: value for name, value in block_theta.items()})
             valid = block_valid if valid is None else valid & block_valid

@@ -212,7 +212,7 @@ class VonMisesFisher(ComponentFamily):
                 "X / X.norm(dim=-1, keepdim=True)"
             )
 
-    def features(self, X: torch.Tensor, shift: torch.Tensor | None) -> tuple[torch.Tensor, None]:
+    def features(self, X: torch.Tensor, reference: torch.Tensor | None) -> tuple[torch.Tensor, None]:
         return X, None
 
     # --- constrained views -------------------------------------------------------------------
@@ -236,11 +236,11 @@ class VonMisesFisher(ComponentFamily):
         return bessel_ratio_and_derivative(_order(n_features), self.concentration(theta))[0]
 
     # --- EM ----------------------------------------------------------------------------------
-    def natural_parameters(self, theta, shift) -> tuple[torch.Tensor, torch.Tensor]:
+    def natural_parameters(self, theta, reference) -> tuple[torch.Tensor, torch.Tensor]:
         eta = self.concentration(theta).unsqueeze(-1) * self.mean_direction(theta)  # (*b, K, D)
         return eta, self.log_normaliser(theta)
 
-    def m_step(self, counts, stats, shift) -> tuple[Theta, torch.Tensor]:
+    def m_step(self, counts, stats, reference) -> tuple[Theta, torch.Tensor]:
         dtype = stats.dtype
         work = stats.dtype if stats.device.type == "mps" else torch.float64  # a (K, D) problem: cheap
         n_features = stats.shape[-1]
@@ -258,10 +258,10 @@ class VonMisesFisher(ComponentFamily):
     def supports_fixing(self, names: set[str]) -> bool:
         return True
 
-    def conditional_m_step(self, counts, stats, shift, fixed) -> tuple[Theta, torch.Tensor]:
+    def conditional_m_step(self, counts, stats, reference, fixed) -> tuple[Theta, torch.Tensor]:
         # The direction's maximiser, the normalised resultant, does not depend on kappa. Given a
         # fixed direction mu, kappa solves A_D(kappa) = max(S . mu, 0) / n.
-        theta, valid = super().conditional_m_step(counts, stats, shift, fixed)
+        theta, valid = super().conditional_m_step(counts, stats, reference, fixed)
         if "direction" in fixed and "log_concentration" not in fixed:
             dtype, work = stats.dtype, (stats.dtype if stats.device.type == "mps" else torch.float64)
             n_features = stats.shape[-1]

@@ -23,6 +23,8 @@ ROWS = {  # name -> (benchmark, dtype)
     "full float64": ("full", "float64"), "full float32": ("full", "float32"),
     "diag float32": ("diag", "float32"),
     "batched float64": ("batched", "float64"), "batched float32": ("batched", "float32"),
+    "batched float64 default-init": ("batched", "default-init"),
+    "kmeans float32": ("kmeans", "float32"),
 }
 
 
@@ -42,14 +44,18 @@ def worker(benches: list[str], n: int, threads: int) -> None:
         if bench == "batched":
             b = sizes.batched
             problem = run.batched_problem(2, b["B"], b["N"], b["D"], b["K"])  # the seed run.py uses
-            runner = peers.torch_em_runner(problem, dtype, "cpu")
+            if dtype == "default-init":
+                runner = peers.torch_em_default_init_runner(problem, "float64", "cpu", seed=0)
+            else:
+                runner = peers.torch_em_runner(problem, dtype, "cpu")
             runner.fit(b["iters"])  # warm-up
             results[row] = run.timed_fit(runner, b["iters"])
         else:
             size = getattr(sizes, bench)
-            problem = run.single_problem({"full": 0, "diag": 1}[bench], size["N"], size["D"], size["K"],
+            problem = run.single_problem({"full": 0, "diag": 1, "kmeans": 3}[bench], size["N"], size["D"], size["K"],
                                          "full" if bench == "full" else "diag")
-            runner = peers.torch_em_runner(problem, dtype, "cpu")
+            make = peers.torch_em_kmeans_runner if bench == "kmeans" else peers.torch_em_runner
+            runner = make(problem, dtype, "cpu")
             runner.fit(1), runner.fit(2)  # warm-up
             results[row] = (run.timed_fit(runner, 1 + n) - run.timed_fit(runner, 1)) / n
     print(json.dumps(results))
@@ -62,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
-    parser.add_argument("--bench", nargs="+", default=["full", "diag", "batched"], choices=["full", "diag", "batched"])
+    parser.add_argument("--bench", nargs="+", default=["full", "diag", "batched", "kmeans"],
+                        choices=["full", "diag", "batched", "kmeans"])
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:

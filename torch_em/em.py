@@ -141,6 +141,20 @@ def weighted_statistics(T: torch.Tensor, resp: torch.Tensor) -> torch.Tensor:
     return resp @ T
 
 
+def joint_parameters(
+    latent: LatentStructure, family: ComponentFamily, params: Params, reference: torch.Tensor | None,
+    scale: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``eta`` (R, M, K, F) and ``const`` (R, M, K) of the log joint ``T(x).eta + const (+ h)``:
+    the family's natural parameters with the latent structure's per-state log prior folded into
+    the constant, in units of ``scale`` per nat (scaling the GEMM's parameters costs nothing)."""
+    eta, const = family.natural_parameters(params.emission, reference)
+    log_prior = latent.log_prior(params.latent)
+    if log_prior is not None:
+        const = const + log_prior
+    return (eta, const) if scale == 1.0 else (eta * scale, const * scale)
+
+
 def e_step(
     latent: LatentStructure, family: ComponentFamily, params: Params, data: Data | StreamData,
     own: OwnReference | None = None, pseudo_count: float = 0.0,
@@ -152,13 +166,8 @@ def e_step(
     ``pseudo_count``: that many pseudo-points per component, distributed like the data, added to
     the statistics (not to the log-likelihood): a MAP-style smoothing prior.
     """
-    eta, const = family.natural_parameters(params.emission, data.reference)
-    log_prior = latent.log_prior(params.latent)
-    if log_prior is not None:  # folded into the GEMM's constant
-        const = const + log_prior
-    scale = latent.log_joint_scale  # the posterior's units, applied to the GEMM's parameters (free)
-    if scale != 1.0:
-        eta, const = eta * scale, const * scale
+    scale = latent.log_joint_scale
+    eta, const = joint_parameters(latent, family, params, data.reference, scale)
     total = None
     for part in data.parts():
         for chunk in part.chunks():
@@ -194,11 +203,9 @@ def _pseudo_responsibility(
 def posterior(latent: LatentStructure, family: ComponentFamily, params: Params, data: Data) -> tuple[torch.Tensor, torch.Tensor]:
     """Posteriors (R, M, K, N) (weighted) and the total log-likelihood (R, M) of data in memory,
     without statistics (e.g. a differentiable layer's output)."""
-    eta, const = family.natural_parameters(params.emission, data.reference)
-    log_prior = latent.log_prior(params.latent)
-    const = const if log_prior is None else const + log_prior
     scale = latent.log_joint_scale
-    parts = [latent.posterior(emission_log_prob(c.T, None if c.h is None else c.h * scale, eta * scale, const * scale),
+    eta, const = joint_parameters(latent, family, params, data.reference, scale)
+    parts = [latent.posterior(emission_log_prob(c.T, None if c.h is None else c.h * scale, eta, const),
                               params.latent, c.weights) for c in data.chunks()]
     return torch.cat([p[0] for p in parts], -1), sum(p[1] for p in parts)
 
@@ -229,9 +236,7 @@ def worst_point_features(
 ) -> torch.Tensor:
     """Features (R, M, k, F) of the k points with the lowest log-likelihood per model, worst
     first (points of weight 0 are not candidates)."""
-    eta, const = family.natural_parameters(params.emission, data.reference)
-    log_prior = latent.log_prior(params.latent)
-    const = const if log_prior is None else const + log_prior
+    eta, const = joint_parameters(latent, family, params, data.reference)
     best_values = best_features = None
     for T, h, weights in ((c.T, c.h, c.weights) for c in data.chunks()):
         _, ll = log_normalize(emission_log_prob(T, h, eta, const), dim=-2, inplace=True)  # ll (R, M, n)

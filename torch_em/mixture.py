@@ -505,9 +505,9 @@ class Mixture(CheckedLoad, FollowsDataDtype):
         params = self._working_parameters()
         log_weights, theta = params.latent["log_weights"], params.emission
         reference = self._evaluation_reference(log_weights, theta, shared=X.dim() == 2)
-        eta, const = self.family.natural_parameters(theta, reference)
+        eta, const = em.joint_parameters(MIXTURE, self.family, params, reference)
         T, h = self.family.features(X, reference)
-        lp = em.emission_log_prob(T, h, eta, const + log_weights)  # (1, M, K, N)
+        lp = em.emission_log_prob(T, h, eta, const)  # (1, M, K, N)
         own = em.OwnReference.of(self.family, theta, log_weights, reference, evaluation=True)
         if own is not None:  # components the expansion about the reference would not resolve
             own.write_log_prob(own.groups(X, self.n_components, self.n_models), lp)

@@ -67,7 +67,11 @@ def expected_failed_checks(estimator) -> dict[str, str]:
     return expected
 
 
-@parametrize_with_checks([GaussianMixture(), KMeans(), MiniBatchKMeans()], expected_failed_checks=expected_failed_checks)
+@parametrize_with_checks(
+    [GaussianMixture(), GaussianMixture(2, covariance_type="tied", init_params="random"), KMeans(),
+     KMeans(init="random", algorithm="elkan"), MiniBatchKMeans(), MiniBatchKMeans(init="random", batch_size=10)],
+    expected_failed_checks=expected_failed_checks,
+)
 def test_scikit_learn_estimator_checks(estimator, check):
     check(estimator)
 
@@ -306,6 +310,13 @@ def test_rejected_fit_leaves_the_estimator_as_it_was():
         gmm.fit(np.hstack([X, X]))  # new features would reset n_features_in_
     assert gmm.n_features_in_ == 2 and gmm.module_ is before["module_"]
     np.testing.assert_array_equal(gmm.means_, before["means_"])
+
+
+def test_warm_start_with_another_number_of_components_starts_afresh():
+    X = blobs()
+    gmm = GaussianMixture(2, warm_start=True, random_state=0).fit(X)
+    refitted = gmm.set_params(n_components=3).fit(X)
+    np.testing.assert_array_equal(refitted.means_, GaussianMixture(3, random_state=0).fit(X).means_)
 
 
 def test_warm_start_continues_from_the_module():

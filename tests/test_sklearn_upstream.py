@@ -79,6 +79,9 @@ import json
 import numpy as np
 import pytest
 import scipy.sparse
+import torch
+
+torch.set_num_threads(1)  # as the project's conftest: tiny tensors, shared cores
 
 SKIPPED = json.loads({skipped!r})
 SPARSE = {sparse!r}

@@ -67,9 +67,17 @@ def check_sample_weight(sample_weight: Any, n_samples: int, dtype: np.dtype) -> 
     return weights
 
 
+def as_tensor(X: np.ndarray) -> torch.Tensor:
+    """A validated array as a tensor sharing its memory, or a copy where torch cannot share it
+    (a read-only array, e.g. a memory map, or negative strides)."""
+    if not X.flags.writeable or any(stride < 0 for stride in X.strides):
+        X = X.copy()
+    return torch.from_numpy(X)
+
+
 def weight_options(sample_weight: np.ndarray | None) -> dict[str, Any]:
     """Keyword arguments that hand ``sample_weight`` to a torch_em method (none when unweighted)."""
-    return {} if sample_weight is None else {"sample_weight": torch.as_tensor(sample_weight)}
+    return {} if sample_weight is None else {"sample_weight": as_tensor(sample_weight)}
 
 
 class TorchModuleMixin:
@@ -103,7 +111,7 @@ class TorchModuleMixin:
     def _evaluation_data(self, X: Any) -> torch.Tensor:
         """X ``(n_samples, n_features_in_)`` of a fitted estimator, as a tensor for the module."""
         check_is_fitted(self)
-        return torch.as_tensor(validate_data(self, X, dtype=FLOAT_DTYPES, reset=False))
+        return as_tensor(validate_data(self, X, dtype=FLOAT_DTYPES, reset=False))
 
     def _numpy(self, tensor: torch.Tensor) -> np.ndarray:
         """A float result of the module as a numpy array (a copy: later fits of the module do

@@ -17,7 +17,7 @@ from sklearn.utils._param_validation import Interval, StrOptions
 import torch_em
 
 from ._base import (
-    TORCH_CONSTRAINTS, TorchModuleMixin, check_sample_weight, seed_from_random_state, unchanged_on_error,
+    TORCH_CONSTRAINTS, TorchModuleMixin, as_tensor, check_sample_weight, seed_from_random_state, unchanged_on_error,
     weight_options,
 )
 
@@ -60,7 +60,7 @@ class _KMeansEstimator(TorchModuleMixin, ClassNamePrefixFeaturesOutMixin, Transf
                 f"Explicit initial center position passed: performing only one init in {type(self).__name__} "
                 f"instead of n_init={self.n_init}.",
                 RuntimeWarning,
-                stacklevel=3,
+                stacklevel=4,
             )
             return 1
         return self.n_init
@@ -130,7 +130,7 @@ def warn_if_fewer_distinct_clusters(labels: np.ndarray, n_clusters: int) -> None
             f"Number of distinct clusters ({n_distinct}) found smaller than n_clusters ({n_clusters}). "
             "Possibly due to duplicate points in X.",
             ConvergenceWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
 
 
@@ -203,9 +203,9 @@ class KMeans(_KMeansEstimator):
         self._n_init = self._resolved_n_init()
         if self.algorithm == "elkan" and self.n_clusters == 1:
             warnings.warn("algorithm='elkan' doesn't make sense for a single cluster. Using 'lloyd' instead.",
-                          RuntimeWarning, stacklevel=2)
+                          RuntimeWarning, stacklevel=3)
         random_state = check_random_state(self.random_state)
-        data = torch.as_tensor(X)
+        data = as_tensor(X)
         if callable(self.init):  # one run per drawn set of centres; the lowest inertia wins
             runs = [self._lloyd(data, self._initial_centres(X, random_state), 1, sample_weight) for _ in range(self._n_init)]
             module = min(runs, key=lambda run: float(run.inertia_))
@@ -243,8 +243,8 @@ class MiniBatchKMeans(_KMeansEstimator):
     ``inertia_`` of that batch when ``compute_labels``.
 
     Differences: the string initialisations (``"k-means++"``, ``"random"``) are followed by one
-    Lloyd iteration on the ``init_size`` samples; ``device``, ``dtype``, ``random_state`` and
-    ``verbose`` as for :class:`KMeans`.
+    Lloyd iteration on the ``init_size`` samples; ``verbose`` prints only why the steps stopped
+    early; ``device``, ``dtype`` and ``random_state`` as for :class:`KMeans`.
 
     Attributes:
         cluster_centers_, labels_, inertia_, n_iter_ (passes over the data started), n_steps_
@@ -305,7 +305,7 @@ class MiniBatchKMeans(_KMeansEstimator):
         sample_weight = check_sample_weight(sample_weight, n_samples, X.dtype)
         random_state = check_random_state(self.random_state)
         module = self._stream_module(self._best_initial_centres(X, random_state, sample_weight), random_state)
-        data = torch.as_tensor(X).to(module.cluster_centers_.device)
+        data = as_tensor(X).to(module.cluster_centers_.device)
         stopping = EarlyStopping(_tolerance(X, self.tol), self.max_no_improvement, self._batch_size, n_samples,
                                  verbose=bool(self.verbose))
         probabilities = None if sample_weight is None else sample_weight / sample_weight.sum()
@@ -343,7 +343,7 @@ class MiniBatchKMeans(_KMeansEstimator):
             self._start(X)
             module = self._stream_module(self._initial_centres(X, self._random_state), self._random_state)
             self.n_steps_ = 0
-        batch = torch.as_tensor(X)
+        batch = as_tensor(X)
         self._step(module, batch, sample_weight, self._random_state)
         self._set_centres(module)
         self.n_steps_ += 1
@@ -364,7 +364,7 @@ class MiniBatchKMeans(_KMeansEstimator):
                 f"init_size={init_size} should be larger than n_clusters={self.n_clusters}. Setting it to "
                 "min(3*n_clusters, n_samples)",
                 RuntimeWarning,
-                stacklevel=3,
+                stacklevel=4,
             )
             init_size = 3 * self.n_clusters
         self._init_size = min(init_size, X.shape[0])
@@ -407,7 +407,7 @@ class MiniBatchKMeans(_KMeansEstimator):
             return init
         module = torch_em.KMeans(self.n_clusters, init=init, max_iter=1, seed=seed_from_random_state(random_state),
                                  **self._module_options())
-        return self._numpy(module.fit(torch.as_tensor(X), **weight_options(sample_weight)).cluster_centers_)
+        return self._numpy(module.fit(as_tensor(X), **weight_options(sample_weight)).cluster_centers_)
 
     def _step(self, module: torch_em.KMeans, batch: torch.Tensor, sample_weight: np.ndarray | None,
               random_state: np.random.RandomState) -> None:

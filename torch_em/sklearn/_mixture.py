@@ -17,8 +17,8 @@ import torch_em
 from torch_em.initialization import METHODS
 
 from ._base import (
-    FLOAT_DTYPES, TORCH_CONSTRAINTS, TorchModuleMixin, check_sample_weight, seed_from_random_state, unchanged_on_error,
-    weight_options,
+    FLOAT_DTYPES, TORCH_CONSTRAINTS, TorchModuleMixin, as_tensor, check_sample_weight, seed_from_random_state,
+    unchanged_on_error, weight_options,
 )
 
 COVARIANCE_TYPES = ("full", "tied", "diag", "spherical")
@@ -52,7 +52,8 @@ class GaussianMixture(TorchModuleMixin, DensityMixin, BaseEstimator):
     - ``random_state``: an int is torch_em's ``seed``; a ``RandomState`` draws an int seed from
       itself at every fit (successive fits differ, as in scikit-learn); None: a fresh seed.
     - ``warm_start=True`` continues EM from ``module_`` (one start, convergence judged against the
-      previous fit's lower bound), as scikit-learn does.
+      previous fit's lower bound), as scikit-learn does; a changed ``n_components``,
+      ``covariance_type`` or number of features starts afresh.
     - ``verbose > 0`` shows a progress bar of the EM iterations; ``verbose_interval`` is accepted
       for compatibility and unused.
     - ``max_iter=0`` (scikit-learn: return the initialisation) is rejected: the torch module has
@@ -152,13 +153,13 @@ class GaussianMixture(TorchModuleMixin, DensityMixin, BaseEstimator):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", torch_em.ConvergenceWarning)  # raised below as scikit-learn's
             try:
-                module.fit(torch.as_tensor(X), **options, **weight_options(sample_weight))
+                module.fit(as_tensor(X), **options, **weight_options(sample_weight))
             except torch_em.IllConditionedError as error:
                 raise ValueError(f"{ILL_DEFINED_COVARIANCE} ({error})") from error
         self.module_ = module
         self._set_fitted_attributes(module)
         if not self.converged_:
-            warnings.warn(NOT_CONVERGED, ConvergenceWarning, stacklevel=2)
+            warnings.warn(NOT_CONVERGED, ConvergenceWarning, stacklevel=3)  # past the unchanged_on_error wrapper
         return self
 
     def fit_predict(self, X: Any, y: Any = None, sample_weight: Any = None) -> np.ndarray:
@@ -166,10 +167,13 @@ class GaussianMixture(TorchModuleMixin, DensityMixin, BaseEstimator):
         return self.fit(X, sample_weight=sample_weight).predict(X)
 
     def _module_to_fit(self, n_features: int) -> torch_em.GaussianMixture:
-        """The fitted module, brought up to the current parameters, for a warm start; else a new
-        module from the (validated) parameters."""
-        if self.warm_start and hasattr(self, "module_"):
-            module = self.module_
+        """The fitted module, brought up to the current parameters, for a warm start (when it
+        has the same components, covariance type and features); else a new module from the
+        (validated) parameters."""
+        module = getattr(self, "module_", None)
+        same_model = module is not None and (module.n_components, module.covariance_type, module.n_features) == (
+            self.n_components, self.covariance_type, n_features)
+        if self.warm_start and same_model:
             module.tol, module.max_iter, module.reg_covar = float(self.tol), int(self.max_iter), float(self.reg_covar)
             return module
         return torch_em.GaussianMixture(

@@ -15,9 +15,8 @@ import pytest
 import torch
 
 pytest.importorskip("sklearn", minversion="1.6")
-pd = pytest.importorskip("pandas")
-joblib = pytest.importorskip("joblib")
 
+import joblib  # noqa: E402  (a dependency of scikit-learn)
 import sklearn.cluster  # noqa: E402
 import sklearn.mixture  # noqa: E402
 from sklearn.base import clone  # noqa: E402
@@ -163,6 +162,7 @@ def test_clone_copies_the_parameters_not_the_fit():
 @pytest.mark.parametrize("estimator", [GaussianMixture(3, random_state=0), KMeans(3, random_state=0),
                                        MiniBatchKMeans(3, random_state=0, batch_size=30)])
 def test_dataframe_in_numpy_out(estimator):
+    pd = pytest.importorskip("pandas")
     X = blobs()
     frame = pd.DataFrame(X, columns=["width", "height"])
     from_frame = clone(estimator).fit(frame)

@@ -308,7 +308,9 @@ class MiniBatchKMeans(_KMeansEstimator):
         data = as_tensor(X).to(module.cluster_centers_.device)
         stopping = EarlyStopping(_tolerance(X, self.tol), self.max_no_improvement, self._batch_size, n_samples,
                                  verbose=bool(self.verbose))
-        probabilities = None if sample_weight is None else sample_weight / sample_weight.sum()
+        # Batches drawn in proportion to the weights, by the same draws for none and equal weights.
+        weights = np.ones(n_samples) if sample_weight is None else sample_weight
+        probabilities = weights / weights.sum()
         centres = None
         n_steps = (self.max_iter * n_samples) // self._batch_size
         for step in range(n_steps):

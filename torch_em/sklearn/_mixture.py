@@ -56,8 +56,8 @@ class GaussianMixture(TorchModuleMixin, DensityMixin, BaseEstimator):
       ``covariance_type`` or number of features starts afresh.
     - ``verbose > 0`` shows a progress bar of the EM iterations; ``verbose_interval`` is accepted
       for compatibility and unused.
-    - ``max_iter=0`` (scikit-learn: return the initialisation) is rejected: the torch module has
-      no initialisation-only fit.
+    - ``max_iter=0`` (scikit-learn: return the initialisation) is handed to the torch module,
+      which rejects it for now with a ValueError.
 
     Attributes:
         weights_ ``(K,)``, means_ ``(K, D)``, covariances_, precisions_, precisions_cholesky_ (full
@@ -145,8 +145,6 @@ class GaussianMixture(TorchModuleMixin, DensityMixin, BaseEstimator):
             raise ValueError(
                 f"Expected n_samples >= n_components but got n_components = {self.n_components}, n_samples = {n_samples}"
             )
-        if self.max_iter == 0:
-            raise ValueError("max_iter=0 (return the initialisation without EM) is not supported; use max_iter >= 1")
         sample_weight = check_sample_weight(sample_weight, n_samples, X.dtype)
         module = self._module_to_fit(n_features)
         options = {"verbose": True} if self.verbose else {}
@@ -158,7 +156,7 @@ class GaussianMixture(TorchModuleMixin, DensityMixin, BaseEstimator):
                 raise ValueError(f"{ILL_DEFINED_COVARIANCE} ({error})") from error
         self.module_ = module
         self._set_fitted_attributes(module)
-        if not self.converged_:
+        if not self.converged_ and self.max_iter > 0:  # max_iter=0 asks for the initialisation alone
             warnings.warn(NOT_CONVERGED, ConvergenceWarning, stacklevel=3)  # past the unchanged_on_error wrapper
         return self
 

@@ -319,6 +319,15 @@ def test_warm_start_with_another_number_of_components_starts_afresh():
     np.testing.assert_array_equal(refitted.means_, GaussianMixture(3, random_state=0).fit(X).means_)
 
 
+def test_warm_start_set_after_a_fit_continues_from_it():
+    X = blobs()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        gmm = GaussianMixture(3, max_iter=1, random_state=0).fit(X)
+        gmm.set_params(warm_start=True).fit(X)
+    np.testing.assert_allclose(gmm.means_, GaussianMixture(3, max_iter=2, random_state=0).fit(X).means_, rtol=1e-12)
+
+
 def test_warm_start_continues_from_the_module():
     X = blobs()
     warm = GaussianMixture(3, max_iter=1, warm_start=True, random_state=0)

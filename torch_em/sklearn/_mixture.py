@@ -173,6 +173,7 @@ class GaussianMixture(TorchModuleMixin, DensityMixin, BaseEstimator):
             self.n_components, self.covariance_type, n_features)
         if self.warm_start and same_model:
             module.tol, module.max_iter, module.reg_covar = float(self.tol), int(self.max_iter), float(self.reg_covar)
+            module.warm_start = True  # also when warm_start was set after the first fit
             return module
         return torch_em.GaussianMixture(
             self.n_components, covariance_type=self.covariance_type, tol=self.tol, reg_covar=self.reg_covar,

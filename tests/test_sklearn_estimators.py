@@ -212,11 +212,14 @@ def test_integer_data_is_fitted_in_float64():
     assert gmm.means_.dtype == np.float64 and gmm.module_.dtype == torch.float64
 
 
-def test_dtype_parameter_sets_the_computation_not_the_outputs():
+@pytest.mark.parametrize("dtype", [torch.float64, "float64", np.float64])
+def test_dtype_parameter_sets_the_computation_not_the_outputs(dtype):
     X = blobs(dtype=np.float32)
-    gmm = GaussianMixture(3, random_state=0, dtype=torch.float64).fit(X)
+    gmm = GaussianMixture(3, random_state=0, dtype=dtype).fit(X)
     assert gmm.module_.dtype == torch.float64
     assert gmm.means_.dtype == np.float32 and gmm.score_samples(X).dtype == np.float32
+    km = MiniBatchKMeans(3, random_state=0, dtype=dtype).fit(X)
+    assert km.module_.cluster_centers_.dtype == torch.float64 and km.cluster_centers_.dtype == np.float32
 
 
 # --- agreement with scikit-learn -----------------------------------------------------------------

@@ -18,7 +18,7 @@ FLOAT_DTYPES = [np.float64, np.float32]
 #: ``device`` and ``dtype`` as ``_parameter_constraints`` entries (torch_em checks their values).
 TORCH_CONSTRAINTS = {
     "device": [None, str, Integral, torch.device],
-    "dtype": [None, str, torch.dtype],
+    "dtype": [None, str, torch.dtype, np.dtype, type],
 }
 #: A ``RandomState`` given as ``random_state`` draws the torch_em seed below this bound.
 SEED_BOUND = np.iinfo(np.int32).max
@@ -96,9 +96,12 @@ class TorchModuleMixin:
         return hasattr(self, "module_")
 
     def _module_options(self) -> dict[str, Any]:
-        """The torch module's ``device`` and ``dtype``: ``dtype=None`` computes in the data's
-        float dtype (float32 or float64)."""
-        return {"device": self.device, "dtype": self.dtype}
+        """The torch module's ``device`` and ``dtype`` (a torch dtype, its name, or a numpy
+        dtype such as ``np.float32``); ``dtype=None`` computes in the data's float dtype."""
+        dtype = self.dtype
+        if dtype is not None and not isinstance(dtype, (str, torch.dtype)):
+            dtype = torch.from_numpy(np.empty(0, dtype=dtype)).dtype
+        return {"device": self.device, "dtype": dtype}
 
     def _fit_data(self, X: Any, *, reset: bool = True, ensure_min_samples: int = 1) -> np.ndarray:
         """X ``(n_samples, n_features)`` checked for a fit (``reset``: a new one, whose dtype the

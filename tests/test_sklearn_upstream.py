@@ -2,7 +2,7 @@
 
 Each file is copied from the installed scikit-learn with only its import lines changed (the
 estimators come from torch_em.sklearn; everything else, assertions included, stays), and run
-by pytest in a subprocess. Tests of scikit-learn's private helpers or functions, of array-API
+by pytest in a subprocess. Tests of scikit-learn's private functions or its public functions, of array-API
 dispatch and of sparse input are skipped with the reasons below; the others must pass at least
 as often as they do now, so a regression fails here.
 """
@@ -21,7 +21,7 @@ sklearn = pytest.importorskip("sklearn", minversion="1.6")
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 
-PRIVATE = "calls scikit-learn's private helpers or methods, not the estimator's public API"
+PRIVATE = "calls scikit-learn's private functions or methods, not the estimator's public API"
 FUNCTION = "tests a scikit-learn function (k_means, kmeans_plusplus), not an estimator"
 ARRAY_API = "array-API dispatch: torch_em.sklearn takes numpy (and tensors through the module)"
 SPARSE = "sparse input: torch_em's mixtures and k-means need dense data"

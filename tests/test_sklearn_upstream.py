@@ -2,9 +2,9 @@
 
 Each file is copied from the installed scikit-learn with only its import lines changed (the
 estimators come from torch_em.sklearn; everything else, assertions included, stays), and run
-by pytest in a subprocess. Tests of scikit-learn's private functions or its public functions, of array-API
-dispatch and of sparse input are skipped with the reasons below; the others must pass at least
-as often as they do now, so a regression fails here.
+by pytest in a subprocess. Tests of scikit-learn's private functions, of its functions k_means
+and kmeans_plusplus, of array-API dispatch and of sparse input are skipped with the reasons
+below; the others must pass at least as often as they do now, so a regression fails here.
 """
 from __future__ import annotations
 

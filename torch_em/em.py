@@ -463,6 +463,10 @@ class EMStep:
     invalid: torch.Tensor  # (R, M, K) invalid components of the models that were running and finite
     stats: Statistics  # the statistics the M-step used (after re-seeding)
 
+    @property
+    def any_invalid(self) -> bool:
+        return bool(self.invalid.any())
+
 
 class EMMap:
     """The EM map ``params -> (new params, objective)`` of one model structure and dataset.
@@ -672,15 +676,16 @@ def run_em(
             record_failures(failures, bad, lambda r, m: Failure(stage, None, NOT_FINITE_ADVICE), batch.to_full)
             params = last_valid.where(bad, params)
             active = active & ~bad
+            n_active = int(active.sum())
         last_valid = params
-        invalid = step.invalid & active.unsqueeze(-1)  # (R, M, K)
-        failed = invalid.any(-1)
-        if bool(failed.any()):
+        bounded = active  # models whose current parameters got a (finite) lower bound
+        if step.any_invalid:  # (only models that ran and were finite are reported)
+            invalid = step.invalid & active.unsqueeze(-1)  # (R, M, K)
+            failed = invalid.any(-1)
             record_failures(failures, failed, invalid_component_reason(em_map.family, stage, invalid, batch.to_full),
                             batch.to_full)
-        bounded = active  # models whose current parameters got a (finite) lower bound
-        active = active & ~failed  # those that failed in the M-step keep their current parameters
-        n_active = int(active.sum())
+            active = active & ~failed  # those that failed in the M-step keep their current parameters
+            n_active = int(active.sum())
         if n_active == batch.size:  # every model still running: take the update as it is
             params, lower_bound = step.params, current
             n_iter = torch.full_like(n_iter, iteration)

@@ -33,6 +33,14 @@ METHODS = ("k-means++", "kmeans", "random", "random_from_data")
 SEEDING_LLOYD_ITERATIONS = 5
 
 
+def informative(weights: torch.Tensor | None) -> torch.Tensor | None:
+    """``weights`` (N,) / (M, N), or None where they are the same for every point (of every
+    model): equal weights seed exactly as no weights do (the same draws)."""
+    if weights is None or bool((weights == weights[..., :1]).all()):
+        return None
+    return weights
+
+
 def random_points(
     X: torch.Tensor, M: int, K: int, streams: RestartStreams, weights: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -40,6 +48,7 @@ def random_points(
     without replacement (as numpy's ``choice(replace=False, p=w / w.sum())``): the K largest
     keys ``log(u) / w`` (Efraimidis-Spirakis); a zero-weight point comes last."""
     keys = streams.rand(M, X.shape[-2])  # (R, M, N)
+    weights = informative(weights)
     if weights is not None:
         keys = keys.log() / broadcast_weights(weights)
     return gather_points(X, keys.topk(K, dim=-1).indices)
@@ -80,6 +89,7 @@ def kmeans_plusplus_indices(
     R, n_points = len(streams), X.shape[-2]
     n_trials = n_local_trials or 2 + int(math.log(K))
     draw_dtype = accumulator_dtype(X.device)
+    weights = informative(weights)
     if weights is None:
         first = streams.randint(n_points, M, 1)
     else:

@@ -36,7 +36,7 @@ def log_normalize(log_joint: torch.Tensor, dim: int = -1, inplace: bool = False)
         log_joint: (..., K, ...) -> resp (..., K, ...), log_evidence (..., ...)
     """
     resp, peak, total = _normalize_bits(log_joint, dim, inplace)
-    return resp, (peak + total.log2() * LN_2).squeeze(dim)
+    return resp, ((peak + total.log2()) * LN_2).squeeze(dim)
 
 
 def log_normalize_total(
@@ -54,17 +54,17 @@ def log_normalize_total(
         total log-evidence (...)
     """
     resp, peak, total = _normalize_bits(log_joint, -2, inplace, scale)
-    peak, total = peak.squeeze(-2), total.squeeze(-2)  # (..., n)
+    peak, total = peak.squeeze(-2), total.squeeze(-2)  # (..., n), in bits
     if weights is not None:
-        return resp, ((peak + total.log2() * LN_2) * weights).sum(-1)
-    return resp, peak.sum(-1) + _sum_log2(total, bound=log_joint.shape[-2]) * LN_2
+        return resp, ((peak + total.log2()) * weights).sum(-1) * LN_2
+    return resp, (peak.sum(-1) + _sum_log2(total, bound=log_joint.shape[-2])) * LN_2
 
 
 def _normalize_bits(
     log_joint: torch.Tensor, dim: int, inplace: bool, scale: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """resp, the peak (nats) and the total (in [1, K]) with ``dim`` kept as size 1:
-    ``logsumexp = peak + ln(total)``. Written out (to bits, max, shifted exp2, normalise) rather
+    """resp, the peak (bits) and the total (in [1, K]) with ``dim`` kept as size 1:
+    ``logsumexp = (peak + log2(total)) ln 2``. Written out (to bits, max, shifted exp2, normalise) rather
     than ``softmax``/``logsumexp``: one exp2 per entry, several times faster over a short axis.
     The maximum is subtracted after the change of base, so the largest entry is exactly 0."""
     if scale == BITS:
@@ -83,7 +83,7 @@ def _normalize_bits(
         resp = (bits - peak).clamp_min(floor).exp2()
         total = resp.sum(dim, keepdim=True)
         resp = resp / total
-    return resp, peak * LN_2, total
+    return resp, peak, total
 
 
 def _sum_log2(values: torch.Tensor, bound: float) -> torch.Tensor:

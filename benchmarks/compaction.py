@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {label} | {full * 1e3:.2f} ms | {few * 1e3:.3f} ms | **{few / full:.3f}** | {rows[compaction][0][2]} |")
     print(f"\n## Default settings (tol=1e-3, k-means++ / k-means initialisation), {B} problems, float64\n")
     fits = default_fits(args.reps, args.subset)
-    print("| contender | whole fit | speed-up of torch_em |")
+    print("| contender | whole fit | its time / torch_em's |")
     print("| --- | --- | --- |")
     for name, seconds in fits.items():
         note = f" (one by one, {args.subset} fitted per repetition, extrapolated to {B})" if name == "scikit-learn" else ""

@@ -101,6 +101,13 @@ class Mixture(CheckedLoad, FollowsDataDtype):
     Shape:
         X: ``(N, D)`` shared by every model of the batch, or ``(*batch_shape, N, D)``.
         log_prob(X): ``(*batch_shape, N)``; predict_proba(X): ``(*batch_shape, N, K)``.
+
+    Tensors and numpy: ``log_prob``/``forward`` and the parameter views (``weights``, ``means``,
+    ``covariances``, ...) are differentiable (they carry the parameters' graph: take
+    ``.detach().cpu().numpy()`` for numpy); ``score_samples``, ``score``, ``predict_proba``,
+    ``predict``, ``bic``, ``aic`` and ``sample`` return tensors without a graph
+    (``np.asarray`` works on CPU). :mod:`torch_em.sklearn` wraps the modules as scikit-learn
+    estimators with numpy in and out.
     """
 
     #: Larger datasets (and batch sources) are initialised (k-means++ etc.) on a uniform sample of

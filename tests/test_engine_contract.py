@@ -299,3 +299,25 @@ def test_em_parameters_of_the_layer_are_the_modules():
     assert bool(torch.isfinite(gradient).all()) and float(gradient.abs().max()) > 0
     with pytest.raises(ValueError, match=r"em_parameters must name parameters among \['logits', 'loc', "):
         torch_em.functional.em(X, init, 2, family=torch_em.Gaussian("diag"), em_parameters=("scale",))
+
+
+def test_initialize_gives_the_initial_parameters_of_fit():
+    X = torch.as_tensor(blobs(40))
+    init = start_values(X)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", torch_em.ConvergenceWarning)  # no warning for it
+        model = torch_em.GaussianMixture(3, dtype=F64, **init).initialize(X)
+    np.testing.assert_allclose(model.means.detach().numpy(), init["means_init"], rtol=0, atol=0)
+    assert int(model.n_iter_) == 0 and not bool(model.converged_) and float(model.lower_bound_) == -math.inf
+    assert model.lower_bound_history_.shape == (0,)
+    seeded = torch_em.GaussianMixture(3, dtype=F64, seed=3).initialize(X)  # k-means++ seeding, the first M-step
+    one_step = torch_em.GaussianMixture(3, dtype=F64, seed=3, max_iter=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch_em.ConvergenceWarning)
+        one_step.fit(X)
+    continued = torch_em.GaussianMixture(3, dtype=F64, max_iter=1, warm_start=True)
+    continued.load_state_dict(seeded.state_dict())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch_em.ConvergenceWarning)
+        continued.fit(X)
+    torch.testing.assert_close(continued.means, one_step.means, rtol=1e-12, atol=1e-12)  # fit = initialize + EM

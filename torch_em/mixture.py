@@ -284,6 +284,20 @@ class Mixture(CheckedLoad, FollowsDataDtype):
         and IllConditionedError (also before any change) for a failing model when ``on_error`` is
         ``"raise"``; see ``on_error`` for the isolation of failing models.
         """
+        return self._fit(X, sample_weight, verbose, self.max_iter)
+
+    @without_autocast
+    @torch.no_grad()
+    def initialize(self, X: Any, y: Any = None, sample_weight: Any = None) -> "Mixture":
+        """The initial parameters of :meth:`fit` (``init_params``, the user's initial values and
+        the first M-step), without EM: ``n_iter_`` 0, ``lower_bound_`` -inf, not converged
+        (what scikit-learn's ``max_iter=0`` returns). Every restart is drawn; restart 0 is kept."""
+        self._fit(X, sample_weight, False, 0)
+        self.lower_bound_ = torch.full_like(self.lower_bound_, -math.inf).masked_fill(self.failed_, math.nan)
+        return self
+
+    def _fit(self, X: Any, sample_weight: Any, verbose: bool, max_iter: int) -> "Mixture":
+        """:meth:`fit` with at most ``max_iter`` EM iterations (0: the initialisation alone)."""
         M, layout = self.n_models, self._layout
         source = batch_source(X)
         observations = self._observations()
@@ -291,10 +305,10 @@ class Mixture(CheckedLoad, FollowsDataDtype):
         n_features = data.sample.X.shape[-1]
         continued = self.warm_start and self.is_initialized
         groups = [range(1)] if continued else restart_groups(self.n_init)
-        with tqdm(total=self.max_iter * len(groups), desc="EM", disable=not verbose, leave=False) as progress, \
+        with tqdm(total=max_iter * len(groups), desc="EM", disable=not verbose, leave=False) as progress, \
                 self._naming_failures():
             result = em.cat_restarts([
-                self._run_restarts(data, n_features, restarts, continued, progress if verbose else None)
+                self._run_restarts(data, n_features, restarts, continued, progress if verbose else None, max_iter)
                 for restarts in groups
             ])
         best = layout.best_restart(result.lower_bound)  # (M,) a failed restart (nan) loses
@@ -308,17 +322,18 @@ class Mixture(CheckedLoad, FollowsDataDtype):
         self._clear_stream()  # a later partial_fit starts a new stream from these parameters
         self._record_failures(result.failures, best)
         not_converged = ~self.converged_ & ~self.failed_
-        if bool(not_converged.any()):
+        if bool(not_converged.any()) and max_iter > 0:
             warnings.warn(
-                f"{int(not_converged.sum())} of {M} model(s) did not converge in max_iter={self.max_iter} "
+                f"{int(not_converged.sum())} of {M} model(s) did not converge in max_iter={max_iter} "
                 "iterations; increase max_iter or tol, or check the data",
                 em.ConvergenceWarning,
-                stacklevel=2,
+                stacklevel=3,  # past fit
             )
         return self
 
     def _run_restarts(
         self, data: em.Data | em.StreamData, n_features: int, restarts: range, continued: bool, progress,
+        max_iter: int,
     ) -> em.EMResult:
         """EM for the working batch (len(restarts), M) of the given restarts, or (1, M) from the
         current parameters when ``continued`` (a warm start: its convergence check goes on from
@@ -333,7 +348,7 @@ class Mixture(CheckedLoad, FollowsDataDtype):
             params = self._initial_parameters(data.sample, data.chunk_size, n_features, restarts, failures)
             params = self._same_on_every_rank(params)
         fixed = self._fixed_parameters(params)
-        return em.run_em(self._em_map(data, fixed), params.with_fixed(fixed), max_iter=self.max_iter, tol=self.tol,
+        return em.run_em(self._em_map(data, fixed), params.with_fixed(fixed), max_iter=max_iter, tol=self.tol,
                          progress=progress, previous_lower_bound=previous, failures=failures)
 
     def _em_map(self, data: em.Data | em.StreamData, fixed: em.Params | None) -> em.EMMap:

@@ -56,8 +56,7 @@ class GaussianMixture(TorchModuleMixin, DensityMixin, BaseEstimator):
       ``covariance_type`` or number of features starts afresh.
     - ``verbose > 0`` shows a progress bar of the EM iterations; ``verbose_interval`` is accepted
       for compatibility and unused.
-    - ``max_iter=0`` (scikit-learn: return the initialisation) is handed to the torch module,
-      which rejects it for now with a ValueError.
+    - ``max_iter=0`` returns the initialisation, as in scikit-learn.
 
     Attributes:
         weights_ ``(K,)``, means_ ``(K, D)``, covariances_, precisions_, precisions_cholesky_ (full
@@ -151,7 +150,10 @@ class GaussianMixture(TorchModuleMixin, DensityMixin, BaseEstimator):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", torch_em.ConvergenceWarning)  # raised below as scikit-learn's
             try:
-                module.fit(as_tensor(X), **options, **weight_options(sample_weight))
+                if self.max_iter == 0:  # the initialisation alone
+                    module.initialize(as_tensor(X), **weight_options(sample_weight))
+                else:
+                    module.fit(as_tensor(X), **options, **weight_options(sample_weight))
             except torch_em.IllConditionedError as error:
                 raise ValueError(f"{ILL_DEFINED_COVARIANCE} ({error})") from error
         self.module_ = module
@@ -172,12 +174,12 @@ class GaussianMixture(TorchModuleMixin, DensityMixin, BaseEstimator):
         same_model = module is not None and (module.n_components, module.covariance_type, module.n_features) == (
             self.n_components, self.covariance_type, n_features)
         if self.warm_start and same_model:
-            module.tol, module.max_iter, module.reg_covar = float(self.tol), int(self.max_iter), float(self.reg_covar)
+            module.tol, module.max_iter, module.reg_covar = float(self.tol), max(1, int(self.max_iter)), float(self.reg_covar)
             module.warm_start = True  # also when warm_start was set after the first fit
             return module
         return torch_em.GaussianMixture(
             self.n_components, covariance_type=self.covariance_type, tol=self.tol, reg_covar=self.reg_covar,
-            max_iter=self.max_iter, n_init=self.n_init, init_params=self.init_params,
+            max_iter=max(1, self.max_iter), n_init=self.n_init, init_params=self.init_params,  # 0: initialize()
             weights_init=check_weights(self.weights_init, self.n_components),
             means_init=check_means(self.means_init, self.n_components, n_features),
             precisions_init=check_precisions(self.precisions_init, self.covariance_type, self.n_components, n_features),

@@ -33,71 +33,20 @@ import torch
 
 from . import distributed
 from .data import Chunk, Data, StreamData, default_chunk_size  # noqa: F401  (the engine's data types)
-from .families.base import ComponentFamily, IllConditionedError, Theta
-from .latent import LatentParams, LatentStructure
+from .failures import (  # noqa: F401  (the engine's failure records)
+    NOT_FINITE_ADVICE, Failure, Failures, ModelFailed, invalid_component_reason, record_failures,
+)
+from .families.base import ComponentFamily, Theta
+from .latent import LatentStructure
 from .normalize import log_normalize
 from .own_reference import OwnReference
+from .params import Params, where_models  # noqa: F401  (the engine's parameter tree)
 from .statistics import Statistics, floored_counts
 
 #: A fit computes only the models still running: once they are at most this fraction of the
 #: models it computes, the working batch is compacted to them (their data and parameters copied
 #: out), so an iteration's cost follows the running models. 0 disables compaction.
 COMPACTION_FRACTION = 0.5
-
-
-@dataclass
-class Params:
-    """The parameters of a working batch (R, M): the latent structure's (e.g. ``log_weights``
-    (R, M, K) of a mixture) and the emission family's (``theta``, (R, M, K, ...) each)."""
-
-    latent: LatentParams
-    emission: Theta
-
-    @property
-    def batch(self) -> tuple[int, int]:
-        """(R, M)."""
-        return tuple(next(iter({**self.latent, **self.emission}.values())).shape[:2])
-
-    def map(self, function: Callable[[torch.Tensor], torch.Tensor]) -> "Params":
-        return Params({n: function(v) for n, v in self.latent.items()}, {n: function(v) for n, v in self.emission.items()})
-
-    def combine(self, other: "Params", function: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> "Params":
-        """``function(mine, other's)`` for every parameter (``other`` has the same names)."""
-        return Params({n: function(v, other.latent[n]) for n, v in self.latent.items()},
-                      {n: function(v, other.emission[n]) for n, v in self.emission.items()})
-
-    def where(self, mask: torch.Tensor, other: "Params") -> "Params":
-        """These parameters for the models of ``mask`` (R, M), ``other``'s elsewhere."""
-        return self.combine(other, lambda mine, theirs: where_models(mask, mine, theirs))
-
-    def with_fixed(self, fixed: "Params | None") -> "Params":
-        """The same with the ``fixed`` ones (a subset of the names) put in."""
-        if fixed is None:
-            return self
-        return Params({n: fixed.latent.get(n, v) for n, v in self.latent.items()},
-                      {n: fixed.emission.get(n, v) for n, v in self.emission.items()})
-
-    def models(self, index: torch.Tensor) -> "Params":
-        """The models at flat positions ``index`` (A,) of (R, M), as a working batch (1, A)."""
-        return self.map(lambda value: value.flatten(0, 1)[index].unsqueeze(0))
-
-    def put_models(self, index: torch.Tensor, values: "Params") -> "Params":
-        """These parameters with the models at flat positions ``index`` taken from ``values`` (1, A)."""
-        def put(full: torch.Tensor, part: torch.Tensor) -> torch.Tensor:
-            return full.flatten(0, 1).index_copy(0, index, part[0].to(full.dtype)).view_as(full)
-        return self.combine(values, put)
-
-    @staticmethod
-    def cat(parts: list["Params"]) -> "Params":
-        """Batches of restarts (R_i, M, ...) joined along the restart axis."""
-        first = parts[0]
-        return Params({n: torch.cat([p.latent[n] for p in parts]) for n in first.latent},
-                      {n: torch.cat([p.emission[n] for p in parts]) for n in first.emission})
-
-
-def where_models(mask: torch.Tensor, chosen: torch.Tensor | float, other: torch.Tensor) -> torch.Tensor:
-    """``chosen`` for the models of ``mask`` (the leading dimensions of ``other``), else ``other``."""
-    return torch.where(mask.reshape(tuple(mask.shape) + (1,) * (other.dim() - mask.dim())), chosen, other)
 
 
 # --- E-step -------------------------------------------------------------------------------------
@@ -297,109 +246,6 @@ def reseed_empty(
         shared = every.new_zeros(()) if reference is None else reference
         every = torch.where(empty.unsqueeze(-1), shared.expand_as(every), every)
     return Statistics(counts, sums, stats.log_likelihood, stats.latent, every)
-
-
-@dataclass(frozen=True)
-class Failure:
-    """Why a model's fit failed, in engine terms; the module names the model (:meth:`message`).
-
-    stage: where (e.g. ``"EM iteration 3"``, ``"initialisation"``, ``"partial_fit"``);
-    component: the first invalid component, or None when the log-likelihood was not finite;
-    advice: what the message suggests.
-    """
-
-    stage: str
-    component: int | None
-    advice: str
-    likelihood: str = "log-likelihood"
-
-    def message(self, model: str) -> str:
-        if self.component is None:
-            return f"{self.stage}: the {self.likelihood} of {model} is not finite; {self.advice}"
-        return f"{self.stage}: component {self.component} of {model} is invalid: {self.advice}"
-
-
-#: The advice of a log-likelihood that is not finite during a fit.
-NOT_FINITE_ADVICE = "use float64, scale the data or increase the regularisation"
-
-
-class ModelFailed(IllConditionedError):
-    """A model failed where failures are not isolated: carries which and why, so that the
-    module raises an :class:`IllConditionedError` naming it in its own words."""
-
-    def __init__(self, restart: int, model: int, failure: Failure):
-        super().__init__(failure.message(f"model {model}" + (f" (restart {restart})" if restart else "")))
-        self.restart, self.model, self.failure = restart, model, failure
-
-
-@dataclass
-class Failures:
-    """Models of a working batch (R, M) whose fit failed, and why: a failed model stops and keeps
-    its last valid parameters while the others go on (``on_error="isolate"``)."""
-
-    failed: torch.Tensor  # (R, M) bool
-    reasons: dict[tuple[int, int], Failure]  # (restart, model) -> why
-
-    @classmethod
-    def none(cls, n_restarts: int, n_models: int, device: torch.device) -> "Failures":
-        return cls(torch.zeros(n_restarts, n_models, dtype=torch.bool, device=device), {})
-
-    @staticmethod
-    def joined(parts: list["Failures | None"]) -> "Failures | None":
-        """The records of consecutive batches of restarts (R_i, M) as one (sum R_i, M)."""
-        if all(part is None for part in parts):
-            return None
-        failed, reasons, offset = [], {}, 0
-        for part in parts:
-            failed.append(part.failed)
-            reasons.update({(r + offset, m): reason for (r, m), reason in part.reasons.items()})
-            offset += part.failed.shape[0]
-        return Failures(torch.cat(failed, 0), reasons)
-
-    def add(self, mask: torch.Tensor, reason: Callable[[int, int], Failure]) -> None:
-        """Mark the models of ``mask`` (R, M) that had not failed yet, with ``reason(r, m)``."""
-        new = mask & ~self.failed
-        for r, m in new.nonzero().tolist():
-            self.reasons[r, m] = reason(r, m)
-        self.failed |= new
-
-    def messages(self, describe: Callable[[int, int], str]) -> dict[tuple[int, int], str]:
-        """The reasons as messages, each model named by ``describe(restart, model)``."""
-        return {(r, m): failure.message(describe(r, m)) for (r, m), failure in self.reasons.items()}
-
-
-def record_failures(
-    failures: Failures | None, mask: torch.Tensor, reason: Callable[[int, int], Failure],
-    to_full: Callable[[torch.Tensor], torch.Tensor] = lambda mask: mask,
-) -> None:
-    """Record the models of ``mask`` (working batch) as failed with ``reason(r, m)`` (full
-    indices), or raise :class:`ModelFailed` for the first of them when not isolating."""
-    if not bool(mask.any()):
-        return
-    full = to_full(mask)
-    if failures is None:
-        r, m = (int(i) for i in full.nonzero()[0])
-        raise ModelFailed(r, m, reason(r, m))
-    failures.add(full, reason)
-
-
-def invalid_component_reason(family: ComponentFamily, stage: str, invalid: torch.Tensor,
-                             to_full: Callable[[torch.Tensor], torch.Tensor] = lambda mask: mask,
-                             ) -> Callable[[int, int], Failure]:
-    """``reason(r, m)`` naming the first invalid component of ``invalid`` (R, M, K) (working
-    batch; ``to_full`` maps it to full indices)."""
-    first = to_full_components(invalid, to_full).to(torch.int8).argmax(-1).tolist()  # (R, M)
-
-    def reason(r: int, m: int) -> Failure:
-        return Failure(stage, first[r][m], family.invalid_component_advice())
-
-    return reason
-
-
-def to_full_components(invalid: torch.Tensor, to_full: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """(working R, M, K) -> (full R, M, K) through a per-model map ``to_full``."""
-    planes = [to_full(invalid[..., k]) for k in range(invalid.shape[-1])]
-    return torch.stack(planes, -1)
 
 
 def m_step(

@@ -48,3 +48,21 @@ def test_the_readme_tour_runs():
     namespace: dict = {}
     exec(compile(tour, "README.md (tour)", "exec"), namespace)
     assert namespace["bootstrap"].means.shape == (16, 3, 2)
+
+
+def test_the_readme_em_and_gradients_block_runs():
+    readme = Path(__file__).resolve().parents[1] / "README.md"
+    block = re.search(r"### EM and gradients in one model\n.*?```python\n(.*?)```", readme.read_text(), flags=re.S).group(1)
+    namespace: dict = {}
+    import warnings
+
+    with warnings.catch_warnings():  # the block sets a warnings filter of its own
+        exec(compile(block, "README.md (EM and gradients)", "exec"), namespace)
+    head = namespace["head"]
+    assert head.loc.grad is not None and torch_finite(head.loc)  # the optimizer trained the means
+
+
+def torch_finite(tensor) -> bool:
+    import torch
+
+    return bool(torch.isfinite(tensor).all())

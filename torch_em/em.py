@@ -587,12 +587,12 @@ def online_step(em_map: EMMap, params: Params, running: Statistics | None, rho: 
     not updated (their M-step is not checked)."""
     own = em_map.own(params, summarise=False)
     batch = em_map.statistics(params, own)
-    total = em_map.data.total_weight
-    per_point = batch.scaled(1 / torch.as_tensor(total, dtype=batch.counts.dtype, device=batch.counts.device))
+    total = torch.as_tensor(em_map.data.total_weight, dtype=batch.counts.dtype, device=batch.counts.device)
+    per_point = batch.scaled(1 / total)
     mixed = per_point if running is None else running.lerp(per_point, rho)
     updating = active & torch.isfinite(batch.log_likelihood)
     new, invalid, used = em_map.maximise(params, mixed.scaled(total), updating, own=None, refine=False)
-    used = used.scaled(1 / torch.as_tensor(total, dtype=batch.counts.dtype, device=batch.counts.device))
+    used = used.scaled(1 / total)
     return OnlineStep(new, batch.log_likelihood, invalid, used)
 
 

@@ -103,17 +103,10 @@ def invalid_component_reason(family: ComponentFamily, stage: str, invalid: torch
                              to_full: Callable[[torch.Tensor], torch.Tensor] = lambda mask: mask,
                              ) -> Callable[[int, int], Failure]:
     """``reason(r, m)`` naming the first invalid component of ``invalid`` (R, M, K) (working
-    batch; ``to_full`` maps it to full indices)."""
-    first = to_full_components(invalid, to_full).to(torch.int8).argmax(-1).tolist()  # (R, M)
+    batch; ``to_full`` maps it, trailing axes included, to full indices)."""
+    first = to_full(invalid).to(torch.int8).argmax(-1).tolist()  # (R, M)
 
     def reason(r: int, m: int) -> Failure:
         return Failure(stage, first[r][m], family.invalid_component_advice())
 
     return reason
-
-
-def to_full_components(invalid: torch.Tensor, to_full: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """(working R, M, K) -> (full R, M, K) through a per-model map ``to_full``."""
-    planes = [to_full(invalid[..., k]) for k in range(invalid.shape[-1])]
-    return torch.stack(planes, -1)
-

@@ -461,9 +461,11 @@ class Mixture(CheckedLoad, FollowsDataDtype):
         every_model = torch.ones(1, M, dtype=torch.bool, device=X.device)
         failures = em.Failures.none(1, M, X.device) if self._isolates_failures() else None
         running = self._running_statistics() if started else None
+        # The stream's reference point is fixed by its first batch.
+        reference = self.stream_shift if started else distributed.combined_reference(self.family.reference(X), X.shape[-2])
+        data = em.Data(self.family, X, reference, chunk, weights=weights)
         with self._naming_failures():
             if started:
-                reference = self.stream_shift
                 params = self._working_parameters()
                 if self.averaging_start is not None:  # the parameters hold the average: the iterate is the running M-step
                     params, invalid = em.m_step(MIXTURE, self.family, running, reference, every_model,
@@ -471,13 +473,10 @@ class Mixture(CheckedLoad, FollowsDataDtype):
                     em.record_failures(failures, invalid.any(-1),
                                        em.invalid_component_reason(self.family, "partial_fit", invalid))
             else:
-                reference = distributed.combined_reference(self.family.reference(X), X.shape[-2])  # fixed for the stream
-                data = em.Data(self.family, X, reference, chunk, weights=weights)
                 params = self._working_parameters() if self.is_initialized else self._same_on_every_rank(
                     self._initial_parameters(data, chunk, n_features, range(1), failures))
             fixed = self._fixed_parameters(params)
             params = params.with_fixed(fixed)
-            data = em.Data(self.family, X, reference, chunk, weights=weights)
             data.total_weight = distributed.total_weight(data.total_weight, X.device)  # the batch over all ranks
             updating = every_model if failures is None else ~failures.failed
             step = em.online_step(self._em_map(data, fixed), params, running,

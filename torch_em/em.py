@@ -307,7 +307,6 @@ class EMStep:
     params: Params  # the M-step's parameters (not to be used for models in ``invalid`` or not finite)
     objective: torch.Tensor  # (R, M) mean (weighted) log-likelihood of the parameters the step started from
     invalid: torch.Tensor  # (R, M, K) invalid components of the models that were running and finite
-    stats: Statistics  # the statistics the M-step used (after re-seeding)
 
     @property
     def any_invalid(self) -> bool:
@@ -373,8 +372,8 @@ class EMMap:
         own = self.own(params)
         stats = self.statistics(params, own)
         objective = self.objective(stats)
-        new, invalid, stats = self.maximise(params, stats, active & torch.isfinite(objective), own, self.own_reference)
-        return EMStep(new, objective, invalid, stats)
+        new, invalid, _ = self.maximise(params, stats, active & torch.isfinite(objective), own, self.own_reference)
+        return EMStep(new, objective, invalid)
 
     def models(self, index: torch.Tensor, n_models: int) -> "EMMap":
         """The map of the models at flat positions ``index`` (A,) of (R, M) only, as (1, A)."""

@@ -66,7 +66,7 @@ import statistics  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 import warnings  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
+from dataclasses import dataclass, field, replace  # noqa: E402
 from datetime import datetime  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Callable  # noqa: E402
@@ -109,13 +109,8 @@ CASES = [
     Case("(iv)", S=200, T=500, K=16, D=32, target=2.5, categorical=True),
     Case("(v)", S=20, T=200, K=4, D=2, target=50.0, B=1_000),
 ]
-QUICK_CASES = [
-    Case("(i)", S=10, T=500, K=8, D=4, target=1.5),
-    Case("(ii)", S=1, T=10_000, K=8, D=4, target=1.3),
-    Case("(iii)", S=1_000, T=50, K=4, D=2, target=5.0),
-    Case("(iv)", S=40, T=250, K=16, D=32, target=2.5, categorical=True),
-    Case("(v)", S=20, T=200, K=4, D=2, target=50.0, B=100),
-]
+QUICK_CASES = [replace(case, **smaller) for case, smaller in
+               zip(CASES, [dict(S=10, T=500), dict(T=10_000), dict(S=1_000), dict(S=40, T=250), dict(B=100)])]
 ACCURACY = dict(T=100_000, K=8, D=4, iters=10)
 
 

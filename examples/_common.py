@@ -1,6 +1,7 @@
 """Helpers shared by the differentiable-EM examples (deep_clustering, anomaly_detection,
 set_classifier): seeding, mini-batches, a small autoencoder, one warm-started EM step,
-clustering scores, a results table and optional matplotlib. Not an example itself."""
+clustering scores, a results table and optional matplotlib (also used by hmm_regimes).
+Not an example itself."""
 from __future__ import annotations
 
 import random

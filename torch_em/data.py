@@ -31,13 +31,15 @@ class Chunk(NamedTuple):
     """Rows of the data as the E-step sees them.
 
     X: (n, D) or (M, n, D); T: the family's features (n, F) or (M, n, F); h: (n,) or (M, n) or
-    None; weights: (n,) or (M, n) or None (every point counts once).
+    None; weights: (n,) or (M, n) or None (every point counts once); lengths: (s,) when the n
+    rows are s sequences padded to n // s steps (:class:`SequenceData`), else None.
     """
 
     X: torch.Tensor
     T: torch.Tensor
     h: torch.Tensor | None
     weights: Weights | None
+    lengths: torch.Tensor | None = None
 
 
 class Data:
@@ -103,7 +105,7 @@ class Data:
 
     def select_models(self, models: torch.Tensor) -> "Data":
         """The data of the models ``models`` (A,) only, in that order (shared data stay shared)."""
-        selected = Data.__new__(Data)
+        selected = type(self).__new__(type(self))
         selected.__dict__.update(self.__dict__)
         per_model = self.X.dim() == 3
         selected.X = self.X[models] if per_model else self.X
@@ -117,6 +119,41 @@ class Data:
             selected._cache = [self._layout(T[models], None if h is None else h[models]) for T, h in self._cache]
         selected._sample = None if self._sample is None else self._sample.select_models(models)
         return selected
+
+
+class SequenceData(Data):
+    """Sequences in memory prepared for EM: S sequences padded to ``n_steps`` steps each, stored
+    as rows ``(S * n_steps, D)`` (or ``(M, S * n_steps, D)``), sequence after sequence, so the
+    emission family sees rows as a mixture's do. Chunks hold whole sequences and carry their
+    ``lengths``; padded steps have weight 0 (they take part in no statistic).
+
+    lengths: (S,) int64, 1 <= lengths <= n_steps; weights: per-row weights (S * n_steps,) or
+    (M, S * n_steps), 0 at padded steps (:func:`sequence_row_weights`).
+    """
+
+    def __init__(
+        self, family: ComponentFamily, X: torch.Tensor, lengths: torch.Tensor, n_steps: int,
+        reference: torch.Tensor | None, chunk_size: int, cache: bool | str = True, weights: Weights | None = None,
+    ):
+        self.lengths = lengths
+        self.n_steps = n_steps
+        # Whole sequences per chunk: at least one, however long.
+        super().__init__(family, X, reference, max(1, chunk_size // n_steps) * n_steps, cache, weights)
+
+    def chunks(self) -> Iterator[Chunk]:
+        for (start, stop), chunk in zip(self.bounds, super().chunks()):
+            yield chunk._replace(lengths=self.lengths[start // self.n_steps: stop // self.n_steps])
+
+
+def sequence_row_weights(lengths: torch.Tensor, n_steps: int, sequence_weights: torch.Tensor | None,
+                         dtype: torch.dtype) -> torch.Tensor:
+    """Per-row weights (S * n_steps,) or (M, S * n_steps) of padded sequences: the weight of
+    the row's sequence (``sequence_weights`` (S,) / (M, S), or 1) at its steps, 0 at padding."""
+    valid = torch.arange(n_steps, device=lengths.device) < lengths.unsqueeze(-1)  # (S, n_steps)
+    weights = valid.to(dtype)
+    if sequence_weights is not None:
+        weights = weights * sequence_weights.unsqueeze(-1)  # (S, n_steps) or (M, S, n_steps)
+    return weights.flatten(-2)
 
 
 class StreamData:

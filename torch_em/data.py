@@ -162,7 +162,8 @@ class StreamData:
     re-seeded from a sample of the data (``sample``, a :class:`Data`).
 
     batches(): a fresh iterator of working-layout batches ``(X, weights)`` per call, X (n, D) or
-    (M, n, D) and weights (n,) / (M, n) or None;
+    (M, n, D) and weights (n,) / (M, n) or None; or ``(X, weights, lengths)`` for batches of
+    padded sequences (rows as :class:`SequenceData`'s, lengths (s,));
     total_weight: their (weighted) number of points (over all ranks under torch.distributed);
     n_local: the points of one pass on this rank, when known (every pass is checked against it);
     name: how error messages call the source.
@@ -186,14 +187,18 @@ class StreamData:
     def parts(self) -> Iterator[Data]:
         """One :class:`Data` per batch of a pass (features not cached), checking the pass's size."""
         seen = 0
-        for X, weights in self.batches():
+        for X, weights, *lengths in self.batches():
             seen += X.shape[-2]
             if self.n_local is not None and seen > self.n_local:  # stop before summing points of another dataset
                 self._raise_changed(f"more than {self.n_local}")
             if self.models is not None:  # the models a compacted fit still runs
                 X = X[self.models] if X.dim() == 3 else X
                 weights = weights[self.models] if weights is not None and weights.dim() == 2 else weights
-            yield Data(self.family, X, self.reference, self.chunk_size, cache=False, weights=weights)
+            if lengths:  # a batch of padded sequences
+                yield SequenceData(self.family, X, lengths[0], X.shape[-2] // lengths[0].shape[0], self.reference,
+                                   self.chunk_size, cache=False, weights=weights)
+            else:
+                yield Data(self.family, X, self.reference, self.chunk_size, cache=False, weights=weights)
         if self.n_local is not None and seen != self.n_local:
             self._raise_changed(str(seen))
 

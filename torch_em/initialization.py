@@ -153,7 +153,7 @@ def initial_responsibilities(
 def initial_parameters(
     latent: LatentStructure, family: ComponentFamily, data: Data, *, method: str, n_components: int, layout: Layout,
     restarts: range, seed: int | None, chunk_size: int, user_parameters: Theta, user_centres: torch.Tensor | None,
-    failures: Failures | None, generator: Callable[[], torch.Generator],
+    failures: Failures | None, generator: Callable[[], torch.Generator], softening: float = 0.0,
 ) -> Params:
     """Working initial parameters (R, M, ...) of the given R ``restarts``: an M-step from the
     initial responsibilities of ``method`` (weighted by the data's weights), then overridden by
@@ -161,7 +161,9 @@ def initial_parameters(
     their working names: the family's and the latent structure's, e.g. ``"log_weights"``;
     ``user_centres`` (*batch_shape, K, D) replace the seeding). Given ``failures``,
     a model whose initial M-step is invalid is recorded there and starts from the default
-    parameters (finite; it does not run) instead of raising."""
+    parameters (finite; it does not run) instead of raising. ``softening``: the initial
+    responsibilities become ``(1 - softening) * resp + softening / K``, so that no component
+    starts with a probability of 0 for what the others' points hold (which EM could not undo)."""
     R, M, K = len(restarts), layout.n_models, n_components
     X, reference = data.X, data.reference
     latent_names = set(latent.parameter_names)
@@ -172,6 +174,11 @@ def initial_parameters(
         user_centres = family.embedding(layout.restarts(user_centres, R), reference)
     resp = initial_responsibilities(method, family.embedding(X, reference), M, K, streams, chunk_size, user_centres,
                                     data.weights)
+    if softening:
+        hard = resp
+
+        def resp(start: int, stop: int) -> torch.Tensor:
+            return hard(start, stop) * (1 - softening) + softening / K
     every_model = torch.ones(R, M, dtype=torch.bool, device=X.device)
 
     def random_candidates(k: int) -> torch.Tensor:

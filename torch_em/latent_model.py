@@ -57,6 +57,8 @@ class LatentModel(CheckedLoad, FollowsDataDtype):
     #: this many points (at least 50 per component), which bounds the memory of initialisation.
     stream_sample_size: int = 20_000
     _dtype_buffer = "_anchor"
+    #: ``softening`` of the initial responsibilities (:func:`torch_em.initialization.initial_parameters`).
+    _initial_softening: float = 0.0
 
     def __init__(
         self,
@@ -336,7 +338,7 @@ class LatentModel(CheckedLoad, FollowsDataDtype):
             restarts=restarts, seed=self.seed, chunk_size=chunk,
             user_parameters=self._working_latent(self._user_initial_parameters(n_features)),
             user_centres=self.family.initial_centres(tuple(self.batch_shape), K, n_features, self.device, self.dtype),
-            failures=failures, generator=self._generator,
+            failures=failures, generator=self._generator, softening=self._initial_softening,
         )
 
     def _partial_fit(self, X: torch.Tensor, make_data: Callable[[torch.Tensor | None, int], em.Data]) -> "LatentModel":

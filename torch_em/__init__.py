@@ -3,6 +3,8 @@ from .em import ConvergenceWarning, FitFailedWarning
 from .families.base import NotFittedError
 from .families import Bernoulli, Categorical, ComponentFamily, Exponential, Gamma, Gaussian, IllConditionedError, Poisson, Product, VonMisesFisher
 from .gaussian_mixture import GaussianMixture
+from .hmm import HMM
+from .hmm_models import CategoricalHMM, GMMHMM, GaussianHMM, PoissonHMM
 from .kmeans import KMeans, kmeans_plusplus
 from .mixture import Mixture
 from . import functional, nn
@@ -27,6 +29,11 @@ __all__ = [
     "FitFailedWarning",
     "Gaussian",
     "GaussianMixture",
+    "GaussianHMM",
+    "GMMHMM",
+    "HMM",
+    "CategoricalHMM",
+    "PoissonHMM",
     "IllConditionedError",
     "ImplicitGradientWarning",
     "KMeans",

@@ -249,15 +249,18 @@ def check_family(family: Any) -> None:
         raise ValueError(f"family must be a torch_em ComponentFamily (e.g. torch_em.Gaussian('full')), got {type(family).__name__} {family!r}")
 
 
-def check_em_parameters(names: Any, parameter_names: Sequence[str], family: Any) -> tuple[str, ...]:
-    """The names of the parameters EM updates, ``names`` among ``parameter_names`` (``"logits"``
-    and the family's) in their order; the family must have a conditional M-step for the others."""
+def check_em_parameters(
+    names: Any, parameter_names: Sequence[str], family: Any, latent_names: Sequence[str] = ("logits",),
+) -> tuple[str, ...]:
+    """The names of the parameters EM updates, ``names`` among ``parameter_names`` (the latent
+    structure's ``latent_names``, e.g. ``"logits"``, and the family's) in their order; the family
+    must have a conditional M-step for the others."""
     if isinstance(names, str) or not all(isinstance(name, str) for name in names):
         raise ValueError(f"em_parameters must be a sequence of parameter names, got {names!r}")
     unknown = sorted(set(names) - set(parameter_names))
     if unknown:
         raise ValueError(f"em_parameters must name parameters among {list(parameter_names)}, got unknown {unknown}")
-    family_names = [name for name in parameter_names if name != "logits"]
+    family_names = [name for name in parameter_names if name not in latent_names]
     held = set(family_names) - set(names)
     if not family.supports_fixing(held):
         raise ValueError(

@@ -31,13 +31,15 @@ class Chunk(NamedTuple):
     """Rows of the data as the E-step sees them.
 
     X: (n, D) or (M, n, D); T: the family's features (n, F) or (M, n, F); h: (n,) or (M, n) or
-    None; weights: (n,) or (M, n) or None (every point counts once).
+    None; weights: (n,) or (M, n) or None (every point counts once); lengths: (s,) when the n
+    rows are s sequences padded to n // s steps (:class:`SequenceData`), else None.
     """
 
     X: torch.Tensor
     T: torch.Tensor
     h: torch.Tensor | None
     weights: Weights | None
+    lengths: torch.Tensor | None = None
 
 
 class Data:
@@ -103,7 +105,7 @@ class Data:
 
     def select_models(self, models: torch.Tensor) -> "Data":
         """The data of the models ``models`` (A,) only, in that order (shared data stay shared)."""
-        selected = Data.__new__(Data)
+        selected = type(self).__new__(type(self))
         selected.__dict__.update(self.__dict__)
         per_model = self.X.dim() == 3
         selected.X = self.X[models] if per_model else self.X
@@ -119,13 +121,49 @@ class Data:
         return selected
 
 
+class SequenceData(Data):
+    """Sequences in memory prepared for EM: S sequences padded to ``n_steps`` steps each, stored
+    as rows ``(S * n_steps, D)`` (or ``(M, S * n_steps, D)``), sequence after sequence, so the
+    emission family sees rows as a mixture's do. Chunks hold whole sequences and carry their
+    ``lengths``; padded steps have weight 0 (they take part in no statistic).
+
+    lengths: (S,) int64, 1 <= lengths <= n_steps; weights: per-row weights (S * n_steps,) or
+    (M, S * n_steps), 0 at padded steps (:func:`sequence_row_weights`).
+    """
+
+    def __init__(
+        self, family: ComponentFamily, X: torch.Tensor, lengths: torch.Tensor, n_steps: int,
+        reference: torch.Tensor | None, chunk_size: int, cache: bool | str = True, weights: Weights | None = None,
+    ):
+        self.lengths = lengths
+        self.n_steps = n_steps
+        # Whole sequences per chunk: at least one, however long.
+        super().__init__(family, X, reference, max(1, chunk_size // n_steps) * n_steps, cache, weights)
+
+    def chunks(self) -> Iterator[Chunk]:
+        for (start, stop), chunk in zip(self.bounds, super().chunks()):
+            yield chunk._replace(lengths=self.lengths[start // self.n_steps: stop // self.n_steps])
+
+
+def sequence_row_weights(lengths: torch.Tensor, n_steps: int, sequence_weights: torch.Tensor | None,
+                         dtype: torch.dtype) -> torch.Tensor:
+    """Per-row weights (S * n_steps,) or (M, S * n_steps) of padded sequences: the weight of
+    the row's sequence (``sequence_weights`` (S,) / (M, S), or 1) at its steps, 0 at padding."""
+    valid = torch.arange(n_steps, device=lengths.device) < lengths.unsqueeze(-1)  # (S, n_steps)
+    weights = valid.to(dtype)
+    if sequence_weights is not None:
+        weights = weights * sequence_weights.unsqueeze(-1)  # (S, n_steps) or (M, S, n_steps)
+    return weights.flatten(-2)
+
+
 class StreamData:
     """Data that arrive in batches (larger than memory, or from a DataLoader): every E-step is
     one pass over ``batches()``, summing the statistics batch by batch. Empty components are
     re-seeded from a sample of the data (``sample``, a :class:`Data`).
 
     batches(): a fresh iterator of working-layout batches ``(X, weights)`` per call, X (n, D) or
-    (M, n, D) and weights (n,) / (M, n) or None;
+    (M, n, D) and weights (n,) / (M, n) or None; or ``(X, weights, lengths)`` for batches of
+    padded sequences (rows as :class:`SequenceData`'s, lengths (s,));
     total_weight: their (weighted) number of points (over all ranks under torch.distributed);
     n_local: the points of one pass on this rank, when known (every pass is checked against it);
     name: how error messages call the source.
@@ -149,14 +187,18 @@ class StreamData:
     def parts(self) -> Iterator[Data]:
         """One :class:`Data` per batch of a pass (features not cached), checking the pass's size."""
         seen = 0
-        for X, weights in self.batches():
+        for X, weights, *lengths in self.batches():
             seen += X.shape[-2]
             if self.n_local is not None and seen > self.n_local:  # stop before summing points of another dataset
                 self._raise_changed(f"more than {self.n_local}")
             if self.models is not None:  # the models a compacted fit still runs
                 X = X[self.models] if X.dim() == 3 else X
                 weights = weights[self.models] if weights is not None and weights.dim() == 2 else weights
-            yield Data(self.family, X, self.reference, self.chunk_size, cache=False, weights=weights)
+            if lengths:  # a batch of padded sequences
+                yield SequenceData(self.family, X, lengths[0], X.shape[-2] // lengths[0].shape[0], self.reference,
+                                   self.chunk_size, cache=False, weights=weights)
+            else:
+                yield Data(self.family, X, self.reference, self.chunk_size, cache=False, weights=weights)
         if self.n_local is not None and seen != self.n_local:
             self._raise_changed(str(seen))
 

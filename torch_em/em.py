@@ -125,7 +125,7 @@ def e_step(
             if own is not None:
                 groups = own.groups(chunk.X, log_joint.shape[-2], log_joint.shape[1])
                 own.write_log_prob(groups, log_joint, scale)
-            resp, log_likelihood, latent_stats = latent.posterior(log_joint, params.latent, chunk.weights)
+            resp, log_likelihood, latent_stats = latent.posterior(log_joint, params.latent, chunk.weights, chunk.lengths)
             if pseudo_count:
                 resp = resp + _pseudo_responsibility(pseudo_count, chunk, data.total_weight, resp)
             sums = weighted_statistics(chunk.T, resp)
@@ -155,7 +155,7 @@ def posterior(latent: LatentStructure, family: ComponentFamily, params: Params, 
     scale = latent.log_joint_scale
     eta, const = joint_parameters(latent, family, params, data.reference, scale)
     parts = [latent.posterior(emission_log_prob(c.T, None if c.h is None else c.h * scale, eta, const),
-                              params.latent, c.weights) for c in data.chunks()]
+                              params.latent, c.weights, c.lengths) for c in data.chunks()]
     return torch.cat([p[0] for p in parts], -1), sum(p[1] for p in parts)
 
 

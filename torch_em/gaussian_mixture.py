@@ -10,7 +10,61 @@ from .families.gaussian import Gaussian
 from .mixture import Mixture
 
 
-class GaussianMixture(Mixture):
+class GaussianViews:
+    """scikit-learn's views of a model with Gaussian emissions (``self.family`` a
+    :class:`Gaussian`, ``self.theta()`` its parameters): covariance type, ``reg_covar``, the
+    initial values (on the family) and the constrained parameters."""
+
+    family: Gaussian
+
+    @property
+    def covariance_type(self) -> str:
+        return self.family.covariance_type
+
+    @property
+    def reg_covar(self) -> float:
+        return self.family.reg_covar
+
+    @reg_covar.setter
+    def reg_covar(self, value: float) -> None:
+        check_positive(value, "reg_covar", allow_zero=True)
+        self.family.reg_covar = float(value)
+
+    # Initial values live on the family; these forward to it (validated at the next fit).
+    @property
+    def means_init(self) -> Any:
+        return self.family.means_init
+
+    @means_init.setter
+    def means_init(self, value: Any) -> None:
+        self.family.means_init = value
+
+    @property
+    def precisions_init(self) -> Any:
+        return self.family.precisions_init
+
+    @precisions_init.setter
+    def precisions_init(self, value: Any) -> None:
+        self.family.precisions_init = value
+
+    @property
+    def means(self) -> torch.Tensor:
+        return self.theta()["loc"]
+
+    @property
+    def precisions_cholesky(self) -> torch.Tensor:
+        return self.family.precision_cholesky(self.theta())
+
+    @property
+    def precisions(self) -> torch.Tensor:
+        return self.family.precision(self.theta())
+
+    @property
+    def covariances(self) -> torch.Tensor:
+        return self.family.covariance(self.theta())
+
+
+class GaussianMixture(GaussianViews, Mixture):
     """A batch of Gaussian mixtures fitted by EM, as an ``nn.Module``.
 
     Arguments as :class:`torch_em.Mixture`, plus scikit-learn's ``covariance_type`` (``"full"``,
@@ -62,52 +116,6 @@ class GaussianMixture(Mixture):
             step_size=step_size, averaging_start=averaging_start, prior_count=prior_count, em_parameters=em_parameters,
             warm_start=warm_start, on_error=on_error, device=device, dtype=dtype,
         )
-
-    @property
-    def covariance_type(self) -> str:
-        return self.family.covariance_type
-
-    @property
-    def reg_covar(self) -> float:
-        return self.family.reg_covar
-
-    @reg_covar.setter
-    def reg_covar(self, value: float) -> None:
-        check_positive(value, "reg_covar", allow_zero=True)
-        self.family.reg_covar = float(value)
-
-    # Initial values live on the family; these forward to it (validated at the next fit).
-    @property
-    def means_init(self) -> Any:
-        return self.family.means_init
-
-    @means_init.setter
-    def means_init(self, value: Any) -> None:
-        self.family.means_init = value
-
-    @property
-    def precisions_init(self) -> Any:
-        return self.family.precisions_init
-
-    @precisions_init.setter
-    def precisions_init(self, value: Any) -> None:
-        self.family.precisions_init = value
-
-    @property
-    def means(self) -> torch.Tensor:
-        return self.theta()["loc"]
-
-    @property
-    def precisions_cholesky(self) -> torch.Tensor:
-        return self.family.precision_cholesky(self.theta())
-
-    @property
-    def precisions(self) -> torch.Tensor:
-        return self.family.precision(self.theta())
-
-    @property
-    def covariances(self) -> torch.Tensor:
-        return self.family.covariance(self.theta())
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", covariance_type={self.covariance_type!r}"

@@ -153,23 +153,32 @@ def initial_responsibilities(
 def initial_parameters(
     latent: LatentStructure, family: ComponentFamily, data: Data, *, method: str, n_components: int, layout: Layout,
     restarts: range, seed: int | None, chunk_size: int, user_parameters: Theta, user_centres: torch.Tensor | None,
-    failures: Failures | None, generator: Callable[[], torch.Generator],
+    failures: Failures | None, generator: Callable[[], torch.Generator], softening: float = 0.0,
 ) -> Params:
     """Working initial parameters (R, M, ...) of the given R ``restarts``: an M-step from the
     initial responsibilities of ``method`` (weighted by the data's weights), then overridden by
-    what the user supplied (``user_parameters`` in module layout, ``"logits"`` for the
-    log-weights; ``user_centres`` (*batch_shape, K, D) replace the seeding). Given ``failures``,
+    what the user supplied (``user_parameters`` in module layout (*batch_shape, ...) under
+    their working names: the family's and the latent structure's, e.g. ``"log_weights"``;
+    ``user_centres`` (*batch_shape, K, D) replace the seeding). Given ``failures``,
     a model whose initial M-step is invalid is recorded there and starts from the default
-    parameters (finite; it does not run) instead of raising."""
+    parameters (finite; it does not run) instead of raising. ``softening``: the initial
+    responsibilities become ``(1 - softening) * resp + softening / K``, so that no component
+    starts with a probability of 0 for what the others' points hold (which EM could not undo)."""
     R, M, K = len(restarts), layout.n_models, n_components
     X, reference = data.X, data.reference
-    if set(user_parameters) == {"logits", *family.event_shapes(1, 1)}:  # everything given: no clustering needed
-        return _with_user_values(Params({}, {}), user_parameters, layout, R)
+    latent_names = set(latent.parameter_names)
+    if set(user_parameters) == {*latent_names, *family.event_shapes(1, 1)}:  # everything given: no clustering needed
+        return _with_user_values(Params({}, {}), user_parameters, latent_names, layout, R)
     streams = RestartStreams(seed, restarts, X.device)
     if user_centres is not None:
         user_centres = family.embedding(layout.restarts(user_centres, R), reference)
     resp = initial_responsibilities(method, family.embedding(X, reference), M, K, streams, chunk_size, user_centres,
                                     data.weights)
+    if softening:
+        hard = resp
+
+        def resp(start: int, stop: int) -> torch.Tensor:
+            return hard(start, stop) * (1 - softening) + softening / K
     every_model = torch.ones(R, M, dtype=torch.bool, device=X.device)
 
     def random_candidates(k: int) -> torch.Tensor:
@@ -186,17 +195,15 @@ def initial_parameters(
         default = Params(latent.default_parameters((R, M), K, X), family.default_parameters(
             (R, M), K, X.shape[-1], generator(), X.device, X.dtype))
         params = default.where(failures.failed, params)
-    return _with_user_values(params, user_parameters, layout, R)
+    return _with_user_values(params, user_parameters, latent_names, layout, R)
 
 
-def _with_user_values(params: Params, user_parameters: Theta, layout: Layout, n_restarts: int) -> Params:
-    """``params`` with the user's initial values (module layout; ``"logits"`` as log-weights)
-    put in for every restart."""
+def _with_user_values(
+    params: Params, user_parameters: Theta, latent_names: set[str], layout: Layout, n_restarts: int,
+) -> Params:
+    """``params`` with the user's initial values (module layout, working names) put in for
+    every restart."""
     latent, emission = dict(params.latent), dict(params.emission)
     for name, value in user_parameters.items():
-        working = layout.restarts(value, n_restarts)
-        if name == "logits":
-            latent["log_weights"] = working
-        else:
-            emission[name] = working
+        (latent if name in latent_names else emission)[name] = layout.restarts(value, n_restarts)
     return Params(latent, emission)

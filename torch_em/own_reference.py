@@ -59,7 +59,7 @@ class OwnReference:
         self.all_direct = bool(self.direct.all())
 
     @staticmethod
-    def of(family: ComponentFamily, theta: Theta, log_prior: torch.Tensor, reference: torch.Tensor | None,
+    def of(family: ComponentFamily, theta: Theta, log_prior: torch.Tensor | None, reference: torch.Tensor | None,
            evaluation: bool = False) -> "OwnReference | None":
         """The components of ``theta`` (R, M, K, ...) that need their own reference, or None.
 
@@ -79,6 +79,8 @@ class OwnReference:
             mask |= (expanded > EVALUATION_ERROR_RATIO * direct) & (expanded > NEGLIGIBLE_ERROR_PER_FEATURE * n_features)
         if not bool(mask.any()):
             return None
+        if log_prior is None:  # a latent structure without a per-state prior (a Markov chain)
+            log_prior = torch.zeros_like(expanded)
         index = mask.expand(log_prior.shape).flatten().nonzero().squeeze(-1)  # (G,)
         points = points.flatten(0, -2)[index]  # (G, D)
         direct_mask = torch.ones_like(index, dtype=torch.bool)

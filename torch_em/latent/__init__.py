@@ -1,5 +1,6 @@
 """Latent structures: how the hidden states of a model are distributed (see :mod:`.base`)."""
 from .base import LatentParams, LatentStructure
 from .independent import MIXTURE, IndependentCategorical
+from .markov import MarkovChain
 
-__all__ = ["LatentParams", "LatentStructure", "IndependentCategorical", "MIXTURE"]
+__all__ = ["LatentParams", "LatentStructure", "IndependentCategorical", "MIXTURE", "MarkovChain"]

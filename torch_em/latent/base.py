@@ -37,22 +37,29 @@ class LatentStructure:
         raise NotImplementedError
 
     def posterior(
-        self, log_joint: torch.Tensor, latent: LatentParams, weights: torch.Tensor | None
+        self, log_joint: torch.Tensor, latent: LatentParams, weights: torch.Tensor | None,
+        lengths: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """Posterior over the states of every point of a chunk.
 
         ``log_joint``: (R, M, K, n) emission log-densities plus :meth:`log_prior`, in units of
         :attr:`log_joint_scale` per nat, which the structure may overwrite (its storage is the
-        posterior's); ``weights``: (n,) / (M, n) or
-        None. Returns the weighted posteriors (R, M, K, n) (``weights`` applied: what the
-        emission statistics sum), the weighted log-evidence of the chunk (R, M) and the chunk's
-        own statistics by name (additive over chunks).
+        posterior's); ``weights``: (n,) / (M, n) or None; ``lengths``: (s,) when the chunk's n
+        points are s sequences padded to n // s steps each (:class:`torch_em.data.SequenceData`;
+        padded steps have weight 0), None for independent points. Returns the weighted
+        posteriors (R, M, K, n) (``weights`` applied: what the emission statistics sum), the
+        weighted log-evidence of the chunk (R, M) and the chunk's own statistics by name
+        (additive over chunks).
         """
         raise NotImplementedError
 
     def m_step(self, stats: Statistics, fixed: LatentParams) -> LatentParams:
         """Closed-form maximiser given summed statistics; ``fixed`` parameters are kept."""
         raise NotImplementedError
+
+    def statistic_shapes(self, n_states: int) -> dict[str, tuple[int, ...]]:
+        """The shape of each of its statistics for one model (e.g. ``{"transitions": (K, K)}``)."""
+        return {}
 
     def default_parameters(self, shape: tuple[int, ...], n_states: int, like: torch.Tensor) -> LatentParams:
         """Uninformative parameters for a batch ``shape`` (e.g. (R, M)), on ``like``'s device and dtype."""

@@ -28,7 +28,8 @@ class IndependentCategorical(LatentStructure):
         return latent["log_weights"]
 
     def posterior(
-        self, log_joint: torch.Tensor, latent: LatentParams, weights: torch.Tensor | None
+        self, log_joint: torch.Tensor, latent: LatentParams, weights: torch.Tensor | None,
+        lengths: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         inplace = not log_joint.requires_grad
         resp, log_evidence = log_normalize_total(log_joint, weights, inplace, self.log_joint_scale)  # (R, M, K, n), (R, M)

@@ -1,0 +1,435 @@
+"""``HMM``: hidden Markov models with emissions of any component family, as an ``nn.Module``.
+
+The latent structure is a Markov chain (:class:`torch_em.latent.MarkovChain`); everything else
+is the engine every model shares (:class:`torch_em.latent_model.LatentModel`): Baum-Welch is the
+shared EM map with forward-backward as the posterior, so restarts, thousands of independent
+models (``batch_shape``), per-model convergence, isolation of failing models, held parameters
+(``em_parameters``), online EM (``partial_fit``) and gradients work as for mixtures.
+
+Parameters (unconstrained, ``(*batch_shape, ...)``): ``start_logits (*b, K)``,
+``transition_logits (*b, K, K)`` (logits over the last axis), with ``n_mix > 1``
+``mix_logits (*b, K, n_mix)``, then the family's with ``K * n_mix`` components (component
+``k * n_mix + c`` is mixture component c of state k).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import torch
+
+from . import em
+from ._precision import without_autocast
+from . import distributed
+from ._validation import (
+    as_float_tensor, check_family, check_finite, check_int, check_sample_weight, check_shape, data_dtype,
+)
+from .data import CHUNK_ELEMENTS, SequenceData, sequence_row_weights
+from .families.base import ComponentFamily, Theta
+from .families.categorical import Categorical
+from .latent import MarkovChain
+from .latent_model import LatentModel
+from .markov_inference import forward_backward, log_likelihood, sample_states, viterbi
+from .sequences import Sequences, as_sequences
+from .streaming import BatchSource, StreamSample, batch_source
+
+#: Emission log-density elements per E-step chunk of an HMM: larger than a mixture's, since the
+#: forward-backward recursion over a chunk costs a loop over its time steps whatever its width.
+HMM_CHUNK_ELEMENTS = 16 * CHUNK_ELEMENTS
+#: Share of the uniform in the initial responsibilities of an HMM (see :class:`HMM`).
+INITIAL_SOFTENING = 0.2
+
+
+class HMM(LatentModel):
+    """A batch of hidden Markov models with ``n_states`` states emitting from ``family``.
+
+    The emissions are initialised by an M-step from the clustering of ``init_params`` softened
+    towards uniform (``resp = 0.8 * hard + 0.2 / K``): from hard clusters a discrete emission
+    would start with probability 0 for the symbols of the other clusters, which Baum-Welch could
+    never give back.
+
+    Args:
+        n_states: K, hidden states per model.
+        family: the emission family (any of :mod:`torch_em.families`), e.g.
+            ``torch_em.Gaussian("diag")``; with ``n_mix > 1`` every state emits from a mixture of
+            ``n_mix`` components of it.
+        n_features: D. When given, parameters exist at construction. (``n_components``, as for
+            every model, is the family's number of components, ``n_states * n_mix``.)
+        startprob_init: initial state probabilities ``(K,)`` or ``(*batch_shape, K)``.
+        transmat_init: initial transition matrix ``(K, K)`` or ``(*batch_shape, K, K)``, rows
+            summing to 1 (zeros allowed: a transition that never happens stays impossible).
+        mix_weights_init: with ``n_mix > 1``, initial within-state weights ``(K, n_mix)``.
+        init_params: how the emissions are initialised from the data's steps (``"kmeans"``,
+            ``"k-means++"``, ``"random"``, ``"random_from_data"``); the chain starts uniform
+            unless given. With every initial value given, no data-driven initialisation runs.
+        Other options as :class:`torch_em.Mixture` (``batch_shape``, ``n_init``, ``tol`` on the
+        mean log-likelihood per time step, ``max_iter``, ``seed``, ``em_parameters`` with the
+        names above, ``warm_start``, ``on_error``, online-EM step sizes, ``device``, ``dtype``).
+
+    Data (``X``): padded ``(S, T, D)`` for every model of the batch or ``(*batch_shape, S, T, D)``,
+    with ``lengths (S,)`` or a prefix ``mask (S, T)``; or hmmlearn's concatenated ``(N, D)`` with
+    ``lengths`` summing to N (see :mod:`torch_em.sequences`). ``sample_weight``: per sequence,
+    ``(S,)`` or ``(*batch_shape, S)``.
+
+    Shape:
+        log_prob, score_samples: ``(*batch_shape, S)``; predict: ``(*batch_shape, S, T)`` (-1 at
+        padding) or ``(*batch_shape, N)``; predict_proba: ``(*batch_shape, S, T, K)`` or
+        ``(*batch_shape, N, K)``.
+    """
+
+    _initial_softening = INITIAL_SOFTENING
+
+    def __init__(
+        self,
+        n_states: int,
+        family: ComponentFamily,
+        n_features: int | None = None,
+        *,
+        batch_shape: Sequence[int] = (),
+        n_init: int = 1,
+        init_params: str = "kmeans",
+        tol: float = 1e-3,
+        max_iter: int = 100,
+        seed: int | None = None,
+        startprob_init: Any = None,
+        transmat_init: Any = None,
+        n_mix: int = 1,
+        mix_weights_init: Any = None,
+        chunk_size: int | None = None,
+        learning_decay: float = 0.7,
+        learning_offset: float = 10.0,
+        step_size: float | None = None,
+        averaging_start: int | None = None,
+        prior_count: float = 0.0,
+        em_parameters: Sequence[str] | None = None,
+        warm_start: bool = False,
+        on_error: str | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        check_family(family)
+        check_int(n_states, "n_states", minimum=1)
+        check_int(n_mix, "n_mix", minimum=1)
+        names = {"start_logits": "log_startprob", "transition_logits": "log_transmat"}
+        if n_mix > 1:
+            names["mix_logits"] = "log_mix_weights"
+        super().__init__(
+            MarkovChain(n_mix), names, family, n_states * n_mix, n_features, batch_shape=batch_shape, tol=tol,
+            max_iter=max_iter, n_init=n_init, init_params=init_params, seed=seed, chunk_size=chunk_size,
+            learning_decay=learning_decay, learning_offset=learning_offset, step_size=step_size,
+            averaging_start=averaging_start, prior_count=prior_count, em_parameters=em_parameters,
+            warm_start=warm_start, on_error=on_error, device=device, dtype=dtype,
+        )
+        self.n_states = int(n_states)
+        self.n_mix = int(n_mix)
+        self.startprob_init = startprob_init
+        self.transmat_init = transmat_init
+        self.mix_weights_init = mix_weights_init
+        self._create_initial_parameters()
+
+    # --- basic properties -----------------------------------------------------------------
+    @property
+    def startprob(self) -> torch.Tensor:
+        """Initial state probabilities ``(*batch_shape, K)``."""
+        self._require_parameters()
+        return self.start_logits.softmax(-1)
+
+    @property
+    def transmat(self) -> torch.Tensor:
+        """Transition matrix ``(*batch_shape, K, K)``: row i is ``p(z_t = . | z_{t-1} = i)``."""
+        self._require_parameters()
+        return self.transition_logits.softmax(-1)
+
+    @property
+    def mix_weights(self) -> torch.Tensor:
+        """Within-state mixture weights ``(*batch_shape, K, n_mix)`` (1 when ``n_mix`` is 1)."""
+        self._require_parameters()
+        if self.n_mix == 1:
+            return self.start_logits.new_ones(*self.batch_shape, self.n_states, 1)
+        return self.mix_logits.softmax(-1)
+
+    def extra_repr(self) -> str:
+        batch = f", batch_shape={tuple(self.batch_shape)}" if self.batch_shape else ""
+        mix = f", n_mix={self.n_mix}" if self.n_mix > 1 else ""
+        return f"n_states={self.n_states}{mix}, n_features={self.n_features}{batch}"
+
+    # --- fitting ----------------------------------------------------------------------------
+    @without_autocast
+    @torch.no_grad()
+    def fit(self, X: Any, lengths: Any = None, sample_weight: Any = None, *, mask: Any = None,
+            verbose: bool = False) -> "HMM":
+        """Baum-Welch for every model of the batch (restarts as an extra batch dimension), or,
+        with ``warm_start`` and existing parameters, EM continued from them.
+
+        ``X``, ``lengths``/``mask`` and ``sample_weight`` (per sequence) as in the class doc.
+        Raises ValueError before changing anything for malformed input.
+        """
+        return self._fit(self._fit_data(X, lengths, mask, sample_weight), verbose, self.max_iter)
+
+    @without_autocast
+    @torch.no_grad()
+    def initialize(self, X: Any, lengths: Any = None, sample_weight: Any = None, *, mask: Any = None) -> "HMM":
+        """The initial parameters of :meth:`fit` without EM (``n_iter_`` 0, ``lower_bound_`` -inf)."""
+        return self._initialize(self._fit_data(X, lengths, mask, sample_weight))
+
+    @without_autocast
+    @torch.no_grad()
+    def partial_fit(self, X: Any, lengths: Any = None, sample_weight: Any = None, *, mask: Any = None) -> "HMM":
+        """One stepwise (online) EM update from a batch of sequences: the running statistics
+        (emission sums, expected start and transition counts, per time step) move towards the
+        batch's by ``rho_t``, and the parameters are their M-step (see
+        :meth:`torch_em.Mixture.partial_fit` for the step sizes, averaging and failures)."""
+        started = self.stream_steps is not None
+        sequences = self._sequences(X, lengths, mask, min_points=1 if started else self.n_components)
+        weights = self._row_weights(sequences, sample_weight)
+
+        def data(reference: torch.Tensor | None, chunk: int) -> SequenceData:
+            return SequenceData(self.family, sequences.rows, sequences.lengths, sequences.n_steps, reference,
+                                self._hmm_chunk_size(sequences.rows.shape[-1]), weights=weights)
+
+        return self._partial_fit(sequences.rows, data)
+
+    def _fit_data(self, X: Any, lengths: Any, mask: Any, sample_weight: Any) -> SequenceData | em.StreamData:
+        """The engine's data of ``fit``'s arguments: sequences in memory, or a batch source
+        whose batches are padded sequences ``X`` or ``(X, lengths, ...)``."""
+        source = batch_source(X)
+        if source is None:
+            return self._data(X, lengths, mask, sample_weight)
+        if lengths is not None or mask is not None or sample_weight is not None:
+            raise ValueError("with a batch source X, every batch carries its own lengths: a batch is X or "
+                             "(X, lengths, ...); lengths, mask and sample_weight must be None")
+        return self._stream(source)
+
+    def _stream(self, source: BatchSource) -> em.StreamData:
+        """First pass over a source of batches of sequences: validated, counted, the reference
+        point of their steps and a uniform sample of steps for initialisation."""
+        sample = StreamSample(self._sample_size(), self._generator())
+        n_points, n_rows, total, n_features = 0, 0, None, self.n_features
+        for raw in source():
+            sequences, _ = self._batch(raw, n_features)
+            n_features = sequences.rows.shape[-1]
+            n_rows += sequences.rows.shape[-2]
+            steps = sequences.valid_rows()
+            n_points += steps.shape[-2]
+            if self.family.uses_reference:
+                batch_sum = steps.sum(-2, keepdim=True)
+                total = batch_sum if total is None else total + batch_sum
+            sample.add(steps)
+        if n_points == 0:
+            raise ValueError("X (the batch source) yielded no batch")
+        reference = distributed.combined_reference(None if total is None else total / n_points, n_points)
+        chunk = self._hmm_chunk_size(n_features)
+        n_total = distributed.total_points(n_points, self.device)
+        if n_total < self.n_components:
+            raise ValueError(f"X must have at least {self.n_components} time step(s) in all (one per component), "
+                             f"got {n_total} in all batches")
+
+        def batches():
+            for raw in source():
+                sequences, weights = self._batch(raw, n_features)
+                yield sequences.rows, weights, sequences.lengths
+
+        sample_data = em.Data(self.family, sample.points, reference, chunk)
+        return em.StreamData(self.family, batches, reference, distributed.total_weight(float(n_points), self.device),
+                             chunk, sample_data, n_local=n_rows, name="X (the batch source)")
+
+    def _batch(self, raw: Any, n_features: int | None) -> tuple[Sequences, torch.Tensor | None]:
+        """One batch of a source: ``X`` or ``(X, lengths, ...)``, validated, with its row weights."""
+        X, lengths = (raw[0], raw[1]) if isinstance(raw, (tuple, list)) and len(raw) >= 2 else (raw, None)
+        sequences = self._sequences(X, lengths, None, n_features=n_features)
+        return sequences, self._row_weights(sequences, None)
+
+    def _data(self, X: Any, lengths: Any, mask: Any, sample_weight: Any) -> SequenceData:
+        """The engine's data of ``fit``'s arguments, with the reference point of the valid steps
+        and a uniform sample of steps for initialisation when the data are large."""
+        sequences = self._sequences(X, lengths, mask, min_points=self.n_components)
+        weights = self._row_weights(sequences, sample_weight)
+        rows = sequences.rows
+        valid = sequences.valid.flatten()
+        observed = rows[..., valid, :]
+        reference = distributed.combined_reference(self.family.reference(observed), observed.shape[-2])
+        chunk = self._hmm_chunk_size(rows.shape[-1])
+        data = SequenceData(self.family, rows, sequences.lengths, sequences.n_steps, reference, chunk, weights=weights)
+        data.total_weight = distributed.total_weight(data.total_weight, rows.device)
+        step_weights = None if weights is None else weights[..., valid]
+        if observed.shape[-2] > self._sample_size() or not bool(valid.all()):
+            keep = torch.arange(observed.shape[-2], device=rows.device)
+            if observed.shape[-2] > self._sample_size():
+                generator = torch.Generator().manual_seed(self.seed if self.seed is not None else 0)
+                keep = torch.randperm(observed.shape[-2], generator=generator)[: self._sample_size()].sort().values
+                keep = keep.to(rows.device)
+            data.sample = em.Data(self.family, observed[..., keep, :], reference, chunk,
+                                  weights=None if step_weights is None else step_weights[..., keep])
+        return data
+
+    def _sequences(self, X: Any, lengths: Any, mask: Any, min_points: int = 1, n_features: int | None = None) -> Sequences:
+        """Validated sequences in the model's dtype (a model without parameters that follows its
+        data's dtype adopts X's)."""
+        adopts = self._dtype_follows_data and not self.is_initialized
+        dtype = data_dtype(X) if adopts else self.dtype
+        X = as_float_tensor(X, "X", device=self.device, dtype=dtype, allow_bool=self.family.accepts_bool)
+        sequences = as_sequences(X, lengths, mask, name="X", n_features=n_features or self.n_features,
+                                 batch_shape=tuple(self.batch_shape), codes=self._takes_codes())
+        if sequences.n_points < min_points:
+            raise ValueError(f"X must have at least {min_points} time step(s) in all (one per component), "
+                             f"got {sequences.n_points}")
+        self.family.check_domain(sequences.valid_rows(), "X")
+        if adopts and dtype != self.dtype:
+            self._anchor = self._anchor.to(dtype)
+        return sequences
+
+    def _takes_codes(self) -> bool:
+        """Whether X may be categorical codes without their axis of size 1."""
+        return isinstance(self.family, Categorical) and self.n_features in (None, 1)
+
+    def _row_weights(self, sequences: Sequences, sample_weight: Any) -> torch.Tensor | None:
+        """Per-row weights (S * T,) or (M, S * T): the sequence weights at valid steps, 0 at
+        padding; None when every step counts once."""
+        weights = None
+        if sample_weight is not None:
+            weights = check_sample_weight(sample_weight, "sample_weight", n_points=sequences.n_sequences,
+                                          batch_shape=self.batch_shape, device=sequences.rows.device,
+                                          dtype=sequences.rows.dtype)
+            weights = self._layout.weights(weights)
+        if weights is None and bool(sequences.valid.all()):
+            return None
+        return sequence_row_weights(sequences.lengths, sequences.n_steps, weights, sequences.rows.dtype)
+
+    def _hmm_chunk_size(self, n_features: int) -> int:
+        return self.chunk_size or max(1, HMM_CHUNK_ELEMENTS // max(1, self.n_models * self.n_components
+                                                                    + self.family.n_statistics(n_features)))
+
+    # --- evaluation ---------------------------------------------------------------------------
+    def _log_emission(self, sequences: Sequences) -> torch.Tensor:
+        """``log p(x_{s,t} | state k)`` (M, S, T, K), differentiable (a state's mixture density
+        with ``n_mix > 1``)."""
+        lp = self._emission_log_joint(sequences.rows)[0]  # (M, K * C, S * T)
+        M, S, T = self.n_models, sequences.n_sequences, sequences.n_steps
+        if self.n_mix > 1:
+            lp = lp.view(M, self.n_states, self.n_mix, S * T).logsumexp(2)
+        return lp.view(M, self.n_states, S, T).permute(0, 2, 3, 1)
+
+    def _chain(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """log start probabilities (M, K) and log transition matrix (M, K, K)."""
+        latent = self._working_parameters().latent
+        return latent["log_startprob"][0], latent["log_transmat"][0]
+
+    def _evaluated(self, X: Any, lengths: Any, mask: Any) -> tuple[Sequences, torch.Tensor]:
+        self._require_parameters()
+        sequences = self._sequences(X, lengths, mask)
+        return sequences, self._log_emission(sequences)
+
+    def log_prob(self, X: Any, lengths: Any = None, *, mask: Any = None) -> torch.Tensor:
+        """Log-likelihood of every sequence ``(*batch_shape, S)``; differentiable and pure (the
+        density of the parameters held, also for models in ``failed_``)."""
+        sequences, log_emission = self._evaluated(X, lengths, mask)
+        log_start, log_trans = self._chain()
+        values = log_likelihood(log_emission, log_start, log_trans, sequences.lengths)  # (M, S)
+        return values.reshape(*self.batch_shape, sequences.n_sequences)
+
+    def forward(self, X: Any, lengths: Any = None, *, mask: Any = None) -> torch.Tensor:
+        """Same as :meth:`log_prob`."""
+        return self.log_prob(X, lengths, mask=mask)
+
+    @torch.no_grad()
+    def score_samples(self, X: Any, lengths: Any = None, *, mask: Any = None) -> torch.Tensor:
+        """Log-likelihood per sequence ``(*batch_shape, S)`` (no graph); NaN for models in ``failed_``."""
+        return self._reported(self.log_prob(X, lengths, mask=mask), "score_samples")
+
+    @torch.no_grad()
+    def score(self, X: Any, lengths: Any = None, *, mask: Any = None) -> torch.Tensor:
+        """Total log-likelihood of all sequences of X ``(*batch_shape)`` (hmmlearn's meaning)."""
+        return self._reported(self.log_prob(X, lengths, mask=mask).sum(-1), "score")
+
+    @torch.no_grad()
+    def predict_proba(self, X: Any, lengths: Any = None, *, mask: Any = None) -> torch.Tensor:
+        """State posteriors ``(*batch_shape, S, T, K)`` (0 at padding) or ``(*batch_shape, N, K)``
+        for concatenated X; NaN for models in ``failed_``."""
+        sequences, log_emission = self._evaluated(X, lengths, mask)
+        log_start, log_trans = self._chain()
+        self._finite(log_likelihood(log_emission, log_start, log_trans, sequences.lengths).reshape(
+            *self.batch_shape, -1), "predict_proba")
+        posteriors = forward_backward(log_emission, log_start, log_trans, sequences.lengths).posteriors
+        posteriors = posteriors.reshape(*self.batch_shape, *posteriors.shape[1:])
+        return self._without_failed(sequences.per_step(posteriors, n_trailing=1), math.nan)
+
+    @torch.no_grad()
+    def predict(self, X: Any, lengths: Any = None, *, mask: Any = None) -> torch.Tensor:
+        """Most probable state sequences (Viterbi) ``(*batch_shape, S, T)`` (-1 at padding) or
+        ``(*batch_shape, N)`` for concatenated X; -1 for models in ``failed_``."""
+        sequences, log_emission = self._evaluated(X, lengths, mask)
+        log_start, log_trans = self._chain()
+        states, best = viterbi(log_emission, log_start, log_trans, sequences.lengths)
+        self._finite(best.reshape(*self.batch_shape, -1), "predict")
+        states = states.reshape(*self.batch_shape, *states.shape[1:])
+        return self._without_failed(sequences.per_step(states), -1)
+
+    def decode(self, X: Any, lengths: Any = None, *, mask: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """hmmlearn's ``decode``: the log-probability of the best path per sequence
+        ``(*batch_shape, S)`` and the states as :meth:`predict` returns them."""
+        with torch.no_grad():
+            sequences, log_emission = self._evaluated(X, lengths, mask)
+            log_start, log_trans = self._chain()
+            states, best = viterbi(log_emission, log_start, log_trans, sequences.lengths)
+        best = self._reported(best.reshape(*self.batch_shape, -1), "decode")
+        return best, self._without_failed(sequences.per_step(states.reshape(*self.batch_shape, *states.shape[1:])), -1)
+
+    @torch.no_grad()
+    def bic(self, X: Any, lengths: Any = None, *, mask: Any = None) -> torch.Tensor:
+        """Bayesian information criterion per model ``(*batch_shape)`` over all time steps of X."""
+        sequences = self._sequences(X, lengths, mask)
+        total = self.log_prob(X, lengths, mask=mask).sum(-1)
+        return self._reported(-2 * total + self.n_parameters() * math.log(sequences.n_points), "bic")
+
+    @torch.no_grad()
+    def aic(self, X: Any, lengths: Any = None, *, mask: Any = None) -> torch.Tensor:
+        """Akaike information criterion per model ``(*batch_shape)``."""
+        return self._reported(-2 * self.log_prob(X, lengths, mask=mask).sum(-1) + 2 * self.n_parameters(), "aic")
+
+    @torch.no_grad()
+    def sample(self, n_sequences: int = 1, length: int = 100, seed: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Draw ``n_sequences`` sequences of ``length`` steps per model: observations
+        ``(*batch_shape, n, length, D)`` and their states ``(*batch_shape, n, length)``."""
+        self._require_parameters()
+        check_int(n_sequences, "n_sequences", minimum=1)
+        check_int(length, "length", minimum=1)
+        generator = self._draw_generator(seed)
+        log_start, log_trans = self._chain()
+        states = sample_states(log_start, log_trans, n_sequences, length, generator)  # (M, n, T)
+        M = self.n_models
+        components = states
+        if self.n_mix > 1:  # the mixture component of each step within its state
+            weights = self.mix_weights.reshape(M, self.n_states, self.n_mix)
+            rows = weights.gather(1, states.reshape(M, -1, 1).expand(M, n_sequences * length, self.n_mix))
+            within = torch.multinomial(rows.reshape(-1, self.n_mix), 1, generator=generator).view(M, n_sequences, length)
+            components = states * self.n_mix + within
+        theta = {name: self._layout.working(value)[0] for name, value in self.theta().items()}
+        samples = self.family.sample(theta, components.reshape(M, -1), generator)
+        return (samples.reshape(*self.batch_shape, n_sequences, length, -1),
+                states.reshape(*self.batch_shape, n_sequences, length))
+
+    # --- internals ---------------------------------------------------------------------------
+    def _user_latent_initial(self) -> Theta:
+        """``startprob_init``, ``transmat_init`` and ``mix_weights_init`` validated, as logits."""
+        given = {"start_logits": ("startprob_init", self.startprob_init, (self.n_states,)),
+                 "transition_logits": ("transmat_init", self.transmat_init, (self.n_states, self.n_states))}
+        if self.n_mix > 1:
+            given["mix_logits"] = ("mix_weights_init", self.mix_weights_init, (self.n_states, self.n_mix))
+        logits = {}
+        for module_name, (name, value, event) in given.items():
+            if value is not None:
+                logits[module_name] = self._probabilities_logits(value, name, event)
+        return logits
+
+    def _probabilities_logits(self, value: Any, name: str, event: tuple[int, ...]) -> torch.Tensor:
+        """Probabilities ``event`` (rows over the last axis, batch dims allowed) validated, as
+        logits ``(*batch_shape, *event)`` (a zero as the dtype's smallest positive number)."""
+        probabilities = as_float_tensor(value, name, device=self.device, dtype=self.dtype)
+        check_shape(probabilities, name, event, self.batch_shape)
+        check_finite(probabilities, name)
+        tolerance = max(1e-6, 1000 * torch.finfo(self.dtype).eps)
+        sums = probabilities.sum(-1)
+        if bool((probabilities < 0).any()) or bool(((sums - 1).abs() > tolerance).any()):
+            raise ValueError(f"{name} must be non-negative with rows summing to 1, got sums {sums.flatten()[:5].tolist()}")
+        tiny = torch.finfo(self.dtype).tiny
+        return probabilities.clamp_min(tiny).log().expand(*self.batch_shape, *event)

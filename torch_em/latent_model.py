@@ -1,0 +1,645 @@
+"""``LatentModel``: a batch of latent-variable models (latent structure x emission family) as an ``nn.Module``.
+
+What every model of the package shares, whatever its latent structure (:mod:`torch_em.latent`):
+parameters stored unconstrained as ``nn.Parameter`` s shaped ``(*batch_shape, *event_shape)``
+(the latent structure's as logits over their last axis, e.g. a mixture's ``logits (*b, K)``, an
+HMM's ``start_logits (*b, K)`` and ``transition_logits (*b, K, K)``; then the family's), restarts
+as a batch dimension, EM through :func:`torch_em.em.run_em` with per-model convergence and
+isolation of failing models, stepwise online EM, ``state_dict`` checks and dtype handling.
+Subclasses (:class:`torch_em.Mixture`, :class:`torch_em.HMM`) turn their users' data into the
+engine's (:class:`torch_em.data.Data` and its kinds) and give their evaluation methods.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from . import distributed, em
+from ._precision import FollowsDataDtype
+from ._random import resolve_seed, restart_groups
+from ._state import CheckedLoad, check_state, own_entries
+from ._validation import (
+    as_float_tensor, check_choice, check_common_options, check_data, check_device, check_dtype, check_em_parameters,
+    check_int, check_positive, data_dtype,
+)
+from .families.base import ComponentFamily, IllConditionedError, NotFittedError, Theta
+from .initialization import METHODS, initial_parameters
+from .latent import LatentStructure
+from .layout import Layout
+from .streaming import StepSchedule
+
+#: Buffers of online EM's running state every model has (the latent structure adds
+#: ``stream_<statistic>`` for each of its own statistics).
+STREAM_BUFFERS = ("stream_counts", "stream_sums", "stream_steps", "stream_shift")
+#: Choices of ``on_error``: raise IllConditionedError, or isolate the failing models of a batch.
+ON_ERROR = ("raise", "isolate")
+#: A FitFailedWarning quotes the reasons of at most this many failed models.
+QUOTED_FAILURES = 3
+
+
+class LatentModel(CheckedLoad, FollowsDataDtype):
+    """A batch of models with hidden states of ``latent`` and emissions of ``n_components``
+    components of ``family``; the options are :class:`torch_em.Mixture`'s.
+
+    ``latent_names`` maps the module's names of the latent structure's parameters (logits) to
+    the structure's working names (their normalised log-probabilities), e.g. ``{"logits":
+    "log_weights"}``. Subclasses call :meth:`_create_initial_parameters` at the end of their
+    constructor and give :meth:`_user_latent_initial`.
+    """
+
+    #: Larger datasets (and batch sources) are initialised (k-means++ etc.) on a uniform sample of
+    #: this many points (at least 50 per component), which bounds the memory of initialisation.
+    stream_sample_size: int = 20_000
+    _dtype_buffer = "_anchor"
+    #: ``softening`` of the initial responsibilities (:func:`torch_em.initialization.initial_parameters`).
+    _initial_softening: float = 0.0
+
+    def __init__(
+        self,
+        latent: LatentStructure,
+        latent_names: dict[str, str],
+        family: ComponentFamily,
+        n_components: int,
+        n_features: int | None = None,
+        *,
+        batch_shape: Sequence[int] = (),
+        tol: float = 1e-3,
+        max_iter: int = 100,
+        n_init: int = 1,
+        init_params: str = "k-means++",
+        seed: int | None = None,
+        chunk_size: int | None = None,
+        learning_decay: float = 0.7,
+        learning_offset: float = 10.0,
+        step_size: float | None = None,
+        averaging_start: int | None = None,
+        prior_count: float = 0.0,
+        em_parameters: Sequence[str] | None = None,
+        warm_start: bool = False,
+        on_error: str | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        check_int(n_components, "n_components", minimum=1)
+        if n_features is not None:
+            check_int(n_features, "n_features", minimum=1)
+        check_positive(tol, "tol", allow_zero=True)
+        check_int(max_iter, "max_iter", minimum=1)
+        check_int(n_init, "n_init", minimum=1)
+        check_choice(init_params, "init_params", METHODS)
+        if on_error is not None:
+            check_choice(on_error, "on_error", ON_ERROR)
+        batch_shape = check_common_options(batch_shape, chunk_size, seed)
+        self.schedule = StepSchedule(learning_decay, learning_offset, step_size)
+        if averaging_start is not None:
+            check_int(averaging_start, "averaging_start", minimum=0)
+        self.averaging_start = averaging_start
+        check_positive(prior_count, "prior_count", allow_zero=True)
+        self.prior_count = float(prior_count)
+        dtype, device = check_dtype(dtype), check_device(device)
+        self._dtype_follows_data = dtype is None
+        dtype = dtype if dtype is not None else data_dtype(None)
+
+        self.latent = latent
+        self._latent_names = dict(latent_names)
+        self.family = family
+        self.n_components = int(n_components)
+        self.n_features = None if n_features is None else int(n_features)
+        self.batch_shape = batch_shape
+        self.tol = float(tol)
+        self.max_iter = int(max_iter)
+        self.n_init = int(n_init)
+        self.init_params = init_params
+        self.seed = seed
+        self.chunk_size = chunk_size
+        # Follows .to()/.double() so that parameters created later land on the right device/dtype.
+        self.register_buffer("_anchor", torch.empty(0, device=device, dtype=dtype), persistent=False)
+        self._family_names = tuple(family.event_shapes(1, 1))
+        self._parameter_names = (*self._latent_names, *self._family_names)
+        self.em_parameters = self._parameter_names if em_parameters is None else em_parameters
+        if not isinstance(warm_start, bool):
+            raise ValueError(f"warm_start must be True or False, got {warm_start!r}")
+        self.warm_start = warm_start
+        self.on_error = on_error
+        for name in self._parameter_names:
+            self.register_parameter(name, None)
+        # Running state of online EM (partial_fit): statistics per point, step count, and the stream's
+        # reference point (its state_dict key keeps the name stream_shift).
+        self._stream_buffers = (*STREAM_BUFFERS, *(f"stream_{name}" for name in latent.statistic_names))
+        for name in self._stream_buffers:
+            self.register_buffer(name, None)
+        self._register_load_state_dict_pre_hook(self._create_parameters_before_load, with_module=False)
+        self._register_load_state_dict_pre_hook(self._adopt_saved_dtype, with_module=False)
+        self.converged_: torch.Tensor | None = None
+        self.n_iter_: torch.Tensor | None = None
+        self.lower_bound_: torch.Tensor | None = None
+        self.lower_bound_history_: torch.Tensor | None = None
+        #: (*batch_shape) bool: the models whose last fit or partial_fit failed (on_error="isolate").
+        self.failed_: torch.Tensor | None = None
+        #: {model index: reason} for the failed models (the message IllConditionedError would carry).
+        self.failure_reasons_: dict[tuple[int, ...], str] = {}
+        self._sample_generator: torch.Generator | None = None
+
+    def _create_initial_parameters(self) -> None:
+        """Parameters at construction when ``n_features`` is known: the family's and the latent
+        structure's defaults, overridden by the user's initial values."""
+        if self.n_features is None:
+            return
+        batch = tuple(self.batch_shape)
+        theta = self.family.default_parameters(batch, self.n_components, self.n_features, self._generator(),
+                                               self.device, self.dtype)
+        latent = self.latent.default_parameters(batch, self.n_components, self._anchor)
+        theta.update({name: latent[working] for name, working in self._latent_names.items()})
+        theta.update(self._user_initial_parameters(self.n_features))
+        self._assign(theta, create=True)
+
+    # --- basic properties -----------------------------------------------------------------
+    @property
+    def em_parameters(self) -> tuple[str, ...]:
+        """Names of the parameters EM updates; the others keep their values in ``fit`` and
+        ``partial_fit`` (e.g. owned by an optimizer). Assignable at any time."""
+        return self._em_parameters
+
+    @em_parameters.setter
+    def em_parameters(self, names: Sequence[str]) -> None:
+        self._em_parameters = check_em_parameters(names, self._parameter_names, self.family, tuple(self._latent_names))
+
+    @property
+    def device(self) -> torch.device:
+        return self._anchor.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._anchor.dtype
+
+    @property
+    def is_initialized(self) -> bool:
+        return getattr(self, self._parameter_names[0]) is not None
+
+    @property
+    def n_models(self) -> int:
+        return math.prod(self.batch_shape)
+
+    def theta(self) -> Theta:
+        """The family's parameters (the live ``nn.Parameter`` s) by name."""
+        self._require_parameters()
+        return {name: getattr(self, name) for name in self._family_names}
+
+    def n_parameters(self) -> int:
+        """Free parameters of one model (for BIC/AIC)."""
+        self._require_parameters()
+        return self.family.n_free_parameters(self.n_components, self.n_features) + self.latent.n_free_parameters(self.n_components)
+
+    def __getattr__(self, name: str) -> Any:
+        # A property that raised AttributeError (NotFittedError before a fit) lands here: raise
+        # its own error rather than nn.Module's "has no attribute".
+        attribute = getattr(type(self), name, None)
+        if isinstance(attribute, property):
+            return attribute.__get__(self, type(self))
+        return super().__getattr__(name)
+
+    # --- fitting ----------------------------------------------------------------------------
+    def _initialize(self, data: em.Data | em.StreamData) -> "LatentModel":
+        """The initial parameters of :meth:`fit` (``init_params``, the user's initial values and
+        the first M-step), without EM: ``n_iter_`` 0, ``lower_bound_`` -inf, not converged
+        (what scikit-learn's ``max_iter=0`` returns). Every restart is drawn; restart 0 is kept."""
+        self._fit(data, False, 0)
+        self.lower_bound_ = torch.full_like(self.lower_bound_, -math.inf).masked_fill(self.failed_, math.nan)
+        return self
+
+    def _fit(self, data: em.Data | em.StreamData, verbose: bool, max_iter: int) -> "LatentModel":
+        """``fit`` of prepared ``data`` with at most ``max_iter`` EM iterations (0: the
+        initialisation alone)."""
+        M, layout = self.n_models, self._layout
+        n_features = data.sample.X.shape[-1]
+        continued = self.warm_start and self.is_initialized
+        groups = [range(1)] if continued else restart_groups(self.n_init)
+        with tqdm(total=max_iter * len(groups), desc="EM", disable=not verbose, leave=False) as progress, \
+                self._naming_failures():
+            result = em.cat_restarts([
+                self._run_restarts(data, n_features, restarts, continued, progress if verbose else None, max_iter)
+                for restarts in groups
+            ])
+        best = layout.best_restart(result.lower_bound)  # (M,) a failed restart (nan) loses
+        fitted = self._module_parameters(result.params, best)
+        self._assign_em_update(fitted)
+        self.n_features = n_features
+        self.lower_bound_ = layout.pick(result.lower_bound, best)
+        self.n_iter_ = layout.pick(result.n_iter, best)
+        self.converged_ = layout.pick(result.converged, best)
+        self.lower_bound_history_ = layout.pick(result.history, best)
+        self._clear_stream()  # a later partial_fit starts a new stream from these parameters
+        self._record_failures(result.failures, best)
+        not_converged = ~self.converged_ & ~self.failed_
+        if bool(not_converged.any()) and max_iter > 0:
+            warnings.warn(
+                f"{int(not_converged.sum())} of {M} model(s) did not converge in max_iter={max_iter} "
+                "iterations; increase max_iter or tol, or check the data",
+                em.ConvergenceWarning,
+                stacklevel=3,  # past fit
+            )
+        return self
+
+    def _run_restarts(
+        self, data: em.Data | em.StreamData, n_features: int, restarts: range, continued: bool, progress,
+        max_iter: int,
+    ) -> em.EMResult:
+        """EM for the working batch (len(restarts), M) of the given restarts, or (1, M) from the
+        current parameters when ``continued`` (a warm start: its convergence check goes on from
+        the last lower bound, as scikit-learn's does)."""
+        previous = None
+        failures = em.Failures.none(len(restarts), self.n_models, self.device) if self._isolates_failures() else None
+        if continued:
+            params = self._working_parameters()
+            if self.lower_bound_ is not None and self.stream_steps is None:  # mid-stream it is a batch's
+                previous = self._layout.working(self.lower_bound_)
+        else:
+            params = self._initial_parameters(data.sample, data.chunk_size, n_features, restarts, failures)
+            params = self._same_on_every_rank(params)
+        fixed = self._fixed_parameters(params)
+        return em.run_em(self._em_map(data, fixed), params.with_fixed(fixed), max_iter=max_iter, tol=self.tol,
+                         progress=progress, previous_lower_bound=previous, failures=failures)
+
+    def _em_map(self, data: em.Data | em.StreamData, fixed: em.Params | None) -> em.EMMap:
+        return em.EMMap(self.latent, self.family, data, fixed=fixed, pseudo_count=self.prior_count)
+
+    @contextlib.contextmanager
+    def _naming_failures(self):
+        """Turn the engine's failure of model (r, m) into an IllConditionedError naming it."""
+        try:
+            yield
+        except em.ModelFailed as error:
+            raise IllConditionedError(error.failure.message(self._describe_model(error.restart, error.model))) from None
+
+    def _clear_stream(self) -> None:
+        """Forget the running statistics of online EM (``partial_fit``)."""
+        for name in self._stream_buffers:
+            setattr(self, name, None)
+
+    def _isolates_failures(self) -> bool:
+        """Whether a failing model is isolated (``on_error``, by default so in a batch)."""
+        on_error = self.on_error if self.on_error is not None else ("isolate" if self.batch_shape else "raise")
+        return on_error == "isolate"
+
+    def _record_failures(self, failures: em.Failures | None, best: torch.Tensor) -> None:
+        """Set ``failed_`` and ``failure_reasons_`` from the failures of the chosen restarts
+        ``best`` (M,), and warn naming the failed models."""
+        M = self.n_models
+        failed = torch.zeros(M, dtype=torch.bool, device=self.device)
+        reasons: dict[tuple[int, ...], str] = {}
+        if failures is not None and bool(failures.failed.any()):
+            failed = failures.failed.gather(0, best.view(1, M))[0]
+            for m in failed.nonzero().flatten().tolist():
+                failure = failures.reasons[int(best[m]), m]
+                reasons[self._layout.model_index(m)] = failure.message(self._describe_model(int(best[m]), m))
+        self.failed_ = failed.reshape(self.batch_shape)
+        self.failure_reasons_ = reasons
+        if reasons:
+            quoted = "; ".join(list(reasons.values())[:QUOTED_FAILURES]) + ("; ..." if len(reasons) > QUOTED_FAILURES else "")
+            warnings.warn(
+                f"{len(reasons)} of {M} model(s) failed and keep their last valid parameters (failed_, failure_reasons_; "
+                f"their lower_bound_, score, score_samples, bic, aic and predict_proba are NaN, predict gives -1): {quoted}",
+                em.FitFailedWarning,
+                stacklevel=3,  # past fit (or partial_fit) and its no_grad wrapper
+            )
+
+    @staticmethod
+    def _same_on_every_rank(params: em.Params) -> em.Params:
+        """Rank 0's initial parameters on every rank (no-op without torch.distributed)."""
+        names = [*params.latent, *params.emission]
+        values = dict(zip(names, distributed.broadcast(*params.latent.values(), *params.emission.values())))
+        return em.Params({n: values[n] for n in params.latent}, {n: values[n] for n in params.emission})
+
+    def _default_chunk_size(self, n_features: int) -> int:
+        """Rows per chunk: ``chunk_size`` or a memory budget for one restart. It does not depend
+        on ``n_init``, so that restart 0 sums its chunks exactly as a fit with ``n_init=1``
+        does (a batch of R restarts holds R such blocks)."""
+        return self.chunk_size or em.default_chunk_size(self.n_models, self.n_components, self.family.n_statistics(n_features))
+
+    def _sample_size(self) -> int:
+        """Points the initialisation of a large or streamed dataset works on."""
+        return max(self.stream_sample_size, 50 * self.n_components)
+
+    def _initial_parameters(
+        self, data: em.Data, chunk: int, n_features: int, restarts: range, failures: em.Failures | None = None,
+    ) -> em.Params:
+        """Working initial parameters (R, M, ...) of the given restarts, with the user's initial
+        values (:func:`torch_em.initialization.initial_parameters`)."""
+        K = self.n_components
+        return initial_parameters(
+            self.latent, self.family, data, method=self.init_params, n_components=K, layout=self._layout,
+            restarts=restarts, seed=self.seed, chunk_size=chunk,
+            user_parameters=self._working_latent(self._user_initial_parameters(n_features)),
+            user_centres=self.family.initial_centres(tuple(self.batch_shape), K, n_features, self.device, self.dtype),
+            failures=failures, generator=self._generator, softening=self._initial_softening,
+        )
+
+    def _partial_fit(self, X: torch.Tensor, make_data: Callable[[torch.Tensor | None, int], em.Data]) -> "LatentModel":
+        """The stepwise EM update of ``partial_fit`` from a validated batch ``X`` (working layout)
+        whose engine data ``make_data(reference, chunk_size)`` builds (with its weights)."""
+        K, M, layout = self.n_components, self.n_models, self._layout
+        started = self.stream_steps is not None
+        n_features = X.shape[-1]
+        chunk = self.chunk_size or em.default_chunk_size(M, K, self.family.n_statistics(n_features))
+        every_model = torch.ones(1, M, dtype=torch.bool, device=X.device)
+        failures = em.Failures.none(1, M, X.device) if self._isolates_failures() else None
+        running = self._running_statistics() if started else None
+        # The stream's reference point is fixed by its first batch.
+        reference = self.stream_shift if started else distributed.combined_reference(self.family.reference(X), X.shape[-2])
+        data = make_data(reference, chunk)
+        with self._naming_failures():
+            if started:
+                params = self._working_parameters()
+                if self.averaging_start is not None:  # the parameters hold the average: the iterate is the running M-step
+                    params, invalid = em.m_step(self.latent, self.family, running, reference, every_model,
+                                                self._fixed_parameters(None))
+                    em.record_failures(failures, invalid.any(-1),
+                                       em.invalid_component_reason(self.family, "partial_fit", invalid))
+            else:
+                params = self._working_parameters() if self.is_initialized else self._same_on_every_rank(
+                    self._initial_parameters(data, chunk, n_features, range(1), failures))
+            fixed = self._fixed_parameters(params)
+            params = params.with_fixed(fixed)
+            data.total_weight = distributed.total_weight(data.total_weight, X.device)  # the batch over all ranks
+            updating = every_model if failures is None else ~failures.failed
+            step = em.online_step(self._em_map(data, fixed), params, running,
+                                  self.schedule.rho(int(self.stream_steps) if started else 0), updating)
+            infinite = ~torch.isfinite(step.batch_log_likelihood) & updating  # (1, M)
+            em.record_failures(failures, infinite, lambda r, m: em.Failure(
+                "partial_fit", None, "use float64 or scale the data", likelihood="batch log-likelihood"))
+            invalid = step.invalid & ~infinite.unsqueeze(-1)
+            em.record_failures(failures, invalid.any(-1), em.invalid_component_reason(self.family, "partial_fit", invalid))
+        new_theta = self._module_parameters(step.params)
+        new_running = {"stream_counts": step.running.counts, "stream_sums": step.running.sums,
+                       **{f"stream_{name}": value for name, value in step.running.latent.items()}}
+        new_running = {name: layout.module(value[0]) for name, value in new_running.items()}
+        if failures is not None and bool(failures.failed.any()):  # failed models skip the update
+            skipped = failures.failed[0].reshape(self.batch_shape)
+            held = self._module_values() if self.is_initialized else self._module_parameters(params)
+            new_theta = {name: em.where_models(skipped, held[name], value) for name, value in new_theta.items()}
+            new_running = {name: em.where_models(skipped, getattr(self, name) if started else 0.0, value)
+                           for name, value in new_running.items()}
+        steps = 1 if not started else int(self.stream_steps) + 1
+        averaged = 0 if self.averaging_start is None else steps - self.averaging_start  # iterates in the average
+        if averaged > 1:  # Polyak-Ruppert: running mean of the unconstrained parameters
+            new_theta = {name: old + (new_theta[name] - old) / averaged
+                         for name, old in self._module_values().items()}
+        self._assign_em_update(new_theta)
+        self.n_features = n_features
+        for name, value in new_running.items():
+            setattr(self, name, value)
+        self.stream_steps = torch.tensor(steps, device=X.device)
+        self.stream_shift = reference
+        self._record_failures(failures, torch.zeros(M, dtype=torch.long, device=X.device))
+        mean = step.batch_log_likelihood[0] / data.total_weight
+        self.lower_bound_ = layout.module(mean).masked_fill(self.failed_, math.nan)
+        return self
+
+    def _running_statistics(self) -> em.Statistics:
+        """The running statistics of online EM (per point; working layout (1, M, ...))."""
+        layout = self._layout
+        counts = layout.working(self.stream_counts)
+        latent = {name: layout.working(getattr(self, f"stream_{name}")) for name in self.latent.statistic_names}
+        return em.Statistics(counts, layout.working(self.stream_sums), counts.new_zeros(counts.shape[:2]), latent)
+
+    def _module_values(self) -> Theta:
+        """Every parameter (the live ``nn.Parameter`` s), latent logits first, by module name."""
+        return {name: getattr(self, name) for name in self._parameter_names}
+
+    def _emission_log_joint(self, X: torch.Tensor) -> torch.Tensor:
+        """``log p(x_n | component k)`` plus the latent structure's per-component log prior (if
+        any) for working-layout rows ``X`` (N, D) or (M, N, D): (1, M, K, N), differentiable,
+        about an evaluation reference that depends on the parameters alone."""
+        params = self._working_parameters()
+        theta = params.emission
+        log_prior = self.latent.log_prior(params.latent)
+        weights = log_prior if log_prior is not None else torch.full(
+            (1, self.n_models, self.n_components), -math.log(self.n_components), device=X.device, dtype=X.dtype)
+        reference = self._evaluation_reference(weights, theta, shared=X.dim() == 2)
+        eta, const = em.joint_parameters(self.latent, self.family, params, reference)
+        T, h = self.family.features(X, reference)
+        lp = em.emission_log_prob(T, h, eta, const)  # (1, M, K, N)
+        own = em.OwnReference.of(self.family, theta, log_prior, reference, evaluation=True)
+        if own is not None:  # components the expansion about the reference would not resolve
+            own.write_log_prob(own.groups(X, self.n_components, self.n_models), lp)
+        return lp
+
+    def _draw_generator(self, seed: int | None) -> torch.Generator:
+        """The generator of a ``sample`` call: from ``seed``, or the module's own stream (successive
+        draws differ, the sequence follows ``self.seed``)."""
+        if seed is not None:
+            check_int(seed, "seed", minimum=0)
+            return self._generator(seed)
+        if self._sample_generator is None or self._sample_generator.device != self.device:
+            self._sample_generator = self._generator()
+        return self._sample_generator
+
+    # --- evaluation ---------------------------------------------------------------------------
+    def _evaluation_reference(self, log_weights: torch.Tensor, theta: Theta, shared: bool) -> torch.Tensor | None:
+        """The reference point of evaluation, a function of the parameters alone (so a row's
+        result never depends on the other rows): the family's, from (1, M, ...) parameters; for
+        data shared by every model, their average over the models, (1, D); else (M, 1, D)."""
+        with torch.no_grad():  # the density does not depend on it
+            reference = self.family.parameter_reference(theta, log_weights.exp())
+        if reference is None:
+            return None
+        return reference.mean(1).reshape(1, -1) if shared else reference[0]
+
+    def _reported(self, result: torch.Tensor, method: str) -> torch.Tensor:
+        """A reported value (*batch_shape, ...): checked finite, NaN for the models in ``failed_``."""
+        return self._without_failed(self._finite(result, method), math.nan)
+
+    def _finite(self, result: torch.Tensor, method: str) -> torch.Tensor:
+        """``result`` (*batch_shape, ...), or a ValueError when it overflowed for a model that did
+        not fail (e.g. points so far from every component that their log-density is below the
+        dtype's range); models in ``failed_`` are NaN by design."""
+        finite = torch.isfinite(result)
+        if self.failed_ is not None and bool(self.failed_.any()):
+            finite = em.where_models(self.failed_.to(result.device), True, finite)
+        if not bool(finite.all()):
+            raise ValueError(
+                f"{method}: the log-likelihood of X is not finite in {self.dtype} (X is too far from the "
+                "components, or too large); use dtype=torch.float64 or scale the data"
+            )
+        return result
+
+    def _without_failed(self, values: torch.Tensor, fill: float) -> torch.Tensor:
+        """``values`` (*batch_shape, ...) with ``fill`` for the models whose last fit failed."""
+        if self.failed_ is None or not bool(self.failed_.any()):
+            return values
+        return em.where_models(self.failed_.to(values.device), fill, values)
+
+    def _require_parameters(self) -> torch.Tensor:
+        if not self.is_initialized:
+            raise NotFittedError(
+                f"{type(self).__name__} has no parameters yet: call fit(X) first or pass n_features"
+            )
+        return getattr(self, self._parameter_names[0])
+
+    @property
+    def _layout(self) -> Layout:
+        return Layout(tuple(self.batch_shape))
+
+    def _working_parameters(self) -> em.Params:
+        """The current parameters in the working layout (1, M, ...): live views (the latent
+        structure's log-probabilities normalised from their logits)."""
+        layout = self._layout
+        theta = {name: layout.working(value) for name, value in self.theta().items()}
+        latent = {working: layout.working(getattr(self, name).log_softmax(-1)) for name, working in self._latent_names.items()}
+        return em.Params(latent, theta)
+
+    def _working_latent(self, module: Theta) -> Theta:
+        """Module-named values (``logits`` etc. among the family's) with the latent structure's
+        under their working names (the user's initial log-probabilities), the family's unchanged."""
+        return {self._latent_names.get(name, name): value for name, value in module.items()}
+
+    def _module_parameters(self, params: em.Params, best: torch.Tensor | None = None) -> Theta:
+        """Working parameters (R, M, ...) -> module layout (*batch_shape, ...) at restart ``best``
+        (M,) of each model (default: restart 0), the latent log-probabilities as their logits."""
+        best = torch.zeros(self.n_models, dtype=torch.long, device=self.device) if best is None else best
+        module = {name: self._layout.pick(value, best) for name, value in params.emission.items()}
+        for name, working in self._latent_names.items():
+            module[name] = self._layout.pick(params.latent[working], best)
+        return module
+
+    def _validated_input(self, X: Any, name: str, min_samples: int = 1, n_features: int | None = None) -> torch.Tensor:
+        """X as a checked tensor in the model's dtype. A module that follows its data's dtype and
+        has no parameters adopts X's instead (in a stream: the first batch's, the one given
+        without ``n_features``)."""
+        adopts = self._dtype_follows_data and not self.is_initialized and n_features is None
+        dtype = data_dtype(X) if adopts else self.dtype
+        X = as_float_tensor(X, name, device=self.device, dtype=dtype, allow_bool=self.family.accepts_bool)
+        n_features = n_features if n_features is not None else self.n_features
+        check_data(X, name, n_features=n_features, batch_shape=self.batch_shape, min_samples=min_samples)
+        self.family.check_domain(X, name)
+        if adopts and dtype != self.dtype:
+            self._anchor = self._anchor.to(dtype)
+        return X
+
+    def _generator(self, seed: int | None = None) -> torch.Generator:
+        return torch.Generator(device=self.device).manual_seed(resolve_seed(seed if seed is not None else self.seed))
+
+    def _user_initial_parameters(self, n_features: int) -> Theta:
+        """The validated initial values the user gave, with batch dims: the family's and the
+        latent structure's (:meth:`_user_latent_initial`, module names)."""
+        batch = tuple(self.batch_shape)
+        theta = self.family.user_initial_parameters(batch, self.n_components, n_features, self.device, self.dtype)
+        theta.update(self._user_latent_initial())
+        return theta
+
+    def _user_latent_initial(self) -> Theta:
+        """The latent structure's initial values given by the user, as logits (*batch_shape, ...)."""
+        raise NotImplementedError
+
+    def _fixed_parameters(self, params: em.Params | None) -> em.Params | None:
+        """Working values (R, M, ...) of the parameters EM holds fixed (the latent structure's
+        as log-probabilities), or None: the module's current values, or the initial ``params``
+        of a module that has no parameters yet (``params`` None: one restart of the current values)."""
+        names = [name for name in self._parameter_names if name not in self._em_parameters]
+        if not names:
+            return None
+        held_latent = [self._latent_names[name] for name in names if name in self._latent_names]
+        held_emission = [name for name in names if name not in self._latent_names]
+        if not self.is_initialized:
+            return em.Params({name: params.latent[name] for name in held_latent},
+                             {name: params.emission[name] for name in held_emission})
+        n_restarts = 1 if params is None else params.batch[0]
+        current = self._working_parameters()
+        held = em.Params({name: current.latent[name] for name in held_latent},
+                         {name: current.emission[name] for name in held_emission})
+        return held.map(lambda value: value.detach().expand(n_restarts, *value.shape[1:]))
+
+    def _assign_em_update(self, theta: Theta) -> None:
+        """Write what EM computed: every parameter of a new module, else those EM owns (a held
+        latent parameter keeps its raw logits, not just their softmax)."""
+        if self.is_initialized:
+            theta = {name: value for name, value in theta.items() if name in self._em_parameters}
+        self._assign(theta, create=not self.is_initialized)
+
+    def _assign(self, theta: Theta, *, create: bool) -> None:
+        """Write parameters in place (EM update) or create them (first fit / construction)."""
+        with torch.no_grad():
+            for name, value in theta.items():
+                if create:
+                    setattr(self, name, nn.Parameter(value.detach().clone()))
+                else:
+                    getattr(self, name).copy_(value)
+
+    def _create_parameters_before_load(self, state_dict, prefix, local_metadata, strict, *args) -> None:
+        """Check the whole incoming state against this module's configuration, then make room
+        for it: a module built without n_features creates its parameters, the online-EM buffers
+        take the saved shapes (a strict load of a state without a stream ends the stream).
+        Raises before anything is written (torch would copy entry by entry, then raise)."""
+        state = own_entries(state_dict, prefix)
+        n_features = self._check_state(state, prefix, self._strict_load)
+        for name in self._stream_buffers:
+            saved, current = state.get(name), getattr(self, name)
+            if saved is None:
+                if self._strict_load:
+                    setattr(self, name, None)
+            elif current is None or current.shape != saved.shape:
+                dtype = saved.dtype if not saved.is_floating_point() else self.dtype
+                setattr(self, name, torch.empty(saved.shape, dtype=dtype, device=self.device))
+        if not self.is_initialized and all(name in state for name in self._parameter_names):
+            for name in self._parameter_names:
+                setattr(self, name, nn.Parameter(torch.empty(state[name].shape, device=self.device, dtype=self.dtype)))
+            self.n_features = n_features
+
+    def _check_state(self, state: dict[str, Any], prefix: str, strict: bool) -> int | None:
+        """Raise ValueError/TypeError unless ``state`` (this module's entries) loads whole;
+        returns the number of features of the state (None if it has no parameters)."""
+        owner = f"{type(self).__name__}({self.extra_repr()})"
+        n_features = self.n_features
+        saved = {name: state[name] for name in self._family_names if isinstance(state.get(name), torch.Tensor)}
+        if n_features is None and saved:
+            try:
+                n_features = int(self.family.n_features_of(saved))
+            except (KeyError, IndexError, StopIteration, AttributeError) as error:
+                shapes = {prefix + name: tuple(value.shape) for name, value in saved.items()}
+                raise ValueError(f"state_dict: the parameters {shapes} give no number of features for {owner} ({error!r})") from None
+        stream = tuple(name for name in self._stream_buffers if name != "stream_shift")
+        if n_features is None and any(name in state for name in self._stream_buffers):
+            raise ValueError(f"state_dict has online-EM state {[prefix + n for n in stream]} but no parameters for {owner}")
+        check_state(state, prefix, owner, self._state_shapes(n_features), strict=strict,
+                    groups=[(self._parameter_names, self.is_initialized), (stream, False)], counters=["stream_steps"])
+        return n_features
+
+    def _state_shapes(self, n_features: int | None) -> dict[str, list[tuple[int, ...]] | None]:
+        """The allowed shape(s) of every entry of a state with ``n_features`` (None: unknown)."""
+        names = (*self._parameter_names, *self._stream_buffers)
+        if n_features is None:
+            return dict.fromkeys(names)
+        batch, K, D = tuple(self.batch_shape), self.n_components, n_features
+        latent = self.latent.default_parameters((), K, self._anchor)
+        events = {**{name: tuple(latent[working].shape) for name, working in self._latent_names.items()},
+                  **self.family.event_shapes(K, D),
+                  "stream_counts": (K,), "stream_sums": (K, self.family.n_statistics(D)),
+                  **{f"stream_{name}": shape for name, shape in self.latent.statistic_shapes(K).items()}}
+        shapes = {name: [(*batch, *event)] for name, event in events.items()}
+        shapes["stream_steps"] = [()]
+        shapes["stream_shift"] = [(1, D), (self.n_models, 1, D)]  # reference of shared or per-model data
+        return shapes
+
+    def _adopt_saved_dtype(self, state_dict, prefix, *args) -> None:
+        """A module whose dtype follows its data takes that of a state_dict it loads (runs after
+        :meth:`_create_parameters_before_load`; only when every saved parameter fits, so that a
+        rejected load changes nothing)."""
+        saved = {name: state_dict.get(prefix + name) for name in self._parameter_names}
+        if not self._dtype_follows_data or any(value is None for value in saved.values()):
+            return
+        current = {name: getattr(self, name) for name in self._parameter_names}
+        fits = all(value is not None and value.shape == saved[name].shape for name, value in current.items())
+        first = saved[self._parameter_names[0]]
+        if fits and first.is_floating_point() and first.dtype != self.dtype:
+            self.to(first.dtype)  # in place: the Parameter objects stay the same
+
+    def _describe_model(self, restart: int, model: int) -> str:
+        return self._layout.describe(restart, model, self.n_init)
+

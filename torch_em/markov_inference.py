@@ -1,0 +1,627 @@
+"""Inference in hidden Markov models: forward-backward, likelihood, Viterbi and state sampling.
+
+Pure tensor functions for ``G`` independent models ("groups") at once, each with ``S`` padded
+sequences of ``T`` steps over ``K`` states. Inputs are natural-log emission densities
+``log_emission (G, S, T, K)``, a start distribution ``log_startprob (G, K)`` and a row-stochastic
+transition matrix ``log_transmat (G, K, K)`` (``-inf`` entries, structural zeros, are allowed), and
+the sequence lengths ``(S,)`` / ``(G, S)``. Callers validate; nothing here checks its input.
+
+Forward-backward in rescaled probability space
+----------------------------------------------
+With ``m_t = max_k log p(x_t | k)`` and ``e_t = exp(log p(x_t | .) - m_t)`` (entries in [0, 1],
+one of them 1), the filter ``alpha_hat_t`` is kept normalised every step,
+
+    alpha_hat_0 = normalise(pi * e_0),   alpha_hat_t = normalise((alpha_hat_{t-1} A) * e_t),
+
+the normalisers ``c_t`` (and ``m_t``) giving ``log p(x_{0:t}) = sum_{u<=t} m_u + log c_u``,
+summed in float64 whatever the input dtype; the smoother ``beta_hat_t`` (``beta_{t-1} =
+A (e_t * beta_t)``, ``beta_{len-1} = 1``) is normalised every step too. Only relative values of
+``alpha_hat_t`` and ``beta_hat_t`` are needed:
+
+    gamma_t = normalise(alpha_hat_t * beta_hat_t)
+    sum_t xi_t = A * (sum_t alpha_hat_{t-1}^T (e_t * beta_hat_t / n_t)),
+    n_t = (alpha_hat_{t-1} A) . (e_t * beta_hat_t),
+
+so the expected transitions of all steps and sequences are one GEMM, with the sequence weights and
+the padding mask folded into ``1 / n_t``.
+
+Two schedules compute the recursions, with the same results (to rounding):
+
+* ``"sequential"``: one step per time step, batched over (G, S).
+* ``"blocked"`` (a two-level scan for long sequences): the ``T - 1`` transitions are cut into
+  ``B`` blocks of ``L`` steps. (1) Within all blocks at once, running products of the step
+  matrices ``A diag(e_t)`` (suffix products for the smoother), ``L`` steps, every row normalised
+  by its sum with its log-scale kept (per row, so that a starting state whose row is ~1e-300 of
+  another's is not lost: a left-to-right chain stuck in its last state needs exactly that row);
+  (2) a ``B``-step pass over the block boundaries with vectors, in log space (float64);
+  (3) the filter (smoother) inside every block by one batched vector-matrix product. That is
+  ``2 (L + B) ~ 4 sqrt(T)`` loop steps instead of ``2 T``, for ``K`` times more arithmetic.
+  The same for Viterbi in the max-plus semiring, with a backpointer matrix per step inside the
+  blocks, a ``B``-step pass over the boundaries, and backtracking inside all blocks at once.
+
+Padded steps (``t >= len``) are masked on entry (their emissions may be anything, NaN included)
+and act as the identity wherever a recursion runs through them towards the start (the smoother,
+Viterbi); the filter simply ignores what comes after a sequence's end.
+
+Working layout: ``(G, T, S, K)`` (time before sequences inside a group), so that one time step of
+all sequences is a slice and the expected-transition GEMM reads the filter as ``(G, T S, K)``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Literal, NamedTuple
+
+import torch
+from torch import Tensor
+
+Method = Literal["auto", "sequential", "blocked"]
+
+
+class ForwardBackward(NamedTuple):
+    """What one forward-backward pass gives.
+
+    Shape:
+        posteriors: (G, S, T, K) state posteriors, rows sum to 1 at valid steps, 0 at padded steps.
+        start: (G, K) ``sum_s w_s gamma_{s,0}`` (weighted expected start counts).
+        transitions: (G, K, K) ``sum_s w_s sum_{t=1}^{len_s-1} xi_{s,t}`` (weighted expected counts).
+        log_evidence: (G, S) ``log p(x_s)`` (not weighted), input dtype, accumulated in float64.
+    """
+
+    posteriors: Tensor
+    start: Tensor
+    transitions: Tensor
+    log_evidence: Tensor
+
+
+# ---------------------------------------------------------------------------------------------
+# public functions
+
+
+def forward_backward(
+    log_emission: Tensor,
+    log_startprob: Tensor,
+    log_transmat: Tensor,
+    lengths: Tensor | None = None,
+    weights: Tensor | None = None,
+    *,
+    method: Method = "auto",
+) -> ForwardBackward:
+    """State posteriors, expected start and transition counts and the log-evidence of every sequence.
+
+    Not differentiable (use :func:`log_likelihood`, whose gradients are these statistics).
+
+    Shape:
+        log_emission: (G, S, T, K); log_startprob: (G, K); log_transmat: (G, K, K);
+        lengths: (S,) / (G, S) int64 in [1, T] or None (all T); weights: (S,) / (G, S) or None (1).
+        Returns :class:`ForwardBackward`.
+    """
+    with torch.no_grad():
+        G, S, T, K = log_emission.shape
+        schedule = _resolve_method(method, G, S, T, K)
+        steps = _prepare(log_emission, lengths, _padded_length(schedule, T))
+        transmat = log_transmat.exp()
+        alpha, log_prefix = _filter(steps, log_startprob.exp(), transmat, schedule)
+        beta = _smooth(steps, transmat, schedule)
+        seq_weights = _per_sequence(weights, G, S, log_emission)
+        posteriors, start, transitions = _statistics(steps, alpha, beta, transmat, seq_weights)
+        return ForwardBackward(posteriors, start, transitions, _log_evidence(log_prefix, steps, log_emission.dtype))
+
+
+def log_likelihood(
+    log_emission: Tensor,
+    log_startprob: Tensor,
+    log_transmat: Tensor,
+    lengths: Tensor | None = None,
+    *,
+    method: Method = "auto",
+) -> Tensor:
+    """``log p(x_s)`` of every sequence by the forward pass alone; differentiable.
+
+    Gradients (exact, for any inputs, normalised or not): d/d log_emission = posteriors,
+    d/d log_startprob = start counts, d/d log_transmat = expected transition counts, each weighted
+    by the incoming gradient of every sequence (one forward-backward pass; first order only).
+
+    Shape:
+        log_emission: (G, S, T, K); log_startprob: (G, K); log_transmat: (G, K, K);
+        lengths: (S,) / (G, S) or None. Returns (G, S) in the input dtype.
+    """
+    if torch.is_grad_enabled() and any(x.requires_grad for x in (log_emission, log_startprob, log_transmat)):
+        return _LogLikelihood.apply(log_emission, log_startprob, log_transmat, lengths, method)
+    G, S, T, K = log_emission.shape
+    schedule = _resolve_method(method, G, S, T, K)
+    steps = _prepare(log_emission, lengths, _padded_length(schedule, T))
+    _, log_prefix = _filter(steps, log_startprob.exp(), log_transmat.exp(), schedule)
+    return _log_evidence(log_prefix, steps, log_emission.dtype)
+
+
+def viterbi(
+    log_emission: Tensor,
+    log_startprob: Tensor,
+    log_transmat: Tensor,
+    lengths: Tensor | None = None,
+    *,
+    method: Method = "auto",
+) -> tuple[Tensor, Tensor]:
+    """The most probable state path of every sequence and its log-probability.
+
+    Shape:
+        log_emission: (G, S, T, K); log_startprob: (G, K); log_transmat: (G, K, K);
+        lengths: (S,) / (G, S) or None. Returns states (G, S, T) int64 (-1 at padded steps) and
+        log_prob (G, S) in the input dtype (accumulated in float64).
+    """
+    with torch.no_grad():
+        G, S, T, K = log_emission.shape
+        schedule = _resolve_method(method, G, S, T, K)
+        steps = _prepare(log_emission, lengths, _padded_length(schedule, T), log_space=True)
+        if schedule == "blocked":
+            path, log_prob = _viterbi_blocked(steps, log_startprob, log_transmat, _block_length(T))
+        else:
+            path, log_prob = _viterbi_sequential(steps, log_startprob, log_transmat)
+        states = torch.where(steps.valid[:, :T], path[:, :T], -1).transpose(1, 2)  # (G, S, T)
+        return states.contiguous(), log_prob.to(log_emission.dtype)
+
+
+def sample_states(
+    log_startprob: Tensor,
+    log_transmat: Tensor,
+    n_sequences: int,
+    length: int,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Draw state sequences from the Markov chain of every model (inverse-CDF sampling).
+
+    The CDFs are taken in float64 and divided by their last entry, so that the last one is exactly
+    1 and a state of zero probability (a flat step of the CDF) can never be drawn.
+
+    Shape:
+        log_startprob: (G, K); log_transmat: (G, K, K). Returns (G, n_sequences, length) int64.
+    """
+    G, K = log_startprob.shape
+    device = log_startprob.device
+    start_cdf = _cdf(log_startprob)  # (G, K)
+    transition_cdf = _cdf(log_transmat)  # (G, K, K)
+    uniform = torch.rand(length, G, n_sequences, 1, generator=generator, device=device, dtype=torch.float64)
+    states = torch.empty(length, G, n_sequences, dtype=torch.int64, device=device)
+    if length == 0:
+        return states.permute(1, 2, 0)
+    states[0] = torch.searchsorted(start_cdf, uniform[0].squeeze(-1), right=True)
+    rows = torch.empty(G, n_sequences, K, dtype=torch.float64, device=device)
+    for t in range(1, length):
+        torch.gather(transition_cdf, 1, states[t - 1].unsqueeze(-1).expand(G, n_sequences, K), out=rows)
+        states[t] = torch.searchsorted(rows, uniform[t], right=True).squeeze(-1)
+    return states.permute(1, 2, 0).contiguous()
+
+
+# ---------------------------------------------------------------------------------------------
+# choice of schedule
+
+#: Measured on a 2-core CPU (torch 2.x): seconds per loop step (a handful of tiny kernels) and
+#: per element of the step's work; blocked steps do about 1.5x the work of a sequential step per
+#: element and K times the elements (see ``benchmarks/markov_inference.py``).
+STEP_OVERHEAD_S = 25e-6
+ELEMENT_COST_S = 1.0e-9
+BLOCKED_STEP_FACTOR = 2.0
+
+
+def _block_length(T: int) -> int:
+    """Block length L ~ sqrt(T - 1), balancing the L within-block and B = ceil((T-1)/L) boundary steps."""
+    return max(1, math.isqrt(max(T - 1, 1)))
+
+
+def _padded_length(schedule: str, T: int) -> int:
+    """Time steps of the working buffers: T, or 1 + B L for the blocked schedule."""
+    if schedule != "blocked":
+        return T
+    L = _block_length(T)
+    return 1 + L * math.ceil((T - 1) / L) if T > 1 else 1
+
+
+def _resolve_method(method: str, G: int, S: int, T: int, K: int) -> str:
+    """``"auto"`` -> the schedule with the smaller predicted time for these shapes.
+
+    time ~ loop_steps * STEP_OVERHEAD_S + elements * ELEMENT_COST_S, with
+    sequential: 2 T steps over G S T K^2 elements (each pass);
+    blocked: 2 (L + B) steps over G S T K^3 elements times BLOCKED_STEP_FACTOR (the products).
+    """
+    if method != "auto":
+        return method
+    if T <= 2:
+        return "sequential"
+    L = _block_length(T)
+    B = math.ceil((T - 1) / L)
+    work = 2.0 * G * S * T * K * K
+    sequential = 2 * T * STEP_OVERHEAD_S + work * ELEMENT_COST_S
+    blocked = 2 * (L + B) * STEP_OVERHEAD_S + work * K * BLOCKED_STEP_FACTOR * ELEMENT_COST_S
+    return "blocked" if blocked < sequential else "sequential"
+
+
+# ---------------------------------------------------------------------------------------------
+# shared preparation
+
+
+class _Steps(NamedTuple):
+    """Masked per-step emissions in the working layout, padded to ``T_pad`` steps.
+
+    Shape:
+        emission: (G, T_pad, S, K): ``e_t`` (probability space) or masked log-densities (log space),
+            padded steps 1 (resp. 0).
+        log_scale: (G, T_pad, S) float64: ``m_t`` (0 at padded steps; log space: 0 everywhere).
+        valid: (G, T_pad, S) bool: ``t < len``.
+        last: (G, S) int64: ``len - 1``.
+        length: T, the unpadded number of steps.
+    """
+
+    emission: Tensor
+    log_scale: Tensor
+    valid: Tensor
+    last: Tensor
+    length: int
+
+
+def _prepare(log_emission: Tensor, lengths: Tensor | None, padded_length: int, log_space: bool = False) -> _Steps:
+    """Mask padded steps (their values never reach a result) and bring the emissions to the working layout."""
+    G, S, T, K = log_emission.shape
+    device = log_emission.device
+    if lengths is None:
+        last = torch.full((G, S), T - 1, dtype=torch.int64, device=device)
+    else:
+        last = (lengths.to(device=device, dtype=torch.int64) - 1).expand(G, S)
+    time = torch.arange(padded_length, device=device)
+    valid = time[None, :, None] <= last[:, None, :]  # (G, T_pad, S)
+    emission = torch.zeros(G, padded_length, S, K, dtype=log_emission.dtype, device=device)
+    torch.where(valid[:, :T, :, None], log_emission.transpose(1, 2), emission.new_zeros(()), out=emission[:, :T])
+    if log_space:
+        return _Steps(emission, torch.zeros(G, padded_length, S, dtype=torch.float64, device=device), valid, last, T)
+    log_scale = emission.amax(-1, keepdim=True)  # (G, T_pad, S, 1); 0 at padded steps
+    log_scale = torch.where(torch.isfinite(log_scale), log_scale, 0.0)  # an impossible step: e = 0, evidence -inf
+    emission.sub_(log_scale).exp_()
+    return _Steps(emission, log_scale.squeeze(-1).double(), valid, last, T)
+
+
+def _per_sequence(weights: Tensor | None, G: int, S: int, like: Tensor) -> Tensor:
+    """Sequence weights as (G, S) in ``like``'s dtype (ones when None)."""
+    if weights is None:
+        return torch.ones(G, S, dtype=like.dtype, device=like.device)
+    return weights.to(dtype=like.dtype, device=like.device).expand(G, S)
+
+
+def _log_evidence(log_prefix: Tensor, steps: _Steps, dtype: torch.dtype) -> Tensor:
+    """``log p(x_{0:len-1})`` of every sequence from the prefix log-evidences (G, T_pad, S) -> (G, S)."""
+    return log_prefix.gather(1, steps.last.unsqueeze(1)).squeeze(1).to(dtype)
+
+
+def _normalise_rows(x: Tensor) -> Tensor:
+    """``x / x.sum(-1)`` in place; returns the sums (..., 1)."""
+    total = x.sum(-1, keepdim=True)
+    x.div_(total)
+    return total
+
+
+# ---------------------------------------------------------------------------------------------
+# filter and smoother
+
+
+def _filter(steps: _Steps, startprob: Tensor, transmat: Tensor, schedule: str) -> tuple[Tensor, Tensor]:
+    """Normalised filter ``alpha_hat`` (G, T_pad, S, K) and prefix log-evidences (G, T_pad, S) float64."""
+    e = steps.emission
+    G, T_pad, S, K = e.shape
+    alpha = torch.empty_like(e)
+    alpha[:, 0] = startprob[:, None, :] * e[:, 0]
+    log_norm = _normalise_rows(alpha[:, 0]).squeeze(-1).log().double()  # (G, S)
+    if schedule == "blocked" and T_pad > 1:
+        log_prefix = _filter_blocked(steps, alpha, log_norm, transmat)
+    else:
+        log_prefix = _filter_sequential(steps, alpha, log_norm, transmat)
+    return alpha, log_prefix + steps.log_scale.cumsum(1)
+
+
+def _filter_sequential(steps: _Steps, alpha: Tensor, log_norm0: Tensor, transmat: Tensor) -> Tensor:
+    """The plain recursion, writing ``alpha`` in place; returns ``cumsum_t log c_t`` (G, T, S) float64."""
+    e = steps.emission
+    G, T, S, K = e.shape
+    norms = torch.empty(G, T, S, 1, dtype=e.dtype, device=e.device)
+    for t in range(1, T):
+        step = torch.bmm(alpha[:, t - 1], transmat).mul_(e[:, t])  # (G, S, K)
+        torch.sum(step, -1, keepdim=True, out=norms[:, t])
+        torch.div(step, norms[:, t], out=alpha[:, t])
+    log_norms = norms.squeeze(-1).log().double()
+    log_norms[:, 0] = log_norm0
+    return log_norms.cumsum(1)
+
+
+def _smooth(steps: _Steps, transmat: Tensor, schedule: str) -> Tensor:
+    """Normalised smoother ``beta_hat`` (G, T_pad, S, K): 1 at ``t >= len - 1``."""
+    if schedule == "blocked" and steps.emission.shape[1] > 1:
+        return _smooth_blocked(steps, transmat)
+    return _smooth_sequential(steps, transmat)
+
+
+def _smooth_sequential(steps: _Steps, transmat: Tensor) -> Tensor:
+    """``beta_{t-1} = normalise(A (e_t * beta_t))`` at valid ``t``, ``beta_{t-1} = beta_t`` (= 1) after the end."""
+    e = steps.emission
+    G, T, S, K = e.shape
+    beta = torch.empty_like(e)
+    beta[:, T - 1] = 1.0
+    backward = transmat.transpose(1, 2)
+    for t in range(T - 1, 0, -1):
+        step = torch.bmm(e[:, t] * beta[:, t], backward)  # (G, S, K)
+        _normalise_rows(step)
+        torch.where(steps.valid[:, t, :, None], step, beta[:, t], out=beta[:, t - 1])
+    return beta
+
+
+def _statistics(
+    steps: _Steps, alpha: Tensor, beta: Tensor, transmat: Tensor, seq_weights: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Posteriors (G, S, T, K), weighted start counts (G, K) and transition counts (G, K, K).
+
+    Scale-free in ``alpha`` and ``beta`` (both only known up to a factor per step).
+    """
+    G, _, S, K = alpha.shape
+    T = steps.length
+    valid = steps.valid[:, :T, :, None]  # (G, T, S, 1)
+    joint = alpha[:, :T] * beta[:, :T]  # (G, T, S, K)
+    joint.div_(joint.sum(-1, keepdim=True))
+    posteriors = alpha.new_empty(G, S, T, K)
+    torch.where(valid, joint, joint.new_zeros(()), out=posteriors.transpose(1, 2))
+    start = torch.bmm(seq_weights.unsqueeze(1), posteriors[:, :, 0]).squeeze(1)  # (G, K)
+    if T == 1:
+        return posteriors, start, torch.zeros_like(transmat)
+    previous = alpha[:, : T - 1].reshape(G, (T - 1) * S, K)  # a view
+    arriving = steps.emission[:, 1:T] * beta[:, 1:T]  # e_t * beta_t, (G, T-1, S, K)
+    # n_t = (alpha_{t-1} A) . (e_t beta_t); the weight and the mask of every step go into 1 / n_t
+    n = torch.bmm(previous, transmat).view(G, T - 1, S, K).mul_(arriving).sum(-1, keepdim=True)
+    arriving.mul_(torch.where(valid[:, 1:], seq_weights[:, None, :, None] / n, 0.0))
+    transitions = torch.bmm(previous.transpose(1, 2), arriving.view(G, (T - 1) * S, K)).mul_(transmat)
+    return posteriors, start, transitions
+
+
+# ---------------------------------------------------------------------------------------------
+# blocked (two-level) scans
+
+
+def _in_blocks(x: Tensor, L: int) -> Tensor:
+    """Steps 1 .. B L of a working buffer (G, 1 + B L, ...) as (G, B, L, ...) (a view)."""
+    G, T_pad = x.shape[:2]
+    return x[:, 1:].view(G, (T_pad - 1) // L, L, *x.shape[2:])
+
+
+def _block_products(
+    e_blocks: Tensor, matrix: Tensor, valid_blocks: Tensor | None, suffix: bool
+) -> tuple[Tensor, Tensor]:
+    """Running products of the step matrices inside every block, every row normalised by its sum.
+
+    Prefix (filter): ``P_j = P_{j-1} A diag(e_j)``, j = 0 .. L-1. Suffix (smoother), transposed so
+    that it runs the same way: ``Q_j^T = Q_{j+1}^T diag(e_j) A^T``, j = L-1 .. 0 (``matrix`` is then
+    ``A^T``). An invalid step is the identity.
+
+    Shape:
+        e_blocks: (G, B, L, S, K); matrix: (G, K, K); valid_blocks: (G, B, L, S) or None.
+        Returns the products (L, G, B, S, K, K) and the cumulative log row scales (L, G, B, S, K)
+        float64 (cumulated in scan order).
+    """
+    G, B, L, S, K = e_blocks.shape
+    products = e_blocks.new_empty(L, G, B, S, K, K)
+    sums = e_blocks.new_empty(L, G, B, S, K, 1)
+    tiny = torch.finfo(e_blocks.dtype).tiny  # a row that is all zero stays zero (scale log tiny)
+    previous = torch.eye(K, dtype=e_blocks.dtype, device=e_blocks.device).expand(G, B, S, K, K)
+    order = range(L - 1, -1, -1) if suffix else range(L)
+    for j in order:
+        e_j = e_blocks[:, :, j, :, None, :]  # (G, B, S, 1, K)
+        if suffix:
+            step = torch.bmm((previous * e_j).view(G, B * S * K, K), matrix).view(G, B, S, K, K)
+        else:
+            step = torch.bmm(previous.reshape(G, B * S * K, K), matrix).view(G, B, S, K, K).mul_(e_j)
+        torch.sum(step, -1, keepdim=True, out=sums[j]).clamp_min_(tiny)
+        step.div_(sums[j])
+        if valid_blocks is None:
+            products[j] = step
+        else:
+            torch.where(valid_blocks[:, :, j, :, None, None], step, previous, out=products[j])
+        previous = products[j]
+    log_sums = sums.squeeze(-1).log().double()
+    if valid_blocks is not None:
+        log_sums.masked_fill_(~valid_blocks.permute(2, 0, 1, 3)[..., None], 0.0)
+    if suffix:
+        return products, log_sums.flip(0).cumsum(0).flip(0)
+    return products, log_sums.cumsum(0)
+
+
+def _boundary_pass(initial: Tensor, matrices: Tensor, log_scales: Tensor, reverse: bool) -> Tensor:
+    """The vector entering every block, carried across whole blocks in log space (float64).
+
+    ``v_next = log(exp(v + r - max) @ M) + max`` with ``M`` a block's row-normalised product and ``r``
+    its log row scales.
+
+    Shape:
+        initial: (G, S, K) float64; matrices: (G, B, S, K, K); log_scales: (G, B, S, K) float64.
+        Returns (G, B, S, K) float64, entry b the (log) vector multiplied into block b.
+    """
+    G, B, S, K = log_scales.shape
+    entering = torch.empty_like(log_scales)
+    current = initial
+    for b in (range(B - 1, -1, -1) if reverse else range(B)):
+        entering[:, b] = current
+        shifted = current + log_scales[:, b]
+        top = shifted.amax(-1, keepdim=True)
+        weights = (shifted - top).exp_().to(matrices.dtype)
+        current = torch.matmul(weights.unsqueeze(-2), matrices[:, b]).squeeze(-2).log().double().add_(top)
+    return entering
+
+
+def _inside_blocks(entering: Tensor, products: Tensor, log_scales: Tensor, out: Tensor) -> Tensor:
+    """Every vector inside every block at once: ``out = normalise(exp(v + r_j - max) @ M_j)``.
+
+    Shape:
+        entering: (G, B, S, K) float64; products: (L, G, B, S, K, K); log_scales: (L, G, B, S, K)
+        float64; out: (L, G, B, S, K) (a view into a working buffer). Returns the log of the
+        unnormalised totals (L, G, B, S) float64.
+    """
+    shifted = entering.unsqueeze(0) + log_scales
+    top = shifted.amax(-1, keepdim=True)
+    weights = (shifted - top).exp_().to(products.dtype)  # (L, G, B, S, K)
+    torch.sum(weights.unsqueeze(-1) * products, -2, out=out)
+    total = out.sum(-1, keepdim=True)
+    out.div_(total)
+    return total.squeeze(-1).log().double().add_(top.squeeze(-1))
+
+
+def _filter_blocked(steps: _Steps, alpha: Tensor, log_norm0: Tensor, transmat: Tensor) -> Tensor:
+    """The filter by the two-level scan, writing ``alpha`` in place; returns the prefix log-evidences
+    without the emission scales (G, T_pad, S) float64. Steps after a sequence's end are not masked:
+    they only change what comes after ``len - 1``."""
+    e = steps.emission
+    G, T_pad, S, K = e.shape
+    L = _block_length(steps.length)
+    products, log_scales = _block_products(_in_blocks(e, L), transmat, None, suffix=False)
+    initial = alpha[:, 0].log().double().add_(log_norm0.unsqueeze(-1))  # log(pi e_0), (G, S, K)
+    entering = _boundary_pass(initial, products[L - 1], log_scales[L - 1], reverse=False)
+    log_prefix = torch.empty(G, T_pad, S, dtype=torch.float64, device=e.device)
+    log_prefix[:, 0] = log_norm0
+    inside = _in_blocks(alpha, L).permute(2, 0, 1, 3, 4)  # (L, G, B, S, K), time 1 + b L + j
+    _in_blocks(log_prefix, L).permute(2, 0, 1, 3).copy_(_inside_blocks(entering, products, log_scales, inside))
+    return log_prefix
+
+
+def _smooth_blocked(steps: _Steps, transmat: Tensor) -> Tensor:
+    """The smoother by the two-level scan (suffix products; steps after the end are the identity)."""
+    e = steps.emission
+    G, T_pad, S, K = e.shape
+    L = _block_length(steps.length)
+    B = (T_pad - 1) // L
+    products, log_scales = _block_products(
+        _in_blocks(e, L), transmat.transpose(1, 2), _in_blocks(steps.valid, L), suffix=True
+    )
+    initial = torch.zeros(G, S, K, dtype=torch.float64, device=e.device)  # log beta_{B L} = log 1
+    entering = _boundary_pass(initial, products[0], log_scales[0], reverse=True)
+    beta = torch.empty_like(e)
+    beta[:, T_pad - 1] = 1.0
+    inside = beta[:, : T_pad - 1].view(G, B, L, S, K).permute(2, 0, 1, 3, 4)  # time b L + j
+    _inside_blocks(entering, products, log_scales, inside)
+    return beta
+
+
+# ---------------------------------------------------------------------------------------------
+# Viterbi (max-plus semiring, log space; every score renormalised to max 0, offsets summed in float64)
+
+
+def _viterbi_sequential(steps: _Steps, log_startprob: Tensor, log_transmat: Tensor) -> tuple[Tensor, Tensor]:
+    """Best path (G, T, S) (constant after a sequence's end) and its log-probability (G, S) float64."""
+    le = steps.emission
+    G, T, S, K = le.shape
+    stay = torch.arange(K, device=le.device).expand(G, S, K)
+    pointers = torch.empty(G, T, S, K, dtype=torch.int64, device=le.device)
+    offsets = le.new_zeros(G, T, S, 1)
+    score = log_startprob[:, None, :] + le[:, 0]  # (G, S, K)
+    offsets[:, 0] = score.amax(-1, keepdim=True)
+    score = score - offsets[:, 0]
+    for t in range(1, T):
+        best, arg = (score.unsqueeze(-1) + log_transmat.unsqueeze(1)).max(-2)  # over the previous state
+        best.add_(le[:, t])
+        top = best.amax(-1, keepdim=True).clamp_min_(torch.finfo(le.dtype).min)
+        best.sub_(top)
+        valid = steps.valid[:, t, :, None]  # an invalid step is the identity
+        score = torch.where(valid, best, score)
+        torch.where(valid, arg, stay, out=pointers[:, t])
+        torch.where(valid, top, top.new_zeros(()), out=offsets[:, t])
+    path = torch.empty(G, T, S, dtype=torch.int64, device=le.device)
+    path[:, T - 1] = score.argmax(-1)
+    for t in range(T - 1, 0, -1):
+        torch.gather(pointers[:, t], -1, path[:, t].unsqueeze(-1), out=path[:, t - 1].unsqueeze(-1))
+    return path, offsets.squeeze(-1).double().sum(1)
+
+
+def _max_plus_block_products(le_blocks: Tensor, log_transmat: Tensor, valid_blocks: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Max-plus running products ``X_j(i, k) = max_l X_{j-1}(i, l) + log A(l, k) + le_j(k)`` inside
+    every block, with their backpointers (the best ``l``), every row shifted to max 0.
+
+    Shape:
+        le_blocks: (G, B, L, S, K); log_transmat: (G, K, K); valid_blocks: (G, B, L, S).
+        Returns the products (L, G, B, S, K, K), backpointers (L, G, B, S, K, K) int64 and the
+        cumulative row offsets at the end of every block (G, B, S, K) float64.
+    """
+    G, B, L, S, K = le_blocks.shape
+    dtype, device = le_blocks.dtype, le_blocks.device
+    products = le_blocks.new_empty(L, G, B, S, K, K)
+    pointers = torch.empty(L, G, B, S, K, K, dtype=torch.int64, device=device)
+    offsets = le_blocks.new_empty(L, G, B, S, K, 1)
+    stay = torch.arange(K, device=device).expand(G, B, S, K, K)
+    eye = torch.eye(K, dtype=torch.bool, device=device)
+    previous = torch.zeros(K, K, dtype=dtype, device=device).masked_fill_(~eye, -math.inf).expand(G, B, S, K, K)
+    transition = log_transmat[:, None, None, None]  # (G, 1, 1, 1, K, K)
+    for j in range(L):
+        best, arg = (previous.unsqueeze(-1) + transition).max(-2)  # (G, B, S, K, K)
+        best.add_(le_blocks[:, :, j, :, None, :])
+        top = best.amax(-1, keepdim=True).clamp_min_(torch.finfo(dtype).min)
+        best.sub_(top)
+        valid = valid_blocks[:, :, j, :, None, None]
+        torch.where(valid, best, previous, out=products[j])
+        torch.where(valid, arg, stay, out=pointers[j])
+        torch.where(valid, top, top.new_zeros(()), out=offsets[j])
+        previous = products[j]
+    return products, pointers, offsets.squeeze(-1).double().sum(0)
+
+
+def _viterbi_blocked(steps: _Steps, log_startprob: Tensor, log_transmat: Tensor, L: int) -> tuple[Tensor, Tensor]:
+    """Viterbi by the two-level scan: block products, a pass over the boundaries, then the
+    backtracking of the boundaries and inside all blocks at once. Same outputs as
+    :func:`_viterbi_sequential` (on the padded length)."""
+    le = steps.emission
+    G, T_pad, S, K = le.shape
+    B = (T_pad - 1) // L
+    device = le.device
+    products, pointers, row_offsets = _max_plus_block_products(_in_blocks(le, L), log_transmat, _in_blocks(steps.valid, L))
+    score = (log_startprob[:, None, :] + le[:, 0]).double()  # (G, S, K)
+    log_prob = score.amax(-1)
+    score = score - log_prob.unsqueeze(-1)
+    boundary_pointers = torch.empty(G, B, S, K, dtype=torch.int64, device=device)
+    for b in range(B):
+        candidates = (score + row_offsets[:, b]).unsqueeze(-1) + products[L - 1, :, b]  # (G, S, K, K) float64
+        best, boundary_pointers[:, b] = candidates.max(-2)
+        top = best.amax(-1, keepdim=True).clamp_min_(torch.finfo(torch.float64).min)
+        log_prob = log_prob + top.squeeze(-1)
+        score = best - top
+    starts = torch.empty(G, B + 1, S, dtype=torch.int64, device=device)  # the state at time b L
+    starts[:, B] = score.argmax(-1)
+    for b in range(B - 1, -1, -1):
+        starts[:, b] = boundary_pointers[:, b].gather(-1, starts[:, b + 1].unsqueeze(-1)).squeeze(-1)
+    # backpointers of every block restricted to the row of its start state: (L, G, B, S, K)
+    rows = pointers.gather(-2, starts[:, :B, :, None, None].expand(L, G, B, S, 1, K)).squeeze(-2)
+    path = torch.empty(G, T_pad, S, dtype=torch.int64, device=device)
+    path[:, 0] = starts[:, 0]
+    inside = _in_blocks(path, L)  # (G, B, L, S), time 1 + b L + j
+    current = starts[:, 1:]
+    for j in range(L - 1, -1, -1):
+        inside[:, :, j] = current
+        current = rows[j].gather(-1, current.unsqueeze(-1)).squeeze(-1)
+    return path, log_prob
+
+
+def _cdf(log_prob: Tensor) -> Tensor:
+    """Cumulative distribution over the last axis in float64, last entry exactly 1."""
+    cumulative = log_prob.double().exp().cumsum(-1)
+    return cumulative / cumulative[..., -1:]
+
+
+class _LogLikelihood(torch.autograd.Function):
+    """log p(x_s) with the exact gradients of one forward-backward pass (the expected statistics)."""
+
+    @staticmethod
+    def forward(ctx, log_emission, log_startprob, log_transmat, lengths, method):  # type: ignore[override]
+        G, S, T, K = log_emission.shape
+        schedule = _resolve_method(method, G, S, T, K)
+        steps = _prepare(log_emission, lengths, _padded_length(schedule, T))
+        transmat = log_transmat.exp()
+        alpha, log_prefix = _filter(steps, log_startprob.exp(), transmat, schedule)
+        ctx.intermediate = (steps, alpha, transmat, schedule, T)
+        return _log_evidence(log_prefix, steps, log_emission.dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_evidence):  # type: ignore[override]
+        steps, alpha, transmat, schedule, T = ctx.intermediate
+        del ctx.intermediate
+        beta = _smooth(steps, transmat, schedule)
+        posteriors, start, transitions = _statistics(steps, alpha, beta, transmat, grad_evidence)
+        grad_emission = posteriors * grad_evidence[:, :, None, None]
+        return grad_emission, start, transitions, None, None

@@ -254,7 +254,8 @@ def torch_em_model(init: dict, dtype: torch.dtype, device: str, **options):
     K = start.shape[-1]
     common = dict(startprob_init=start, transmat_init=trans, batch_shape=batch_shape, dtype=dtype, device=device, **options)
     if "emissionprob" in init:
-        return torch_em.CategoricalHMM(K, n_features=init["emissionprob"].shape[-1], probs_init=as_t(init["emissionprob"]), **common)
+        return torch_em.CategoricalHMM(K, n_features=init["emissionprob"].shape[-1], emissionprob_init=as_t(init["emissionprob"]),
+                                       **common)
     return torch_em.GaussianHMM(K, covariance_type="diag", reg_covar=1e-6, means_init=as_t(init["means"]),
                                 precisions_init=1.0 / as_t(init["variances"]), **common)
 
@@ -524,7 +525,7 @@ def iterations_check(case: Case, contenders: list[Contender]) -> str:
         if ours:
             same = sum(ours[b] == n for b, n in theirs.items())
             parts.append(f"{key} mean {np.mean([ours[b] for b in theirs]):.1f} on them ({same}/{len(theirs)} identical counts), "
-                         f"{np.mean(list(ours.values())):.1f} over all {len(ours):,}")
+                         f"{np.mean(list(ours.values())):.1f} over all {len(ours):,} (at most {max(ours.values())})")
     return f"{case.name}: " + "; ".join(parts)
 
 

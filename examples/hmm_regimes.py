@@ -69,7 +69,7 @@ def fit_regimes(series: np.ndarray, n_regimes: int, seed: int,
     """A GaussianHMM fitted to one series (T,) (hmmlearn's concatenated format, one sequence) with
     restarts, and its Viterbi regimes (T,) relabelled so that regime 0 has the lowest mean."""
     X = torch.as_tensor(series, dtype=torch.float64)[:, None]  # (T, 1)
-    model = torch_em.GaussianHMM(n_regimes, covariance_type=covariance_type, n_init=10, seed=seed, max_iter=500,
+    model = torch_em.GaussianHMM(n_regimes, covariance_type=covariance_type, n_init=4, seed=seed, max_iter=500,
                                  tol=1e-6, dtype=torch.float64).fit(X)
     states = model.predict(X).numpy()  # (T,)
     rank = np.argsort(np.argsort(model.means.detach().numpy()[:, 0]))  # state -> its rank by mean
@@ -94,10 +94,11 @@ def describe(model: torch_em.GaussianHMM, names: list[str]) -> dict[str, np.ndar
     print(f"  converged: {bool(model.converged_)} after {int(model.n_iter_)} iterations, "
           f"log-likelihood per step {float(model.lower_bound_):.4f}")
     width = max(len(name) for name in names)
+    column = width + 2
     print("  transition matrix (row: from, column: to):")
-    print("    " + " " * width + "".join(f"{name:>10}" for name in names))
+    print("    " + " " * width + "".join(f"{name:>{column}}" for name in names))
     for name, row in zip(names, summary["transmat"]):
-        print(f"    {name:<{width}}" + "".join(f"{p:10.3f}" for p in row))
+        print(f"    {name:<{width}}" + "".join(f"{p:{column}.3f}" for p in row))
     durations = 1.0 / np.maximum(1.0 - np.diag(summary["transmat"]), 1e-12)  # mean length of a stay
     for name, mean, scale, duration in zip(names, summary["means"], summary["scales"], durations):
         print(f"  {name:<{width}}  mean {mean:7.3f}  std {scale:6.3f}  expected duration {duration:5.1f} steps")

@@ -1,5 +1,6 @@
-"""Run the differentiable-EM examples end to end at tiny sizes: they must finish, print their
-results table and return finite, in-range figures (no timing or accuracy targets)."""
+"""Run the examples end to end at tiny sizes: they must finish, print their results table and
+return finite, in-range figures (no timing targets; the differentiable-EM ones have no accuracy
+targets either, the HMM example must recover its well-separated synthetic regimes)."""
 from __future__ import annotations
 
 import importlib
@@ -8,6 +9,7 @@ import math
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 pytest.importorskip("sklearn")
@@ -74,3 +76,23 @@ def test_set_classifier(capsys):
         assert math.isfinite(run["seconds_per_epoch"]) and run["seconds_per_epoch"] > 0
         assert all(math.isfinite(value) for value in run["loss"])
     assert results[("unrolled", 2)]["loss"][-1] < results[("unrolled", 2)]["loss"][0]
+
+
+def test_hmm_regimes(capsys, tmp_path):
+    plot = tmp_path / "regimes.png"
+    results = example("hmm_regimes").main(["--output", str(plot)])
+    out = capsys.readouterr().out
+    assert "decoding accuracy" in out and "transition matrix" in out
+    synthetic = results["synthetic"]
+    # Three regimes 1-3.5 standard deviations apart, 2,000 steps: Viterbi recovers most of them.
+    assert synthetic["accuracy"] >= 0.9, synthetic["accuracy"]
+    np.testing.assert_allclose(synthetic["means"], synthetic["true_means"], atol=0.5)
+    np.testing.assert_allclose(synthetic["transmat"].sum(1), 1.0, atol=1e-9)
+    assert set(np.unique(synthetic["regimes"])) <= {0, 1, 2}
+    if importlib.util.find_spec("statsmodels") is None:
+        assert "statsmodels is not installed" in out
+    else:
+        gdp = results["gdp"]
+        assert gdp["means"][0] < 0 < gdp["means"][1], gdp["means"]  # a contracting and a growing regime
+        assert any("2008" in spell for spell in gdp["spells"]), gdp["spells"]  # the 2008-09 recession
+    assert plot.exists() or importlib.util.find_spec("matplotlib") is None

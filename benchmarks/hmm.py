@@ -41,21 +41,36 @@ Methodology
   criterion). hmmlearn fits ``--subset`` models (default 50, a different block per repetition)
   one after the other and its time is multiplied by 1,000 / subset: a linear extrapolation.
   pomegranate is skipped in (v).
-* Warm-up: every contender runs once before timing; contenders are interleaved within every
-  repetition, in rotating order, so background load hits all of them alike. Python's garbage
-  collector is paused during a timed fit; CUDA is synchronised before and after.
-* Threads: OMP/MKL/OPENBLAS set to 2 before numpy is imported, ``torch.set_num_threads(2)``
-  (torch_em and pomegranate, which is torch-based).
+* Warm-up: every contender runs once before timing ((v): a fit of the first 10 models, hmmlearn
+  one); contenders are interleaved within every repetition, in rotating order, so background load
+  hits all of them alike. Python's garbage collector is paused during a timed fit; CUDA is
+  synchronised before and after. (v) has its own repetition count (``--batched-reps``, default 3).
+* Threads: OMP/MKL/OPENBLAS set to 2 (``--threads``) before numpy is imported,
+  ``torch.set_num_threads(2)`` (torch_em and pomegranate, which is torch-based). hmmlearn's
+  recursions are single-threaded C++. On a machine shared with other work, two torch threads on
+  two busy cores lose more to waiting for each other than they gain: the header records the load.
 * float32 accuracy: one sequence of T=100,000, K=8: ``|LL_f32 - LL_f64| / |LL_f64|`` of ``score``
   for the same parameters held in float32 and in float64.
 """
 from __future__ import annotations
 
 import os
+import sys
 
-THREADS = 2
+
+def threads_argument(argv: list[str], default: int = 2) -> int:
+    """``--threads N`` of the command line, read before numpy is imported (BLAS reads the
+    environment once, at import); the full parser validates it again."""
+    for i, arg in enumerate(argv):
+        value = arg.split("=", 1)[1] if arg.startswith("--threads=") else (argv[i + 1] if arg == "--threads" and i + 1 < len(argv) else None)
+        if value is not None and value.isdigit() and int(value) > 0:
+            return int(value)
+    return default
+
+
+THREADS = threads_argument(sys.argv[1:])
 for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-    os.environ[_var] = str(THREADS)  # before numpy is imported: BLAS reads them once
+    os.environ[_var] = str(THREADS)  # before numpy is imported
 
 import argparse  # noqa: E402
 import copy  # noqa: E402
@@ -63,7 +78,6 @@ import gc  # noqa: E402
 import logging  # noqa: E402
 import math  # noqa: E402
 import statistics  # noqa: E402
-import sys  # noqa: E402
 import time  # noqa: E402
 import warnings  # noqa: E402
 from dataclasses import dataclass, field, replace  # noqa: E402
@@ -77,6 +91,7 @@ import torch  # noqa: E402
 SEED = 0
 TOL_PER_STEP = 1e-4  # (v): convergence threshold on the mean log-likelihood per time step
 MAX_ITER = 200  # (v)
+WARM_UP_MODELS = 10  # (v): the untimed warm-up fits this many of the models
 
 
 # --- cases ----------------------------------------------------------------------------------------
@@ -295,6 +310,7 @@ class Contender:
     run: Callable[[int], float]
     score: Callable[[], float | None] = lambda: None
     note: str = ""
+    warm_up: Callable[[], object] | None = None  # untimed first run; default: run(0)
     samples: list[float] = field(default_factory=list)
     status: str = "ok"
 
@@ -392,12 +408,20 @@ def batched_contenders(problem: Problem, subset: int, device: str) -> list[Conte
     hmmlearn_tol = TOL_PER_STEP * case.S * case.T  # the same criterion on the total log-likelihood
     iterations: dict[str, dict[int, int]] = {"hmmlearn": {}, "torch_em f64": {}, "torch_em f32": {}}
 
-    def hmmlearn_run(rep: int) -> float:
-        block = [(rep * subset + i) % B for i in range(subset)]
+    def hmmlearn_fits(block: list[int]) -> list:
+        """hmmlearn models of ``block`` with their data, ready to fit."""
         models = []
         for b in block:
             X, init = problem.model(b)
             models.append((b, *hmmlearn_model(X, init, MAX_ITER, tol=hmmlearn_tol)))
+        return models
+
+    def hmmlearn_warm_up() -> None:
+        for _, model, (data, lengths) in hmmlearn_fits([0]):
+            model.fit(data, lengths)
+
+    def hmmlearn_run(rep: int) -> float:
+        models = hmmlearn_fits([(rep * subset + i) % B for i in range(subset)])
 
         def fit():
             for _, model, (data, lengths) in models:
@@ -420,10 +444,15 @@ def batched_contenders(problem: Problem, subset: int, device: str) -> list[Conte
                 seconds = timed(fit, device)
             iterations[key] = dict(enumerate(last["model"].n_iter_.reshape(-1).tolist()))
             return seconds
-        return Contender(key, run, note=f"all {B:,} in one call, {device}")
+        def warm_up() -> None:  # the code paths of a batched fit, on a few of the models
+            few = {name: value[:WARM_UP_MODELS] for name, value in problem.init.items()}
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                torch_em_model(few, dtype, device, max_iter=MAX_ITER, tol=TOL_PER_STEP).fit(data[:WARM_UP_MODELS])
+        return Contender(key, run, note=f"all {B:,} in one call, {device}", warm_up=warm_up)
 
     contenders = [
-        guarded("hmmlearn", lambda: Contender("hmmlearn", hmmlearn_run,
+        guarded("hmmlearn", lambda: Contender("hmmlearn", hmmlearn_run, warm_up=hmmlearn_warm_up,
                                               note=f"one by one, {subset} timed, x{B / subset:g} extrapolated")),
         guarded("torch_em f64", lambda: torch_em_contender(torch.float64)),
         guarded("torch_em f32", lambda: torch_em_contender(torch.float32)),
@@ -443,6 +472,10 @@ def measure(contenders: list[Contender], reps: int, log: Callable[[str], None], 
             if contender.status != "ok":
                 continue
             try:
+                if rep < 0 and contender.warm_up is not None:
+                    contender.warm_up()
+                    log(f"  {label} warm-up {contender.key}: done")
+                    continue
                 value = contender.run(max(rep, 0))
             except Exception as error:  # a failing peer is reported, the run goes on
                 contender.status = f"failed ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})"[:300]
@@ -533,7 +566,7 @@ def report(results: list[tuple[Case, list[Contender], str]], accuracy: dict | No
     lines = [f"# torch_em HMM benchmarks{' (--quick: sizes shrunk, targets not assessed)' if args.quick else ''}", "",
              f"{datetime.now():%Y-%m-%d %H:%M}, torch_em on `{args.device}`, peers on the CPU; "
              f"torch.set_num_threads({torch.get_num_threads()}), OMP/MKL/OPENBLAS_NUM_THREADS={THREADS}; {versions()}; "
-             f"median of {args.reps} repetitions after a warm-up; 1-minute load average {load[0]:.2f} at start, "
+             f"median of {args.reps} repetitions ((v): {args.batched_reps}) after a warm-up; 1-minute load average {load[0]:.2f} at start, "
              f"{load[1]:.2f} at end (well above 0: other work shared the machine, numbers indicative).", "",
              "Time per Baum-Welch iteration in ms (a fit of exactly "
              f"{args.iters} iterations from fixed initial parameters, divided by {args.iters}); (v): seconds to fit "
@@ -553,7 +586,7 @@ def report(results: list[tuple[Case, list[Contender], str]], accuracy: dict | No
         checks.append(check)
     batched_case = next((case for case, _, _ in results if case.B), None)
     if batched_case:
-        lines += ["", f"(v): hmmlearn fits {args.subset} of the {batched_case.B:,} models one by one per repetition (a "
+        lines += ["", f"(v): the warm-up fits {WARM_UP_MODELS} of the models (hmmlearn: 1); hmmlearn fits {args.subset} of the {batched_case.B:,} models one by one per repetition (a "
                       f"different block each time), its time x{batched_case.B / args.subset:g} (linear extrapolation); "
                       f"torch_em fits all {batched_case.B:,} as one `batch_shape=({batched_case.B},)` model with data "
                       f"({batched_case.B}, {batched_case.S}, {batched_case.T}, {batched_case.D}). Convergence: torch_em "
@@ -580,6 +613,8 @@ def parse_args(argv=None):
     parser.add_argument("--reps", type=int, default=None, help="repetitions per contender (default 5, --quick 1)")
     parser.add_argument("--iters", type=int, default=None, help="Baum-Welch iterations per timed fit (default 5, --quick 2)")
     parser.add_argument("--subset", type=int, default=None, help="(v): models hmmlearn fits per repetition (default 50, --quick 5)")
+    parser.add_argument("--batched-reps", type=int, default=None, help="(v): repetitions (default 3, --quick 1)")
+    parser.add_argument("--threads", type=int, default=2, help="torch and BLAS threads (default 2)")
     parser.add_argument("--cases", nargs="+", default=None, help="which cases, e.g. i iv (default all)")
     parser.add_argument("--peers", nargs="*", default=["pomegranate"], choices=["pomegranate"],
                         help="peers besides hmmlearn (pass --peers with nothing to skip pomegranate)")
@@ -593,6 +628,9 @@ def parse_args(argv=None):
     args.reps = max(1, args.reps or (1 if args.quick else 5))
     args.iters = max(1, args.iters or (2 if args.quick else 5))
     args.subset = max(1, args.subset or (5 if args.quick else 50))
+    args.batched_reps = max(1, args.batched_reps or (1 if args.quick else 3))
+    if args.threads < 1:
+        parser.error(f"--threads must be >= 1, got {args.threads}")
     return args
 
 
@@ -611,7 +649,7 @@ def main(argv=None) -> int:
         if case.B:
             args.subset = min(args.subset, case.B)
             contenders = batched_contenders(problem, args.subset, args.device)
-            measure(contenders, args.reps, log, case.name)
+            measure(contenders, args.batched_reps, log, case.name)
             check = iterations_check(case, contenders)
         else:
             contenders = per_iteration_contenders(problem, args.iters, args.device, args.peers)

@@ -522,7 +522,9 @@ def cell(contender: Contender | None, batched: bool) -> str:
         return "skipped"
     if not contender.ok:
         return contender.status
-    return f"{contender.median:.3g} s" if batched else f"{contender.median * 1e3:.3g}"
+    if batched:
+        return f"{contender.median:.3g} s" + (f" [{min(contender.samples):.3g}]" if len(contender.samples) > 1 else "")
+    return f"{contender.median * 1e3:.3g} [{min(contender.samples) * 1e3:.3g}]"
 
 
 def speedups(by_key: dict[str, Contender]) -> tuple[str, float | None]:
@@ -564,13 +566,15 @@ def iterations_check(case: Case, contenders: list[Contender]) -> str:
 
 def report(results: list[tuple[Case, list[Contender], str]], accuracy: dict | None, args, load: tuple) -> str:
     lines = [f"# torch_em HMM benchmarks{' (--quick: sizes shrunk, targets not assessed)' if args.quick else ''}", "",
+             f"`python benchmarks/hmm.py {' '.join(sys.argv[1:])}`".replace(" `", "`"), "",
              f"{datetime.now():%Y-%m-%d %H:%M}, torch_em on `{args.device}`, peers on the CPU; "
              f"torch.set_num_threads({torch.get_num_threads()}), OMP/MKL/OPENBLAS_NUM_THREADS={THREADS}; {versions()}; "
              f"median of {args.reps} repetitions ((v): {args.batched_reps}) after a warm-up; 1-minute load average {load[0]:.2f} at start, "
-             f"{load[1]:.2f} at end (well above 0: other work shared the machine, numbers indicative).", "",
+             f"{load[1]:.2f} at end" + (" (above 1 on 2 cores: other work shared the machine, numbers indicative)." if max(load) > 1 else "."),
+             "",
              "Time per Baum-Welch iteration in ms (a fit of exactly "
-             f"{args.iters} iterations from fixed initial parameters, divided by {args.iters}); (v): seconds to fit "
-             "all models to convergence.", "",
+             f"{args.iters} iterations from fixed initial parameters, divided by {args.iters}): median [fastest "
+             "repetition]; (v): seconds to fit all models to convergence. Speed-ups are ratios of medians.", "",
              "| case | data | hmmlearn ms/iter | pomegranate ms/iter | torch_em f64 ms/iter | torch_em f32 ms/iter | "
              "speed-up vs hmmlearn (f64 / f32) | target (f64) | met |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ARCHITECTURE = Path(__file__).resolve().parents[1] / "docs" / "architecture.md"
@@ -66,3 +67,16 @@ def torch_finite(tensor) -> bool:
     import torch
 
     return bool(torch.isfinite(tensor).all())
+
+
+def test_the_readme_hmm_block_runs():
+    readme = Path(__file__).resolve().parents[1] / "README.md"
+    block = re.search(r"## Hidden Markov models\n.*?```python\n(.*?)```", readme.read_text(), flags=re.S).group(1)
+    namespace: dict = {}
+    exec(compile(block, "README.md (hidden Markov models)", "exec"), namespace)
+    hmm, states = namespace["hmm"], namespace["states"]
+    path, lengths = namespace["path"].numpy(), namespace["lengths"]
+    valid = np.arange(200) < lengths[:, None]
+    agreement = (path[valid] == states[valid]).mean()
+    assert max(agreement, 1 - agreement) > 0.95  # the regimes are decoded (up to the states' order)
+    assert hmm.means.grad is not None and bool(namespace["many"].converged_.all())

@@ -347,10 +347,9 @@ class HMM(LatentModel):
         for concatenated X; NaN for models in ``failed_``."""
         sequences, log_emission = self._evaluated(X, lengths, mask)
         log_start, log_trans = self._chain()
-        self._finite(log_likelihood(log_emission, log_start, log_trans, sequences.lengths).reshape(
-            *self.batch_shape, -1), "predict_proba")
-        posteriors = forward_backward(log_emission, log_start, log_trans, sequences.lengths).posteriors
-        posteriors = posteriors.reshape(*self.batch_shape, *posteriors.shape[1:])
+        result = forward_backward(log_emission, log_start, log_trans, sequences.lengths)
+        self._finite(result.log_evidence.reshape(*self.batch_shape, -1), "predict_proba")
+        posteriors = result.posteriors.reshape(*self.batch_shape, *posteriors.shape[1:])
         return self._without_failed(sequences.per_step(posteriors, n_trailing=1), math.nan)
 
     @torch.no_grad()

@@ -349,7 +349,7 @@ class HMM(LatentModel):
         log_start, log_trans = self._chain()
         result = forward_backward(log_emission, log_start, log_trans, sequences.lengths)
         self._finite(result.log_evidence.reshape(*self.batch_shape, -1), "predict_proba")
-        posteriors = result.posteriors.reshape(*self.batch_shape, *posteriors.shape[1:])
+        posteriors = result.posteriors.reshape(*self.batch_shape, *result.posteriors.shape[1:])
         return self._without_failed(sequences.per_step(posteriors, n_trailing=1), math.nan)
 
     @torch.no_grad()

@@ -127,6 +127,11 @@ class HMM(LatentModel):
         self.mix_weights_init = mix_weights_init
         self._create_initial_parameters()
 
+    def _config(self) -> dict[str, Any]:
+        return {"n_states": self.n_states, "family": self.family, "startprob_init": self.startprob_init,
+                "transmat_init": self.transmat_init, "n_mix": self.n_mix, "mix_weights_init": self.mix_weights_init,
+                **super()._config()}
+
     # --- basic properties -----------------------------------------------------------------
     @property
     def startprob(self) -> torch.Tensor:

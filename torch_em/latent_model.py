@@ -34,6 +34,7 @@ from .initialization import METHODS, initial_parameters
 from .latent import LatentStructure
 from .layout import Layout
 from .own_reference import traced_direct_log_prob
+from .serialization import Saveable
 from .streaming import StepSchedule
 
 #: Buffers of online EM's running state every model has (the latent structure adds
@@ -45,7 +46,7 @@ ON_ERROR = ("raise", "isolate")
 QUOTED_FAILURES = 3
 
 
-class LatentModel(CheckedLoad, FollowsDataDtype):
+class LatentModel(Saveable, CheckedLoad, FollowsDataDtype):
     """A batch of models with hidden states of ``latent`` and emissions of ``n_components``
     components of ``family``; the options are :class:`torch_em.Mixture`'s.
 
@@ -161,6 +162,18 @@ class LatentModel(CheckedLoad, FollowsDataDtype):
         theta.update({name: latent[working] for name, working in self._latent_names.items()})
         theta.update(self._user_initial_parameters(self.n_features))
         self._assign(theta, create=True)
+
+    def _config(self) -> dict[str, Any]:
+        """The constructor's keyword arguments every model shares (without ``device`` and
+        ``dtype``), as :mod:`torch_em.serialization` saves them; subclasses add their own."""
+        return {
+            "n_features": self.n_features, "batch_shape": tuple(self.batch_shape), "tol": self.tol,
+            "max_iter": self.max_iter, "n_init": self.n_init, "init_params": self.init_params, "seed": self.seed,
+            "chunk_size": self.chunk_size, "learning_decay": self.schedule.learning_decay,
+            "learning_offset": self.schedule.learning_offset, "step_size": self.schedule.step_size,
+            "averaging_start": self.averaging_start, "prior_count": self.prior_count,
+            "em_parameters": self.em_parameters, "warm_start": self.warm_start, "on_error": self.on_error,
+        }
 
     # --- basic properties -----------------------------------------------------------------
     @property

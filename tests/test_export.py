@@ -158,3 +158,28 @@ def test_tracing_leaves_the_eager_caches_real():
     rows, cols = gaussian._triu_indices(3, X.device)
     assert type(rows) is torch.Tensor and rows.tolist() == [0, 0, 0, 1, 1, 2] and cols.tolist() == [0, 1, 2, 1, 2, 2]
     assert torch.isfinite(model.log_prob(X)).all()
+
+
+class SequenceEvaluation(torch.nn.Module):
+    """The log-likelihood of every sequence under an HMM, without a graph."""
+
+    def __init__(self, model: torch_em.HMM) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, X: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.model.log_prob(X)
+
+
+def test_hmm_log_prob_exports_for_sequences_of_the_shape_it_was_exported_with():
+    """The forward recursion picks its schedule from the sizes, so (S, T) are fixed at export."""
+    g = np.random.default_rng(0)
+    states = (np.arange(40) // 10) % 2
+    X = torch.as_tensor(g.normal(size=(8, 40, 2)) + 4.0 * states[None, :, None], dtype=torch.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch_em.ConvergenceWarning)
+        model = torch_em.GaussianHMM(2, "full", batch_shape=(2,), seed=0, dtype=torch.float32).fit(X)
+    program = torch.export.export(SequenceEvaluation(model), (X[:3],))
+    other = X[5:] + 0.5
+    torch.testing.assert_close(program.module()(other), model.log_prob(other).detach(), rtol=1e-6, atol=1e-6)

@@ -137,8 +137,9 @@ def assert_same_model(loaded, model, X, *evaluation_args):
             assert_same_tensor(mine, theirs, name)
         else:
             assert mine == theirs, name
-    assert loaded.dtype == model.dtype if hasattr(model, "dtype") else True
-    X = torch.as_tensor(X, dtype=loaded.cluster_centers_.dtype if isinstance(model, torch_em.KMeans) else loaded.dtype)
+    dtype = model.cluster_centers_.dtype if isinstance(model, torch_em.KMeans) else model.dtype
+    assert getattr(loaded, loaded._dtype_buffer).dtype == dtype
+    X = torch.as_tensor(X, dtype=dtype)
     methods = ("predict", "transform", "score") if isinstance(model, torch_em.KMeans) else (
         "log_prob", "predict", "predict_proba", "score_samples")
     for method in methods:
@@ -238,11 +239,11 @@ def test_mid_stream_hmm_and_kmeans_resume_exactly():
     hmm.partial_fit(X[:4])
     kmeans.partial_fit(data[:80])
     hmm_loaded, kmeans_loaded = round_trip(hmm), round_trip(kmeans)
-    for model, copy_ in ((hmm, hmm_loaded), ):
+    assert int(hmm_loaded.stream_steps) == 1 and int(kmeans_loaded.stream_steps) == 1
+    for model in (hmm, hmm_loaded):
         model.partial_fit(X[4:8])
-        copy_.partial_fit(X[4:8])
-    kmeans.partial_fit(data[80:160])
-    kmeans_loaded.partial_fit(data[80:160])
+    for model in (kmeans, kmeans_loaded):
+        model.partial_fit(data[80:160])
     assert_same_model(hmm_loaded, hmm, X)
     assert_same_model(kmeans_loaded, kmeans, data)
 

@@ -20,6 +20,7 @@ import torch
 
 from . import em
 from ._precision import without_autocast
+from ._tracing import is_traced
 from . import distributed
 from ._validation import (
     as_float_tensor, check_family, check_finite, check_int, check_sample_weight, check_shape, data_dtype,
@@ -126,6 +127,11 @@ class HMM(LatentModel):
         self.transmat_init = transmat_init
         self.mix_weights_init = mix_weights_init
         self._create_initial_parameters()
+
+    def _config(self) -> dict[str, Any]:
+        return {"n_states": self.n_states, "family": self.family, "startprob_init": self.startprob_init,
+                "transmat_init": self.transmat_init, "n_mix": self.n_mix, "mix_weights_init": self.mix_weights_init,
+                **super()._config()}
 
     # --- basic properties -----------------------------------------------------------------
     @property
@@ -270,6 +276,8 @@ class HMM(LatentModel):
         X = as_float_tensor(X, "X", device=self.device, dtype=dtype, allow_bool=self.family.accepts_bool)
         sequences = as_sequences(X, lengths, mask, name="X", n_features=n_features or self.n_features,
                                  batch_shape=tuple(self.batch_shape), codes=self._takes_codes())
+        if is_traced(X):  # no values to check (see torch_em._tracing.is_traced)
+            return sequences
         if sequences.n_points < min_points:
             raise ValueError(f"X must have at least {min_points} time step(s) in all (one per component), "
                              f"got {sequences.n_points}")

@@ -17,6 +17,7 @@ from ._random import RestartStreams, resolve_seed, restart_groups
 from ._state import CheckedLoad, check_state, own_entries
 from .em import cat_restarts
 from .layout import Layout
+from .serialization import Saveable
 from .statistics import Statistics
 from .streaming import StepSchedule
 from . import initialization
@@ -69,7 +70,7 @@ def _check_weighted_magnitude(X: torch.Tensor, total_weight: float) -> None:
         )
 
 
-class KMeans(CheckedLoad, FollowsDataDtype):
+class KMeans(Saveable, CheckedLoad, FollowsDataDtype):
     """A batch of k-means clusterings fitted by Lloyd's algorithm with batched tensor ops.
 
     Args:
@@ -165,6 +166,14 @@ class KMeans(CheckedLoad, FollowsDataDtype):
     @property
     def n_models(self) -> int:
         return math.prod(self.batch_shape)
+
+    def _config(self) -> dict[str, Any]:
+        """The constructor's keyword arguments (without ``device`` and ``dtype``), as
+        :mod:`torch_em.serialization` saves them."""
+        return {"n_clusters": self.n_clusters, "init": self.init, "n_init": self.n_init, "max_iter": self.max_iter,
+                "tol": self.tol, "batch_shape": tuple(self.batch_shape), "seed": self.seed,
+                "chunk_size": self.chunk_size, "learning_decay": self.schedule.learning_decay,
+                "learning_offset": self.schedule.learning_offset, "step_size": self.schedule.step_size}
 
     @property
     def n_features(self) -> int | None:

@@ -131,6 +131,10 @@ class Mixture(LatentModel):
         self.weights_init = weights_init
         self._create_initial_parameters()
 
+    def _config(self) -> dict[str, Any]:
+        return {"family": self.family, "n_components": self.n_components, "weights_init": self.weights_init,
+                **super()._config()}
+
     # --- basic properties -----------------------------------------------------------------
     @property
     def weights(self) -> torch.Tensor:

@@ -340,3 +340,15 @@ def test_cuda_fit_equals_cpu_fit():
     batched = quiet(torch_em.GaussianHMM(3, "diag", batch_shape=(50,), device="cuda", seed=0).fit,
                     np.broadcast_to(X, (50, *X.shape)).astype(np.float32), lengths)
     assert batched.transmat.shape == (50, 3, 3) and bool(torch.isfinite(batched.lower_bound_).all())
+
+
+def test_gmm_hmm_initial_values_are_per_state_and_component():
+    means = np.arange(2 * 3 * 2, dtype=float).reshape(2, 3, 2)
+    model = torch_em.GMMHMM(2, 3, "diag", means_init=means)
+    assert tuple(model.means_init.shape) == (2, 3, 2)
+    np.testing.assert_array_equal(np.asarray(model.means_init), means)
+    model.means_init = means + 1  # set per state and component as well
+    model.precisions_init = np.ones((2, 3, 2))
+    X, _ = regime_sequences(4, 20, seed=17)
+    quiet(model.fit, X)
+    assert tuple(model.means.shape) == (2, 3, 2) and tuple(model.precisions_init.shape) == (2, 3, 2)

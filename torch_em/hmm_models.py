@@ -74,10 +74,31 @@ class GMMHMM(GaussianViews, HMM):
     def _config(self) -> dict[str, Any]:
         config = _hmm_options(super()._config(), self.n_states)
         config["weights_init"] = config.pop("mix_weights_init")
-        per_component = {"full": 2, "diag": 1, "spherical": 0}[self.covariance_type]
         return {**config, **self._gaussian_config(),
-                "means_init": self._per_state_initial(self.means_init, 1),
-                "precisions_init": self._per_state_initial(self.precisions_init, per_component)}
+                "means_init": self.means_init, "precisions_init": self.precisions_init}
+
+    # The family holds initial values per component (..., K * n_mix, *event); users see and set
+    # them per state and component (..., K, n_mix, *event).
+    @property
+    def means_init(self) -> Any:
+        return self._per_state_initial(self.family.means_init, 1)
+
+    @means_init.setter
+    def means_init(self, value: Any) -> None:
+        self.family.means_init = _components_flattened(value, "means_init", 1)
+
+    @property
+    def precisions_init(self) -> Any:
+        return self._per_state_initial(self.family.precisions_init, self._n_covariance_axes)
+
+    @precisions_init.setter
+    def precisions_init(self, value: Any) -> None:
+        self.family.precisions_init = _components_flattened(value, "precisions_init", self._n_covariance_axes)
+
+    @property
+    def _n_covariance_axes(self) -> int:
+        """Event axes of one component's covariance (full 2, diag 1, spherical 0)."""
+        return {"full": 2, "diag": 1, "spherical": 0}[self.covariance_type]
 
     def _per_state_initial(self, value: Any, n_event: int) -> Any:
         """A family's initial array (..., K * n_mix, *event) as the user's (..., K, n_mix, *event)."""
@@ -94,11 +115,11 @@ class GMMHMM(GaussianViews, HMM):
 
     @property
     def covariances(self) -> torch.Tensor:
-        return self._per_state(super().covariances, {"full": 2, "diag": 1, "spherical": 0}[self.covariance_type])
+        return self._per_state(super().covariances, self._n_covariance_axes)
 
     @property
     def precisions(self) -> torch.Tensor:
-        return self._per_state(super().precisions, {"full": 2, "diag": 1, "spherical": 0}[self.covariance_type])
+        return self._per_state(super().precisions, self._n_covariance_axes)
 
     def _per_state(self, values: torch.Tensor, n_event: int) -> torch.Tensor:
         """(*b, K * n_mix, *event) -> (*b, K, n_mix, *event) with ``n_event`` event axes."""

@@ -163,24 +163,30 @@ class HMM(LatentModel):
     @without_autocast
     @torch.no_grad()
     def fit(self, X: Any, lengths: Any = None, sample_weight: Any = None, *, mask: Any = None,
-            verbose: bool = False) -> "HMM":
+            verbose: bool = False, process_group: Any = None) -> "HMM":
         """Baum-Welch for every model of the batch (restarts as an extra batch dimension), or,
         with ``warm_start`` and existing parameters, EM continued from them.
 
         ``X``, ``lengths``/``mask`` and ``sample_weight`` (per sequence) as in the class doc.
-        Raises ValueError before changing anything for malformed input.
+        Raises ValueError before changing anything for malformed input. ``process_group``: the
+        torch.distributed group whose ranks hold the other sequences (None: the default group
+        when one is initialised; False: this rank's sequences alone).
         """
-        return self._fit(self._fit_data(X, lengths, mask, sample_weight), verbose, self.max_iter)
+        with distributed.using(process_group, f"{type(self).__name__}.fit"):
+            return self._fit(self._fit_data(X, lengths, mask, sample_weight), verbose, self.max_iter)
 
     @without_autocast
     @torch.no_grad()
-    def initialize(self, X: Any, lengths: Any = None, sample_weight: Any = None, *, mask: Any = None) -> "HMM":
+    def initialize(self, X: Any, lengths: Any = None, sample_weight: Any = None, *, mask: Any = None,
+                   process_group: Any = None) -> "HMM":
         """The initial parameters of :meth:`fit` without EM (``n_iter_`` 0, ``lower_bound_`` -inf)."""
-        return self._initialize(self._fit_data(X, lengths, mask, sample_weight))
+        with distributed.using(process_group, f"{type(self).__name__}.initialize"):
+            return self._initialize(self._fit_data(X, lengths, mask, sample_weight))
 
     @without_autocast
     @torch.no_grad()
-    def partial_fit(self, X: Any, lengths: Any = None, sample_weight: Any = None, *, mask: Any = None) -> "HMM":
+    def partial_fit(self, X: Any, lengths: Any = None, sample_weight: Any = None, *, mask: Any = None,
+                    process_group: Any = None) -> "HMM":
         """One stepwise (online) EM update from a batch of sequences: the running statistics
         (emission sums, expected start and transition counts, per time step) move towards the
         batch's by ``rho_t``, and the parameters are their M-step (see
@@ -193,7 +199,8 @@ class HMM(LatentModel):
             return SequenceData(self.family, sequences.rows, sequences.lengths, sequences.n_steps, reference,
                                 self._hmm_chunk_size(sequences.rows.shape[-1]), weights=weights)
 
-        return self._partial_fit(sequences.rows, data)
+        with distributed.using(process_group, f"{type(self).__name__}.partial_fit"):
+            return self._partial_fit(sequences.rows, data)
 
     def _fit_data(self, X: Any, lengths: Any, mask: Any, sample_weight: Any) -> SequenceData | em.StreamData:
         """The engine's data of ``fit``'s arguments: sequences in memory, or a batch source

@@ -15,7 +15,7 @@ from typing import Any, Sequence
 
 import torch
 
-from . import em
+from . import distributed, em
 from ._precision import without_autocast
 from ._validation import as_float_tensor, check_family, check_finite, check_int, check_sample_weight, check_shape
 from .families.base import ComponentFamily, Theta
@@ -148,7 +148,8 @@ class Mixture(LatentModel):
     # --- fitting ----------------------------------------------------------------------------
     @without_autocast
     @torch.no_grad()
-    def fit(self, X: Any, y: Any = None, sample_weight: Any = None, verbose: bool = False) -> "Mixture":
+    def fit(self, X: Any, y: Any = None, sample_weight: Any = None, verbose: bool = False, *,
+            process_group: Any = None) -> "Mixture":
         """Fit every model of the batch by EM (restarts as an extra batch dimension), or, with
         ``warm_start`` and existing parameters, continue EM from them (no initialisation, one
         start per model, convergence judged against the previous fit's lower bound).
@@ -166,16 +167,21 @@ class Mixture(LatentModel):
         Raises ValueError before changing anything when X or the initial parameters are invalid,
         and IllConditionedError (also before any change) for a failing model when ``on_error`` is
         ``"raise"``; see ``on_error`` for the isolation of failing models.
+        ``process_group``: the torch.distributed group whose ranks hold the rest of the data
+        (None: the default group when one is initialised; False: this rank's data alone).
         """
-        return self._fit(self._data(X, sample_weight), verbose, self.max_iter)
+        with distributed.using(process_group, f"{type(self).__name__}.fit"):
+            return self._fit(self._data(X, sample_weight), verbose, self.max_iter)
 
     @without_autocast
     @torch.no_grad()
-    def initialize(self, X: Any, y: Any = None, sample_weight: Any = None) -> "Mixture":
+    def initialize(self, X: Any, y: Any = None, sample_weight: Any = None, *, process_group: Any = None) -> "Mixture":
         """The initial parameters of :meth:`fit` (``init_params``, the user's initial values and
         the first M-step), without EM: ``n_iter_`` 0, ``lower_bound_`` -inf, not converged
-        (what scikit-learn's ``max_iter=0`` returns). Every restart is drawn; restart 0 is kept."""
-        return self._initialize(self._data(X, sample_weight))
+        (what scikit-learn's ``max_iter=0`` returns). Every restart is drawn; restart 0 is kept.
+        ``process_group`` as for :meth:`fit`."""
+        with distributed.using(process_group, f"{type(self).__name__}.initialize"):
+            return self._initialize(self._data(X, sample_weight))
 
     def _data(self, X: Any, sample_weight: Any) -> em.Data | em.StreamData:
         """The engine's data of ``fit``'s arguments: a tensor or a batch source."""
@@ -185,7 +191,7 @@ class Mixture(LatentModel):
 
     @without_autocast
     @torch.no_grad()
-    def partial_fit(self, X: Any, y: Any = None, sample_weight: Any = None) -> "Mixture":
+    def partial_fit(self, X: Any, y: Any = None, sample_weight: Any = None, *, process_group: Any = None) -> "Mixture":
         """One stepwise (online) EM update from a batch ``(n, D)`` or ``(*batch_shape, n, D)``
         (``y`` is ignored; ``sample_weight`` as for :meth:`fit`, ``(n,)`` or ``(*batch_shape, n)``).
 
@@ -200,12 +206,15 @@ class Mixture(LatentModel):
         M-step of the running statistics. A rejected batch raises before anything changes.
         With ``on_error="isolate"`` a model whose update fails skips it (its parameters and
         running statistics stay as they were, zero statistics on a first call) and is marked in
-        ``failed_``, as for :meth:`fit`.
+        ``failed_``, as for :meth:`fit`. ``process_group`` as for :meth:`fit` (every rank passes
+        its part of the batch).
         """
         started = self.stream_steps is not None
         X = self._layout.data(self._validated_input(X, "X", min_samples=1 if started else self.n_components))
         weights = self._observations().weights(sample_weight, X)
-        return self._partial_fit(X, lambda reference, chunk: em.Data(self.family, X, reference, chunk, weights=weights))
+        with distributed.using(process_group, f"{type(self).__name__}.partial_fit"):
+            return self._partial_fit(X, lambda reference, chunk: em.Data(self.family, X, reference, chunk,
+                                                                       weights=weights))
 
     def _observations(self) -> Observations:
         """How this module's data become the engine's: validation in its dtype and layout."""

@@ -100,11 +100,12 @@ def forward_backward(
         schedule = _resolve_method(method, G, S, T, K)
         steps = _prepare(log_emission, lengths, _padded_length(schedule, T))
         transmat = log_transmat.exp()
-        alpha, log_prefix = _filter(steps, log_startprob.exp(), transmat, schedule)
-        beta = _smooth(steps, transmat, schedule)
+        blocks = _blocks(steps, transmat, schedule)
+        alpha, log_evidence = _filter(steps, log_startprob.exp(), transmat, blocks)
+        beta = _smooth(steps, transmat, blocks)
         seq_weights = _per_sequence(weights, G, S, log_emission)
         posteriors, start, transitions = _statistics(steps, alpha, beta, transmat, seq_weights)
-        return ForwardBackward(posteriors, start, transitions, _log_evidence(log_prefix, steps, log_emission.dtype))
+        return ForwardBackward(posteriors, start, transitions, log_evidence.to(log_emission.dtype))
 
 
 def log_likelihood(
@@ -130,8 +131,9 @@ def log_likelihood(
     G, S, T, K = log_emission.shape
     schedule = _resolve_method(method, G, S, T, K)
     steps = _prepare(log_emission, lengths, _padded_length(schedule, T))
-    _, log_prefix = _filter(steps, log_startprob.exp(), log_transmat.exp(), schedule)
-    return _log_evidence(log_prefix, steps, log_emission.dtype)
+    transmat = log_transmat.exp()
+    _, log_evidence = _filter(steps, log_startprob.exp(), transmat, _blocks(steps, transmat, schedule))
+    return log_evidence.to(log_emission.dtype)
 
 
 def viterbi(
@@ -249,6 +251,7 @@ class _Steps(NamedTuple):
         valid: (G, T_pad, S) bool: ``t < len``.
         last: (G, S) int64: ``len - 1``.
         length: T, the unpadded number of steps.
+        masked: whether any step is invalid (lengths given, or padding beyond T).
     """
 
     emission: Tensor
@@ -256,6 +259,7 @@ class _Steps(NamedTuple):
     valid: Tensor
     last: Tensor
     length: int
+    masked: bool
 
 
 def _prepare(log_emission: Tensor, lengths: Tensor | None, padded_length: int, log_space: bool = False) -> _Steps:
@@ -268,14 +272,15 @@ def _prepare(log_emission: Tensor, lengths: Tensor | None, padded_length: int, l
         last = (lengths.to(device=device, dtype=torch.int64) - 1).expand(G, S)
     time = torch.arange(padded_length, device=device)
     valid = time[None, :, None] <= last[:, None, :]  # (G, T_pad, S)
+    masked = lengths is not None or padded_length > T
     emission = torch.zeros(G, padded_length, S, K, dtype=log_emission.dtype, device=device)
     torch.where(valid[:, :T, :, None], log_emission.transpose(1, 2), emission.new_zeros(()), out=emission[:, :T])
     if log_space:
-        return _Steps(emission, torch.zeros(G, padded_length, S, dtype=torch.float64, device=device), valid, last, T)
+        return _Steps(emission, torch.zeros(G, padded_length, S, dtype=torch.float64, device=device), valid, last, T, masked)
     log_scale = emission.amax(-1, keepdim=True)  # (G, T_pad, S, 1); 0 at padded steps
     log_scale = torch.where(torch.isfinite(log_scale), log_scale, 0.0)  # an impossible step: e = 0, evidence -inf
     emission.sub_(log_scale).exp_()
-    return _Steps(emission, log_scale.squeeze(-1).double(), valid, last, T)
+    return _Steps(emission, log_scale.squeeze(-1).double(), valid, last, T, masked)
 
 
 def _per_sequence(weights: Tensor | None, G: int, S: int, like: Tensor) -> Tensor:
@@ -285,14 +290,14 @@ def _per_sequence(weights: Tensor | None, G: int, S: int, like: Tensor) -> Tenso
     return weights.to(dtype=like.dtype, device=like.device).expand(G, S)
 
 
-def _log_evidence(log_prefix: Tensor, steps: _Steps, dtype: torch.dtype) -> Tensor:
-    """``log p(x_{0:len-1})`` of every sequence from the prefix log-evidences (G, T_pad, S) -> (G, S)."""
-    return log_prefix.gather(1, steps.last.unsqueeze(1)).squeeze(1).to(dtype)
+def _row_sums(x: Tensor) -> Tensor:
+    """``x.sum(-1, keepdim=True)`` as a product with a ones column (much faster for small K on CPU)."""
+    return torch.matmul(x, x.new_ones(x.shape[-1], 1))
 
 
 def _normalise_rows(x: Tensor) -> Tensor:
     """``x / x.sum(-1)`` in place; returns the sums (..., 1)."""
-    total = x.sum(-1, keepdim=True)
+    total = _row_sums(x)
     x.div_(total)
     return total
 
@@ -301,39 +306,63 @@ def _normalise_rows(x: Tensor) -> Tensor:
 # filter and smoother
 
 
-def _filter(steps: _Steps, startprob: Tensor, transmat: Tensor, schedule: str) -> tuple[Tensor, Tensor]:
-    """Normalised filter ``alpha_hat`` (G, T_pad, S, K) and prefix log-evidences (G, T_pad, S) float64."""
+class _Blocks(NamedTuple):
+    """The product of the step matrices of every block, shared by the filter and the smoother.
+
+    Shape:
+        totals: (G, B, S, K, K) ``A diag(e_{1+bL}) ... A diag(e_{bL+L})`` (invalid steps: identity),
+            every row normalised to sum 1; log_scales: (G, B, S, K) float64 their log row scales.
+    """
+
+    totals: Tensor
+    log_scales: Tensor
+    length: int
+
+
+def _blocks(steps: _Steps, transmat: Tensor, schedule: str) -> _Blocks | None:
+    """The block products for the blocked schedule (None for the sequential one)."""
+    if schedule != "blocked" or steps.emission.shape[1] == 1:
+        return None
+    L = _block_length(steps.length)
+    valid = _in_blocks(steps.valid, L) if steps.masked else None
+    return _Blocks(*_block_totals(_in_blocks(steps.emission, L), transmat, valid), L)
+
+
+def _filter(steps: _Steps, startprob: Tensor, transmat: Tensor, blocks: _Blocks | None) -> tuple[Tensor, Tensor]:
+    """Normalised filter ``alpha_hat`` (G, T_pad, S, K) and the log-evidence (G, S) float64."""
     e = steps.emission
-    G, T_pad, S, K = e.shape
     alpha = torch.empty_like(e)
     alpha[:, 0] = startprob[:, None, :] * e[:, 0]
-    log_norm = _normalise_rows(alpha[:, 0]).squeeze(-1).log().double()  # (G, S)
-    if schedule == "blocked" and T_pad > 1:
-        log_prefix = _filter_blocked(steps, alpha, log_norm, transmat)
+    log_norm0 = _normalise_rows(alpha[:, 0]).squeeze(-1).log().double()  # (G, S)
+    if blocks is None:
+        log_evidence = _filter_sequential(steps, alpha, log_norm0, transmat)
     else:
-        log_prefix = _filter_sequential(steps, alpha, log_norm, transmat)
-    return alpha, log_prefix + steps.log_scale.cumsum(1)
+        log_evidence = _filter_blocked(steps, alpha, log_norm0, transmat, blocks)
+    return alpha, log_evidence + steps.log_scale.sum(1)
 
 
 def _filter_sequential(steps: _Steps, alpha: Tensor, log_norm0: Tensor, transmat: Tensor) -> Tensor:
-    """The plain recursion, writing ``alpha`` in place; returns ``cumsum_t log c_t`` (G, T, S) float64."""
+    """The plain recursion, writing ``alpha`` in place; returns ``sum_{t<len} log c_t`` (G, S) float64."""
     e = steps.emission
     G, T, S, K = e.shape
-    norms = torch.empty(G, T, S, 1, dtype=e.dtype, device=e.device)
+    norms = e.new_empty(T, G, S, 1)
+    ones = e.new_ones(K, 1)
     for t in range(1, T):
         step = torch.bmm(alpha[:, t - 1], transmat).mul_(e[:, t])  # (G, S, K)
-        torch.sum(step, -1, keepdim=True, out=norms[:, t])
-        torch.div(step, norms[:, t], out=alpha[:, t])
-    log_norms = norms.squeeze(-1).log().double()
+        torch.matmul(step, ones, out=norms[t])
+        torch.div(step, norms[t], out=alpha[:, t])
+    log_norms = norms.squeeze(-1).transpose(0, 1).log().double()  # (G, T, S)
     log_norms[:, 0] = log_norm0
-    return log_norms.cumsum(1)
+    if steps.masked:
+        log_norms.masked_fill_(~steps.valid, 0.0)
+    return log_norms.sum(1)
 
 
-def _smooth(steps: _Steps, transmat: Tensor, schedule: str) -> Tensor:
-    """Normalised smoother ``beta_hat`` (G, T_pad, S, K): 1 at ``t >= len - 1``."""
-    if schedule == "blocked" and steps.emission.shape[1] > 1:
-        return _smooth_blocked(steps, transmat)
-    return _smooth_sequential(steps, transmat)
+def _smooth(steps: _Steps, transmat: Tensor, blocks: _Blocks | None) -> Tensor:
+    """Normalised smoother ``beta_hat`` (G, T_pad, S, K): constant at ``t >= len - 1``."""
+    if blocks is None:
+        return _smooth_sequential(steps, transmat)
+    return _smooth_blocked(steps, transmat, blocks)
 
 
 def _smooth_sequential(steps: _Steps, transmat: Tensor) -> Tensor:
@@ -344,9 +373,13 @@ def _smooth_sequential(steps: _Steps, transmat: Tensor) -> Tensor:
     beta[:, T - 1] = 1.0
     backward = transmat.transpose(1, 2)
     for t in range(T - 1, 0, -1):
-        step = torch.bmm(e[:, t] * beta[:, t], backward)  # (G, S, K)
-        _normalise_rows(step)
-        torch.where(steps.valid[:, t, :, None], step, beta[:, t], out=beta[:, t - 1])
+        previous = beta[:, t - 1]
+        if steps.masked:
+            step = torch.bmm(e[:, t] * beta[:, t], backward)  # (G, S, K)
+            _normalise_rows(step)
+            torch.where(steps.valid[:, t, :, None], step, beta[:, t], out=previous)
+        else:
+            _normalise_rows(torch.bmm(e[:, t] * beta[:, t], backward, out=previous))
     return beta
 
 
@@ -361,17 +394,23 @@ def _statistics(
     T = steps.length
     valid = steps.valid[:, :T, :, None]  # (G, T, S, 1)
     joint = alpha[:, :T] * beta[:, :T]  # (G, T, S, K)
-    joint.div_(joint.sum(-1, keepdim=True))
+    joint.div_(_row_sums(joint))
     posteriors = alpha.new_empty(G, S, T, K)
-    torch.where(valid, joint, joint.new_zeros(()), out=posteriors.transpose(1, 2))
+    if steps.masked:
+        torch.where(valid, joint, joint.new_zeros(()), out=posteriors.transpose(1, 2))
+    else:
+        posteriors.transpose(1, 2).copy_(joint)
     start = torch.bmm(seq_weights.unsqueeze(1), posteriors[:, :, 0]).squeeze(1)  # (G, K)
     if T == 1:
         return posteriors, start, torch.zeros_like(transmat)
     previous = alpha[:, : T - 1].reshape(G, (T - 1) * S, K)  # a view
     arriving = steps.emission[:, 1:T] * beta[:, 1:T]  # e_t * beta_t, (G, T-1, S, K)
     # n_t = (alpha_{t-1} A) . (e_t beta_t); the weight and the mask of every step go into 1 / n_t
-    n = torch.bmm(previous, transmat).view(G, T - 1, S, K).mul_(arriving).sum(-1, keepdim=True)
-    arriving.mul_(torch.where(valid[:, 1:], seq_weights[:, None, :, None] / n, 0.0))
+    n = _row_sums(torch.bmm(previous, transmat).view(G, T - 1, S, K).mul_(arriving))
+    factor = seq_weights[:, None, :, None] / n
+    if steps.masked:
+        factor = torch.where(valid[:, 1:], factor, 0.0)
+    arriving.mul_(factor)
     transitions = torch.bmm(previous.transpose(1, 2), arriving.view(G, (T - 1) * S, K)).mul_(transmat)
     return posteriors, start, transitions
 
@@ -386,118 +425,108 @@ def _in_blocks(x: Tensor, L: int) -> Tensor:
     return x[:, 1:].view(G, (T_pad - 1) // L, L, *x.shape[2:])
 
 
-def _block_products(
-    e_blocks: Tensor, matrix: Tensor, valid_blocks: Tensor | None, suffix: bool
-) -> tuple[Tensor, Tensor]:
-    """Running products of the step matrices inside every block, every row normalised by its sum.
-
-    Prefix (filter): ``P_j = P_{j-1} A diag(e_j)``, j = 0 .. L-1. Suffix (smoother), transposed so
-    that it runs the same way: ``Q_j^T = Q_{j+1}^T diag(e_j) A^T``, j = L-1 .. 0 (``matrix`` is then
-    ``A^T``). An invalid step is the identity.
+def _block_totals(e_blocks: Tensor, transmat: Tensor, valid_blocks: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Running product ``P_j = P_{j-1} A diag(e_j)`` over the L steps of all blocks at once, every
+    row normalised by its sum each step (its log-scale kept per row); an invalid step is the identity.
 
     Shape:
-        e_blocks: (G, B, L, S, K); matrix: (G, K, K); valid_blocks: (G, B, L, S) or None.
-        Returns the products (L, G, B, S, K, K) and the cumulative log row scales (L, G, B, S, K)
-        float64 (cumulated in scan order).
+        e_blocks: (G, B, L, S, K); transmat: (G, K, K); valid_blocks: (G, B, L, S) or None.
+        Returns the row-normalised totals (G, B, S, K, K) and their log row scales (G, B, S, K) float64.
     """
     G, B, L, S, K = e_blocks.shape
-    products = e_blocks.new_empty(L, G, B, S, K, K)
     sums = e_blocks.new_empty(L, G, B, S, K, 1)
     tiny = torch.finfo(e_blocks.dtype).tiny  # a row that is all zero stays zero (scale log tiny)
-    previous = torch.eye(K, dtype=e_blocks.dtype, device=e_blocks.device).expand(G, B, S, K, K)
-    order = range(L - 1, -1, -1) if suffix else range(L)
-    for j in order:
-        e_j = e_blocks[:, :, j, :, None, :]  # (G, B, S, 1, K)
-        if suffix:
-            step = torch.bmm((previous * e_j).view(G, B * S * K, K), matrix).view(G, B, S, K, K)
-        else:
-            step = torch.bmm(previous.reshape(G, B * S * K, K), matrix).view(G, B, S, K, K).mul_(e_j)
-        torch.sum(step, -1, keepdim=True, out=sums[j]).clamp_min_(tiny)
+    ones = e_blocks.new_ones(K, 1)
+    product = torch.eye(K, dtype=e_blocks.dtype, device=e_blocks.device).expand(G, B, S, K, K)
+    for j in range(L):
+        step = torch.bmm(product.reshape(G, B * S * K, K), transmat).view(G, B, S, K, K)
+        step.mul_(e_blocks[:, :, j, :, None, :])
+        torch.matmul(step, ones, out=sums[j]).clamp_min_(tiny)
         step.div_(sums[j])
-        if valid_blocks is None:
-            products[j] = step
-        else:
-            torch.where(valid_blocks[:, :, j, :, None, None], step, previous, out=products[j])
-        previous = products[j]
-    log_sums = sums.squeeze(-1).log().double()
+        product = step if valid_blocks is None else torch.where(valid_blocks[:, :, j, :, None, None], step, product)
+    log_sums = sums.squeeze(-1).log().double()  # (L, G, B, S, K)
     if valid_blocks is not None:
-        log_sums.masked_fill_(~valid_blocks.permute(2, 0, 1, 3)[..., None], 0.0)
-    if suffix:
-        return products, log_sums.flip(0).cumsum(0).flip(0)
-    return products, log_sums.cumsum(0)
+        log_sums.masked_fill_(~valid_blocks.permute(2, 0, 1, 3).unsqueeze(-1), 0.0)
+    return product, log_sums.sum(0)
 
 
-def _boundary_pass(initial: Tensor, matrices: Tensor, log_scales: Tensor, reverse: bool) -> Tensor:
-    """The vector entering every block, carried across whole blocks in log space (float64).
-
-    ``v_next = log(exp(v + r - max) @ M) + max`` with ``M`` a block's row-normalised product and ``r``
-    its log row scales.
+def _boundary_pass(initial: Tensor, blocks: _Blocks, reverse: bool) -> tuple[Tensor, Tensor]:
+    """Carry a log-vector (float64) across whole blocks: forward ``a_{b+1} = a_b P_b`` (row vector),
+    backward ``beta_{bL} = P_b beta_{(b+1)L}`` (column vector), ``P_b = diag(exp(r_b)) Pn_b``.
 
     Shape:
-        initial: (G, S, K) float64; matrices: (G, B, S, K, K); log_scales: (G, B, S, K) float64.
-        Returns (G, B, S, K) float64, entry b the (log) vector multiplied into block b.
+        initial: (G, S, K) float64. Returns the vector entering every block (G, B, S, K) float64 (the
+        filter at time b L, resp. the smoother at time (b+1) L) and the one leaving the last (G, S, K).
     """
+    totals, log_scales = blocks.totals, blocks.log_scales
     G, B, S, K = log_scales.shape
     entering = torch.empty_like(log_scales)
     current = initial
     for b in (range(B - 1, -1, -1) if reverse else range(B)):
         entering[:, b] = current
-        shifted = current + log_scales[:, b]
-        top = shifted.amax(-1, keepdim=True)
-        weights = (shifted - top).exp_().to(matrices.dtype)
-        current = torch.matmul(weights.unsqueeze(-2), matrices[:, b]).squeeze(-2).log().double().add_(top)
-    return entering
+        if reverse:
+            top = current.amax(-1, keepdim=True)
+            weights = (current - top).exp_().to(totals.dtype)
+            column = torch.matmul(totals[:, b], weights.unsqueeze(-1)).squeeze(-1)
+            current = column.log().double().add_(top).add_(log_scales[:, b])
+        else:
+            shifted = current + log_scales[:, b]
+            top = shifted.amax(-1, keepdim=True)
+            weights = (shifted - top).exp_().to(totals.dtype)
+            row = torch.matmul(weights.unsqueeze(-2), totals[:, b]).squeeze(-2)
+            current = row.log().double().add_(top)
+    return entering, current
 
 
-def _inside_blocks(entering: Tensor, products: Tensor, log_scales: Tensor, out: Tensor) -> Tensor:
-    """Every vector inside every block at once: ``out = normalise(exp(v + r_j - max) @ M_j)``.
-
-    Shape:
-        entering: (G, B, S, K) float64; products: (L, G, B, S, K, K); log_scales: (L, G, B, S, K)
-        float64; out: (L, G, B, S, K) (a view into a working buffer). Returns the log of the
-        unnormalised totals (L, G, B, S) float64.
-    """
-    shifted = entering.unsqueeze(0) + log_scales
-    top = shifted.amax(-1, keepdim=True)
-    weights = (shifted - top).exp_().to(products.dtype)  # (L, G, B, S, K)
-    torch.sum(weights.unsqueeze(-1) * products, -2, out=out)
-    total = out.sum(-1, keepdim=True)
-    out.div_(total)
-    return total.squeeze(-1).log().double().add_(top.squeeze(-1))
+def _start_vectors(log_vectors: Tensor, dtype: torch.dtype) -> Tensor:
+    """Normalised probability vectors from log-vectors: (G, B, S, K) float64 -> (G, B, S, K)."""
+    vectors = (log_vectors - log_vectors.amax(-1, keepdim=True)).exp_().to(dtype)
+    vectors.div_(_row_sums(vectors))
+    return vectors
 
 
-def _filter_blocked(steps: _Steps, alpha: Tensor, log_norm0: Tensor, transmat: Tensor) -> Tensor:
-    """The filter by the two-level scan, writing ``alpha`` in place; returns the prefix log-evidences
-    without the emission scales (G, T_pad, S) float64. Steps after a sequence's end are not masked:
-    they only change what comes after ``len - 1``."""
+def _filter_blocked(steps: _Steps, alpha: Tensor, log_norm0: Tensor, transmat: Tensor, blocks: _Blocks) -> Tensor:
+    """The filter by the two-level scan, writing ``alpha`` in place; returns the log-evidence without
+    the emission scales (G, S) float64 (the boundary vector after the last block: invalid steps are
+    the identity in the block products)."""
     e = steps.emission
     G, T_pad, S, K = e.shape
-    L = _block_length(steps.length)
-    products, log_scales = _block_products(_in_blocks(e, L), transmat, None, suffix=False)
-    initial = alpha[:, 0].log().double().add_(log_norm0.unsqueeze(-1))  # log(pi e_0), (G, S, K)
-    entering = _boundary_pass(initial, products[L - 1], log_scales[L - 1], reverse=False)
-    log_prefix = torch.empty(G, T_pad, S, dtype=torch.float64, device=e.device)
-    log_prefix[:, 0] = log_norm0
-    inside = _in_blocks(alpha, L).permute(2, 0, 1, 3, 4)  # (L, G, B, S, K), time 1 + b L + j
-    _in_blocks(log_prefix, L).permute(2, 0, 1, 3).copy_(_inside_blocks(entering, products, log_scales, inside))
-    return log_prefix
-
-
-def _smooth_blocked(steps: _Steps, transmat: Tensor) -> Tensor:
-    """The smoother by the two-level scan (suffix products; steps after the end are the identity)."""
-    e = steps.emission
-    G, T_pad, S, K = e.shape
-    L = _block_length(steps.length)
+    L = blocks.length
     B = (T_pad - 1) // L
-    products, log_scales = _block_products(
-        _in_blocks(e, L), transmat.transpose(1, 2), _in_blocks(steps.valid, L), suffix=True
-    )
+    initial = alpha[:, 0].log().double().add_(log_norm0.unsqueeze(-1))  # log(pi e_0), (G, S, K)
+    entering, final = _boundary_pass(initial, blocks, reverse=False)
+    inside = e.new_empty(L, G, B, S, K)  # alpha at time 1 + b L + j
+    previous = _start_vectors(entering, e.dtype)
+    for j in range(L):
+        torch.bmm(previous.view(G, B * S, K), transmat, out=inside[j].view(G, B * S, K))
+        inside[j].mul_(e[:, 1 + j :: L])
+        _normalise_rows(inside[j])
+        previous = inside[j]
+    _in_blocks(alpha, L).copy_(inside.permute(1, 2, 0, 3, 4))
+    return torch.logsumexp(final, -1)
+
+
+def _smooth_blocked(steps: _Steps, transmat: Tensor, blocks: _Blocks) -> Tensor:
+    """The smoother by the two-level scan (invalid steps are the identity)."""
+    e = steps.emission
+    G, T_pad, S, K = e.shape
+    L = blocks.length
+    B = (T_pad - 1) // L
     initial = torch.zeros(G, S, K, dtype=torch.float64, device=e.device)  # log beta_{B L} = log 1
-    entering = _boundary_pass(initial, products[0], log_scales[0], reverse=True)
+    entering, _ = _boundary_pass(initial, blocks, reverse=True)
+    backward = transmat.transpose(1, 2)
+    inside = e.new_empty(L, G, B, S, K)  # beta at time b L + j
+    previous = _start_vectors(entering, e.dtype)
+    for j in range(L - 1, -1, -1):
+        t = 1 + j  # the transition at time 1 + b L + j of every block
+        torch.bmm((e[:, t::L] * previous).view(G, B * S, K), backward, out=inside[j].view(G, B * S, K))
+        _normalise_rows(inside[j])
+        if steps.masked:
+            torch.where(steps.valid[:, t::L, :, None], inside[j], previous, out=inside[j])
+        previous = inside[j]
     beta = torch.empty_like(e)
-    beta[:, T_pad - 1] = 1.0
-    inside = beta[:, : T_pad - 1].view(G, B, L, S, K).permute(2, 0, 1, 3, 4)  # time b L + j
-    _inside_blocks(entering, products, log_scales, inside)
+    beta[:, :-1].view(G, B, L, S, K).copy_(inside.permute(1, 2, 0, 3, 4))
+    beta[:, -1] = 1.0
     return beta
 
 
@@ -612,16 +641,16 @@ class _LogLikelihood(torch.autograd.Function):
         schedule = _resolve_method(method, G, S, T, K)
         steps = _prepare(log_emission, lengths, _padded_length(schedule, T))
         transmat = log_transmat.exp()
-        alpha, log_prefix = _filter(steps, log_startprob.exp(), transmat, schedule)
-        ctx.intermediate = (steps, alpha, transmat, schedule, T)
-        return _log_evidence(log_prefix, steps, log_emission.dtype)
+        blocks = _blocks(steps, transmat, schedule)
+        alpha, log_evidence = _filter(steps, log_startprob.exp(), transmat, blocks)
+        ctx.intermediate = (steps, alpha, transmat, blocks)
+        return log_evidence.to(log_emission.dtype)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_evidence):  # type: ignore[override]
-        steps, alpha, transmat, schedule, T = ctx.intermediate
-        del ctx.intermediate
-        beta = _smooth(steps, transmat, schedule)
+        steps, alpha, transmat, blocks = ctx.intermediate
+        beta = _smooth(steps, transmat, blocks)
         posteriors, start, transitions = _statistics(steps, alpha, beta, transmat, grad_evidence)
         grad_emission = posteriors * grad_evidence[:, :, None, None]
         return grad_emission, start, transitions, None, None

@@ -450,32 +450,28 @@ def _block_totals(e_blocks: Tensor, transmat: Tensor, valid_blocks: Tensor | Non
     return product, log_sums.sum(0)
 
 
-def _boundary_pass(initial: Tensor, blocks: _Blocks, reverse: bool) -> tuple[Tensor, Tensor]:
-    """Carry a log-vector (float64) across whole blocks: forward ``a_{b+1} = a_b P_b`` (row vector),
-    backward ``beta_{bL} = P_b beta_{(b+1)L}`` (column vector), ``P_b = diag(exp(r_b)) Pn_b``.
+def _boundary_pass(initial: Tensor, blocks: _Blocks, reverse: bool) -> Tensor:
+    """Carry a log-vector across whole blocks in log space (float64, so no row of a block is lost
+    however small its scale): forward ``a_{b+1} = a_b P_b`` (row vector), backward
+    ``beta_{bL} = P_b beta_{(b+1)L}`` (column vector), ``log P_b = log Pn_b + r_b`` (rows).
 
     Shape:
-        initial: (G, S, K) float64. Returns the vector entering every block (G, B, S, K) float64 (the
-        filter at time b L, resp. the smoother at time (b+1) L) and the one leaving the last (G, S, K).
+        initial: (G, S, K) float64. Returns (G, B + 1, S, K) float64: forward, entry b is the filter
+        at time b L (entry B after the last block); backward, entry b the smoother at time (b+1) L
+        (entry B is not used), as log-vectors.
     """
-    totals, log_scales = blocks.totals, blocks.log_scales
-    G, B, S, K = log_scales.shape
-    entering = torch.empty_like(log_scales)
-    current = initial
-    for b in (range(B - 1, -1, -1) if reverse else range(B)):
-        entering[:, b] = current
-        if reverse:
-            top = current.amax(-1, keepdim=True)
-            weights = (current - top).exp_().to(totals.dtype)
-            column = torch.matmul(totals[:, b], weights.unsqueeze(-1)).squeeze(-1)
-            current = column.log().double().add_(top).add_(log_scales[:, b])
-        else:
-            shifted = current + log_scales[:, b]
-            top = shifted.amax(-1, keepdim=True)
-            weights = (shifted - top).exp_().to(totals.dtype)
-            row = torch.matmul(weights.unsqueeze(-2), totals[:, b]).squeeze(-2)
-            current = row.log().double().add_(top)
-    return entering, current
+    log_totals = torch.log(blocks.totals.double()).add_(blocks.log_scales.unsqueeze(-1))  # (G, B, S, K, K)
+    G, B, S, K = blocks.log_scales.shape
+    vectors = initial.new_empty(G, B + 1, S, K)
+    if reverse:  # vectors[:, b] = log beta at time (b + 1) L, b = B-1 .. 0; vectors[:, B] unused
+        vectors[:, B - 1] = initial
+        for b in range(B - 1, 0, -1):
+            torch.logsumexp(log_totals[:, b] + vectors[:, b, :, None, :], -1, out=vectors[:, b - 1])
+    else:  # vectors[:, b] = log alpha at time b L
+        vectors[:, 0] = initial
+        for b in range(B):
+            torch.logsumexp(vectors[:, b, :, :, None] + log_totals[:, b], -2, out=vectors[:, b + 1])
+    return vectors
 
 
 def _start_vectors(log_vectors: Tensor, dtype: torch.dtype) -> Tensor:
@@ -494,16 +490,16 @@ def _filter_blocked(steps: _Steps, alpha: Tensor, log_norm0: Tensor, transmat: T
     L = blocks.length
     B = (T_pad - 1) // L
     initial = alpha[:, 0].log().double().add_(log_norm0.unsqueeze(-1))  # log(pi e_0), (G, S, K)
-    entering, final = _boundary_pass(initial, blocks, reverse=False)
+    vectors = _boundary_pass(initial, blocks, reverse=False)
     inside = e.new_empty(L, G, B, S, K)  # alpha at time 1 + b L + j
-    previous = _start_vectors(entering, e.dtype)
+    previous = _start_vectors(vectors[:, :B], e.dtype)
     for j in range(L):
         torch.bmm(previous.view(G, B * S, K), transmat, out=inside[j].view(G, B * S, K))
         inside[j].mul_(e[:, 1 + j :: L])
         _normalise_rows(inside[j])
         previous = inside[j]
     _in_blocks(alpha, L).copy_(inside.permute(1, 2, 0, 3, 4))
-    return torch.logsumexp(final, -1)
+    return torch.logsumexp(vectors[:, B], -1)
 
 
 def _smooth_blocked(steps: _Steps, transmat: Tensor, blocks: _Blocks) -> Tensor:
@@ -513,10 +509,10 @@ def _smooth_blocked(steps: _Steps, transmat: Tensor, blocks: _Blocks) -> Tensor:
     L = blocks.length
     B = (T_pad - 1) // L
     initial = torch.zeros(G, S, K, dtype=torch.float64, device=e.device)  # log beta_{B L} = log 1
-    entering, _ = _boundary_pass(initial, blocks, reverse=True)
+    vectors = _boundary_pass(initial, blocks, reverse=True)
     backward = transmat.transpose(1, 2)
     inside = e.new_empty(L, G, B, S, K)  # beta at time b L + j
-    previous = _start_vectors(entering, e.dtype)
+    previous = _start_vectors(vectors[:, :B], e.dtype)
     for j in range(L - 1, -1, -1):
         t = 1 + j  # the transition at time 1 + b L + j of every block
         torch.bmm((e[:, t::L] * previous).view(G, B * S, K), backward, out=inside[j].view(G, B * S, K))

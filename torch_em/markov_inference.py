@@ -101,11 +101,11 @@ def forward_backward(
         steps = _prepare(log_emission, lengths, _padded_length(schedule, T))
         transmat = log_transmat.exp()
         blocks = _blocks(steps, transmat, schedule)
-        alpha, log_evidence = _filter(steps, log_startprob.exp(), transmat, blocks)
+        filtered = _filter(steps, log_startprob.exp(), transmat, blocks)
         beta = _smooth(steps, transmat, blocks)
         seq_weights = _per_sequence(weights, G, S, log_emission)
-        posteriors, start, transitions = _statistics(steps, alpha, beta, transmat, seq_weights)
-        return ForwardBackward(posteriors, start, transitions, log_evidence.to(log_emission.dtype))
+        posteriors, start, transitions = _statistics(steps, filtered, beta, transmat, seq_weights)
+        return ForwardBackward(posteriors, start, transitions, filtered.log_evidence.to(log_emission.dtype))
 
 
 def log_likelihood(
@@ -132,8 +132,8 @@ def log_likelihood(
     schedule = _resolve_method(method, G, S, T, K)
     steps = _prepare(log_emission, lengths, _padded_length(schedule, T))
     transmat = log_transmat.exp()
-    _, log_evidence = _filter(steps, log_startprob.exp(), transmat, _blocks(steps, transmat, schedule))
-    return log_evidence.to(log_emission.dtype)
+    filtered = _filter(steps, log_startprob.exp(), transmat, _blocks(steps, transmat, schedule))
+    return filtered.log_evidence.to(log_emission.dtype)
 
 
 def viterbi(
@@ -328,21 +328,35 @@ def _blocks(steps: _Steps, transmat: Tensor, schedule: str) -> _Blocks | None:
     return _Blocks(*_block_totals(_in_blocks(steps.emission, L), transmat, valid), L)
 
 
-def _filter(steps: _Steps, startprob: Tensor, transmat: Tensor, blocks: _Blocks | None) -> tuple[Tensor, Tensor]:
-    """Normalised filter ``alpha_hat`` (G, T_pad, S, K) and the log-evidence (G, S) float64."""
+class _Filtered(NamedTuple):
+    """The filter and what it gives.
+
+    Shape:
+        alpha: (G, T_pad, S, K) ``alpha_hat_t``, normalised; norms: (G, T_pad, S, 1) ``c_t =
+        sum((alpha_hat_{t-1} A) * e_t)`` for t >= 1 (entry 0 not used); log_evidence: (G, S) float64.
+    """
+
+    alpha: Tensor
+    norms: Tensor
+    log_evidence: Tensor
+
+
+def _filter(steps: _Steps, startprob: Tensor, transmat: Tensor, blocks: _Blocks | None) -> _Filtered:
+    """The normalised filter, its step normalisers and the log-evidence of every sequence."""
     e = steps.emission
     alpha = torch.empty_like(e)
     alpha[:, 0] = startprob[:, None, :] * e[:, 0]
     log_norm0 = _normalise_rows(alpha[:, 0]).squeeze(-1).log().double()  # (G, S)
     if blocks is None:
-        log_evidence = _filter_sequential(steps, alpha, log_norm0, transmat)
+        norms, log_evidence = _filter_sequential(steps, alpha, log_norm0, transmat)
     else:
-        log_evidence = _filter_blocked(steps, alpha, log_norm0, transmat, blocks)
-    return alpha, log_evidence + steps.log_scale.sum(1)
+        norms, log_evidence = _filter_blocked(steps, alpha, log_norm0, transmat, blocks)
+    return _Filtered(alpha, norms, log_evidence + steps.log_scale.sum(1))
 
 
-def _filter_sequential(steps: _Steps, alpha: Tensor, log_norm0: Tensor, transmat: Tensor) -> Tensor:
-    """The plain recursion, writing ``alpha`` in place; returns ``sum_{t<len} log c_t`` (G, S) float64."""
+def _filter_sequential(steps: _Steps, alpha: Tensor, log_norm0: Tensor, transmat: Tensor) -> tuple[Tensor, Tensor]:
+    """The plain recursion, writing ``alpha`` in place; returns the normalisers ``c_t`` (G, T, S, 1)
+    and ``sum_{t<len} log c_t`` (G, S) float64."""
     e = steps.emission
     G, T, S, K = e.shape
     norms = e.new_empty(T, G, S, 1)
@@ -355,7 +369,7 @@ def _filter_sequential(steps: _Steps, alpha: Tensor, log_norm0: Tensor, transmat
     log_norms[:, 0] = log_norm0
     if steps.masked:
         log_norms.masked_fill_(~steps.valid, 0.0)
-    return log_norms.sum(1)
+    return norms.transpose(0, 1), log_norms.sum(1)
 
 
 def _smooth(steps: _Steps, transmat: Tensor, blocks: _Blocks | None) -> Tensor:
@@ -384,17 +398,20 @@ def _smooth_sequential(steps: _Steps, transmat: Tensor) -> Tensor:
 
 
 def _statistics(
-    steps: _Steps, alpha: Tensor, beta: Tensor, transmat: Tensor, seq_weights: Tensor
+    steps: _Steps, filtered: _Filtered, beta: Tensor, transmat: Tensor, seq_weights: Tensor
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Posteriors (G, S, T, K), weighted start counts (G, K) and transition counts (G, K, K).
 
-    Scale-free in ``alpha`` and ``beta`` (both only known up to a factor per step).
+    ``beta`` is only known up to a factor per step; ``alpha`` is normalised, so that
+    ``n_t = (alpha_hat_{t-1} A) . (e_t beta_t) = c_t (alpha_hat_t . beta_t)``.
     """
+    alpha = filtered.alpha
     G, _, S, K = alpha.shape
     T = steps.length
     valid = steps.valid[:, :T, :, None]  # (G, T, S, 1)
     joint = alpha[:, :T] * beta[:, :T]  # (G, T, S, K)
-    joint.div_(_row_sums(joint))
+    overlap = _row_sums(joint)  # alpha_hat_t . beta_t, (G, T, S, 1)
+    joint.div_(overlap)
     posteriors = alpha.new_empty(G, S, T, K)
     if steps.masked:
         torch.where(valid, joint, joint.new_zeros(()), out=posteriors.transpose(1, 2))
@@ -405,9 +422,8 @@ def _statistics(
         return posteriors, start, torch.zeros_like(transmat)
     previous = alpha[:, : T - 1].reshape(G, (T - 1) * S, K)  # a view
     arriving = steps.emission[:, 1:T] * beta[:, 1:T]  # e_t * beta_t, (G, T-1, S, K)
-    # n_t = (alpha_{t-1} A) . (e_t beta_t); the weight and the mask of every step go into 1 / n_t
-    n = _row_sums(torch.bmm(previous, transmat).view(G, T - 1, S, K).mul_(arriving))
-    factor = seq_weights[:, None, :, None] / n
+    # the weight and the mask of every step go into 1 / n_t
+    factor = seq_weights[:, None, :, None] / (filtered.norms[:, 1:T] * overlap[:, 1:])
     if steps.masked:
         factor = torch.where(valid[:, 1:], factor, 0.0)
     arriving.mul_(factor)
@@ -481,10 +497,12 @@ def _start_vectors(log_vectors: Tensor, dtype: torch.dtype) -> Tensor:
     return vectors
 
 
-def _filter_blocked(steps: _Steps, alpha: Tensor, log_norm0: Tensor, transmat: Tensor, blocks: _Blocks) -> Tensor:
-    """The filter by the two-level scan, writing ``alpha`` in place; returns the log-evidence without
-    the emission scales (G, S) float64 (the boundary vector after the last block: invalid steps are
-    the identity in the block products)."""
+def _filter_blocked(
+    steps: _Steps, alpha: Tensor, log_norm0: Tensor, transmat: Tensor, blocks: _Blocks
+) -> tuple[Tensor, Tensor]:
+    """The filter by the two-level scan, writing ``alpha`` in place; returns the normalisers ``c_t``
+    (G, T_pad, S, 1) and the log-evidence without the emission scales (G, S) float64 (from the
+    boundary vector after the last block: invalid steps are the identity in the block products)."""
     e = steps.emission
     G, T_pad, S, K = e.shape
     L = blocks.length
@@ -492,14 +510,19 @@ def _filter_blocked(steps: _Steps, alpha: Tensor, log_norm0: Tensor, transmat: T
     initial = alpha[:, 0].log().double().add_(log_norm0.unsqueeze(-1))  # log(pi e_0), (G, S, K)
     vectors = _boundary_pass(initial, blocks, reverse=False)
     inside = e.new_empty(L, G, B, S, K)  # alpha at time 1 + b L + j
-    previous = _start_vectors(vectors[:, :B], e.dtype)
+    norms = e.new_ones(L, G, B, S, 1)
+    ones = e.new_ones(K, 1)
+    previous = _start_vectors(vectors[:, :B], e.dtype)  # the exact filter at time b L
     for j in range(L):
         torch.bmm(previous.view(G, B * S, K), transmat, out=inside[j].view(G, B * S, K))
         inside[j].mul_(e[:, 1 + j :: L])
-        _normalise_rows(inside[j])
+        torch.matmul(inside[j], ones, out=norms[j])
+        inside[j].div_(norms[j])
         previous = inside[j]
     _in_blocks(alpha, L).copy_(inside.permute(1, 2, 0, 3, 4))
-    return torch.logsumexp(vectors[:, B], -1)
+    all_norms = e.new_ones(G, T_pad, S, 1)
+    _in_blocks(all_norms, L).copy_(norms.permute(1, 2, 0, 3, 4))
+    return all_norms, torch.logsumexp(vectors[:, B], -1)
 
 
 def _smooth_blocked(steps: _Steps, transmat: Tensor, blocks: _Blocks) -> Tensor:
@@ -638,15 +661,15 @@ class _LogLikelihood(torch.autograd.Function):
         steps = _prepare(log_emission, lengths, _padded_length(schedule, T))
         transmat = log_transmat.exp()
         blocks = _blocks(steps, transmat, schedule)
-        alpha, log_evidence = _filter(steps, log_startprob.exp(), transmat, blocks)
-        ctx.intermediate = (steps, alpha, transmat, blocks)
-        return log_evidence.to(log_emission.dtype)
+        filtered = _filter(steps, log_startprob.exp(), transmat, blocks)
+        ctx.intermediate = (steps, filtered, transmat, blocks)
+        return filtered.log_evidence.to(log_emission.dtype)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_evidence):  # type: ignore[override]
-        steps, alpha, transmat, blocks = ctx.intermediate
+        steps, filtered, transmat, blocks = ctx.intermediate
         beta = _smooth(steps, transmat, blocks)
-        posteriors, start, transitions = _statistics(steps, alpha, beta, transmat, grad_evidence)
+        posteriors, start, transitions = _statistics(steps, filtered, beta, transmat, grad_evidence)
         grad_emission = posteriors * grad_evidence[:, :, None, None]
         return grad_emission, start, transitions, None, None

@@ -29,14 +29,16 @@ Two schedules compute the recursions, with the same results (to rounding):
 
 * ``"sequential"``: one step per time step, batched over (G, S).
 * ``"blocked"`` (a two-level scan for long sequences): the ``T - 1`` transitions are cut into
-  ``B`` blocks of ``L`` steps. (1) Within all blocks at once, running products of the step
-  matrices ``A diag(e_t)`` (suffix products for the smoother), ``L`` steps, every row normalised
-  by its sum with its log-scale kept (per row, so that a starting state whose row is ~1e-300 of
-  another's is not lost: a left-to-right chain stuck in its last state needs exactly that row);
-  (2) a ``B``-step pass over the block boundaries with vectors, in log space (float64);
-  (3) the filter (smoother) inside every block by one batched vector-matrix product. That is
-  ``2 (L + B) ~ 4 sqrt(T)`` loop steps instead of ``2 T``, for ``K`` times more arithmetic.
-  The same for Viterbi in the max-plus semiring, with a backpointer matrix per step inside the
+  ``B`` blocks of ``L ~ sqrt(T)`` steps. (1) Within all blocks at once, the running product of the
+  step matrices ``A diag(e_t)``, ``L`` steps, every row normalised by its sum each step with its
+  log-scale kept (per row, so that a starting state whose row is ~1e-300 of another's is not
+  lost: a left-to-right chain stuck in its last state needs exactly that row). The product of a
+  block serves the filter (row vector times it) and the smoother (it times a column vector).
+  (2) A ``B``-step pass over the block boundaries, for each direction, in log space (float64:
+  one ``logsumexp`` per block). (3) The filter and the smoother inside all blocks at once,
+  restarted from the exact boundary vectors: ``L`` vector steps each. That is
+  ``3 L + 2 B ~ 5 sqrt(T)`` loop steps instead of ``2 T``, for ``K`` times more arithmetic in (1).
+  Viterbi is the same in the max-plus semiring, with a backpointer matrix per step inside the
   blocks, a ``B``-step pass over the boundaries, and backtracking inside all blocks at once.
 
 Padded steps (``t >= len``) are masked on entry (their emissions may be anything, NaN included)
@@ -154,6 +156,8 @@ def viterbi(
     with torch.no_grad():
         G, S, T, K = log_emission.shape
         schedule = _resolve_method(method, G, S, T, K)
+        if method == "auto" and G * S * T * K * K > VITERBI_BLOCKED_MAX_POINTERS:
+            schedule = "sequential"  # blocked keeps a K x K backpointer matrix per step
         steps = _prepare(log_emission, lengths, _padded_length(schedule, T), log_space=True)
         if schedule == "blocked":
             path, log_prob = _viterbi_blocked(steps, log_startprob, log_transmat, _block_length(T))
@@ -197,12 +201,14 @@ def sample_states(
 # ---------------------------------------------------------------------------------------------
 # choice of schedule
 
-#: Measured on a 2-core CPU (torch 2.x): seconds per loop step (a handful of tiny kernels) and
-#: per element of the step's work; blocked steps do about 1.5x the work of a sequential step per
-#: element and K times the elements (see ``benchmarks/markov_inference.py``).
-STEP_OVERHEAD_S = 25e-6
-ELEMENT_COST_S = 1.0e-9
-BLOCKED_STEP_FACTOR = 2.0
+#: The cost model of ``method="auto"``, calibrated on a 2-core CPU (torch 2.x, float32, see
+#: ``benchmarks/markov_inference.py``): seconds per loop step (four to six small kernels of
+#: ~4 us dispatch each) and per element touched by one kernel (GEMM multiply-adds included).
+STEP_OVERHEAD_S = 20e-6
+ELEMENT_COST_S = 0.5e-9
+#: ``"auto"`` Viterbi stays sequential above this many backpointers of the blocked schedule
+#: (G S T K^2 int64: 1 GiB).
+VITERBI_BLOCKED_MAX_POINTERS = 2**27
 
 
 def _block_length(T: int) -> int:
@@ -221,9 +227,13 @@ def _padded_length(schedule: str, T: int) -> int:
 def _resolve_method(method: str, G: int, S: int, T: int, K: int) -> str:
     """``"auto"`` -> the schedule with the smaller predicted time for these shapes.
 
-    time ~ loop_steps * STEP_OVERHEAD_S + elements * ELEMENT_COST_S, with
-    sequential: 2 T steps over G S T K^2 elements (each pass);
-    blocked: 2 (L + B) steps over G S T K^3 elements times BLOCKED_STEP_FACTOR (the products).
+    time ~ loop_steps * STEP_OVERHEAD_S + elements * ELEMENT_COST_S, with (N = G S T)
+
+    * sequential: 2 T steps; two vector passes over N K (K + 4) elements;
+    * blocked: 3 L + 2 B steps; the block products over N K^2 (K + 5) elements plus the same two
+      vector passes.
+
+    One sequence of T = 100,000 (K = 8) -> blocked; 10,000 sequences of T = 50 -> sequential.
     """
     if method != "auto":
         return method
@@ -231,9 +241,10 @@ def _resolve_method(method: str, G: int, S: int, T: int, K: int) -> str:
         return "sequential"
     L = _block_length(T)
     B = math.ceil((T - 1) / L)
-    work = 2.0 * G * S * T * K * K
-    sequential = 2 * T * STEP_OVERHEAD_S + work * ELEMENT_COST_S
-    blocked = 2 * (L + B) * STEP_OVERHEAD_S + work * K * BLOCKED_STEP_FACTOR * ELEMENT_COST_S
+    vector_passes = 2.0 * G * S * T * K * (K + 4)
+    sequential = 2 * T * STEP_OVERHEAD_S + vector_passes * ELEMENT_COST_S
+    products = 1.0 * G * S * T * K * K * (K + 5)
+    blocked = (3 * L + 2 * B) * STEP_OVERHEAD_S + (products + vector_passes) * ELEMENT_COST_S
     return "blocked" if blocked < sequential else "sequential"
 
 
@@ -273,12 +284,16 @@ def _prepare(log_emission: Tensor, lengths: Tensor | None, padded_length: int, l
     time = torch.arange(padded_length, device=device)
     valid = time[None, :, None] <= last[:, None, :]  # (G, T_pad, S)
     masked = lengths is not None or padded_length > T
-    emission = torch.zeros(G, padded_length, S, K, dtype=log_emission.dtype, device=device)
-    torch.where(valid[:, :T, :, None], log_emission.transpose(1, 2), emission.new_zeros(()), out=emission[:, :T])
+    emission = log_emission.new_empty(G, padded_length, S, K)
+    emission[:, T:] = 0.0
+    if lengths is None:
+        emission[:, :T].copy_(log_emission.transpose(1, 2))
+    else:
+        torch.where(valid[:, :T, :, None], log_emission.transpose(1, 2), emission.new_zeros(()), out=emission[:, :T])
     if log_space:
         return _Steps(emission, torch.zeros(G, padded_length, S, dtype=torch.float64, device=device), valid, last, T, masked)
     log_scale = emission.amax(-1, keepdim=True)  # (G, T_pad, S, 1); 0 at padded steps
-    log_scale = torch.where(torch.isfinite(log_scale), log_scale, 0.0)  # an impossible step: e = 0, evidence -inf
+    log_scale.clamp_min_(torch.finfo(log_scale.dtype).min)  # a step impossible in every state: e = 0, c_t = 0
     emission.sub_(log_scale).exp_()
     return _Steps(emission, log_scale.squeeze(-1).double(), valid, last, T, masked)
 

@@ -98,16 +98,12 @@ def forward_backward(
         Returns :class:`ForwardBackward`.
     """
     with torch.no_grad():
-        G, S, T, K = log_emission.shape
-        schedule = _resolve_method(method, G, S, T, K)
-        steps = _prepare(log_emission, lengths, _padded_length(schedule, T))
-        transmat = log_transmat.exp()
-        blocks = _blocks(steps, transmat, schedule)
-        filtered = _filter(steps, log_startprob.exp(), transmat, blocks)
-        beta = _smooth(steps, transmat, blocks)
+        forward = _forward_pass(log_emission, log_startprob, log_transmat, lengths, method)
+        beta = _smooth(forward.steps, forward.transmat, forward.blocks)
+        G, S = log_emission.shape[:2]
         seq_weights = _per_sequence(weights, G, S, log_emission)
-        posteriors, start, transitions = _statistics(steps, filtered, beta, transmat, seq_weights)
-        return ForwardBackward(posteriors, start, transitions, filtered.log_evidence.to(log_emission.dtype))
+        posteriors, start, transitions = _statistics(forward, beta, seq_weights)
+        return ForwardBackward(posteriors, start, transitions, forward.filtered.log_evidence.to(log_emission.dtype))
 
 
 def log_likelihood(
@@ -130,12 +126,8 @@ def log_likelihood(
     """
     if torch.is_grad_enabled() and any(x.requires_grad for x in (log_emission, log_startprob, log_transmat)):
         return _LogLikelihood.apply(log_emission, log_startprob, log_transmat, lengths, method)
-    G, S, T, K = log_emission.shape
-    schedule = _resolve_method(method, G, S, T, K)
-    steps = _prepare(log_emission, lengths, _padded_length(schedule, T))
-    transmat = log_transmat.exp()
-    filtered = _filter(steps, log_startprob.exp(), transmat, _blocks(steps, transmat, schedule))
-    return filtered.log_evidence.to(log_emission.dtype)
+    forward = _forward_pass(log_emission, log_startprob, log_transmat, lengths, method)
+    return forward.filtered.log_evidence.to(log_emission.dtype)
 
 
 def viterbi(
@@ -387,6 +379,27 @@ def _filter_sequential(steps: _Steps, alpha: Tensor, log_norm0: Tensor, transmat
     return norms.transpose(0, 1), log_norms.sum(1)
 
 
+class _ForwardPass(NamedTuple):
+    """Everything the filter computed that the smoother and the statistics reuse."""
+
+    steps: _Steps
+    transmat: Tensor
+    blocks: _Blocks | None
+    filtered: _Filtered
+
+
+def _forward_pass(
+    log_emission: Tensor, log_startprob: Tensor, log_transmat: Tensor, lengths: Tensor | None, method: str
+) -> _ForwardPass:
+    """Choose the schedule, prepare the steps, and run the filter (and the block products)."""
+    G, S, T, K = log_emission.shape
+    schedule = _resolve_method(method, G, S, T, K)
+    steps = _prepare(log_emission, lengths, _padded_length(schedule, T))
+    transmat = log_transmat.exp()
+    blocks = _blocks(steps, transmat, schedule)
+    return _ForwardPass(steps, transmat, blocks, _filter(steps, log_startprob.exp(), transmat, blocks))
+
+
 def _smooth(steps: _Steps, transmat: Tensor, blocks: _Blocks | None) -> Tensor:
     """Normalised smoother ``beta_hat`` (G, T_pad, S, K): constant at ``t >= len - 1``."""
     if blocks is None:
@@ -412,14 +425,13 @@ def _smooth_sequential(steps: _Steps, transmat: Tensor) -> Tensor:
     return beta
 
 
-def _statistics(
-    steps: _Steps, filtered: _Filtered, beta: Tensor, transmat: Tensor, seq_weights: Tensor
-) -> tuple[Tensor, Tensor, Tensor]:
+def _statistics(forward: _ForwardPass, beta: Tensor, seq_weights: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Posteriors (G, S, T, K), weighted start counts (G, K) and transition counts (G, K, K).
 
     ``beta`` is only known up to a factor per step; ``alpha`` is normalised, so that
     ``n_t = (alpha_hat_{t-1} A) . (e_t beta_t) = c_t (alpha_hat_t . beta_t)``.
     """
+    steps, filtered, transmat = forward.steps, forward.filtered, forward.transmat
     alpha = filtered.alpha
     G, _, S, K = alpha.shape
     T = steps.length
@@ -671,20 +683,14 @@ class _LogLikelihood(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, log_emission, log_startprob, log_transmat, lengths, method):  # type: ignore[override]
-        G, S, T, K = log_emission.shape
-        schedule = _resolve_method(method, G, S, T, K)
-        steps = _prepare(log_emission, lengths, _padded_length(schedule, T))
-        transmat = log_transmat.exp()
-        blocks = _blocks(steps, transmat, schedule)
-        filtered = _filter(steps, log_startprob.exp(), transmat, blocks)
-        ctx.intermediate = (steps, filtered, transmat, blocks)
-        return filtered.log_evidence.to(log_emission.dtype)
+        ctx.forward_pass = _forward_pass(log_emission, log_startprob, log_transmat, lengths, method)
+        return ctx.forward_pass.filtered.log_evidence.to(log_emission.dtype)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_evidence):  # type: ignore[override]
-        steps, filtered, transmat, blocks = ctx.intermediate
-        beta = _smooth(steps, transmat, blocks)
-        posteriors, start, transitions = _statistics(steps, filtered, beta, transmat, grad_evidence)
+        forward = ctx.forward_pass
+        beta = _smooth(forward.steps, forward.transmat, forward.blocks)
+        posteriors, start, transitions = _statistics(forward, beta, grad_evidence)
         grad_emission = posteriors * grad_evidence[:, :, None, None]
         return grad_emission, start, transitions, None, None

@@ -297,6 +297,16 @@ def _per_sequence(weights: Tensor | None, G: int, S: int, like: Tensor) -> Tenso
     return weights.to(dtype=like.dtype, device=like.device).expand(G, S)
 
 
+def _identity_where_invalid(new: Tensor, old: Tensor, keep: Tensor, out: Tensor | None = None) -> Tensor:
+    """``new`` where ``keep`` is 1, ``old`` where it is 0 (an invalid step acts as the identity).
+
+    ``torch.lerp`` with a 0/1 weight is exact (it computes ``old + w (new - old)`` for w < 0.5 and
+    ``new - (new - old) (1 - w)`` otherwise) for the finite values used here, and several times
+    faster on CPU than a ``where`` with a broadcast boolean mask.
+    """
+    return torch.lerp(old, new, keep, out=out)
+
+
 def _row_sums(x: Tensor) -> Tensor:
     """``x.sum(-1, keepdim=True)`` as a product with a ones column (much faster for small K on CPU)."""
     return torch.matmul(x, x.new_ones(x.shape[-1], 1))
@@ -414,12 +424,13 @@ def _smooth_sequential(steps: _Steps, transmat: Tensor) -> Tensor:
     beta = torch.empty_like(e)
     beta[:, T - 1] = 1.0
     backward = transmat.transpose(1, 2)
+    keep = steps.valid.to(e.dtype)
     for t in range(T - 1, 0, -1):
         previous = beta[:, t - 1]
         if steps.masked:
             step = torch.bmm(e[:, t] * beta[:, t], backward)  # (G, S, K)
             _normalise_rows(step)
-            torch.where(steps.valid[:, t, :, None], step, beta[:, t], out=previous)
+            _identity_where_invalid(step, beta[:, t], keep[:, t, :, None], out=previous)
         else:
             _normalise_rows(torch.bmm(e[:, t] * beta[:, t], backward, out=previous))
     return beta
@@ -478,6 +489,7 @@ def _block_totals(e_blocks: Tensor, transmat: Tensor, valid_blocks: Tensor | Non
     """
     G, B, L, S, K = e_blocks.shape
     sums = e_blocks.new_empty(L, G, B, S, K, 1)
+    keep = None if valid_blocks is None else valid_blocks.to(e_blocks.dtype)
     tiny = torch.finfo(e_blocks.dtype).tiny  # a row that is all zero stays zero (scale log tiny)
     ones = e_blocks.new_ones(K, 1)
     product = torch.eye(K, dtype=e_blocks.dtype, device=e_blocks.device).expand(G, B, S, K, K)
@@ -486,7 +498,7 @@ def _block_totals(e_blocks: Tensor, transmat: Tensor, valid_blocks: Tensor | Non
         step.mul_(e_blocks[:, :, j, :, None, :])
         torch.matmul(step, ones, out=sums[j]).clamp_min_(tiny)
         step.div_(sums[j])
-        product = step if valid_blocks is None else torch.where(valid_blocks[:, :, j, :, None, None], step, product)
+        product = step if keep is None else _identity_where_invalid(step, product, keep[:, :, j, :, None, None])
     log_sums = sums.squeeze(-1).log().double()  # (L, G, B, S, K)
     if valid_blocks is not None:
         log_sums.masked_fill_(~valid_blocks.permute(2, 0, 1, 3).unsqueeze(-1), 0.0)
@@ -562,13 +574,14 @@ def _smooth_blocked(steps: _Steps, transmat: Tensor, blocks: _Blocks) -> Tensor:
     vectors = _boundary_pass(initial, blocks, reverse=True)
     backward = transmat.transpose(1, 2)
     inside = e.new_empty(L, G, B, S, K)  # beta at time b L + j
+    keep = steps.valid.to(e.dtype)
     previous = _start_vectors(vectors[:, :B], e.dtype)
     for j in range(L - 1, -1, -1):
         t = 1 + j  # the transition at time 1 + b L + j of every block
         torch.bmm((e[:, t::L] * previous).view(G, B * S, K), backward, out=inside[j].view(G, B * S, K))
         _normalise_rows(inside[j])
         if steps.masked:
-            torch.where(steps.valid[:, t::L, :, None], inside[j], previous, out=inside[j])
+            _identity_where_invalid(inside[j], previous, keep[:, t::L, :, None], out=inside[j])
         previous = inside[j]
     beta = torch.empty_like(e)
     beta[:, :-1].view(G, B, L, S, K).copy_(inside.permute(1, 2, 0, 3, 4))

@@ -10,6 +10,7 @@ milliseconds per call and the schedule ``"auto"`` picks.
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import time
 
@@ -80,9 +81,8 @@ def main() -> None:
         for label, function in functions.items():
             cells = []
             for method in METHODS:
-                ms = median_ms(lambda: function(log_emission, log_startprob, log_transmat, lengths, method=method),
-                               args.reps, args.device)
-                cells.append(f"{ms:.1f}")
+                call = functools.partial(function, log_emission, log_startprob, log_transmat, lengths, method=method)
+                cells.append(f"{median_ms(call, args.reps, args.device):.1f}")
             picked = mi._resolve_method("auto", G, S, T, K)
             print(f"| {name} | {G} | {S} | {T} | {K} | {label} | " + " | ".join(cells) + f" | {picked} |")
 

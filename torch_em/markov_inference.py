@@ -283,7 +283,8 @@ def _prepare(log_emission: Tensor, lengths: Tensor | None, padded_length: int, l
     else:
         torch.where(valid[:, :T, :, None], log_emission.transpose(1, 2), emission.new_zeros(()), out=emission[:, :T])
     if log_space:
-        return _Steps(emission, torch.zeros(G, padded_length, S, dtype=torch.float64, device=device), valid, last, T, masked)
+        no_scale = torch.zeros(G, padded_length, S, dtype=torch.float64, device=device)
+        return _Steps(emission, no_scale, valid, last, T, masked)
     log_scale = emission.amax(-1, keepdim=True)  # (G, T_pad, S, 1); 0 at padded steps
     log_scale.clamp_min_(torch.finfo(log_scale.dtype).min)  # a step impossible in every state: e = 0, c_t = 0
     emission.sub_(log_scale).exp_()
@@ -420,7 +421,7 @@ def _smooth(steps: _Steps, transmat: Tensor, blocks: _Blocks | None) -> Tensor:
 def _smooth_sequential(steps: _Steps, transmat: Tensor) -> Tensor:
     """``beta_{t-1} = normalise(A (e_t * beta_t))`` at valid ``t``, ``beta_{t-1} = beta_t`` (= 1) after the end."""
     e = steps.emission
-    G, T, S, K = e.shape
+    T = e.shape[1]
     beta = torch.empty_like(e)
     beta[:, T - 1] = 1.0
     backward = transmat.transpose(1, 2)
@@ -619,7 +620,9 @@ def _viterbi_sequential(steps: _Steps, log_startprob: Tensor, log_transmat: Tens
     return path, offsets.squeeze(-1).double().sum(1)
 
 
-def _max_plus_block_products(le_blocks: Tensor, log_transmat: Tensor, valid_blocks: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def _max_plus_block_products(
+    le_blocks: Tensor, log_transmat: Tensor, valid_blocks: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
     """Max-plus running products ``X_j(i, k) = max_l X_{j-1}(i, l) + log A(l, k) + le_j(k)`` inside
     every block, with their backpointers (the best ``l``), every row shifted to max 0.
 
@@ -658,7 +661,9 @@ def _viterbi_blocked(steps: _Steps, log_startprob: Tensor, log_transmat: Tensor,
     G, T_pad, S, K = le.shape
     B = (T_pad - 1) // L
     device = le.device
-    products, pointers, row_offsets = _max_plus_block_products(_in_blocks(le, L), log_transmat, _in_blocks(steps.valid, L))
+    products, pointers, row_offsets = _max_plus_block_products(
+        _in_blocks(le, L), log_transmat, _in_blocks(steps.valid, L)
+    )
     score = (log_startprob[:, None, :] + le[:, 0]).double()  # (G, S, K)
     log_prob = score.amax(-1)
     score = score - log_prob.unsqueeze(-1)

@@ -498,12 +498,11 @@ def _block_totals(e_blocks: Tensor, transmat: Tensor, valid_blocks: Tensor | Non
         step = torch.bmm(product.reshape(G, B * S * K, K), transmat).view(G, B, S, K, K)
         step.mul_(e_blocks[:, :, j, :, None, :])
         torch.matmul(step, ones, out=sums[j]).clamp_min_(tiny)
-        step.div_(sums[j])
+        step.mul_(sums[j].reciprocal())  # a division of the whole matrix costs twice a product
         product = step if keep is None else _identity_where_invalid(step, product, keep[:, :, j, :, None, None])
-    log_sums = sums.squeeze(-1).log().double()  # (L, G, B, S, K)
-    if valid_blocks is not None:
-        log_sums.masked_fill_(~valid_blocks.permute(2, 0, 1, 3).unsqueeze(-1), 0.0)
-    return product, log_sums.sum(0)
+    if keep is not None:  # an invalid step has scale 1
+        sums = _identity_where_invalid(sums, torch.ones_like(sums), keep.permute(2, 0, 1, 3)[..., None, None])
+    return product, sums.squeeze(-1).log().double().sum(0)
 
 
 def _boundary_pass(initial: Tensor, blocks: _Blocks, reverse: bool) -> Tensor:

@@ -83,7 +83,8 @@ def main() -> None:
             for method in METHODS:
                 call = functools.partial(function, log_emission, log_startprob, log_transmat, lengths, method=method)
                 cells.append(f"{median_ms(call, args.reps, args.device):.1f}")
-            picked = mi._resolve_method("auto", G, S, T, K)
+            factor = mi.VITERBI_PRODUCT_FACTOR if label == "viterbi" else 1.0
+            picked = mi._resolve_method("auto", G, S, T, K, factor)
             print(f"| {name} | {G} | {S} | {T} | {K} | {label} | " + " | ".join(cells) + f" | {picked} |")
 
 

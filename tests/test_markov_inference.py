@@ -276,6 +276,7 @@ def test_auto_picks_blocked_for_one_long_sequence_and_sequential_for_many_short(
     assert mi._resolve_method("auto", 1, 1, 100_000, 8) == "blocked"
     assert mi._resolve_method("auto", 1, 10_000, 50, 4) == "sequential"
     assert mi._resolve_method("sequential", 1, 1, 100_000, 8) == "sequential"
+    assert mi._resolve_method("auto", 1, 1, 100_000, 8, mi.VITERBI_PRODUCT_FACTOR) == "blocked"
 
 
 def test_sample_states_transition_frequencies_match_transmat():

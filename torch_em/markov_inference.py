@@ -147,7 +147,7 @@ def viterbi(
     """
     with torch.no_grad():
         G, S, T, K = log_emission.shape
-        schedule = _resolve_method(method, G, S, T, K)
+        schedule = _resolve_method(method, G, S, T, K, VITERBI_PRODUCT_FACTOR)
         if method == "auto" and G * S * T * K * K > VITERBI_BLOCKED_MAX_POINTERS:
             schedule = "sequential"  # blocked keeps a K x K backpointer matrix per step
         steps = _prepare(log_emission, lengths, _padded_length(schedule, T), log_space=True)
@@ -198,6 +198,9 @@ def sample_states(
 #: ~4 us dispatch each) and per element touched by one kernel (GEMM multiply-adds included).
 STEP_OVERHEAD_S = 20e-6
 ELEMENT_COST_S = 0.5e-9
+#: Viterbi's block products (a K^3 broadcast sum, a max with indices, three selections per step)
+#: against those of the forward-backward pass, as measured.
+VITERBI_PRODUCT_FACTOR = 4.0
 #: ``"auto"`` Viterbi stays sequential above this many backpointers of the blocked schedule
 #: (G S T K^2 int64: 1 GiB).
 VITERBI_BLOCKED_MAX_POINTERS = 2**27
@@ -216,7 +219,7 @@ def _padded_length(schedule: str, T: int) -> int:
     return 1 + L * math.ceil((T - 1) / L) if T > 1 else 1
 
 
-def _resolve_method(method: str, G: int, S: int, T: int, K: int) -> str:
+def _resolve_method(method: str, G: int, S: int, T: int, K: int, product_factor: float = 1.0) -> str:
     """``"auto"`` -> the schedule with the smaller predicted time for these shapes.
 
     time ~ loop_steps * STEP_OVERHEAD_S + elements * ELEMENT_COST_S, with (N = G S T)
@@ -225,7 +228,9 @@ def _resolve_method(method: str, G: int, S: int, T: int, K: int) -> str:
     * blocked: 3 L + 2 B steps; the block products over N K^2 (K + 5) elements plus the same two
       vector passes.
 
-    One sequence of T = 100,000 (K = 8) -> blocked; 10,000 sequences of T = 50 -> sequential.
+    ``product_factor`` weighs the block products (Viterbi's max-plus products cost about
+    ``VITERBI_PRODUCT_FACTOR`` times more). One sequence of T = 100,000 (K = 8) -> blocked;
+    10,000 sequences of T = 50 -> sequential.
     """
     if method != "auto":
         return method
@@ -235,7 +240,7 @@ def _resolve_method(method: str, G: int, S: int, T: int, K: int) -> str:
     B = math.ceil((T - 1) / L)
     vector_passes = 2.0 * G * S * T * K * (K + 4)
     sequential = 2 * T * STEP_OVERHEAD_S + vector_passes * ELEMENT_COST_S
-    products = 1.0 * G * S * T * K * K * (K + 5)
+    products = product_factor * G * S * T * K * K * (K + 5)
     blocked = (3 * L + 2 * B) * STEP_OVERHEAD_S + (products + vector_passes) * ELEMENT_COST_S
     return "blocked" if blocked < sequential else "sequential"
 

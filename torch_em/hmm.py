@@ -14,7 +14,7 @@ Parameters (unconstrained, ``(*batch_shape, ...)``): ``start_logits (*b, K)``,
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -63,9 +63,10 @@ class HMM(LatentModel):
         init_params: how the emissions are initialised from the data's steps (``"kmeans"``,
             ``"k-means++"``, ``"random"``, ``"random_from_data"``); the chain starts uniform
             unless given. With every initial value given, no data-driven initialisation runs.
-        Other options as :class:`torch_em.Mixture` (``batch_shape``, ``n_init``, ``tol`` on the
-        mean log-likelihood per time step, ``max_iter``, ``seed``, ``em_parameters`` with the
-        names above, ``warm_start``, ``on_error``, online-EM step sizes, ``device``, ``dtype``).
+        options: as :class:`torch_em.Mixture`'s, forwarded: ``batch_shape=()``, ``n_init=1``,
+            ``tol=1e-3`` (on the mean log-likelihood per time step), ``max_iter=100``,
+            ``seed=None``, ``chunk_size``, ``em_parameters`` (names above), ``warm_start``,
+            ``on_error``, the online-EM step sizes, ``prior_count``, ``device=None``, ``dtype=None``.
 
     Data (``X``): padded ``(S, T, D)`` for every model of the batch or ``(*batch_shape, S, T, D)``,
     with ``lengths (S,)`` or a prefix ``mask (S, T)``; or hmmlearn's concatenated ``(N, D)`` with
@@ -86,27 +87,12 @@ class HMM(LatentModel):
         family: ComponentFamily,
         n_features: int | None = None,
         *,
-        batch_shape: Sequence[int] = (),
-        n_init: int = 1,
         init_params: str = "kmeans",
-        tol: float = 1e-3,
-        max_iter: int = 100,
-        seed: int | None = None,
         startprob_init: Any = None,
         transmat_init: Any = None,
         n_mix: int = 1,
         mix_weights_init: Any = None,
-        chunk_size: int | None = None,
-        learning_decay: float = 0.7,
-        learning_offset: float = 10.0,
-        step_size: float | None = None,
-        averaging_start: int | None = None,
-        prior_count: float = 0.0,
-        em_parameters: Sequence[str] | None = None,
-        warm_start: bool = False,
-        on_error: str | None = None,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
+        **options: Any,
     ) -> None:
         check_family(family)
         check_int(n_states, "n_states", minimum=1)
@@ -114,13 +100,8 @@ class HMM(LatentModel):
         names = {"start_logits": "log_startprob", "transition_logits": "log_transmat"}
         if n_mix > 1:
             names["mix_logits"] = "log_mix_weights"
-        super().__init__(
-            MarkovChain(n_mix), names, family, n_states * n_mix, n_features, batch_shape=batch_shape, tol=tol,
-            max_iter=max_iter, n_init=n_init, init_params=init_params, seed=seed, chunk_size=chunk_size,
-            learning_decay=learning_decay, learning_offset=learning_offset, step_size=step_size,
-            averaging_start=averaging_start, prior_count=prior_count, em_parameters=em_parameters,
-            warm_start=warm_start, on_error=on_error, device=device, dtype=dtype,
-        )
+        super().__init__(MarkovChain(n_mix), names, family, n_states * n_mix, n_features, init_params=init_params,
+                         **options)
         self.n_states = int(n_states)
         self.n_mix = int(n_mix)
         self.startprob_init = startprob_init

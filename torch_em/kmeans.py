@@ -1,6 +1,7 @@
 """``KMeans``: batched Lloyd's algorithm, the hard-assignment limit of Gaussian-mixture EM."""
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any, Callable, Sequence
 
@@ -23,6 +24,8 @@ from .streaming import StepSchedule
 from . import initialization
 from .initialization import random_points
 from .lloyd import cluster_sums, gather_points, lloyd, nearest, relative_tolerance, squared_distances, weighted_total
+
+logger = logging.getLogger(__name__)
 
 STREAM_BUFFERS = ("stream_counts", "stream_sums", "stream_steps")
 
@@ -210,6 +213,8 @@ class KMeans(Saveable, CheckedLoad, FollowsDataDtype):
         self.inertia_ = layout.pick(inertia, best)
         self.n_iter_ = layout.pick(result.n_iter, best)
         self.converged_ = layout.pick(result.converged, best)
+        logger.info("KMeans.fit: %d model(s) x %d restart(s): %d converged, %d-%d iterations", self.n_models, R,
+                    int(self.converged_.sum()), int(self.n_iter_.min()), int(self.n_iter_.max()))
         for name in STREAM_BUFFERS:  # a later partial_fit starts a new stream from these centres
             setattr(self, name, None)
         return self

@@ -12,6 +12,7 @@ engine's (:class:`torch_em.data.Data` and its kinds) and give their evaluation m
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import warnings
 from typing import Any, Callable, Sequence
@@ -36,6 +37,8 @@ from .layout import Layout
 from .own_reference import traced_direct_log_prob
 from .serialization import Saveable
 from .streaming import StepSchedule
+
+logger = logging.getLogger(__name__)
 
 #: Buffers of online EM's running state every model has (the latent structure adds
 #: ``stream_<statistic>`` for each of its own statistics).
@@ -253,6 +256,12 @@ class LatentModel(Saveable, CheckedLoad, FollowsDataDtype):
         self._clear_stream()  # a later partial_fit starts a new stream from these parameters
         self._record_failures(result.failures, best)
         not_converged = ~self.converged_ & ~self.failed_
+        if logger.isEnabledFor(logging.INFO) and max_iter > 0:
+            logger.info("%s.fit: %d model(s) x %d restart group(s): %d converged, %d failed, %d-%d iterations, "
+                        "mean lower bound %.6g", type(self).__name__, M, len(groups), int(self.converged_.sum()),
+                        int(self.failed_.sum()), int(self.n_iter_.min()), int(self.n_iter_.max()),
+                        float(self.lower_bound_[~self.failed_].double().mean()) if bool((~self.failed_).any())
+                        else math.nan)
         if bool(not_converged.any()) and max_iter > 0:
             warnings.warn(
                 f"{int(not_converged.sum())} of {M} model(s) did not converge in max_iter={max_iter} "
@@ -413,6 +422,8 @@ class LatentModel(Saveable, CheckedLoad, FollowsDataDtype):
         self.stream_steps = torch.tensor(steps, device=X.device)
         self.stream_shift = reference
         self._record_failures(failures, torch.zeros(M, dtype=torch.long, device=X.device))
+        logger.debug("%s.partial_fit: step %d, step size %.4g", type(self).__name__, steps,
+                     self.schedule.rho(steps - 1))
         mean = step.batch_log_likelihood[0] / data.total_weight
         self.lower_bound_ = layout.module(mean).masked_fill(self.failed_, math.nan)
         return self

@@ -6,6 +6,13 @@ Run on one machine with two processes (gloo on CPU; use NCCL and one GPU per ran
     torchrun --nproc_per_node=2 examples/distributed.py
 
 Each rank streams its shard through a DataLoader with a DistributedSampler.
+
+Which ranks pool their data is ``fit``'s ``process_group``: None (the default) uses the default
+group whenever one is initialised, as here; a ProcessGroup pools the data of its ranks only;
+``process_group=False`` fits every rank's own model on its own data (e.g. one model per rank in
+a data-parallel training job). A fit that only some ranks of its group call raises
+``torch_em.distributed.RanksDisagreeError`` within ``torch_em.distributed.PEER_TIMEOUT`` seconds
+(120) instead of waiting for the group's own timeout.
 """
 from __future__ import annotations
 

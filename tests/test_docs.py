@@ -4,6 +4,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ARCHITECTURE = Path(__file__).resolve().parents[1] / "docs" / "architecture.md"
@@ -66,3 +67,30 @@ def torch_finite(tensor) -> bool:
     import torch
 
     return bool(torch.isfinite(tensor).all())
+
+
+def test_the_readme_hmm_block_runs():
+    readme = Path(__file__).resolve().parents[1] / "README.md"
+    block = re.search(r"## Hidden Markov models\n.*?```python\n(.*?)```", readme.read_text(), flags=re.S).group(1)
+    namespace: dict = {}
+    exec(compile(block, "README.md (hidden Markov models)", "exec"), namespace)
+    hmm, states = namespace["hmm"], namespace["states"]
+    path, lengths = namespace["path"].numpy(), namespace["lengths"]
+    valid = np.arange(200) < lengths[:, None]
+    agreement = (path[valid] == states[valid]).mean()
+    assert max(agreement, 1 - agreement) > 0.95  # the regimes are decoded (up to the states' order)
+    assert hmm.means.grad is not None and bool(namespace["many"].converged_.all())
+
+
+def test_the_readme_saving_and_exporting_block_runs():
+    import torch
+
+    readme = Path(__file__).resolve().parents[1] / "README.md"
+    block = re.search(r"## Saving, loading and exporting a model\n.*?```python\n(.*?)```", readme.read_text(),
+                      flags=re.S).group(1)
+    namespace: dict = {}
+    exec(compile(block, "README.md (saving and exporting)", "exec"), namespace)
+    model, X = namespace["model"], namespace["X"]
+    assert torch.equal(namespace["labels"], model.predict(X)) and namespace["log_prob"].shape == (3, 600)
+    torch.testing.assert_close(namespace["log_prob"], model.log_prob(X).detach(), rtol=0, atol=1e-5)
+    assert torch.equal(namespace["whole"].predict(X), model.predict(X)) and namespace["per_dataset"].shape == (4, 3, 150)

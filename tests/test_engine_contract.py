@@ -16,29 +16,48 @@ import torch
 
 import torch_em
 from torch_em import em
-from torch_em.latent import MIXTURE
+from torch_em.data import SequenceData
+from torch_em.latent import MIXTURE, MarkovChain
 from torch_em.statistics import Statistics
 
 from conftest import blobs
 
 F64 = torch.float64
-LATENT = [pytest.param(MIXTURE, id="independent-categorical")]
+LATENT = [pytest.param(MIXTURE, id="independent-categorical"), pytest.param(MarkovChain(), id="markov-chain")]
+#: A Markov chain's data are sequences of this many consecutive rows.
+STEPS = 10
 FAMILIES = [pytest.param(torch_em.Gaussian("full", 1e-6), id="gaussian-full"),
             pytest.param(torch_em.Gaussian("diag", 1e-6), id="gaussian-diag")]
 
 
-def problem(family, n_models: int = 1, seed: int = 0):
+def problem(family, n_models: int = 1, seed: int = 0, latent=MIXTURE):
     """Per-model data X (M, N, 3) (or (N, 3) for one model) and starting parameters (1, M, ...)."""
     X = torch.stack([torch.as_tensor(blobs(30, seed=seed + m)) for m in range(n_models)])
     generator = torch.Generator().manual_seed(seed)
     theta = family.default_parameters((1, n_models), 3, 3, generator, X.device, F64)
     theta["loc"] = X[:, [0, 40, 80]].unsqueeze(0).clone()  # one start per cluster
-    log_weights = torch.full((1, n_models, 3), -math.log(3), dtype=F64)
-    return (X[0] if n_models == 1 else X), em.Params({"log_weights": log_weights}, theta)
+    if latent is MIXTURE:
+        latent_params = {"log_weights": torch.full((1, n_models, 3), -math.log(3), dtype=F64)}
+    else:  # whole sequences; a chain that prefers to stay: its posteriors are not those of a mixture
+        X = X[..., : X.shape[-2] // STEPS * STEPS, :]
+        latent_params = latent.default_parameters((1, n_models), 3, X)
+        latent_params["log_transmat"] = torch.tensor([[0.8, 0.1, 0.1], [0.2, 0.7, 0.1], [0.1, 0.3, 0.6]],
+                                                     dtype=F64).log().expand(1, n_models, 3, 3)
+    return (X[0] if n_models == 1 else X), em.Params(latent_params, theta)
 
 
-def data_of(family, X, chunk_size=1000, weights=None):
-    return em.Data(family, X, family.reference(X), chunk_size, weights=weights)
+def data_of(family, X, chunk_size=1000, weights=None, latent=MIXTURE, reference=None):
+    """X's rows as the structure's data: rows, or sequences of STEPS rows for a Markov chain."""
+    reference = family.reference(X) if reference is None else reference
+    if latent is MIXTURE:
+        return em.Data(family, X, reference, chunk_size, weights=weights)
+    lengths = torch.full((X.shape[-2] // STEPS,), STEPS)
+    return SequenceData(family, X, lengths, STEPS, reference, chunk_size, weights=weights)
+
+
+def batch_of(latent, part):
+    """A stream's batch of ``part``: (rows, weights) or (rows, weights, lengths)."""
+    return (part, None) if latent is MIXTURE else (part, None, torch.full((part.shape[-2] // STEPS,), STEPS))
 
 
 def assert_same_statistics(a: Statistics, b: Statistics, **tolerance) -> None:
@@ -54,13 +73,15 @@ def assert_same_statistics(a: Statistics, b: Statistics, **tolerance) -> None:
 @pytest.mark.parametrize("latent", LATENT)
 @pytest.mark.parametrize("family", FAMILIES)
 def test_statistics_add_over_chunks_and_batches(latent, family):
-    X, params = problem(family)
+    X, params = problem(family, latent=latent)
     reference = family.reference(X)
-    whole = em.e_step(latent, family, params, em.Data(family, X, reference, 1000))
-    chunked = em.e_step(latent, family, params, em.Data(family, X, reference, 13))
-    halves = [em.e_step(latent, family, params, em.Data(family, part, reference, 1000)) for part in X.split(50)]
-    stream = em.StreamData(family, lambda: iter([(part, None) for part in X.split(31)]), reference, len(X), 1000,
-                           em.Data(family, X, reference, 1000))
+    whole = em.e_step(latent, family, params, data_of(family, X, 1000, latent=latent))
+    chunked = em.e_step(latent, family, params, data_of(family, X, 13, latent=latent))
+    halves = [em.e_step(latent, family, params, data_of(family, part, 1000, latent=latent, reference=reference))
+              for part in X.split(50)]
+    piece = 31 if latent is MIXTURE else 3 * STEPS
+    stream = em.StreamData(family, lambda: iter([batch_of(latent, part) for part in X.split(piece)]), reference, len(X),
+                           1000, em.Data(family, X, reference, 1000))
     streamed = em.e_step(latent, family, params, stream)
     assert_same_statistics(chunked, whole)
     assert_same_statistics(sum(halves[1:], halves[0]), whole)
@@ -71,19 +92,22 @@ def test_statistics_add_over_chunks_and_batches(latent, family):
 @pytest.mark.parametrize("latent", LATENT)
 @pytest.mark.parametrize("family", FAMILIES)
 def test_weights_equal_repeated_points(latent, family):
-    X, params = problem(family)
-    weights = torch.as_tensor(np.random.default_rng(0).integers(0, 4, len(X)), dtype=F64)
+    X, params = problem(family, latent=latent)
+    unit = 1 if latent is MIXTURE else STEPS  # a sequence's steps share its weight
+    weights = torch.as_tensor(np.random.default_rng(0).integers(0, 4, len(X) // unit), dtype=F64)
     reference = family.reference(X)
-    weighted = em.e_step(latent, family, params, em.Data(family, X, reference, 37, weights=weights))
-    repeated = em.e_step(latent, family, params, em.Data(family, X.repeat_interleave(weights.long(), 0), reference, 37))
+    weighted = em.e_step(latent, family, params, data_of(family, X, 37, weights.repeat_interleave(unit), latent,
+                                                         reference))
+    units = X.view(-1, unit, X.shape[-1]).repeat_interleave(weights.long(), 0).flatten(0, 1)
+    repeated = em.e_step(latent, family, params, data_of(family, units, 37, latent=latent, reference=reference))
     assert_same_statistics(weighted, repeated)
 
 
 @pytest.mark.parametrize("latent", LATENT)
 @pytest.mark.parametrize("family", FAMILIES)
 def test_the_em_map_never_decreases_the_objective(latent, family):
-    X, params = problem(family, n_models=3)
-    em_map = em.EMMap(latent, family, data_of(family, X))
+    X, params = problem(family, n_models=3, latent=latent)
+    em_map = em.EMMap(latent, family, data_of(family, X, latent=latent))
     active = torch.ones(1, 3, dtype=torch.bool)
     objectives = []
     for _ in range(25):

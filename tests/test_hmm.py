@@ -300,3 +300,55 @@ def test_bad_initial_values_are_rejected():
 def test_not_fitted_raises():
     with pytest.raises(torch_em.NotFittedError):
         torch_em.GaussianHMM(2).predict(np.zeros((1, 3, 2)))
+
+
+def test_an_empty_state_is_reseeded_and_the_fit_goes_on():
+    """Five states for data with three regimes, started with two states on the same point:
+    a state that loses every step is re-seeded instead of failing."""
+    X, _ = regime_sequences(10, 40, seed=14)
+    means = np.concatenate([TRUE_MEANS, [[50.0, 50.0], [60.0, -60.0]]])  # two states far from every step
+    model = torch_em.GaussianHMM(5, "diag", dtype=F64, startprob_init=np.full(5, 0.2),
+                                 transmat_init=np.full((5, 5), 0.2), means_init=means, precisions_init=np.ones((5, 2)))
+    quiet(model.fit, X)
+    assert not bool(model.failed_) and bool(torch.isfinite(model.means).all())
+    assert float(model.means.detach().abs().max()) < 20  # the far states moved to the data
+
+
+def test_float32_score_matches_float64_on_a_long_sequence():
+    X, _ = regime_sequences(1, 100_000, seed=15)
+    init = dict(startprob_init=np.full(3, 1 / 3), transmat_init=TRUE_TRANSMAT, means_init=TRUE_MEANS,
+                precisions_init=np.ones((3, 2)))
+    f64 = torch_em.GaussianHMM(3, "diag", n_features=2, dtype=torch.float64, **init)
+    f32 = torch_em.GaussianHMM(3, "diag", n_features=2, dtype=torch.float32, **init)
+    exact, approximate = float(f64.score(X)), float(f32.score(X.astype(np.float32)))
+    assert abs(approximate - exact) <= 1e-6 * abs(exact), (approximate, exact)
+    np.testing.assert_allclose(f32.predict_proba(X.astype(np.float32)).double().numpy(),
+                               f64.predict_proba(X).numpy(), atol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_fit_equals_cpu_fit():
+    X, _ = regime_sequences(20, 300, seed=16)
+    lengths = np.random.default_rng(0).integers(1, 301, 20)
+    options = dict(startprob_init=np.full(3, 1 / 3), transmat_init=np.full((3, 3), 1 / 3), means_init=TRUE_MEANS + 0.5,
+                   precisions_init=np.ones((3, 2)), max_iter=20, tol=0.0, dtype=F64)
+    cpu = quiet(torch_em.GaussianHMM(3, "diag", **options).fit, X, lengths)
+    gpu = quiet(torch_em.GaussianHMM(3, "diag", device="cuda", **options).fit, X, lengths)
+    for name, value in parameters(cpu).items():
+        torch.testing.assert_close(parameters(gpu)[name].cpu(), value, atol=1e-9, rtol=0, msg=name)
+    assert torch.equal(gpu.predict(X, lengths).cpu(), cpu.predict(X, lengths))
+    batched = quiet(torch_em.GaussianHMM(3, "diag", batch_shape=(50,), device="cuda", seed=0).fit,
+                    np.broadcast_to(X, (50, *X.shape)).astype(np.float32), lengths)
+    assert batched.transmat.shape == (50, 3, 3) and bool(torch.isfinite(batched.lower_bound_).all())
+
+
+def test_gmm_hmm_initial_values_are_per_state_and_component():
+    means = np.arange(2 * 3 * 2, dtype=float).reshape(2, 3, 2)
+    model = torch_em.GMMHMM(2, 3, "diag", means_init=means)
+    assert tuple(model.means_init.shape) == (2, 3, 2)
+    np.testing.assert_array_equal(np.asarray(model.means_init), means)
+    model.means_init = means + 1  # set per state and component as well
+    model.precisions_init = np.ones((2, 3, 2))
+    X, _ = regime_sequences(4, 20, seed=17)
+    quiet(model.fit, X)
+    assert tuple(model.means.shape) == (2, 3, 2) and tuple(model.precisions_init.shape) == (2, 3, 2)

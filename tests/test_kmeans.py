@@ -235,3 +235,26 @@ def test_kmeans_plusplus_potential_close_to_sklearn():
 def test_kmeans_plusplus_bad_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         torch_em.kmeans_plusplus(clusters(2, 50, 2)[:100], **kwargs)
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_lloyd_compaction_to_the_running_models_changes_no_result(monkeypatch, shared):
+    """Models that converge drop out of the computed batch; the results equal those of a loop
+    that computes every model to the end."""
+    from torch_em import lloyd as lloyd_module
+
+    generator = torch.Generator().manual_seed(0)
+    X = torch.randn(6, 300, 2, generator=generator, dtype=torch.float64) * torch.linspace(0.5, 3, 6).view(6, 1, 1)
+    X = X[0] if shared else X
+    weights = torch.rand(*X.shape[:-1], generator=generator, dtype=torch.float64)
+    centres = torch.randn(3, 6, 4, 2, generator=generator, dtype=torch.float64)
+    results = {}
+    for fraction in (0.0, 0.5):
+        monkeypatch.setattr(lloyd_module, "COMPACTION_FRACTION", fraction)
+        results[fraction] = lloyd_module.lloyd(X, centres, max_iter=300, tol=1e-10, chunk_size=128, weights=weights)
+    plain, compacted = results[0.0], results[0.5]
+    assert len(set(plain.n_iter.flatten().tolist())) > 3  # the models stop at different iterations
+    assert torch.equal(plain.n_iter, compacted.n_iter) and torch.equal(plain.converged, compacted.converged)
+    assert torch.equal(plain.labels, compacted.labels)
+    torch.testing.assert_close(compacted.centres, plain.centres, rtol=0, atol=1e-12)
+    torch.testing.assert_close(compacted.distances, plain.distances, rtol=0, atol=1e-12)

@@ -7,9 +7,10 @@ from .hmm import HMM
 from .hmm_models import CategoricalHMM, GMMHMM, GaussianHMM, PoissonHMM
 from .kmeans import KMeans, kmeans_plusplus
 from .mixture import Mixture
-from . import functional, nn
+from . import functional, nn, serialization
 from .functional import EMState, ImplicitGradientWarning
 from .nn import EMLayer
+from .serialization import load
 from .training import reset_optimizer_state, saved_tensor_bytes
 
 __version__ = "0.1.0"
@@ -41,7 +42,9 @@ __all__ = [
     "NotFittedError",
     "functional",
     "kmeans_plusplus",
+    "load",
     "nn",
     "reset_optimizer_state",
     "saved_tensor_bytes",
+    "serialization",
 ]

@@ -133,8 +133,10 @@ def check_data(
     n_features: int | None,
     batch_shape: torch.Size,
     min_samples: int = 1,
+    finite: bool = True,
 ) -> None:
-    """Check that data has shape ``(N, D)`` or ``(*batch_shape, N, D)`` and is finite."""
+    """Check that data has shape ``(N, D)`` or ``(*batch_shape, N, D)`` and (unless ``finite`` is
+    False) is finite."""
     batch = tuple(batch_shape)
     d = "D" if n_features is None else f"D={n_features}"
     expected = f"(N, {d})" + (f" or ({', '.join(map(str, batch))}, N, {d})" if batch else "")
@@ -145,7 +147,8 @@ def check_data(
         raise ValueError(
             f"{name} must have at least {min_samples} sample(s) (one per component), got N={X.shape[-2]}"
         )
-    check_finite(X, name)
+    if finite:
+        check_finite(X, name)
 
 
 def check_positive(value: float, name: str, *, allow_zero: bool = False) -> None:

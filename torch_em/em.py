@@ -25,6 +25,7 @@ GEMMs copy-free and keeps the reductions over a short K axis vectorised along th
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -42,6 +43,8 @@ from .normalize import log_normalize
 from .own_reference import OwnReference
 from .params import Params, where_models  # noqa: F401  (the engine's parameter tree)
 from .statistics import Statistics, floored_counts
+
+logger = logging.getLogger(__name__)
 
 #: A fit computes only the models still running: once they are at most this fraction of the
 #: models it computes, the working batch is compacted to them (their data and parameters copied
@@ -231,6 +234,7 @@ def reseed_empty(
     empty = (stats.counts < family.min_count) & active.unsqueeze(-1)  # (R, M, K)
     if not bool(empty.any()):
         return stats
+    logger.debug("re-seeding %d empty component(s) in %d model(s)", int(empty.sum()), int(empty.any(-1).sum()))
     n_components = stats.counts.shape[-1]
     points = candidates(n_components)  # (R, M, K, F)
     rank = (empty.cumsum(-1) - 1).clamp_min(0)  # j-th empty component takes the j-th worst point
@@ -553,6 +557,7 @@ def run_em(
         if n_active <= COMPACTION_FRACTION * batch.size:  # from now on compute only the running models
             full = batch.flushed(full, params, n_iter, converged, lower_bound)
             keep = active.flatten().nonzero().squeeze(-1)  # their positions in the working batch
+            logger.debug("iteration %d: computing only the %d running model(s) of %d", iteration, n_active, batch.size)
             batch.index = keep if batch.index is None else batch.index[keep]
             em_map = full_map.models(batch.index, M)
             params, last_valid = params.models(keep), last_valid.models(keep)

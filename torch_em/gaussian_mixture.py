@@ -47,6 +47,11 @@ class GaussianViews:
     def precisions_init(self, value: Any) -> None:
         self.family.precisions_init = value
 
+    def _gaussian_config(self) -> dict[str, Any]:
+        """The Gaussian family's constructor arguments under the model's names."""
+        return {"covariance_type": self.covariance_type, "reg_covar": self.reg_covar, "means_init": self.means_init,
+                "precisions_init": self.precisions_init}
+
     @property
     def means(self) -> torch.Tensor:
         return self.theta()["loc"]
@@ -116,6 +121,11 @@ class GaussianMixture(GaussianViews, Mixture):
             step_size=step_size, averaging_start=averaging_start, prior_count=prior_count, em_parameters=em_parameters,
             warm_start=warm_start, on_error=on_error, device=device, dtype=dtype,
         )
+
+    def _config(self) -> dict[str, Any]:
+        config = super()._config()
+        del config["family"]
+        return {**config, **self._gaussian_config()}
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", covariance_type={self.covariance_type!r}"

@@ -14,12 +14,13 @@ Parameters (unconstrained, ``(*batch_shape, ...)``): ``start_logits (*b, K)``,
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
 from . import em
 from ._precision import without_autocast
+from ._tracing import is_traced
 from . import distributed
 from ._validation import (
     as_float_tensor, check_family, check_finite, check_int, check_sample_weight, check_shape, data_dtype,
@@ -62,9 +63,10 @@ class HMM(LatentModel):
         init_params: how the emissions are initialised from the data's steps (``"kmeans"``,
             ``"k-means++"``, ``"random"``, ``"random_from_data"``); the chain starts uniform
             unless given. With every initial value given, no data-driven initialisation runs.
-        Other options as :class:`torch_em.Mixture` (``batch_shape``, ``n_init``, ``tol`` on the
-        mean log-likelihood per time step, ``max_iter``, ``seed``, ``em_parameters`` with the
-        names above, ``warm_start``, ``on_error``, online-EM step sizes, ``device``, ``dtype``).
+        options: as :class:`torch_em.Mixture`'s, forwarded: ``batch_shape=()``, ``n_init=1``,
+            ``tol=1e-3`` (on the mean log-likelihood per time step), ``max_iter=100``,
+            ``seed=None``, ``chunk_size``, ``em_parameters`` (names above), ``warm_start``,
+            ``on_error``, the online-EM step sizes, ``prior_count``, ``device=None``, ``dtype=None``.
 
     Data (``X``): padded ``(S, T, D)`` for every model of the batch or ``(*batch_shape, S, T, D)``,
     with ``lengths (S,)`` or a prefix ``mask (S, T)``; or hmmlearn's concatenated ``(N, D)`` with
@@ -85,27 +87,12 @@ class HMM(LatentModel):
         family: ComponentFamily,
         n_features: int | None = None,
         *,
-        batch_shape: Sequence[int] = (),
-        n_init: int = 1,
         init_params: str = "kmeans",
-        tol: float = 1e-3,
-        max_iter: int = 100,
-        seed: int | None = None,
         startprob_init: Any = None,
         transmat_init: Any = None,
         n_mix: int = 1,
         mix_weights_init: Any = None,
-        chunk_size: int | None = None,
-        learning_decay: float = 0.7,
-        learning_offset: float = 10.0,
-        step_size: float | None = None,
-        averaging_start: int | None = None,
-        prior_count: float = 0.0,
-        em_parameters: Sequence[str] | None = None,
-        warm_start: bool = False,
-        on_error: str | None = None,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
+        **options: Any,
     ) -> None:
         check_family(family)
         check_int(n_states, "n_states", minimum=1)
@@ -113,19 +100,19 @@ class HMM(LatentModel):
         names = {"start_logits": "log_startprob", "transition_logits": "log_transmat"}
         if n_mix > 1:
             names["mix_logits"] = "log_mix_weights"
-        super().__init__(
-            MarkovChain(n_mix), names, family, n_states * n_mix, n_features, batch_shape=batch_shape, tol=tol,
-            max_iter=max_iter, n_init=n_init, init_params=init_params, seed=seed, chunk_size=chunk_size,
-            learning_decay=learning_decay, learning_offset=learning_offset, step_size=step_size,
-            averaging_start=averaging_start, prior_count=prior_count, em_parameters=em_parameters,
-            warm_start=warm_start, on_error=on_error, device=device, dtype=dtype,
-        )
+        super().__init__(MarkovChain(n_mix), names, family, n_states * n_mix, n_features, init_params=init_params,
+                         **options)
         self.n_states = int(n_states)
         self.n_mix = int(n_mix)
         self.startprob_init = startprob_init
         self.transmat_init = transmat_init
         self.mix_weights_init = mix_weights_init
         self._create_initial_parameters()
+
+    def _config(self) -> dict[str, Any]:
+        return {"n_states": self.n_states, "family": self.family, "startprob_init": self.startprob_init,
+                "transmat_init": self.transmat_init, "n_mix": self.n_mix, "mix_weights_init": self.mix_weights_init,
+                **super()._config()}
 
     # --- basic properties -----------------------------------------------------------------
     @property
@@ -157,24 +144,30 @@ class HMM(LatentModel):
     @without_autocast
     @torch.no_grad()
     def fit(self, X: Any, lengths: Any = None, sample_weight: Any = None, *, mask: Any = None,
-            verbose: bool = False) -> "HMM":
+            verbose: bool = False, process_group: Any = None) -> "HMM":
         """Baum-Welch for every model of the batch (restarts as an extra batch dimension), or,
         with ``warm_start`` and existing parameters, EM continued from them.
 
         ``X``, ``lengths``/``mask`` and ``sample_weight`` (per sequence) as in the class doc.
-        Raises ValueError before changing anything for malformed input.
+        Raises ValueError before changing anything for malformed input. ``process_group``: the
+        torch.distributed group whose ranks hold the other sequences (None: the default group
+        when one is initialised; False: this rank's sequences alone).
         """
-        return self._fit(self._fit_data(X, lengths, mask, sample_weight), verbose, self.max_iter)
+        with distributed.using(process_group, f"{type(self).__name__}.fit"):
+            return self._fit(self._fit_data(X, lengths, mask, sample_weight), verbose, self.max_iter)
 
     @without_autocast
     @torch.no_grad()
-    def initialize(self, X: Any, lengths: Any = None, sample_weight: Any = None, *, mask: Any = None) -> "HMM":
+    def initialize(self, X: Any, lengths: Any = None, sample_weight: Any = None, *, mask: Any = None,
+                   process_group: Any = None) -> "HMM":
         """The initial parameters of :meth:`fit` without EM (``n_iter_`` 0, ``lower_bound_`` -inf)."""
-        return self._initialize(self._fit_data(X, lengths, mask, sample_weight))
+        with distributed.using(process_group, f"{type(self).__name__}.initialize"):
+            return self._initialize(self._fit_data(X, lengths, mask, sample_weight))
 
     @without_autocast
     @torch.no_grad()
-    def partial_fit(self, X: Any, lengths: Any = None, sample_weight: Any = None, *, mask: Any = None) -> "HMM":
+    def partial_fit(self, X: Any, lengths: Any = None, sample_weight: Any = None, *, mask: Any = None,
+                    process_group: Any = None) -> "HMM":
         """One stepwise (online) EM update from a batch of sequences: the running statistics
         (emission sums, expected start and transition counts, per time step) move towards the
         batch's by ``rho_t``, and the parameters are their M-step (see
@@ -187,7 +180,8 @@ class HMM(LatentModel):
             return SequenceData(self.family, sequences.rows, sequences.lengths, sequences.n_steps, reference,
                                 self._hmm_chunk_size(sequences.rows.shape[-1]), weights=weights)
 
-        return self._partial_fit(sequences.rows, data)
+        with distributed.using(process_group, f"{type(self).__name__}.partial_fit"):
+            return self._partial_fit(sequences.rows, data)
 
     def _fit_data(self, X: Any, lengths: Any, mask: Any, sample_weight: Any) -> SequenceData | em.StreamData:
         """The engine's data of ``fit``'s arguments: sequences in memory, or a batch source
@@ -270,6 +264,8 @@ class HMM(LatentModel):
         X = as_float_tensor(X, "X", device=self.device, dtype=dtype, allow_bool=self.family.accepts_bool)
         sequences = as_sequences(X, lengths, mask, name="X", n_features=n_features or self.n_features,
                                  batch_shape=tuple(self.batch_shape), codes=self._takes_codes())
+        if is_traced(X):  # no values to check (see torch_em._tracing.is_traced)
+            return sequences
         if sequences.n_points < min_points:
             raise ValueError(f"X must have at least {min_points} time step(s) in all (one per component), "
                              f"got {sequences.n_points}")
@@ -347,10 +343,9 @@ class HMM(LatentModel):
         for concatenated X; NaN for models in ``failed_``."""
         sequences, log_emission = self._evaluated(X, lengths, mask)
         log_start, log_trans = self._chain()
-        self._finite(log_likelihood(log_emission, log_start, log_trans, sequences.lengths).reshape(
-            *self.batch_shape, -1), "predict_proba")
-        posteriors = forward_backward(log_emission, log_start, log_trans, sequences.lengths).posteriors
-        posteriors = posteriors.reshape(*self.batch_shape, *posteriors.shape[1:])
+        result = forward_backward(log_emission, log_start, log_trans, sequences.lengths)
+        self._finite(result.log_evidence.reshape(*self.batch_shape, -1), "predict_proba")
+        posteriors = result.posteriors.reshape(*self.batch_shape, *result.posteriors.shape[1:])
         return self._without_failed(sequences.per_step(posteriors, n_trailing=1), math.nan)
 
     @torch.no_grad()

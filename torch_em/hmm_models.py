@@ -32,8 +32,18 @@ class GaussianHMM(GaussianViews, HMM):
         family = Gaussian(covariance_type, reg_covar, means_init=means_init, precisions_init=precisions_init)
         super().__init__(n_components, family, n_features, **options)
 
+    def _config(self) -> dict[str, Any]:
+        return {**_hmm_options(super()._config(), self.n_states), **self._gaussian_config()}
+
     def extra_repr(self) -> str:
         return super().extra_repr() + f", covariance_type={self.covariance_type!r}"
+
+
+def _hmm_options(config: dict[str, Any], n_states: int) -> dict[str, Any]:
+    """:meth:`HMM._config` as the keyword arguments of a class below that names the number of
+    states ``n_components`` and builds its own family."""
+    options = {key: value for key, value in config.items() if key not in ("n_states", "family")}
+    return {"n_components": n_states, **options}
 
 
 class GMMHMM(GaussianViews, HMM):
@@ -61,6 +71,39 @@ class GMMHMM(GaussianViews, HMM):
                           precisions_init=_components_flattened(precisions_init, "precisions_init", per_component))
         super().__init__(n_components, family, n_features, n_mix=n_mix, mix_weights_init=weights_init, **options)
 
+    def _config(self) -> dict[str, Any]:
+        config = _hmm_options(super()._config(), self.n_states)
+        config["weights_init"] = config.pop("mix_weights_init")
+        return {**config, **self._gaussian_config(),
+                "means_init": self.means_init, "precisions_init": self.precisions_init}
+
+    # The family holds initial values per component (..., K * n_mix, *event); users see and set
+    # them per state and component (..., K, n_mix, *event).
+    @property
+    def means_init(self) -> Any:
+        return self._per_state_initial(self.family.means_init, 1)
+
+    @means_init.setter
+    def means_init(self, value: Any) -> None:
+        self.family.means_init = _components_flattened(value, "means_init", 1)
+
+    @property
+    def precisions_init(self) -> Any:
+        return self._per_state_initial(self.family.precisions_init, self._n_covariance_axes)
+
+    @precisions_init.setter
+    def precisions_init(self, value: Any) -> None:
+        self.family.precisions_init = _components_flattened(value, "precisions_init", self._n_covariance_axes)
+
+    @property
+    def _n_covariance_axes(self) -> int:
+        """Event axes of one component's covariance (full 2, diag 1, spherical 0)."""
+        return {"full": 2, "diag": 1, "spherical": 0}[self.covariance_type]
+
+    def _per_state_initial(self, value: Any, n_event: int) -> Any:
+        """A family's initial array (..., K * n_mix, *event) as the user's (..., K, n_mix, *event)."""
+        return None if value is None else self._per_state(torch.as_tensor(value), n_event)
+
     @property
     def weights(self) -> torch.Tensor:
         """Within-state mixture weights ``(*batch_shape, K, n_mix)``."""
@@ -72,11 +115,11 @@ class GMMHMM(GaussianViews, HMM):
 
     @property
     def covariances(self) -> torch.Tensor:
-        return self._per_state(super().covariances, {"full": 2, "diag": 1, "spherical": 0}[self.covariance_type])
+        return self._per_state(super().covariances, self._n_covariance_axes)
 
     @property
     def precisions(self) -> torch.Tensor:
-        return self._per_state(super().precisions, {"full": 2, "diag": 1, "spherical": 0}[self.covariance_type])
+        return self._per_state(super().precisions, self._n_covariance_axes)
 
     def _per_state(self, values: torch.Tensor, n_event: int) -> torch.Tensor:
         """(*b, K * n_mix, *event) -> (*b, K, n_mix, *event) with ``n_event`` event axes."""
@@ -111,6 +154,11 @@ class CategoricalHMM(HMM):
         super().__init__(n_components, Categorical(n_features, probs_init=probs), 1, **options)
         self.n_symbols = int(n_features)
 
+    def _config(self) -> dict[str, Any]:
+        probs = self.family.probs_init
+        return {**_hmm_options(super()._config(), self.n_states), "n_features": self.n_symbols,
+                "emissionprob_init": None if probs is None else probs[..., 0, :]}
+
     @property
     def emissionprob(self) -> torch.Tensor:
         """Symbol probabilities per state ``(*batch_shape, K, n_features)``."""
@@ -124,6 +172,9 @@ class PoissonHMM(HMM):
     def __init__(self, n_components: int = 1, n_features: int | None = None, *, lambdas_init: Any = None,
                  **options: Any) -> None:
         super().__init__(n_components, Poisson(rates_init=lambdas_init), n_features, **options)
+
+    def _config(self) -> dict[str, Any]:
+        return {**_hmm_options(super()._config(), self.n_states), "lambdas_init": self.family.rates_init}
 
     @property
     def lambdas(self) -> torch.Tensor:

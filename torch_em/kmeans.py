@@ -1,6 +1,7 @@
 """``KMeans``: batched Lloyd's algorithm, the hard-assignment limit of Gaussian-mixture EM."""
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any, Callable, Sequence
 
@@ -17,11 +18,14 @@ from ._random import RestartStreams, resolve_seed, restart_groups
 from ._state import CheckedLoad, check_state, own_entries
 from .em import cat_restarts
 from .layout import Layout
+from .serialization import Saveable
 from .statistics import Statistics
 from .streaming import StepSchedule
 from . import initialization
 from .initialization import random_points
 from .lloyd import cluster_sums, gather_points, lloyd, nearest, relative_tolerance, squared_distances, weighted_total
+
+logger = logging.getLogger(__name__)
 
 STREAM_BUFFERS = ("stream_counts", "stream_sums", "stream_steps")
 
@@ -69,7 +73,7 @@ def _check_weighted_magnitude(X: torch.Tensor, total_weight: float) -> None:
         )
 
 
-class KMeans(CheckedLoad, FollowsDataDtype):
+class KMeans(Saveable, CheckedLoad, FollowsDataDtype):
     """A batch of k-means clusterings fitted by Lloyd's algorithm with batched tensor ops.
 
     Args:
@@ -166,6 +170,14 @@ class KMeans(CheckedLoad, FollowsDataDtype):
     def n_models(self) -> int:
         return math.prod(self.batch_shape)
 
+    def _config(self) -> dict[str, Any]:
+        """The constructor's keyword arguments (without ``device`` and ``dtype``), as
+        :mod:`torch_em.serialization` saves them."""
+        return {"n_clusters": self.n_clusters, "init": self.init, "n_init": self.n_init, "max_iter": self.max_iter,
+                "tol": self.tol, "batch_shape": tuple(self.batch_shape), "seed": self.seed,
+                "chunk_size": self.chunk_size, "learning_decay": self.schedule.learning_decay,
+                "learning_offset": self.schedule.learning_offset, "step_size": self.schedule.step_size}
+
     @property
     def n_features(self) -> int | None:
         return self.cluster_centers_.shape[-1] if self.cluster_centers_.numel() else None
@@ -201,6 +213,8 @@ class KMeans(CheckedLoad, FollowsDataDtype):
         self.inertia_ = layout.pick(inertia, best)
         self.n_iter_ = layout.pick(result.n_iter, best)
         self.converged_ = layout.pick(result.converged, best)
+        logger.info("KMeans.fit: %d model(s) x %d restart(s): %d converged, %d-%d iterations", self.n_models, R,
+                    int(self.converged_.sum()), int(self.n_iter_.min()), int(self.n_iter_.max()))
         for name in STREAM_BUFFERS:  # a later partial_fit starts a new stream from these centres
             setattr(self, name, None)
         return self

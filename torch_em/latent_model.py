@@ -12,6 +12,7 @@ engine's (:class:`torch_em.data.Data` and its kinds) and give their evaluation m
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import warnings
 from typing import Any, Callable, Sequence
@@ -24,6 +25,7 @@ from . import distributed, em
 from ._precision import FollowsDataDtype
 from ._random import resolve_seed, restart_groups
 from ._state import CheckedLoad, check_state, own_entries
+from ._tracing import is_traced
 from ._validation import (
     as_float_tensor, check_choice, check_common_options, check_data, check_device, check_dtype, check_em_parameters,
     check_int, check_positive, data_dtype,
@@ -32,7 +34,11 @@ from .families.base import ComponentFamily, IllConditionedError, NotFittedError,
 from .initialization import METHODS, initial_parameters
 from .latent import LatentStructure
 from .layout import Layout
+from .own_reference import traced_direct_log_prob
+from .serialization import Saveable
 from .streaming import StepSchedule
+
+logger = logging.getLogger(__name__)
 
 #: Buffers of online EM's running state every model has (the latent structure adds
 #: ``stream_<statistic>`` for each of its own statistics).
@@ -43,7 +49,7 @@ ON_ERROR = ("raise", "isolate")
 QUOTED_FAILURES = 3
 
 
-class LatentModel(CheckedLoad, FollowsDataDtype):
+class LatentModel(Saveable, CheckedLoad, FollowsDataDtype):
     """A batch of models with hidden states of ``latent`` and emissions of ``n_components``
     components of ``family``; the options are :class:`torch_em.Mixture`'s.
 
@@ -160,6 +166,18 @@ class LatentModel(CheckedLoad, FollowsDataDtype):
         theta.update(self._user_initial_parameters(self.n_features))
         self._assign(theta, create=True)
 
+    def _config(self) -> dict[str, Any]:
+        """The constructor's keyword arguments every model shares (without ``device`` and
+        ``dtype``), as :mod:`torch_em.serialization` saves them; subclasses add their own."""
+        return {
+            "n_features": self.n_features, "batch_shape": tuple(self.batch_shape), "tol": self.tol,
+            "max_iter": self.max_iter, "n_init": self.n_init, "init_params": self.init_params, "seed": self.seed,
+            "chunk_size": self.chunk_size, "learning_decay": self.schedule.learning_decay,
+            "learning_offset": self.schedule.learning_offset, "step_size": self.schedule.step_size,
+            "averaging_start": self.averaging_start, "prior_count": self.prior_count,
+            "em_parameters": self.em_parameters, "warm_start": self.warm_start, "on_error": self.on_error,
+        }
+
     # --- basic properties -----------------------------------------------------------------
     @property
     def em_parameters(self) -> tuple[str, ...]:
@@ -238,6 +256,12 @@ class LatentModel(CheckedLoad, FollowsDataDtype):
         self._clear_stream()  # a later partial_fit starts a new stream from these parameters
         self._record_failures(result.failures, best)
         not_converged = ~self.converged_ & ~self.failed_
+        if logger.isEnabledFor(logging.INFO) and max_iter > 0:
+            logger.info("%s.fit: %d model(s) x %d restart group(s): %d converged, %d failed, %d-%d iterations, "
+                        "mean lower bound %.6g", type(self).__name__, M, len(groups), int(self.converged_.sum()),
+                        int(self.failed_.sum()), int(self.n_iter_.min()), int(self.n_iter_.max()),
+                        float(self.lower_bound_[~self.failed_].double().mean()) if bool((~self.failed_).any())
+                        else math.nan)
         if bool(not_converged.any()) and max_iter > 0:
             warnings.warn(
                 f"{int(not_converged.sum())} of {M} model(s) did not converge in max_iter={max_iter} "
@@ -398,6 +422,8 @@ class LatentModel(CheckedLoad, FollowsDataDtype):
         self.stream_steps = torch.tensor(steps, device=X.device)
         self.stream_shift = reference
         self._record_failures(failures, torch.zeros(M, dtype=torch.long, device=X.device))
+        logger.debug("%s.partial_fit: step %d, step size %.4g", type(self).__name__, steps,
+                     self.schedule.rho(steps - 1))
         mean = step.batch_log_likelihood[0] / data.total_weight
         self.lower_bound_ = layout.module(mean).masked_fill(self.failed_, math.nan)
         return self
@@ -426,6 +452,8 @@ class LatentModel(CheckedLoad, FollowsDataDtype):
         eta, const = em.joint_parameters(self.latent, self.family, params, reference)
         T, h = self.family.features(X, reference)
         lp = em.emission_log_prob(T, h, eta, const)  # (1, M, K, N)
+        if is_traced(X):  # the same values as a program without data-dependent branches
+            return traced_direct_log_prob(self.family, theta, log_prior, reference, X, lp)
         own = em.OwnReference.of(self.family, theta, log_prior, reference, evaluation=True)
         if own is not None:  # components the expansion about the reference would not resolve
             own.write_log_prob(own.groups(X, self.n_components, self.n_models), lp)
@@ -460,6 +488,8 @@ class LatentModel(CheckedLoad, FollowsDataDtype):
         """``result`` (*batch_shape, ...), or a ValueError when it overflowed for a model that did
         not fail (e.g. points so far from every component that their log-density is below the
         dtype's range); models in ``failed_`` are NaN by design."""
+        if is_traced(result):  # no values to check (see is_traced)
+            return result
         finite = torch.isfinite(result)
         if self.failed_ is not None and bool(self.failed_.any()):
             finite = em.where_models(self.failed_.to(result.device), True, finite)
@@ -472,7 +502,7 @@ class LatentModel(CheckedLoad, FollowsDataDtype):
 
     def _without_failed(self, values: torch.Tensor, fill: float) -> torch.Tensor:
         """``values`` (*batch_shape, ...) with ``fill`` for the models whose last fit failed."""
-        if self.failed_ is None or not bool(self.failed_.any()):
+        if self.failed_ is None or (not is_traced(values) and not bool(self.failed_.any())):
             return values
         return em.where_models(self.failed_.to(values.device), fill, values)
 
@@ -517,8 +547,11 @@ class LatentModel(CheckedLoad, FollowsDataDtype):
         dtype = data_dtype(X) if adopts else self.dtype
         X = as_float_tensor(X, name, device=self.device, dtype=dtype, allow_bool=self.family.accepts_bool)
         n_features = n_features if n_features is not None else self.n_features
-        check_data(X, name, n_features=n_features, batch_shape=self.batch_shape, min_samples=min_samples)
-        self.family.check_domain(X, name)
+        traced = is_traced(X)  # values are checked when they exist (not under export, compile, vmap)
+        check_data(X, name, n_features=n_features, batch_shape=self.batch_shape, min_samples=min_samples,
+                   finite=not traced)
+        if not traced:
+            self.family.check_domain(X, name)
         if adopts and dtype != self.dtype:
             self._anchor = self._anchor.to(dtype)
         return X

@@ -243,10 +243,13 @@ def lloyd(
     R, M, K, D = centres.shape
     active = torch.ones(R, M, dtype=torch.bool, device=X.device)
     n_iter = torch.zeros(R, M, dtype=torch.long, device=X.device)
+    tol = torch.as_tensor(tol, dtype=X.dtype, device=X.device).expand(R, M)
     norms = X.square().sum(-1)  # (N,) or (M, N)
     labels, dist = nearest(X, centres, chunk_size, norms)
     running_sums, running_counts = cluster_sums(X, labels, K, chunk_size, accumulator_dtype(X.device), weights)
     members = None if weights is None else positive_members(labels, weights, K)
+    batch = _LloydBatch(R, M)
+    every_X, every_norms, every_weights = X, norms, weights
     for iteration in range(1, max_iter + 1):
         sums, counts = running_sums.to(X.dtype), running_counts.to(X.dtype)
         empty = counts == 0 if members is None else members == 0
@@ -261,6 +264,60 @@ def lloyd(
         labels, dist = nearest(X, centres, chunk_size, norms)
         _move_points(X, running_sums, running_counts, previous, labels, weights, members)
         active &= shift > tol
-        if not bool(active.any()):
+        n_active = int(active.sum())
+        if n_active == 0:
             break
-    return LloydResult(centres, labels, dist, n_iter, ~active)
+        if n_active <= COMPACTION_FRACTION * active.numel():  # from now on only the running models
+            keep = batch.compact(dict(centres=centres, labels=labels, dist=dist, n_iter=n_iter, active=active))
+            centres, labels, dist, n_iter, active, tol, running_sums, running_counts = (
+                batch.select(value, keep) for value in
+                (centres, labels, dist, n_iter, active, tol, running_sums, running_counts))
+            members = None if members is None else batch.select(members, keep)
+            models = batch.index % M  # the data of the running models, from the whole batch's
+            X, norms = (X, norms) if X.dim() == 2 else (every_X[models], every_norms[models])
+            weights = weights if weights is None or weights.dim() == 1 else every_weights[models]
+    done = batch.results(centres=centres, labels=labels, dist=dist, n_iter=n_iter, active=active)
+    return LloydResult(done["centres"], done["labels"], done["dist"], done["n_iter"], ~done["active"])
+
+
+#: Once at most this fraction of the models a Lloyd loop computes still run, it computes only
+#: those (their data and state copied out), so its cost follows the running models.
+COMPACTION_FRACTION = 0.5
+
+
+class _LloydBatch:
+    """The models (R, M) a Lloyd loop still computes: all, or after a compaction the running
+    ones as (1, A) (``index``: their flat positions in R * M); ``full`` holds every model's
+    latest values of the results."""
+
+    def __init__(self, R: int, M: int):
+        self.shape = (R, M)
+        self.index: torch.Tensor | None = None
+        self.full: dict[str, torch.Tensor] = {}
+
+    def compact(self, values: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Record the working ``values`` in the full results; the positions (A,) of the running
+        models (``values["active"]``) among the working ones."""
+        self._flush(values)
+        keep = values["active"].flatten().nonzero().squeeze(-1)
+        self.index = keep if self.index is None else self.index[keep]
+        return keep
+
+    @staticmethod
+    def select(value: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """(R', M', ...) -> (1, A, ...): the running models' values."""
+        return value.flatten(0, 1)[keep].unsqueeze(0)
+
+    def results(self, **values: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Every model's results (R, M, ...)."""
+        if self.index is None:
+            return values
+        self._flush(values)
+        return self.full
+
+    def _flush(self, values: dict[str, torch.Tensor]) -> None:
+        for name, value in values.items():
+            if self.index is None:
+                self.full[name] = value.clone()
+            else:
+                self.full[name].view(-1, *value.shape[2:])[self.index] = value[0]

@@ -29,14 +29,16 @@ Two schedules compute the recursions, with the same results (to rounding):
 
 * ``"sequential"``: one step per time step, batched over (G, S).
 * ``"blocked"`` (a two-level scan for long sequences): the ``T - 1`` transitions are cut into
-  ``B`` blocks of ``L`` steps. (1) Within all blocks at once, running products of the step
-  matrices ``A diag(e_t)`` (suffix products for the smoother), ``L`` steps, every row normalised
-  by its sum with its log-scale kept (per row, so that a starting state whose row is ~1e-300 of
-  another's is not lost: a left-to-right chain stuck in its last state needs exactly that row);
-  (2) a ``B``-step pass over the block boundaries with vectors, in log space (float64);
-  (3) the filter (smoother) inside every block by one batched vector-matrix product. That is
-  ``2 (L + B) ~ 4 sqrt(T)`` loop steps instead of ``2 T``, for ``K`` times more arithmetic.
-  The same for Viterbi in the max-plus semiring, with a backpointer matrix per step inside the
+  ``B`` blocks of ``L ~ sqrt(T)`` steps. (1) Within all blocks at once, the running product of the
+  step matrices ``A diag(e_t)``, ``L`` steps, every row normalised by its sum each step with its
+  log-scale kept (per row, so that a starting state whose row is ~1e-300 of another's is not
+  lost: a left-to-right chain stuck in its last state needs exactly that row). The product of a
+  block serves the filter (row vector times it) and the smoother (it times a column vector).
+  (2) A ``B``-step pass over the block boundaries, for each direction, in log space (float64:
+  one ``logsumexp`` per block). (3) The filter and the smoother inside all blocks at once,
+  restarted from the exact boundary vectors: ``L`` vector steps each. That is
+  ``3 L + 2 B ~ 5 sqrt(T)`` loop steps instead of ``2 T``, for ``K`` times more arithmetic in (1).
+  Viterbi is the same in the max-plus semiring, with a backpointer matrix per step inside the
   blocks, a ``B``-step pass over the boundaries, and backtracking inside all blocks at once.
 
 Padded steps (``t >= len``) are masked on entry (their emissions may be anything, NaN included)
@@ -96,15 +98,12 @@ def forward_backward(
         Returns :class:`ForwardBackward`.
     """
     with torch.no_grad():
-        G, S, T, K = log_emission.shape
-        schedule = _resolve_method(method, G, S, T, K)
-        steps = _prepare(log_emission, lengths, _padded_length(schedule, T))
-        transmat = log_transmat.exp()
-        alpha, log_prefix = _filter(steps, log_startprob.exp(), transmat, schedule)
-        beta = _smooth(steps, transmat, schedule)
+        forward = _forward_pass(log_emission, log_startprob, log_transmat, lengths, method)
+        beta = _smooth(forward.steps, forward.transmat, forward.blocks)
+        G, S = log_emission.shape[:2]
         seq_weights = _per_sequence(weights, G, S, log_emission)
-        posteriors, start, transitions = _statistics(steps, alpha, beta, transmat, seq_weights)
-        return ForwardBackward(posteriors, start, transitions, _log_evidence(log_prefix, steps, log_emission.dtype))
+        posteriors, start, transitions = _statistics(forward, beta, seq_weights)
+        return ForwardBackward(posteriors, start, transitions, forward.filtered.log_evidence.to(log_emission.dtype))
 
 
 def log_likelihood(
@@ -127,11 +126,8 @@ def log_likelihood(
     """
     if torch.is_grad_enabled() and any(x.requires_grad for x in (log_emission, log_startprob, log_transmat)):
         return _LogLikelihood.apply(log_emission, log_startprob, log_transmat, lengths, method)
-    G, S, T, K = log_emission.shape
-    schedule = _resolve_method(method, G, S, T, K)
-    steps = _prepare(log_emission, lengths, _padded_length(schedule, T))
-    _, log_prefix = _filter(steps, log_startprob.exp(), log_transmat.exp(), schedule)
-    return _log_evidence(log_prefix, steps, log_emission.dtype)
+    forward = _forward_pass(log_emission, log_startprob, log_transmat, lengths, method)
+    return forward.filtered.log_evidence.to(log_emission.dtype)
 
 
 def viterbi(
@@ -151,7 +147,9 @@ def viterbi(
     """
     with torch.no_grad():
         G, S, T, K = log_emission.shape
-        schedule = _resolve_method(method, G, S, T, K)
+        schedule = _resolve_method(method, G, S, T, K, VITERBI_PRODUCT_FACTOR)
+        if method == "auto" and G * S * T * K * K > VITERBI_BLOCKED_MAX_POINTERS:
+            schedule = "sequential"  # blocked keeps a K x K backpointer matrix per step
         steps = _prepare(log_emission, lengths, _padded_length(schedule, T), log_space=True)
         if schedule == "blocked":
             path, log_prob = _viterbi_blocked(steps, log_startprob, log_transmat, _block_length(T))
@@ -195,12 +193,17 @@ def sample_states(
 # ---------------------------------------------------------------------------------------------
 # choice of schedule
 
-#: Measured on a 2-core CPU (torch 2.x): seconds per loop step (a handful of tiny kernels) and
-#: per element of the step's work; blocked steps do about 1.5x the work of a sequential step per
-#: element and K times the elements (see ``benchmarks/markov_inference.py``).
-STEP_OVERHEAD_S = 25e-6
-ELEMENT_COST_S = 1.0e-9
-BLOCKED_STEP_FACTOR = 2.0
+#: The cost model of ``method="auto"``, calibrated on a 2-core CPU (torch 2.x, float32, see
+#: ``benchmarks/markov_inference.py``): seconds per loop step (four to six small kernels of
+#: ~4 us dispatch each) and per element touched by one kernel (GEMM multiply-adds included).
+STEP_OVERHEAD_S = 20e-6
+ELEMENT_COST_S = 0.5e-9
+#: Viterbi's block products (a K^3 broadcast sum, a max with indices, three selections per step)
+#: against those of the forward-backward pass, as measured.
+VITERBI_PRODUCT_FACTOR = 4.0
+#: ``"auto"`` Viterbi stays sequential above this many backpointers of the blocked schedule
+#: (G S T K^2 int64: 1 GiB).
+VITERBI_BLOCKED_MAX_POINTERS = 2**27
 
 
 def _block_length(T: int) -> int:
@@ -216,12 +219,18 @@ def _padded_length(schedule: str, T: int) -> int:
     return 1 + L * math.ceil((T - 1) / L) if T > 1 else 1
 
 
-def _resolve_method(method: str, G: int, S: int, T: int, K: int) -> str:
+def _resolve_method(method: str, G: int, S: int, T: int, K: int, product_factor: float = 1.0) -> str:
     """``"auto"`` -> the schedule with the smaller predicted time for these shapes.
 
-    time ~ loop_steps * STEP_OVERHEAD_S + elements * ELEMENT_COST_S, with
-    sequential: 2 T steps over G S T K^2 elements (each pass);
-    blocked: 2 (L + B) steps over G S T K^3 elements times BLOCKED_STEP_FACTOR (the products).
+    time ~ loop_steps * STEP_OVERHEAD_S + elements * ELEMENT_COST_S, with (N = G S T)
+
+    * sequential: 2 T steps; two vector passes over N K (K + 4) elements;
+    * blocked: 3 L + 2 B steps; the block products over N K^2 (K + 5) elements plus the same two
+      vector passes.
+
+    ``product_factor`` weighs the block products (Viterbi's max-plus products cost about
+    ``VITERBI_PRODUCT_FACTOR`` times more). One sequence of T = 100,000 (K = 8) -> blocked;
+    10,000 sequences of T = 50 -> sequential.
     """
     if method != "auto":
         return method
@@ -229,9 +238,10 @@ def _resolve_method(method: str, G: int, S: int, T: int, K: int) -> str:
         return "sequential"
     L = _block_length(T)
     B = math.ceil((T - 1) / L)
-    work = 2.0 * G * S * T * K * K
-    sequential = 2 * T * STEP_OVERHEAD_S + work * ELEMENT_COST_S
-    blocked = 2 * (L + B) * STEP_OVERHEAD_S + work * K * BLOCKED_STEP_FACTOR * ELEMENT_COST_S
+    vector_passes = 2.0 * G * S * T * K * (K + 4)
+    sequential = 2 * T * STEP_OVERHEAD_S + vector_passes * ELEMENT_COST_S
+    products = product_factor * G * S * T * K * K * (K + 5)
+    blocked = (3 * L + 2 * B) * STEP_OVERHEAD_S + (products + vector_passes) * ELEMENT_COST_S
     return "blocked" if blocked < sequential else "sequential"
 
 
@@ -249,6 +259,7 @@ class _Steps(NamedTuple):
         valid: (G, T_pad, S) bool: ``t < len``.
         last: (G, S) int64: ``len - 1``.
         length: T, the unpadded number of steps.
+        masked: whether any step is invalid (lengths given, or padding beyond T).
     """
 
     emission: Tensor
@@ -256,6 +267,7 @@ class _Steps(NamedTuple):
     valid: Tensor
     last: Tensor
     length: int
+    masked: bool
 
 
 def _prepare(log_emission: Tensor, lengths: Tensor | None, padded_length: int, log_space: bool = False) -> _Steps:
@@ -268,14 +280,20 @@ def _prepare(log_emission: Tensor, lengths: Tensor | None, padded_length: int, l
         last = (lengths.to(device=device, dtype=torch.int64) - 1).expand(G, S)
     time = torch.arange(padded_length, device=device)
     valid = time[None, :, None] <= last[:, None, :]  # (G, T_pad, S)
-    emission = torch.zeros(G, padded_length, S, K, dtype=log_emission.dtype, device=device)
-    torch.where(valid[:, :T, :, None], log_emission.transpose(1, 2), emission.new_zeros(()), out=emission[:, :T])
+    masked = lengths is not None or padded_length > T
+    emission = log_emission.new_empty(G, padded_length, S, K)
+    emission[:, T:] = 0.0
+    if lengths is None:
+        emission[:, :T].copy_(log_emission.transpose(1, 2))
+    else:
+        torch.where(valid[:, :T, :, None], log_emission.transpose(1, 2), emission.new_zeros(()), out=emission[:, :T])
     if log_space:
-        return _Steps(emission, torch.zeros(G, padded_length, S, dtype=torch.float64, device=device), valid, last, T)
+        no_scale = torch.zeros(G, padded_length, S, dtype=torch.float64, device=device)
+        return _Steps(emission, no_scale, valid, last, T, masked)
     log_scale = emission.amax(-1, keepdim=True)  # (G, T_pad, S, 1); 0 at padded steps
-    log_scale = torch.where(torch.isfinite(log_scale), log_scale, 0.0)  # an impossible step: e = 0, evidence -inf
+    log_scale.clamp_min_(torch.finfo(log_scale.dtype).min)  # a step impossible in every state: e = 0, c_t = 0
     emission.sub_(log_scale).exp_()
-    return _Steps(emission, log_scale.squeeze(-1).double(), valid, last, T)
+    return _Steps(emission, log_scale.squeeze(-1).double(), valid, last, T, masked)
 
 
 def _per_sequence(weights: Tensor | None, G: int, S: int, like: Tensor) -> Tensor:
@@ -285,14 +303,24 @@ def _per_sequence(weights: Tensor | None, G: int, S: int, like: Tensor) -> Tenso
     return weights.to(dtype=like.dtype, device=like.device).expand(G, S)
 
 
-def _log_evidence(log_prefix: Tensor, steps: _Steps, dtype: torch.dtype) -> Tensor:
-    """``log p(x_{0:len-1})`` of every sequence from the prefix log-evidences (G, T_pad, S) -> (G, S)."""
-    return log_prefix.gather(1, steps.last.unsqueeze(1)).squeeze(1).to(dtype)
+def _identity_where_invalid(new: Tensor, old: Tensor, keep: Tensor, out: Tensor | None = None) -> Tensor:
+    """``new`` where ``keep`` is 1, ``old`` where it is 0 (an invalid step acts as the identity).
+
+    ``torch.lerp`` with a 0/1 weight is exact (it computes ``old + w (new - old)`` for w < 0.5 and
+    ``new - (new - old) (1 - w)`` otherwise) for the finite values used here, and several times
+    faster on CPU than a ``where`` with a broadcast boolean mask.
+    """
+    return torch.lerp(old, new, keep, out=out)
+
+
+def _row_sums(x: Tensor) -> Tensor:
+    """``x.sum(-1, keepdim=True)`` as a product with a ones column (much faster for small K on CPU)."""
+    return torch.matmul(x, x.new_ones(x.shape[-1], 1))
 
 
 def _normalise_rows(x: Tensor) -> Tensor:
     """``x / x.sum(-1)`` in place; returns the sums (..., 1)."""
-    total = x.sum(-1, keepdim=True)
+    total = _row_sums(x)
     x.div_(total)
     return total
 
@@ -301,77 +329,148 @@ def _normalise_rows(x: Tensor) -> Tensor:
 # filter and smoother
 
 
-def _filter(steps: _Steps, startprob: Tensor, transmat: Tensor, schedule: str) -> tuple[Tensor, Tensor]:
-    """Normalised filter ``alpha_hat`` (G, T_pad, S, K) and prefix log-evidences (G, T_pad, S) float64."""
+class _Blocks(NamedTuple):
+    """The product of the step matrices of every block, shared by the filter and the smoother.
+
+    Shape:
+        totals: (G, B, S, K, K) ``A diag(e_{1+bL}) ... A diag(e_{bL+L})`` (invalid steps: identity),
+            every row normalised to sum 1; log_scales: (G, B, S, K) float64 their log row scales.
+    """
+
+    totals: Tensor
+    log_scales: Tensor
+    length: int
+
+
+def _blocks(steps: _Steps, transmat: Tensor, schedule: str) -> _Blocks | None:
+    """The block products for the blocked schedule (None for the sequential one)."""
+    if schedule != "blocked" or steps.emission.shape[1] == 1:
+        return None
+    L = _block_length(steps.length)
+    valid = _in_blocks(steps.valid, L) if steps.masked else None
+    return _Blocks(*_block_totals(_in_blocks(steps.emission, L), transmat, valid), L)
+
+
+class _Filtered(NamedTuple):
+    """The filter and what it gives.
+
+    Shape:
+        alpha: (G, T_pad, S, K) ``alpha_hat_t``, normalised; norms: (G, T_pad, S, 1) ``c_t =
+        sum((alpha_hat_{t-1} A) * e_t)`` for t >= 1 (entry 0 not used); log_evidence: (G, S) float64.
+    """
+
+    alpha: Tensor
+    norms: Tensor
+    log_evidence: Tensor
+
+
+def _filter(steps: _Steps, startprob: Tensor, transmat: Tensor, blocks: _Blocks | None) -> _Filtered:
+    """The normalised filter, its step normalisers and the log-evidence of every sequence."""
     e = steps.emission
-    G, T_pad, S, K = e.shape
     alpha = torch.empty_like(e)
     alpha[:, 0] = startprob[:, None, :] * e[:, 0]
-    log_norm = _normalise_rows(alpha[:, 0]).squeeze(-1).log().double()  # (G, S)
-    if schedule == "blocked" and T_pad > 1:
-        log_prefix = _filter_blocked(steps, alpha, log_norm, transmat)
+    log_norm0 = _normalise_rows(alpha[:, 0]).squeeze(-1).log().double()  # (G, S)
+    if blocks is None:
+        norms, log_evidence = _filter_sequential(steps, alpha, log_norm0, transmat)
     else:
-        log_prefix = _filter_sequential(steps, alpha, log_norm, transmat)
-    return alpha, log_prefix + steps.log_scale.cumsum(1)
+        norms, log_evidence = _filter_blocked(steps, alpha, log_norm0, transmat, blocks)
+    return _Filtered(alpha, norms, log_evidence + steps.log_scale.sum(1))
 
 
-def _filter_sequential(steps: _Steps, alpha: Tensor, log_norm0: Tensor, transmat: Tensor) -> Tensor:
-    """The plain recursion, writing ``alpha`` in place; returns ``cumsum_t log c_t`` (G, T, S) float64."""
+def _filter_sequential(steps: _Steps, alpha: Tensor, log_norm0: Tensor, transmat: Tensor) -> tuple[Tensor, Tensor]:
+    """The plain recursion, writing ``alpha`` in place; returns the normalisers ``c_t`` (G, T, S, 1)
+    and ``sum_{t<len} log c_t`` (G, S) float64."""
     e = steps.emission
     G, T, S, K = e.shape
-    norms = torch.empty(G, T, S, 1, dtype=e.dtype, device=e.device)
+    norms = e.new_empty(T, G, S, 1)
+    ones = e.new_ones(K, 1)
     for t in range(1, T):
         step = torch.bmm(alpha[:, t - 1], transmat).mul_(e[:, t])  # (G, S, K)
-        torch.sum(step, -1, keepdim=True, out=norms[:, t])
-        torch.div(step, norms[:, t], out=alpha[:, t])
-    log_norms = norms.squeeze(-1).log().double()
+        torch.matmul(step, ones, out=norms[t])
+        torch.div(step, norms[t], out=alpha[:, t])
+    log_norms = norms.squeeze(-1).transpose(0, 1).log().double()  # (G, T, S)
     log_norms[:, 0] = log_norm0
-    return log_norms.cumsum(1)
+    if steps.masked:
+        log_norms.masked_fill_(~steps.valid, 0.0)
+    return norms.transpose(0, 1), log_norms.sum(1)
 
 
-def _smooth(steps: _Steps, transmat: Tensor, schedule: str) -> Tensor:
-    """Normalised smoother ``beta_hat`` (G, T_pad, S, K): 1 at ``t >= len - 1``."""
-    if schedule == "blocked" and steps.emission.shape[1] > 1:
-        return _smooth_blocked(steps, transmat)
-    return _smooth_sequential(steps, transmat)
+class _ForwardPass(NamedTuple):
+    """Everything the filter computed that the smoother and the statistics reuse."""
+
+    steps: _Steps
+    transmat: Tensor
+    blocks: _Blocks | None
+    filtered: _Filtered
+
+
+def _forward_pass(
+    log_emission: Tensor, log_startprob: Tensor, log_transmat: Tensor, lengths: Tensor | None, method: str
+) -> _ForwardPass:
+    """Choose the schedule, prepare the steps, and run the filter (and the block products)."""
+    G, S, T, K = log_emission.shape
+    schedule = _resolve_method(method, G, S, T, K)
+    steps = _prepare(log_emission, lengths, _padded_length(schedule, T))
+    transmat = log_transmat.exp()
+    blocks = _blocks(steps, transmat, schedule)
+    return _ForwardPass(steps, transmat, blocks, _filter(steps, log_startprob.exp(), transmat, blocks))
+
+
+def _smooth(steps: _Steps, transmat: Tensor, blocks: _Blocks | None) -> Tensor:
+    """Normalised smoother ``beta_hat`` (G, T_pad, S, K): constant at ``t >= len - 1``."""
+    if blocks is None:
+        return _smooth_sequential(steps, transmat)
+    return _smooth_blocked(steps, transmat, blocks)
 
 
 def _smooth_sequential(steps: _Steps, transmat: Tensor) -> Tensor:
     """``beta_{t-1} = normalise(A (e_t * beta_t))`` at valid ``t``, ``beta_{t-1} = beta_t`` (= 1) after the end."""
     e = steps.emission
-    G, T, S, K = e.shape
+    T = e.shape[1]
     beta = torch.empty_like(e)
     beta[:, T - 1] = 1.0
     backward = transmat.transpose(1, 2)
+    keep = steps.valid.to(e.dtype)
     for t in range(T - 1, 0, -1):
-        step = torch.bmm(e[:, t] * beta[:, t], backward)  # (G, S, K)
-        _normalise_rows(step)
-        torch.where(steps.valid[:, t, :, None], step, beta[:, t], out=beta[:, t - 1])
+        previous = beta[:, t - 1]
+        if steps.masked:
+            step = torch.bmm(e[:, t] * beta[:, t], backward)  # (G, S, K)
+            _normalise_rows(step)
+            _identity_where_invalid(step, beta[:, t], keep[:, t, :, None], out=previous)
+        else:
+            _normalise_rows(torch.bmm(e[:, t] * beta[:, t], backward, out=previous))
     return beta
 
 
-def _statistics(
-    steps: _Steps, alpha: Tensor, beta: Tensor, transmat: Tensor, seq_weights: Tensor
-) -> tuple[Tensor, Tensor, Tensor]:
+def _statistics(forward: _ForwardPass, beta: Tensor, seq_weights: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Posteriors (G, S, T, K), weighted start counts (G, K) and transition counts (G, K, K).
 
-    Scale-free in ``alpha`` and ``beta`` (both only known up to a factor per step).
+    ``beta`` is only known up to a factor per step; ``alpha`` is normalised, so that
+    ``n_t = (alpha_hat_{t-1} A) . (e_t beta_t) = c_t (alpha_hat_t . beta_t)``.
     """
+    steps, filtered, transmat = forward.steps, forward.filtered, forward.transmat
+    alpha = filtered.alpha
     G, _, S, K = alpha.shape
     T = steps.length
     valid = steps.valid[:, :T, :, None]  # (G, T, S, 1)
     joint = alpha[:, :T] * beta[:, :T]  # (G, T, S, K)
-    joint.div_(joint.sum(-1, keepdim=True))
+    overlap = _row_sums(joint)  # alpha_hat_t . beta_t, (G, T, S, 1)
+    joint.div_(overlap)
     posteriors = alpha.new_empty(G, S, T, K)
-    torch.where(valid, joint, joint.new_zeros(()), out=posteriors.transpose(1, 2))
+    if steps.masked:
+        torch.where(valid, joint, joint.new_zeros(()), out=posteriors.transpose(1, 2))
+    else:
+        posteriors.transpose(1, 2).copy_(joint)
     start = torch.bmm(seq_weights.unsqueeze(1), posteriors[:, :, 0]).squeeze(1)  # (G, K)
     if T == 1:
         return posteriors, start, torch.zeros_like(transmat)
     previous = alpha[:, : T - 1].reshape(G, (T - 1) * S, K)  # a view
     arriving = steps.emission[:, 1:T] * beta[:, 1:T]  # e_t * beta_t, (G, T-1, S, K)
-    # n_t = (alpha_{t-1} A) . (e_t beta_t); the weight and the mask of every step go into 1 / n_t
-    n = torch.bmm(previous, transmat).view(G, T - 1, S, K).mul_(arriving).sum(-1, keepdim=True)
-    arriving.mul_(torch.where(valid[:, 1:], seq_weights[:, None, :, None] / n, 0.0))
+    # the weight and the mask of every step go into 1 / n_t
+    factor = seq_weights[:, None, :, None] / (filtered.norms[:, 1:T] * overlap[:, 1:])
+    if steps.masked:
+        factor = torch.where(valid[:, 1:], factor, 0.0)
+    arriving.mul_(factor)
     transitions = torch.bmm(previous.transpose(1, 2), arriving.view(G, (T - 1) * S, K)).mul_(transmat)
     return posteriors, start, transitions
 
@@ -386,118 +485,112 @@ def _in_blocks(x: Tensor, L: int) -> Tensor:
     return x[:, 1:].view(G, (T_pad - 1) // L, L, *x.shape[2:])
 
 
-def _block_products(
-    e_blocks: Tensor, matrix: Tensor, valid_blocks: Tensor | None, suffix: bool
-) -> tuple[Tensor, Tensor]:
-    """Running products of the step matrices inside every block, every row normalised by its sum.
-
-    Prefix (filter): ``P_j = P_{j-1} A diag(e_j)``, j = 0 .. L-1. Suffix (smoother), transposed so
-    that it runs the same way: ``Q_j^T = Q_{j+1}^T diag(e_j) A^T``, j = L-1 .. 0 (``matrix`` is then
-    ``A^T``). An invalid step is the identity.
+def _block_totals(e_blocks: Tensor, transmat: Tensor, valid_blocks: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Running product ``P_j = P_{j-1} A diag(e_j)`` over the L steps of all blocks at once, every
+    row normalised by its sum each step (its log-scale kept per row); an invalid step is the identity.
 
     Shape:
-        e_blocks: (G, B, L, S, K); matrix: (G, K, K); valid_blocks: (G, B, L, S) or None.
-        Returns the products (L, G, B, S, K, K) and the cumulative log row scales (L, G, B, S, K)
-        float64 (cumulated in scan order).
+        e_blocks: (G, B, L, S, K); transmat: (G, K, K); valid_blocks: (G, B, L, S) or None.
+        Returns the row-normalised totals (G, B, S, K, K) and their log row scales (G, B, S, K) float64.
     """
     G, B, L, S, K = e_blocks.shape
-    products = e_blocks.new_empty(L, G, B, S, K, K)
     sums = e_blocks.new_empty(L, G, B, S, K, 1)
+    keep = None if valid_blocks is None else valid_blocks.to(e_blocks.dtype)
     tiny = torch.finfo(e_blocks.dtype).tiny  # a row that is all zero stays zero (scale log tiny)
-    previous = torch.eye(K, dtype=e_blocks.dtype, device=e_blocks.device).expand(G, B, S, K, K)
-    order = range(L - 1, -1, -1) if suffix else range(L)
-    for j in order:
-        e_j = e_blocks[:, :, j, :, None, :]  # (G, B, S, 1, K)
-        if suffix:
-            step = torch.bmm((previous * e_j).view(G, B * S * K, K), matrix).view(G, B, S, K, K)
-        else:
-            step = torch.bmm(previous.reshape(G, B * S * K, K), matrix).view(G, B, S, K, K).mul_(e_j)
-        torch.sum(step, -1, keepdim=True, out=sums[j]).clamp_min_(tiny)
-        step.div_(sums[j])
-        if valid_blocks is None:
-            products[j] = step
-        else:
-            torch.where(valid_blocks[:, :, j, :, None, None], step, previous, out=products[j])
-        previous = products[j]
-    log_sums = sums.squeeze(-1).log().double()
-    if valid_blocks is not None:
-        log_sums.masked_fill_(~valid_blocks.permute(2, 0, 1, 3)[..., None], 0.0)
-    if suffix:
-        return products, log_sums.flip(0).cumsum(0).flip(0)
-    return products, log_sums.cumsum(0)
+    ones = e_blocks.new_ones(K, 1)
+    product = torch.eye(K, dtype=e_blocks.dtype, device=e_blocks.device).expand(G, B, S, K, K)
+    for j in range(L):
+        step = torch.bmm(product.reshape(G, B * S * K, K), transmat).view(G, B, S, K, K)
+        step.mul_(e_blocks[:, :, j, :, None, :])
+        torch.matmul(step, ones, out=sums[j]).clamp_min_(tiny)
+        step.mul_(sums[j].reciprocal())  # a division of the whole matrix costs twice a product
+        product = step if keep is None else _identity_where_invalid(step, product, keep[:, :, j, :, None, None])
+    if keep is not None:  # an invalid step has scale 1
+        sums = _identity_where_invalid(sums, torch.ones_like(sums), keep.permute(2, 0, 1, 3)[..., None, None])
+    return product, sums.squeeze(-1).log().double().sum(0)
 
 
-def _boundary_pass(initial: Tensor, matrices: Tensor, log_scales: Tensor, reverse: bool) -> Tensor:
-    """The vector entering every block, carried across whole blocks in log space (float64).
-
-    ``v_next = log(exp(v + r - max) @ M) + max`` with ``M`` a block's row-normalised product and ``r``
-    its log row scales.
+def _boundary_pass(initial: Tensor, blocks: _Blocks, reverse: bool) -> Tensor:
+    """Carry a log-vector across whole blocks in log space (float64, so no row of a block is lost
+    however small its scale): forward ``a_{b+1} = a_b P_b`` (row vector), backward
+    ``beta_{bL} = P_b beta_{(b+1)L}`` (column vector), ``log P_b = log Pn_b + r_b`` (rows).
 
     Shape:
-        initial: (G, S, K) float64; matrices: (G, B, S, K, K); log_scales: (G, B, S, K) float64.
-        Returns (G, B, S, K) float64, entry b the (log) vector multiplied into block b.
+        initial: (G, S, K) float64. Returns (G, B + 1, S, K) float64: forward, entry b is the filter
+        at time b L (entry B after the last block); backward, entry b the smoother at time (b+1) L
+        (entry B is not used), as log-vectors.
     """
-    G, B, S, K = log_scales.shape
-    entering = torch.empty_like(log_scales)
-    current = initial
-    for b in (range(B - 1, -1, -1) if reverse else range(B)):
-        entering[:, b] = current
-        shifted = current + log_scales[:, b]
-        top = shifted.amax(-1, keepdim=True)
-        weights = (shifted - top).exp_().to(matrices.dtype)
-        current = torch.matmul(weights.unsqueeze(-2), matrices[:, b]).squeeze(-2).log().double().add_(top)
-    return entering
+    log_totals = torch.log(blocks.totals.double()).add_(blocks.log_scales.unsqueeze(-1))  # (G, B, S, K, K)
+    G, B, S, K = blocks.log_scales.shape
+    vectors = initial.new_empty(G, B + 1, S, K)
+    if reverse:  # vectors[:, b] = log beta at time (b + 1) L, b = B-1 .. 0; vectors[:, B] unused
+        vectors[:, B - 1] = initial
+        for b in range(B - 1, 0, -1):
+            torch.logsumexp(log_totals[:, b] + vectors[:, b, :, None, :], -1, out=vectors[:, b - 1])
+    else:  # vectors[:, b] = log alpha at time b L
+        vectors[:, 0] = initial
+        for b in range(B):
+            torch.logsumexp(vectors[:, b, :, :, None] + log_totals[:, b], -2, out=vectors[:, b + 1])
+    return vectors
 
 
-def _inside_blocks(entering: Tensor, products: Tensor, log_scales: Tensor, out: Tensor) -> Tensor:
-    """Every vector inside every block at once: ``out = normalise(exp(v + r_j - max) @ M_j)``.
-
-    Shape:
-        entering: (G, B, S, K) float64; products: (L, G, B, S, K, K); log_scales: (L, G, B, S, K)
-        float64; out: (L, G, B, S, K) (a view into a working buffer). Returns the log of the
-        unnormalised totals (L, G, B, S) float64.
-    """
-    shifted = entering.unsqueeze(0) + log_scales
-    top = shifted.amax(-1, keepdim=True)
-    weights = (shifted - top).exp_().to(products.dtype)  # (L, G, B, S, K)
-    torch.sum(weights.unsqueeze(-1) * products, -2, out=out)
-    total = out.sum(-1, keepdim=True)
-    out.div_(total)
-    return total.squeeze(-1).log().double().add_(top.squeeze(-1))
+def _start_vectors(log_vectors: Tensor, dtype: torch.dtype) -> Tensor:
+    """Normalised probability vectors from log-vectors: (G, B, S, K) float64 -> (G, B, S, K)."""
+    vectors = (log_vectors - log_vectors.amax(-1, keepdim=True)).exp_().to(dtype)
+    vectors.div_(_row_sums(vectors))
+    return vectors
 
 
-def _filter_blocked(steps: _Steps, alpha: Tensor, log_norm0: Tensor, transmat: Tensor) -> Tensor:
-    """The filter by the two-level scan, writing ``alpha`` in place; returns the prefix log-evidences
-    without the emission scales (G, T_pad, S) float64. Steps after a sequence's end are not masked:
-    they only change what comes after ``len - 1``."""
+def _filter_blocked(
+    steps: _Steps, alpha: Tensor, log_norm0: Tensor, transmat: Tensor, blocks: _Blocks
+) -> tuple[Tensor, Tensor]:
+    """The filter by the two-level scan, writing ``alpha`` in place; returns the normalisers ``c_t``
+    (G, T_pad, S, 1) and the log-evidence without the emission scales (G, S) float64 (from the
+    boundary vector after the last block: invalid steps are the identity in the block products)."""
     e = steps.emission
     G, T_pad, S, K = e.shape
-    L = _block_length(steps.length)
-    products, log_scales = _block_products(_in_blocks(e, L), transmat, None, suffix=False)
-    initial = alpha[:, 0].log().double().add_(log_norm0.unsqueeze(-1))  # log(pi e_0), (G, S, K)
-    entering = _boundary_pass(initial, products[L - 1], log_scales[L - 1], reverse=False)
-    log_prefix = torch.empty(G, T_pad, S, dtype=torch.float64, device=e.device)
-    log_prefix[:, 0] = log_norm0
-    inside = _in_blocks(alpha, L).permute(2, 0, 1, 3, 4)  # (L, G, B, S, K), time 1 + b L + j
-    _in_blocks(log_prefix, L).permute(2, 0, 1, 3).copy_(_inside_blocks(entering, products, log_scales, inside))
-    return log_prefix
-
-
-def _smooth_blocked(steps: _Steps, transmat: Tensor) -> Tensor:
-    """The smoother by the two-level scan (suffix products; steps after the end are the identity)."""
-    e = steps.emission
-    G, T_pad, S, K = e.shape
-    L = _block_length(steps.length)
+    L = blocks.length
     B = (T_pad - 1) // L
-    products, log_scales = _block_products(
-        _in_blocks(e, L), transmat.transpose(1, 2), _in_blocks(steps.valid, L), suffix=True
-    )
+    initial = alpha[:, 0].log().double().add_(log_norm0.unsqueeze(-1))  # log(pi e_0), (G, S, K)
+    vectors = _boundary_pass(initial, blocks, reverse=False)
+    inside = e.new_empty(L, G, B, S, K)  # alpha at time 1 + b L + j
+    norms = e.new_ones(L, G, B, S, 1)
+    ones = e.new_ones(K, 1)
+    previous = _start_vectors(vectors[:, :B], e.dtype)  # the exact filter at time b L
+    for j in range(L):
+        torch.bmm(previous.view(G, B * S, K), transmat, out=inside[j].view(G, B * S, K))
+        inside[j].mul_(e[:, 1 + j :: L])
+        torch.matmul(inside[j], ones, out=norms[j])
+        inside[j].div_(norms[j])
+        previous = inside[j]
+    _in_blocks(alpha, L).copy_(inside.permute(1, 2, 0, 3, 4))
+    all_norms = e.new_ones(G, T_pad, S, 1)
+    _in_blocks(all_norms, L).copy_(norms.permute(1, 2, 0, 3, 4))
+    return all_norms, torch.logsumexp(vectors[:, B], -1)
+
+
+def _smooth_blocked(steps: _Steps, transmat: Tensor, blocks: _Blocks) -> Tensor:
+    """The smoother by the two-level scan (invalid steps are the identity)."""
+    e = steps.emission
+    G, T_pad, S, K = e.shape
+    L = blocks.length
+    B = (T_pad - 1) // L
     initial = torch.zeros(G, S, K, dtype=torch.float64, device=e.device)  # log beta_{B L} = log 1
-    entering = _boundary_pass(initial, products[0], log_scales[0], reverse=True)
+    vectors = _boundary_pass(initial, blocks, reverse=True)
+    backward = transmat.transpose(1, 2)
+    inside = e.new_empty(L, G, B, S, K)  # beta at time b L + j
+    keep = steps.valid.to(e.dtype)
+    previous = _start_vectors(vectors[:, :B], e.dtype)
+    for j in range(L - 1, -1, -1):
+        t = 1 + j  # the transition at time 1 + b L + j of every block
+        torch.bmm((e[:, t::L] * previous).view(G, B * S, K), backward, out=inside[j].view(G, B * S, K))
+        _normalise_rows(inside[j])
+        if steps.masked:
+            _identity_where_invalid(inside[j], previous, keep[:, t::L, :, None], out=inside[j])
+        previous = inside[j]
     beta = torch.empty_like(e)
-    beta[:, T_pad - 1] = 1.0
-    inside = beta[:, : T_pad - 1].view(G, B, L, S, K).permute(2, 0, 1, 3, 4)  # time b L + j
-    _inside_blocks(entering, products, log_scales, inside)
+    beta[:, :-1].view(G, B, L, S, K).copy_(inside.permute(1, 2, 0, 3, 4))
+    beta[:, -1] = 1.0
     return beta
 
 
@@ -531,7 +624,9 @@ def _viterbi_sequential(steps: _Steps, log_startprob: Tensor, log_transmat: Tens
     return path, offsets.squeeze(-1).double().sum(1)
 
 
-def _max_plus_block_products(le_blocks: Tensor, log_transmat: Tensor, valid_blocks: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def _max_plus_block_products(
+    le_blocks: Tensor, log_transmat: Tensor, valid_blocks: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
     """Max-plus running products ``X_j(i, k) = max_l X_{j-1}(i, l) + log A(l, k) + le_j(k)`` inside
     every block, with their backpointers (the best ``l``), every row shifted to max 0.
 
@@ -570,7 +665,9 @@ def _viterbi_blocked(steps: _Steps, log_startprob: Tensor, log_transmat: Tensor,
     G, T_pad, S, K = le.shape
     B = (T_pad - 1) // L
     device = le.device
-    products, pointers, row_offsets = _max_plus_block_products(_in_blocks(le, L), log_transmat, _in_blocks(steps.valid, L))
+    products, pointers, row_offsets = _max_plus_block_products(
+        _in_blocks(le, L), log_transmat, _in_blocks(steps.valid, L)
+    )
     score = (log_startprob[:, None, :] + le[:, 0]).double()  # (G, S, K)
     log_prob = score.amax(-1)
     score = score - log_prob.unsqueeze(-1)
@@ -608,20 +705,14 @@ class _LogLikelihood(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, log_emission, log_startprob, log_transmat, lengths, method):  # type: ignore[override]
-        G, S, T, K = log_emission.shape
-        schedule = _resolve_method(method, G, S, T, K)
-        steps = _prepare(log_emission, lengths, _padded_length(schedule, T))
-        transmat = log_transmat.exp()
-        alpha, log_prefix = _filter(steps, log_startprob.exp(), transmat, schedule)
-        ctx.intermediate = (steps, alpha, transmat, schedule, T)
-        return _log_evidence(log_prefix, steps, log_emission.dtype)
+        ctx.forward_pass = _forward_pass(log_emission, log_startprob, log_transmat, lengths, method)
+        return ctx.forward_pass.filtered.log_evidence.to(log_emission.dtype)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_evidence):  # type: ignore[override]
-        steps, alpha, transmat, schedule, T = ctx.intermediate
-        del ctx.intermediate
-        beta = _smooth(steps, transmat, schedule)
-        posteriors, start, transitions = _statistics(steps, alpha, beta, transmat, grad_evidence)
+        forward = ctx.forward_pass
+        beta = _smooth(forward.steps, forward.transmat, forward.blocks)
+        posteriors, start, transitions = _statistics(forward, beta, grad_evidence)
         grad_emission = posteriors * grad_evidence[:, :, None, None]
         return grad_emission, start, transitions, None, None

@@ -15,7 +15,7 @@ from typing import Any, Sequence
 
 import torch
 
-from . import em
+from . import distributed, em
 from ._precision import without_autocast
 from ._validation import as_float_tensor, check_family, check_finite, check_int, check_sample_weight, check_shape
 from .families.base import ComponentFamily, Theta
@@ -23,7 +23,7 @@ from .latent import MIXTURE
 from .latent_model import ON_ERROR, QUOTED_FAILURES, STREAM_BUFFERS, LatentModel  # noqa: F401  (their home before)
 from .normalize import log_normalize
 from .observations import Observations
-from .streaming import batch_source
+from .streaming import batch_source, unwrap_batch
 
 
 class Mixture(LatentModel):
@@ -131,6 +131,10 @@ class Mixture(LatentModel):
         self.weights_init = weights_init
         self._create_initial_parameters()
 
+    def _config(self) -> dict[str, Any]:
+        return {"family": self.family, "n_components": self.n_components, "weights_init": self.weights_init,
+                **super()._config()}
+
     # --- basic properties -----------------------------------------------------------------
     @property
     def weights(self) -> torch.Tensor:
@@ -144,7 +148,8 @@ class Mixture(LatentModel):
     # --- fitting ----------------------------------------------------------------------------
     @without_autocast
     @torch.no_grad()
-    def fit(self, X: Any, y: Any = None, sample_weight: Any = None, verbose: bool = False) -> "Mixture":
+    def fit(self, X: Any, y: Any = None, sample_weight: Any = None, verbose: bool = False, *,
+            process_group: Any = None) -> "Mixture":
         """Fit every model of the batch by EM (restarts as an extra batch dimension), or, with
         ``warm_start`` and existing parameters, continue EM from them (no initialisation, one
         start per model, convergence judged against the previous fit's lower bound).
@@ -162,16 +167,21 @@ class Mixture(LatentModel):
         Raises ValueError before changing anything when X or the initial parameters are invalid,
         and IllConditionedError (also before any change) for a failing model when ``on_error`` is
         ``"raise"``; see ``on_error`` for the isolation of failing models.
+        ``process_group``: the torch.distributed group whose ranks hold the rest of the data
+        (None: the default group when one is initialised; False: this rank's data alone).
         """
-        return self._fit(self._data(X, sample_weight), verbose, self.max_iter)
+        with distributed.using(process_group, f"{type(self).__name__}.fit"):
+            return self._fit(self._data(X, sample_weight), verbose, self.max_iter)
 
     @without_autocast
     @torch.no_grad()
-    def initialize(self, X: Any, y: Any = None, sample_weight: Any = None) -> "Mixture":
+    def initialize(self, X: Any, y: Any = None, sample_weight: Any = None, *, process_group: Any = None) -> "Mixture":
         """The initial parameters of :meth:`fit` (``init_params``, the user's initial values and
         the first M-step), without EM: ``n_iter_`` 0, ``lower_bound_`` -inf, not converged
-        (what scikit-learn's ``max_iter=0`` returns). Every restart is drawn; restart 0 is kept."""
-        return self._initialize(self._data(X, sample_weight))
+        (what scikit-learn's ``max_iter=0`` returns). Every restart is drawn; restart 0 is kept.
+        ``process_group`` as for :meth:`fit`."""
+        with distributed.using(process_group, f"{type(self).__name__}.initialize"):
+            return self._initialize(self._data(X, sample_weight))
 
     def _data(self, X: Any, sample_weight: Any) -> em.Data | em.StreamData:
         """The engine's data of ``fit``'s arguments: a tensor or a batch source."""
@@ -181,9 +191,9 @@ class Mixture(LatentModel):
 
     @without_autocast
     @torch.no_grad()
-    def partial_fit(self, X: Any, y: Any = None, sample_weight: Any = None) -> "Mixture":
-        """One stepwise (online) EM update from a batch ``(n, D)`` or ``(*batch_shape, n, D)``
-        (``y`` is ignored; ``sample_weight`` as for :meth:`fit`, ``(n,)`` or ``(*batch_shape, n)``).
+    def partial_fit(self, X: Any, y: Any = None, sample_weight: Any = None, *, process_group: Any = None) -> "Mixture":
+        """One stepwise (online) EM update from a batch ``(n, D)`` or ``(*batch_shape, n, D)``, or
+        a batch as a DataLoader yields it (``(x, y, ...)``, ``{"x": x, ...}``) (``y`` is ignored; ``sample_weight`` as for :meth:`fit`, ``(n,)`` or ``(*batch_shape, n)``).
 
         With per-point statistics ``s_hat`` of the batch, the running statistics become
         ``s <- (1 - rho_t) s + rho_t s_hat`` and the parameters their M-step, where
@@ -196,12 +206,16 @@ class Mixture(LatentModel):
         M-step of the running statistics. A rejected batch raises before anything changes.
         With ``on_error="isolate"`` a model whose update fails skips it (its parameters and
         running statistics stay as they were, zero statistics on a first call) and is marked in
-        ``failed_``, as for :meth:`fit`.
+        ``failed_``, as for :meth:`fit`. ``process_group`` as for :meth:`fit` (every rank passes
+        its part of the batch).
         """
         started = self.stream_steps is not None
+        X = unwrap_batch(X)  # the forms of a batch of fit's batch sources: (x, y, ...), {"x": ...}
         X = self._layout.data(self._validated_input(X, "X", min_samples=1 if started else self.n_components))
         weights = self._observations().weights(sample_weight, X)
-        return self._partial_fit(X, lambda reference, chunk: em.Data(self.family, X, reference, chunk, weights=weights))
+        with distributed.using(process_group, f"{type(self).__name__}.partial_fit"):
+            return self._partial_fit(X, lambda reference, chunk: em.Data(self.family, X, reference, chunk,
+                                                                       weights=weights))
 
     def _observations(self) -> Observations:
         """How this module's data become the engine's: validation in its dtype and layout."""
@@ -231,16 +245,29 @@ class Mixture(LatentModel):
         """Same as :meth:`log_prob`."""
         return self.log_prob(X)
 
+    def _evaluated(self, X: Any, evaluate, axis: int) -> torch.Tensor:
+        """``evaluate(X)`` of an array, or of every batch of a batch source (a DataLoader or a
+        callable, batches as ``fit`` takes them) joined along the points' ``axis``: memory per
+        batch, not per dataset, for everything but the per-point results."""
+        source = batch_source(X)
+        if source is None:
+            return evaluate(X)
+        parts = [evaluate(unwrap_batch(raw)) for raw in source()]
+        if not parts:
+            raise ValueError("X (the batch source) yielded no batch")
+        return torch.cat(parts, axis)
+
     @torch.no_grad()
     def score_samples(self, X: Any) -> torch.Tensor:
-        """Per-point log-likelihood ``(*batch_shape, N)`` (no graph); NaN for models in ``failed_``."""
-        return self._reported(self.log_prob(X), "score_samples")
+        """Per-point log-likelihood ``(*batch_shape, N)`` (no graph); NaN for models in ``failed_``.
+        X may be a batch source (DataLoader) as for :meth:`fit`, as for every method below."""
+        return self._reported(self._evaluated(X, self.log_prob, -1), "score_samples")
 
     @torch.no_grad()
     def score(self, X: Any, y: Any = None, sample_weight: Any = None) -> torch.Tensor:
         """Mean log-likelihood per point ``(*batch_shape)`` (weighted by ``sample_weight``, ``(N,)``
         or ``(*batch_shape, N)``, when given); NaN for models in ``failed_``. ``y`` is ignored."""
-        log_prob = self.log_prob(X)
+        log_prob = self._evaluated(X, self.log_prob, -1)
         if sample_weight is None:
             return self._reported(log_prob.mean(-1), "score")
         weights = check_sample_weight(sample_weight, "sample_weight", n_points=log_prob.shape[-1],
@@ -250,20 +277,24 @@ class Mixture(LatentModel):
     @torch.no_grad()
     def predict_proba(self, X: Any) -> torch.Tensor:
         """Posterior responsibilities ``(*batch_shape, N, K)``; NaN for models in ``failed_``."""
-        return self._reported(log_normalize(self.log_joint(X), dim=-1)[0], "predict_proba")
+        posteriors = self._evaluated(X, lambda batch: log_normalize(self.log_joint(batch), dim=-1)[0], -2)
+        return self._reported(posteriors, "predict_proba")
 
     @torch.no_grad()
     def predict(self, X: Any) -> torch.Tensor:
         """Most probable component ``(*batch_shape, N)``; -1 for models in ``failed_``."""
-        log_joint = self.log_joint(X)
-        self._finite(log_joint.amax(-1), "predict")  # an all -inf or NaN row has no argmax
-        return self._without_failed(log_joint.argmax(-1), -1)
+        def labels(batch: Any) -> torch.Tensor:
+            log_joint = self.log_joint(batch)
+            self._finite(log_joint.amax(-1), "predict")  # an all -inf or NaN row has no argmax
+            return log_joint.argmax(-1)
+
+        return self._without_failed(self._evaluated(X, labels, -1), -1)
 
     @torch.no_grad()
     def bic(self, X: Any) -> torch.Tensor:
         """Bayesian information criterion per model ``(*batch_shape)``; lower is better; NaN for
         models in ``failed_``."""
-        log_prob = self.log_prob(X)
+        log_prob = self._evaluated(X, self.log_prob, -1)
         n_points = log_prob.shape[-1]
         return self._reported(-2 * log_prob.sum(-1) + self.n_parameters() * math.log(n_points), "bic")
 
@@ -271,7 +302,7 @@ class Mixture(LatentModel):
     def aic(self, X: Any) -> torch.Tensor:
         """Akaike information criterion per model ``(*batch_shape)``; lower is better; NaN for
         models in ``failed_``."""
-        return self._reported(-2 * self.log_prob(X).sum(-1) + 2 * self.n_parameters(), "aic")
+        return self._reported(-2 * self._evaluated(X, self.log_prob, -1).sum(-1) + 2 * self.n_parameters(), "aic")
 
     @torch.no_grad()
     def sample(self, n_samples: int = 1, seed: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -31,6 +31,47 @@ EVALUATION_ERROR_RATIO = 4.0
 NEGLIGIBLE_ERROR_PER_FEATURE = 1e-9
 
 
+def own_reference_mask(family: ComponentFamily, theta: Theta, reference: torch.Tensor | None,
+                       evaluation: bool) -> torch.Tensor | None:
+    """Which components of ``theta`` (R, M, K, ...) need their own reference point, (R, M, K)
+    bool, or None for a family without them; see :meth:`OwnReference.of` for the criteria."""
+    errors = family.expansion_error(theta, reference) if family.has_own_reference else None
+    if errors is None:
+        return None
+    expanded, direct = errors  # (R, M, K)
+    n_features = family.own_reference(theta).shape[-1]
+    mask = expanded > FIT_ERROR_PER_FEATURE * n_features
+    if evaluation:
+        mask |= (expanded > EVALUATION_ERROR_RATIO * direct) & (expanded > NEGLIGIBLE_ERROR_PER_FEATURE * n_features)
+    return mask
+
+
+def traced_direct_log_prob(family: ComponentFamily, theta: Theta, log_prior: torch.Tensor | None,
+                           reference: torch.Tensor | None, X: torch.Tensor, log_joint: torch.Tensor) -> torch.Tensor:
+    """``log_joint`` (R, M, K, n) of the expansion about ``reference`` with the components that
+    need their own reference (:func:`own_reference_mask`, ``evaluation=True``) evaluated directly,
+    as a program without data-dependent branches or indexing, for ``torch.export``,
+    ``torch.compile`` and ``torch.func`` transforms: every component is evaluated directly too and
+    ``torch.where`` picks, per component, the value an eager :meth:`OwnReference.write_log_prob`
+    writes. The choice depends on the parameters alone, so the traced program stays right when
+    they change; the cost is one direct evaluation of every component.
+
+    Shape:
+        X: (n, D) shared by every model or (M, n, D); log_prior: (R, M, K) or None.
+    """
+    mask = own_reference_mask(family, theta, reference, evaluation=True)
+    if mask is None:
+        return log_joint
+    R, M, K, n = log_joint.shape
+    points = family.own_reference(theta).reshape(R * M * K, -1)  # (G, D), G = R * M * K
+    index = torch.arange(R * M * K, device=points.device)
+    rows = X.unsqueeze(0) if X.dim() == 2 else X[(index // K) % M]  # (1 or G, n, D)
+    direct = family.direct_log_prob(rows - points.unsqueeze(-2), theta, index).view(R, M, K, n)
+    if log_prior is not None:
+        direct = direct + log_prior.unsqueeze(-1)
+    return torch.where(mask.unsqueeze(-1), direct, log_joint)
+
+
 @dataclass
 class OwnReference:
     """Components of a working batch (R, M, K) that are evaluated and summarised about their own
@@ -68,19 +109,12 @@ class OwnReference:
         their covariances): the expansion stays where its error is far below what moves a fit.
         For reported densities (``evaluation=True``, statistics untouched), also those it would
         evaluate EVALUATION_ERROR_RATIO times less accurately than a direct evaluation."""
-        errors = family.expansion_error(theta, reference) if family.has_own_reference else None
-        if errors is None:
+        mask = own_reference_mask(family, theta, reference, evaluation)
+        if mask is None or not bool(mask.any()):
             return None
-        expanded, direct = errors  # (R, M, K)
         points = family.own_reference(theta)  # (R, M, K, D)
-        n_features = points.shape[-1]
-        mask = expanded > FIT_ERROR_PER_FEATURE * n_features
-        if evaluation:
-            mask |= (expanded > EVALUATION_ERROR_RATIO * direct) & (expanded > NEGLIGIBLE_ERROR_PER_FEATURE * n_features)
-        if not bool(mask.any()):
-            return None
         if log_prior is None:  # a latent structure without a per-state prior (a Markov chain)
-            log_prior = torch.zeros_like(expanded)
+            log_prior = torch.zeros_like(mask, dtype=points.dtype)
         index = mask.expand(log_prior.shape).flatten().nonzero().squeeze(-1)  # (G,)
         points = points.flatten(0, -2)[index]  # (G, D)
         direct_mask = torch.ones_like(index, dtype=torch.bool)

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ._tracing import is_traced
 from ._validation import check_finite
 
 
@@ -92,7 +93,8 @@ def as_sequences(
     if D < 1 or (n_features is not None and D != n_features):
         raise ValueError(f"{name} must have {n_features if n_features is not None else 'at least 1'} feature(s) "
                          f"in its last axis, got shape {tuple(X.shape)}")
-    check_finite(sequences.valid_rows(), name)
+    if not is_traced(X):  # values are checked when they exist (not under export, compile, vmap)
+        check_finite(sequences.valid_rows(), name)
     return sequences
 
 
@@ -157,7 +159,7 @@ def _filled(X: torch.Tensor, lengths: torch.Tensor, concatenated: bool) -> Seque
     """Padded steps set to their sequence's last valid step; rows (..., S * T, D)."""
     S, T, D = X.shape[-3:]
     valid = torch.arange(T, device=X.device) < lengths.unsqueeze(-1)  # (S, T)
-    if not bool(valid.all()):
+    if is_traced(X) or not bool(valid.all()):  # traced: the same values without a branch on them
         last = (lengths - 1).view(S, 1, 1).expand(*X.shape[:-3], S, 1, D)
         X = torch.where(valid.unsqueeze(-1), X, X.gather(-2, last))
     rows = X.reshape(*X.shape[:-3], S * T, D)

@@ -67,6 +67,8 @@ from typing import Union
 import torch
 from torch.autograd.function import once_differentiable
 
+from ._tracing import cached_unless_traced
+
 Order = Union[float, int, torch.Tensor]
 
 #: Debye's expansion is used at orders at least this large (smaller ones are shifted up).
@@ -100,7 +102,7 @@ def _debye_polynomials(n_terms: int) -> tuple[dict[int, Fraction], ...]:
     return tuple(polynomials)
 
 
-@functools.lru_cache(maxsize=None)
+@cached_unless_traced
 def _debye_matrices(device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Coefficients (J, K+1) of u_k, u_k' and u_k'' in powers t^0 .. t^(J-1), J = 3K + 1."""
     polynomials = _debye_polynomials(DEBYE_TERMS)

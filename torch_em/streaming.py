@@ -2,8 +2,9 @@
 
 A *batch source* is anything ``fit`` can pass over several times: a ``DataLoader`` (or any
 re-iterable object that is not a tensor, array or list) or a callable returning a fresh iterator
-per pass. Each batch is a tensor/array ``(n, D)`` or ``(*batch_shape, n, D)``, or a tuple/list
-whose first element is one (``(x, y)`` from a labelled DataLoader).
+per pass. Each batch is a tensor/array ``(n, D)`` or ``(*batch_shape, n, D)``, a tuple/list
+whose first element is one (``(x, y)`` from a labelled DataLoader), or a dict holding it under
+``"x"``.
 """
 from __future__ import annotations
 
@@ -55,10 +56,19 @@ def _checked_callable(make_batches: Callable[[], Any]) -> BatchSource:
     return fresh_batches
 
 
+#: The key of the data in a batch that is a dict (e.g. ``{"x": ..., "label": ...}``).
+BATCH_KEY = "x"
+
+
 def unwrap_batch(batch: Any) -> Any:
-    """The data of one batch: the first element of an ``(x, y, ...)`` tuple or list of tensors."""
+    """The data of one batch: the first element of an ``(x, y, ...)`` tuple or list of tensors,
+    or the ``"x"`` entry of a dict."""
     if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], (torch.Tensor, np.ndarray)):
         return batch[0]
+    if isinstance(batch, dict):
+        if BATCH_KEY not in batch:
+            raise ValueError(f"a batch that is a dict must hold its data under {BATCH_KEY!r}, got keys {sorted(batch)}")
+        return batch[BATCH_KEY]
     return batch
 
 

@@ -26,7 +26,8 @@ tensors are the module's ``nn.Parameter`` s, so autograd and EM share one storag
 """
 from __future__ import annotations
 
-from typing import Mapping
+import inspect
+from typing import Any, Mapping
 
 import torch
 
@@ -67,6 +68,14 @@ class ComponentFamily:
     #: Whether components can be evaluated and summarised about their own reference point
     #: (:meth:`expansion_error` and the methods after it).
     has_own_reference: bool = False
+
+    def config(self) -> dict[str, Any]:
+        """The constructor's arguments that rebuild this family, ``type(self)(**config())``
+        (what a saved model holds, :mod:`torch_em.serialization`). Default: the attributes named
+        like the constructor's parameters; a family that stores them otherwise overrides this."""
+        parameters = inspect.signature(type(self).__init__).parameters.values()
+        named = [p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        return {name: getattr(self, name) for name in named[1:]}  # past self
 
     # --- parameter layout -------------------------------------------------------------------
     def event_shapes(self, n_components: int, n_features: int) -> dict[str, tuple[int, ...]]:

@@ -27,33 +27,38 @@ inaccurate.
 """
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any, Mapping
 
 import torch
 
+from .._tracing import cached_unless_traced
 from .._validation import check_magnitude, check_positive, initial_tensor
 from .base import ComponentFamily, Theta
 
 COVARIANCE_TYPES = ("full", "tied", "diag", "spherical")
 
 
-@functools.lru_cache(maxsize=64)
+@cached_unless_traced
 def _triu_indices(n_features: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Row and column indices of the upper triangle (diagonal included), in packed order."""
     rows, cols = torch.triu_indices(n_features, n_features, device=device)
     return rows, cols
 
 
-@functools.lru_cache(maxsize=64)
+def _triu_pairs(n_features: int) -> list[tuple[int, int]]:
+    """The (row, column) pairs of :func:`_triu_indices` as Python ints (no tensor to read back)."""
+    return [(i, j) for i in range(n_features) for j in range(i, n_features)]
+
+
+@cached_unless_traced
 def _packed_positions(n_features: int, device: torch.device) -> torch.Tensor:
     """Positions of the packed upper triangle in a flattened (D, D) matrix."""
     rows, cols = _triu_indices(n_features, device)
     return rows * n_features + cols
 
 
-@functools.lru_cache(maxsize=64)
+@cached_unless_traced
 def _packed_weights(n_features: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """-1/2 on the diagonal, -1 off it: the weights of the packed upper triangle of Lambda."""
     rows, cols = _triu_indices(n_features, device)
@@ -157,10 +162,9 @@ def small_natural_parameters(
     # z = P^T mu~, so that Lambda mu~ = P z and mu~^T Lambda mu~ = |z|^2.
     z = [_dot([upper[i][k] for i in range(k + 1)], mean[: k + 1]) for k in range(n)]
     linear = [_dot(upper[i][i:], z[i:]) for i in range(n)]
-    rows, cols = _triu_indices(n, raw.device)
     quadratic = [  # -1/2 Lambda_ii, -Lambda_ij (i < j): x_i x_j appears once in T
         _dot(upper[i][j:], upper[j][j:]) * (-0.5 if i == j else -1.0)
-        for i, j in zip(rows.tolist(), cols.tolist())
+        for i, j in _triu_pairs(n)
     ]
     eta = torch.stack([*linear, *(q.expand_as(linear[0]) for q in quadratic)], -1)
     half_logdet = sum(raw[..., i, i] for i in range(n))
@@ -249,7 +253,7 @@ def unpack_raw_triangular(raw: torch.Tensor) -> torch.Tensor:
     return raw * strictly_upper + eye * raw.diagonal(dim1=-2, dim2=-1).exp().unsqueeze(-2)
 
 
-@functools.lru_cache(maxsize=64)
+@cached_unless_traced
 def _triangle_masks(n_features: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """The identity and the strictly upper triangle of ones, (D, D) each (made once per size)."""
     eye = torch.eye(n_features, dtype=dtype, device=device)

@@ -151,6 +151,9 @@ class Product(ComponentFamily):
         inner = ", ".join(f"({type(b.family).__name__}, {list(b.columns)})" for b in self.blocks)
         return f"Product([{inner}])"
 
+    def config(self) -> dict[str, Any]:
+        return {"blocks": [(block.family, list(block.columns)) for block in self.blocks]}
+
     # --- helpers -----------------------------------------------------------------------------
     def _check_n_features(self, n_features: int) -> None:
         if n_features != self.n_columns:

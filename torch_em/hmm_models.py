@@ -22,9 +22,11 @@ class GaussianHMM(GaussianViews, HMM):
     """An HMM with one Gaussian per state (hmmlearn's ``GaussianHMM``).
 
     ``covariance_type`` ``"diag"`` (default, as hmmlearn), ``"full"``, ``"tied"`` or
-    ``"spherical"``; ``reg_covar`` is added to the covariance diagonals (hmmlearn's ``min_covar``
-    plays that role with 1e-3); ``means_init (K, D)`` and ``precisions_init`` as for
-    :class:`torch_em.GaussianMixture`, batch dims allowed.
+    ``"spherical"``; ``reg_covar`` is added to the covariance diagonals in every M-step (hmmlearn
+    instead adds ``covars_prior`` = 1e-2 to the scatter by default, and its ``min_covar`` only
+    enters its own initialisation: ``reg_covar=0`` with hmmlearn's ``covars_prior=0`` give the same
+    M-step); ``means_init (K, D)`` and ``precisions_init`` as for :class:`torch_em.GaussianMixture`,
+    batch dims allowed.
     """
 
     def __init__(self, n_components: int = 1, covariance_type: str = "diag", n_features: int | None = None, *,

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from . import em
+from ._random import resolve_seed
 from ._precision import without_autocast
 from ._tracing import is_traced
 from . import distributed
@@ -249,7 +250,7 @@ class HMM(LatentModel):
         if observed.shape[-2] > self._sample_size() or not bool(valid.all()):
             keep = torch.arange(observed.shape[-2], device=rows.device)
             if observed.shape[-2] > self._sample_size():
-                generator = torch.Generator().manual_seed(self.seed if self.seed is not None else 0)
+                generator = torch.Generator().manual_seed(resolve_seed(self.seed))
                 keep = torch.randperm(observed.shape[-2], generator=generator)[: self._sample_size()].sort().values
                 keep = keep.to(rows.device)
             data.sample = em.Data(self.family, observed[..., keep, :], reference, chunk,

@@ -1,0 +1,6 @@
+"""``python -m torch_em``: the command line (:mod:`torch_em.cli`)."""
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .em import emission_log_prob
+from .em import _WorkingBatch, emission_log_prob
 
 
 def row_chunks(n_points: int, chunk_size: int) -> list[tuple[int, int]]:
@@ -248,7 +248,8 @@ def lloyd(
     labels, dist = nearest(X, centres, chunk_size, norms)
     running_sums, running_counts = cluster_sums(X, labels, K, chunk_size, accumulator_dtype(X.device), weights)
     members = None if weights is None else positive_members(labels, weights, K)
-    batch = _LloydBatch(R, M)
+    batch = _WorkingBatch((R, M))  # the models computed, as in run_em
+    full: dict[str, torch.Tensor] = {}  # every model's results once the batch is compacted
     every_X, every_norms, every_weights = X, norms, weights
     for iteration in range(1, max_iter + 1):
         sums, counts = running_sums.to(X.dtype), running_counts.to(X.dtype)
@@ -268,56 +269,26 @@ def lloyd(
         if n_active == 0:
             break
         if n_active <= COMPACTION_FRACTION * active.numel():  # from now on only the running models
-            keep = batch.compact(dict(centres=centres, labels=labels, dist=dist, n_iter=n_iter, active=active))
+            results = dict(centres=centres, labels=labels, dist=dist, n_iter=n_iter, active=active)
+            full = {name: batch.to_full(value, full.get(name, False)) for name, value in results.items()}
+            keep = active.flatten().nonzero().squeeze(-1)  # their positions in the working batch
+            batch.index = keep if batch.index is None else batch.index[keep]
+
+            def running(value: torch.Tensor) -> torch.Tensor:  # (R', M', ...) -> (1, A, ...)
+                return value.flatten(0, 1)[keep].unsqueeze(0)
+
             centres, labels, dist, n_iter, active, tol, running_sums, running_counts = (
-                batch.select(value, keep) for value in
+                running(value) for value in
                 (centres, labels, dist, n_iter, active, tol, running_sums, running_counts))
-            members = None if members is None else batch.select(members, keep)
+            members = None if members is None else running(members)
             models = batch.index % M  # the data of the running models, from the whole batch's
             X, norms = (X, norms) if X.dim() == 2 else (every_X[models], every_norms[models])
             weights = weights if weights is None or weights.dim() == 1 else every_weights[models]
-    done = batch.results(centres=centres, labels=labels, dist=dist, n_iter=n_iter, active=active)
+    results = dict(centres=centres, labels=labels, dist=dist, n_iter=n_iter, active=active)
+    done = {name: batch.to_full(value, full.get(name, False)) for name, value in results.items()}
     return LloydResult(done["centres"], done["labels"], done["dist"], done["n_iter"], ~done["active"])
 
 
 #: Once at most this fraction of the models a Lloyd loop computes still run, it computes only
 #: those (their data and state copied out), so its cost follows the running models.
 COMPACTION_FRACTION = 0.5
-
-
-class _LloydBatch:
-    """The models (R, M) a Lloyd loop still computes: all, or after a compaction the running
-    ones as (1, A) (``index``: their flat positions in R * M); ``full`` holds every model's
-    latest values of the results."""
-
-    def __init__(self, R: int, M: int):
-        self.shape = (R, M)
-        self.index: torch.Tensor | None = None
-        self.full: dict[str, torch.Tensor] = {}
-
-    def compact(self, values: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Record the working ``values`` in the full results; the positions (A,) of the running
-        models (``values["active"]``) among the working ones."""
-        self._flush(values)
-        keep = values["active"].flatten().nonzero().squeeze(-1)
-        self.index = keep if self.index is None else self.index[keep]
-        return keep
-
-    @staticmethod
-    def select(value: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        """(R', M', ...) -> (1, A, ...): the running models' values."""
-        return value.flatten(0, 1)[keep].unsqueeze(0)
-
-    def results(self, **values: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Every model's results (R, M, ...)."""
-        if self.index is None:
-            return values
-        self._flush(values)
-        return self.full
-
-    def _flush(self, values: dict[str, torch.Tensor]) -> None:
-        for name, value in values.items():
-            if self.index is None:
-                self.full[name] = value.clone()
-            else:
-                self.full[name].view(-1, *value.shape[2:])[self.index] = value[0]

@@ -24,7 +24,7 @@ from ._precision import without_autocast
 from ._tracing import is_traced
 from . import distributed
 from ._validation import (
-    as_float_tensor, check_family, check_finite, check_int, check_sample_weight, check_shape, data_dtype,
+    as_float_tensor, check_family, check_int, check_sample_weight, data_dtype,
 )
 from .data import CHUNK_ELEMENTS, SequenceData, sequence_row_weights
 from .families.base import ComponentFamily, Theta
@@ -416,16 +416,3 @@ class HMM(LatentModel):
             if value is not None:
                 logits[module_name] = self._probabilities_logits(value, name, event)
         return logits
-
-    def _probabilities_logits(self, value: Any, name: str, event: tuple[int, ...]) -> torch.Tensor:
-        """Probabilities ``event`` (rows over the last axis, batch dims allowed) validated, as
-        logits ``(*batch_shape, *event)`` (a zero as the dtype's smallest positive number)."""
-        probabilities = as_float_tensor(value, name, device=self.device, dtype=self.dtype)
-        check_shape(probabilities, name, event, self.batch_shape)
-        check_finite(probabilities, name)
-        tolerance = max(1e-6, 1000 * torch.finfo(self.dtype).eps)
-        sums = probabilities.sum(-1)
-        if bool((probabilities < 0).any()) or bool(((sums - 1).abs() > tolerance).any()):
-            raise ValueError(f"{name} must be non-negative with rows summing to 1, got sums {sums.flatten()[:5].tolist()}")
-        tiny = torch.finfo(self.dtype).tiny
-        return probabilities.clamp_min(tiny).log().expand(*self.batch_shape, *event)

@@ -28,7 +28,7 @@ from ._state import CheckedLoad, check_state, own_entries
 from ._tracing import is_traced
 from ._validation import (
     as_float_tensor, check_choice, check_common_options, check_data, check_device, check_dtype, check_em_parameters,
-    check_int, check_positive, data_dtype,
+    check_finite, check_int, check_positive, check_shape, data_dtype,
 )
 from .families.base import ComponentFamily, IllConditionedError, NotFittedError, Theta
 from .initialization import METHODS, initial_parameters
@@ -570,6 +570,20 @@ class LatentModel(Saveable, CheckedLoad, FollowsDataDtype):
     def _user_latent_initial(self) -> Theta:
         """The latent structure's initial values given by the user, as logits (*batch_shape, ...)."""
         raise NotImplementedError
+
+    def _probabilities_logits(self, value: Any, name: str, event: tuple[int, ...]) -> torch.Tensor:
+        """Probabilities ``event`` (rows over the last axis, batch dims allowed) validated, as
+        logits ``(*batch_shape, *event)`` (a zero as the dtype's smallest positive number)."""
+        probabilities = as_float_tensor(value, name, device=self.device, dtype=self.dtype)
+        check_shape(probabilities, name, event, self.batch_shape)
+        check_finite(probabilities, name)
+        tolerance = max(1e-6, 1000 * torch.finfo(self.dtype).eps)
+        sums = probabilities.sum(-1)
+        if bool((probabilities < 0).any()) or bool(((sums - 1).abs() > tolerance).any()):
+            raise ValueError(f"{name} must be non-negative and sum to 1 over its last axis, got sums "
+                             f"{sums.flatten()[:5].tolist()}")
+        tiny = torch.finfo(self.dtype).tiny
+        return probabilities.clamp_min(tiny).log().expand(*self.batch_shape, *event)
 
     def _fixed_parameters(self, params: em.Params | None) -> em.Params | None:
         """Working values (R, M, ...) of the parameters EM holds fixed (the latent structure's

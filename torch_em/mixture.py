@@ -17,7 +17,7 @@ import torch
 
 from . import distributed, em
 from ._precision import without_autocast
-from ._validation import as_float_tensor, check_family, check_finite, check_int, check_sample_weight, check_shape
+from ._validation import check_family, check_int, check_sample_weight
 from .families.base import ComponentFamily, Theta
 from .latent import MIXTURE
 from .latent_model import ON_ERROR, QUOTED_FAILURES, STREAM_BUFFERS, LatentModel  # noqa: F401  (their home before)
@@ -318,20 +318,9 @@ class Mixture(LatentModel):
         return samples.reshape(*self.batch_shape, n_samples, -1), labels.reshape(*self.batch_shape, n_samples)
 
     # --- internals ---------------------------------------------------------------------------
-    # --- internals ---------------------------------------------------------------------------
     def _user_latent_initial(self) -> Theta:
         """``weights_init`` validated, as logits ``(*batch_shape, K)`` (empty when not given)."""
         if self.weights_init is None:
             return {}
-        batch = tuple(self.batch_shape)
-        weights = as_float_tensor(self.weights_init, "weights_init", device=self.device, dtype=self.dtype)
-        check_shape(weights, "weights_init", (self.n_components,), self.batch_shape)
-        check_finite(weights, "weights_init")
-        tolerance = max(1e-6, 1000 * torch.finfo(self.dtype).eps)
-        if bool((weights < 0).any()) or bool(((weights.sum(-1) - 1).abs() > tolerance).any()):
-            raise ValueError(
-                f"weights_init must be non-negative and sum to 1, got sums {weights.sum(-1).flatten()[:5].tolist()}"
-            )
-        tiny = torch.finfo(self.dtype).tiny
-        return {"logits": weights.clamp_min(tiny).log().expand(*batch, self.n_components)}
+        return {"logits": self._probabilities_logits(self.weights_init, "weights_init", (self.n_components,))}
 

@@ -7,7 +7,7 @@ from .hmm import HMM
 from .hmm_models import CategoricalHMM, GMMHMM, GaussianHMM, PoissonHMM
 from .kmeans import KMeans, kmeans_plusplus
 from .mixture import Mixture
-from . import functional, nn, serialization
+from . import functional, nn, priors, serialization
 from .functional import EMState, ImplicitGradientWarning
 from .nn import EMLayer
 from .serialization import load
@@ -46,5 +46,6 @@ __all__ = [
     "nn",
     "reset_optimizer_state",
     "saved_tensor_bytes",
+    "priors",
     "serialization",
 ]

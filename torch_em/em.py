@@ -42,6 +42,7 @@ from .latent import LatentStructure
 from .normalize import log_normalize
 from .own_reference import OwnReference
 from .params import Params, where_models  # noqa: F401  (the engine's parameter tree)
+from .priors import ModelPrior
 from .statistics import Statistics, floored_counts
 
 logger = logging.getLogger(__name__)
@@ -255,7 +256,7 @@ def reseed_empty(
 def m_step(
     latent: LatentStructure, family: ComponentFamily, stats: Statistics, reference: torch.Tensor | None,
     active: torch.Tensor, fixed: Params | None = None,
-    refine: Callable[[torch.Tensor, Theta], Statistics | None] | None = None,
+    refine: Callable[[torch.Tensor, Theta], Statistics | None] | None = None, prior: ModelPrior | None = None,
 ) -> tuple[Params, torch.Tensor]:
     """Closed-form M-step for the working batch: the parameters and the invalid components
     (R, M, K) of the ``active`` (R, M) models (an inactive model's are not reported).
@@ -266,20 +267,25 @@ def m_step(
     again with those components about their own new reference point (exact where the one-pass
     statistics about the shared point lost the variance to rounding), or None; the M-step is then
     redone from them.
+    ``prior``: MAP-EM, the prior's pseudo-statistics added to the statistics first
+    (:mod:`torch_em.priors`).
     """
     every = stats.reference if stats.reference is not None else reference  # per-component where some have their own
     fixed_emission = {} if fixed is None else fixed.emission
-    counts = floored_counts(stats.counts)
+    counts, sums, latent_stats = floored_counts(stats.counts), stats.sums, stats
+    if prior is not None:
+        counts, sums = prior.emission_statistics(counts, sums, every)
+        latent_stats = prior.latent_statistics(latent, stats)
     if fixed_emission:
-        theta, valid = family.conditional_m_step(counts, stats.sums, every, fixed_emission)
+        theta, valid = family.conditional_m_step(counts, sums, every, fixed_emission)
     else:
-        theta, valid = family.m_step(counts, stats.sums, every)
-    new = Params(latent.m_step(stats, {} if fixed is None else fixed.latent), theta)
+        theta, valid = family.m_step(counts, sums, every)
+    new = Params(latent.m_step(latent_stats, {} if fixed is None else fixed.latent), theta)
     invalid = ~valid & active.unsqueeze(-1)  # (R, M, K)
     if refine is not None and bool(invalid.any()):
         refined = refine(invalid, theta)
         if refined is not None:
-            return m_step(latent, family, refined, reference, active, fixed)
+            return m_step(latent, family, refined, reference, active, fixed, prior=prior)
     return new, invalid
 
 
@@ -323,6 +329,7 @@ class EMMap:
     latent, family: the model; data: :class:`Data` or :class:`StreamData`;
     fixed: parameters held at their values (working layout) or None;
     pseudo_count: pseudo-points per component distributed like the data (a smoothing prior);
+    prior: a conjugate prior (MAP-EM: pseudo-statistics in the M-step, log prior in the objective);
     reseed: whether components with (almost) no points are re-seeded at the worst-explained
         points before the M-step; own_reference: whether components the shared expansion would
         not resolve are evaluated directly (:class:`OwnReference`); reduce: whether statistics
@@ -332,9 +339,9 @@ class EMMap:
     def __init__(
         self, latent: LatentStructure, family: ComponentFamily, data: Data | StreamData, *,
         fixed: Params | None = None, pseudo_count: float = 0.0, reseed: bool = True, own_reference: bool = True,
-        reduce: bool = True,
+        reduce: bool = True, prior: ModelPrior | None = None,
     ):
-        self.latent, self.family, self.data, self.fixed = latent, family, data, fixed
+        self.latent, self.family, self.data, self.fixed, self.prior = latent, family, data, fixed, prior
         self.pseudo_count, self.reseed, self.own_reference, self.reduce = pseudo_count, reseed, own_reference, reduce
 
     def own(self, params: Params, summarise: bool = True) -> OwnReference | None:
@@ -349,9 +356,12 @@ class EMMap:
         stats = e_step(self.latent, self.family, params, self.data, own, self.pseudo_count)
         return stats.reduced() if self.reduce else stats
 
-    def objective(self, stats: Statistics) -> torch.Tensor:
-        """(R, M) mean log-likelihood per (weighted) point."""
-        return stats.log_likelihood / self.data.total_weight
+    def objective(self, stats: Statistics, params: Params) -> torch.Tensor:
+        """(R, M) mean log-likelihood per (weighted) point of ``params`` (from their ``stats``),
+        plus their log prior over the points under MAP-EM."""
+        if self.prior is None:
+            return stats.log_likelihood / self.data.total_weight
+        return (stats.log_likelihood + self.prior.log_prob(params)) / self.data.total_weight
 
     def maximise(self, params: Params, stats: Statistics, active: torch.Tensor, own: OwnReference | None,
                  refine: bool = True) -> tuple[Params, torch.Tensor, Statistics]:
@@ -367,7 +377,7 @@ class EMMap:
 
         stats = reseeded(stats)
         again = refiner(self.family, own, lambda own: reseeded(self.statistics(params, own))) if refine else None
-        new, invalid = m_step(self.latent, self.family, stats, self.data.reference, active, self.fixed, again)
+        new, invalid = m_step(self.latent, self.family, stats, self.data.reference, active, self.fixed, again, self.prior)
         return new, invalid, stats
 
     def __call__(self, params: Params, active: torch.Tensor) -> EMStep:
@@ -375,7 +385,7 @@ class EMMap:
         log-likelihood is finite."""
         own = self.own(params)
         stats = self.statistics(params, own)
-        objective = self.objective(stats)
+        objective = self.objective(stats, params)
         new, invalid, _ = self.maximise(params, stats, active & torch.isfinite(objective), own, self.own_reference)
         return EMStep(new, objective, invalid)
 
@@ -385,6 +395,7 @@ class EMMap:
         selected.__dict__.update(self.__dict__)
         selected.data = self.data.select_models(index % n_models)
         selected.fixed = None if self.fixed is None else self.fixed.models(index)
+        selected.prior = None if self.prior is None else self.prior.models(index % n_models)
         return selected
 
 

@@ -23,6 +23,7 @@ from .families.base import ComponentFamily, Theta
 from .latent import LatentStructure
 from .layout import Layout
 from .own_reference import OwnReference
+from .priors import ModelPrior
 from .statistics import Statistics
 from .lloyd import (
     accumulator_dtype, broadcast_weights, gather_points, lloyd, nearest, relative_tolerance, row_chunks, squared_distances,
@@ -154,6 +155,7 @@ def initial_parameters(
     latent: LatentStructure, family: ComponentFamily, data: Data, *, method: str, n_components: int, layout: Layout,
     restarts: range, seed: int | None, chunk_size: int, user_parameters: Theta, user_centres: torch.Tensor | None,
     failures: Failures | None, generator: Callable[[], torch.Generator], softening: float = 0.0,
+    prior: ModelPrior | None = None,
 ) -> Params:
     """Working initial parameters (R, M, ...) of the given R ``restarts``: an M-step from the
     initial responsibilities of ``method`` (weighted by the data's weights), then overridden by
@@ -163,7 +165,8 @@ def initial_parameters(
     a model whose initial M-step is invalid is recorded there and starts from the default
     parameters (finite; it does not run) instead of raising. ``softening``: the initial
     responsibilities become ``(1 - softening) * resp + softening / K``, so that no component
-    starts with a probability of 0 for what the others' points hold (which EM could not undo)."""
+    starts with a probability of 0 for what the others' points hold (which EM could not undo).
+    ``prior``: the first M-step is MAP-EM's (:mod:`torch_em.priors`)."""
     R, M, K = len(restarts), layout.n_models, n_components
     X, reference = data.X, data.reference
     latent_names = set(latent.parameter_names)
@@ -189,7 +192,7 @@ def initial_parameters(
                             reference)
 
     params, invalid = m_step(latent, family, reseeded_statistics(), reference, every_model,
-                             refine=refiner(family, None, reseeded_statistics))
+                             refine=refiner(family, None, reseeded_statistics), prior=prior)
     record_failures(failures, invalid.any(-1), invalid_component_reason(family, "initialisation", invalid))
     if failures is not None and bool(failures.failed.any()):
         default = Params(latent.default_parameters((R, M), K, X), family.default_parameters(

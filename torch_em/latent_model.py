@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from . import distributed, em
+from . import distributed, em, priors
 from ._precision import FollowsDataDtype
 from ._random import resolve_seed, restart_groups
 from ._state import CheckedLoad, check_state, own_entries
@@ -35,6 +35,7 @@ from .initialization import METHODS, initial_parameters
 from .latent import LatentStructure
 from .layout import Layout
 from .own_reference import traced_direct_log_prob
+from .priors import PriorSpec
 from .serialization import Saveable
 from .streaming import StepSchedule
 
@@ -42,7 +43,7 @@ logger = logging.getLogger(__name__)
 
 #: Buffers of online EM's running state every model has (the latent structure adds
 #: ``stream_<statistic>`` for each of its own statistics).
-STREAM_BUFFERS = ("stream_counts", "stream_sums", "stream_steps", "stream_shift")
+STREAM_BUFFERS = ("stream_counts", "stream_sums", "stream_steps", "stream_shift", "stream_weight")
 #: Choices of ``on_error``: raise IllConditionedError, or isolate the failing models of a batch.
 ON_ERROR = ("raise", "isolate")
 #: A FitFailedWarning quotes the reasons of at most this many failed models.
@@ -86,6 +87,7 @@ class LatentModel(Saveable, CheckedLoad, FollowsDataDtype):
         step_size: float | None = None,
         averaging_start: int | None = None,
         prior_count: float = 0.0,
+        prior: PriorSpec = None,
         em_parameters: Sequence[str] | None = None,
         warm_start: bool = False,
         on_error: str | None = None,
@@ -109,6 +111,11 @@ class LatentModel(Saveable, CheckedLoad, FollowsDataDtype):
         self.averaging_start = averaging_start
         check_positive(prior_count, "prior_count", allow_zero=True)
         self.prior_count = float(prior_count)
+        # The user's names of the latent parameters' prior groups: "weights" for "log_weights".
+        self._prior_groups = {working.removeprefix("log_"): working for working in latent_names.values()}
+        priors.check_prior_spec(priors.as_groups(prior), [*self._prior_groups, priors.COMPONENTS])
+        self.prior = prior
+        self._stream_prior: priors.ModelPrior | None = None
         dtype, device = check_dtype(dtype), check_device(device)
         self._dtype_follows_data = dtype is None
         dtype = dtype if dtype is not None else data_dtype(None)
@@ -174,7 +181,7 @@ class LatentModel(Saveable, CheckedLoad, FollowsDataDtype):
             "max_iter": self.max_iter, "n_init": self.n_init, "init_params": self.init_params, "seed": self.seed,
             "chunk_size": self.chunk_size, "learning_decay": self.schedule.learning_decay,
             "learning_offset": self.schedule.learning_offset, "step_size": self.schedule.step_size,
-            "averaging_start": self.averaging_start, "prior_count": self.prior_count,
+            "averaging_start": self.averaging_start, "prior_count": self.prior_count, "prior": self.prior,
             "em_parameters": self.em_parameters, "warm_start": self.warm_start, "on_error": self.on_error,
         }
 
@@ -239,10 +246,11 @@ class LatentModel(Saveable, CheckedLoad, FollowsDataDtype):
         n_features = data.sample.X.shape[-1]
         continued = self.warm_start and self.is_initialized
         groups = [range(1)] if continued else restart_groups(self.n_init)
+        prior = self._resolved_prior(data.sample, n_features)
         with tqdm(total=max_iter * len(groups), desc="EM", disable=not verbose, leave=False) as progress, \
                 self._naming_failures():
             result = em.cat_restarts([
-                self._run_restarts(data, n_features, restarts, continued, progress if verbose else None, max_iter)
+                self._run_restarts(data, n_features, restarts, continued, progress if verbose else None, max_iter, prior)
                 for restarts in groups
             ])
         best = layout.best_restart(result.lower_bound)  # (M,) a failed restart (nan) loses
@@ -273,7 +281,7 @@ class LatentModel(Saveable, CheckedLoad, FollowsDataDtype):
 
     def _run_restarts(
         self, data: em.Data | em.StreamData, n_features: int, restarts: range, continued: bool, progress,
-        max_iter: int,
+        max_iter: int, prior: priors.ModelPrior | None = None,
     ) -> em.EMResult:
         """EM for the working batch (len(restarts), M) of the given restarts, or (1, M) from the
         current parameters when ``continued`` (a warm start: its convergence check goes on from
@@ -285,14 +293,29 @@ class LatentModel(Saveable, CheckedLoad, FollowsDataDtype):
             if self.lower_bound_ is not None and self.stream_steps is None:  # mid-stream it is a batch's
                 previous = self._layout.working(self.lower_bound_)
         else:
-            params = self._initial_parameters(data.sample, data.chunk_size, n_features, restarts, failures)
+            # The initialisation's M-step sees the sample: the prior set against its share of the points.
+            sample_prior = None if prior is None else prior.scaled(_share(data.sample.total_weight, data.total_weight))
+            params = self._initial_parameters(data.sample, data.chunk_size, n_features, restarts, failures, sample_prior)
             params = self._same_on_every_rank(params)
         fixed = self._fixed_parameters(params)
-        return em.run_em(self._em_map(data, fixed), params.with_fixed(fixed), max_iter=max_iter, tol=self.tol,
+        return em.run_em(self._em_map(data, fixed, prior), params.with_fixed(fixed), max_iter=max_iter, tol=self.tol,
                          progress=progress, previous_lower_bound=previous, failures=failures)
 
-    def _em_map(self, data: em.Data | em.StreamData, fixed: em.Params | None) -> em.EMMap:
-        return em.EMMap(self.latent, self.family, data, fixed=fixed, pseudo_count=self.prior_count)
+    def _em_map(self, data: em.Data | em.StreamData, fixed: em.Params | None,
+                prior: priors.ModelPrior | None = None) -> em.EMMap:
+        return em.EMMap(self.latent, self.family, data, fixed=fixed, pseudo_count=self.prior_count, prior=prior)
+
+    def _resolved_prior(self, sample: em.Data, n_features: int) -> priors.ModelPrior | None:
+        """``prior`` as tensors in the working layout, its data-dependent defaults taken from
+        ``sample`` (the data initialisation works on; summed over the ranks of torch.distributed).
+        Raises ValueError for a prior that does not fit the model (before anything changes)."""
+        if self.prior is None:
+            return None
+        latent = self.latent.default_parameters((1,), self.n_components, self._anchor)
+        context = priors.Context(self.family, self.n_components, n_features, self._layout, self._anchor,
+                                 priors.DataSummary(sample.X, sample.weights))
+        return priors.resolve(self.prior, self._prior_groups, ("transmat",), context,
+                              {name: tuple(value.shape[1:]) for name, value in latent.items()})
 
     @contextlib.contextmanager
     def _naming_failures(self):
@@ -306,6 +329,7 @@ class LatentModel(Saveable, CheckedLoad, FollowsDataDtype):
         """Forget the running statistics of online EM (``partial_fit``)."""
         for name in self._stream_buffers:
             setattr(self, name, None)
+        self._stream_prior = None
 
     def _isolates_failures(self) -> bool:
         """Whether a failing model is isolated (``on_error``, by default so in a batch)."""
@@ -353,6 +377,7 @@ class LatentModel(Saveable, CheckedLoad, FollowsDataDtype):
 
     def _initial_parameters(
         self, data: em.Data, chunk: int, n_features: int, restarts: range, failures: em.Failures | None = None,
+        prior: priors.ModelPrior | None = None,
     ) -> em.Params:
         """Working initial parameters (R, M, ...) of the given restarts, with the user's initial
         values (:func:`torch_em.initialization.initial_parameters`)."""
@@ -362,7 +387,7 @@ class LatentModel(Saveable, CheckedLoad, FollowsDataDtype):
             restarts=restarts, seed=self.seed, chunk_size=chunk,
             user_parameters=self._working_latent(self._user_initial_parameters(n_features)),
             user_centres=self.family.initial_centres(tuple(self.batch_shape), K, n_features, self.device, self.dtype),
-            failures=failures, generator=self._generator, softening=self._initial_softening,
+            failures=failures, generator=self._generator, softening=self._initial_softening, prior=prior,
         )
 
     def _partial_fit(self, X: torch.Tensor, make_data: Callable[[torch.Tensor | None, int], em.Data]) -> "LatentModel":
@@ -378,22 +403,30 @@ class LatentModel(Saveable, CheckedLoad, FollowsDataDtype):
         # The stream's reference point is fixed by its first batch.
         reference = self.stream_shift if started else distributed.combined_reference(self.family.reference(X), X.shape[-2])
         data = make_data(reference, chunk)
+        data.total_weight = distributed.total_weight(data.total_weight, X.device)  # the batch over all ranks
+        # The prior is set against the stream's points so far (its first batch resolves it).
+        prior = self._stream_prior if started and self._stream_prior is not None else self._resolved_prior(data, n_features)
+        seen = layout.working(self.stream_weight)[0] if started and self.stream_weight is not None else None
+        batch_weight = torch.as_tensor(data.total_weight, dtype=X.dtype, device=X.device).expand(M)
+        if seen is None:  # (a stream begun before its weight was recorded: as many points per batch as this one)
+            seen = batch_weight * (int(self.stream_steps) if started else 0)
         with self._naming_failures():
             if started:
                 params = self._working_parameters()
                 if self.averaging_start is not None:  # the parameters hold the average: the iterate is the running M-step
                     params, invalid = em.m_step(self.latent, self.family, running, reference, every_model,
-                                                self._fixed_parameters(None))
+                                                self._fixed_parameters(None),
+                                                prior=None if prior is None else prior.scaled(1 / seen))
                     em.record_failures(failures, invalid.any(-1),
                                        em.invalid_component_reason(self.family, "partial_fit", invalid))
             else:
                 params = self._working_parameters() if self.is_initialized else self._same_on_every_rank(
-                    self._initial_parameters(data, chunk, n_features, range(1), failures))
+                    self._initial_parameters(data, chunk, n_features, range(1), failures, prior))
             fixed = self._fixed_parameters(params)
             params = params.with_fixed(fixed)
-            data.total_weight = distributed.total_weight(data.total_weight, X.device)  # the batch over all ranks
             updating = every_model if failures is None else ~failures.failed
-            step = em.online_step(self._em_map(data, fixed), params, running,
+            step_prior = None if prior is None else prior.scaled(batch_weight / (seen + batch_weight))
+            step = em.online_step(self._em_map(data, fixed, step_prior), params, running,
                                   self.schedule.rho(int(self.stream_steps) if started else 0), updating)
             infinite = ~torch.isfinite(step.batch_log_likelihood) & updating  # (1, M)
             em.record_failures(failures, infinite, lambda r, m: em.Failure(
@@ -421,6 +454,8 @@ class LatentModel(Saveable, CheckedLoad, FollowsDataDtype):
             setattr(self, name, value)
         self.stream_steps = torch.tensor(steps, device=X.device)
         self.stream_shift = reference
+        self.stream_weight = layout.module(seen + batch_weight)
+        self._stream_prior = prior
         self._record_failures(failures, torch.zeros(M, dtype=torch.long, device=X.device))
         logger.debug("%s.partial_fit: step %d, step size %.4g", type(self).__name__, steps,
                      self.schedule.rho(steps - 1))
@@ -671,6 +706,7 @@ class LatentModel(Saveable, CheckedLoad, FollowsDataDtype):
                   **{f"stream_{name}": shape for name, shape in self.latent.statistic_shapes(K).items()}}
         shapes = {name: [(*batch, *event)] for name, event in events.items()}
         shapes["stream_steps"] = [()]
+        shapes["stream_weight"] = [batch]
         shapes["stream_shift"] = [(1, D), (self.n_models, 1, D)]  # reference of shared or per-model data
         return shapes
 
@@ -690,3 +726,9 @@ class LatentModel(Saveable, CheckedLoad, FollowsDataDtype):
     def _describe_model(self, restart: int, model: int) -> str:
         return self._layout.describe(restart, model, self.n_init)
 
+
+def _share(part: float | torch.Tensor, whole: float | torch.Tensor) -> float | torch.Tensor:
+    """``part / whole`` of two (weighted) numbers of points (numbers, or (M,) per model)."""
+    if isinstance(part, torch.Tensor) or isinstance(whole, torch.Tensor):
+        return torch.as_tensor(part) / torch.as_tensor(whole)
+    return part / whole

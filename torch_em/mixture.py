@@ -23,6 +23,7 @@ from .latent import MIXTURE
 from .latent_model import ON_ERROR, QUOTED_FAILURES, STREAM_BUFFERS, LatentModel  # noqa: F401  (their home before)
 from .normalize import log_normalize
 from .observations import Observations
+from .priors import PriorSpec
 from .streaming import batch_source, unwrap_batch
 
 
@@ -57,6 +58,11 @@ class Mixture(LatentModel):
             (a component that loses its points drifts to the data's mean and spread instead of
             collapsing), as :func:`torch_em.functional.em`'s. 0: maximum likelihood. The lower
             bound stays the log-likelihood.
+        prior: MAP-EM with conjugate priors (:mod:`torch_em.priors`): None (maximum likelihood),
+            ``"default"`` (the components' default prior, e.g. mclust's for Gaussians; flat
+            weights), a prior for the components (e.g. ``priors.NormalInverseWishart(...)``), or
+            a dict ``{"weights": priors.Dirichlet(...), "components": ...}``. The lower bound
+            becomes (log-likelihood + log prior) per point; BIC and AIC stay on the likelihood.
         em_parameters: names of the parameters that ``fit`` and ``partial_fit`` update (default:
             all, ``("logits", *family parameter names)``). The others are held at their current
             values and EM maximises the rest given them (a conditional M-step), so an optimizer can
@@ -114,6 +120,7 @@ class Mixture(LatentModel):
         step_size: float | None = None,
         averaging_start: int | None = None,
         prior_count: float = 0.0,
+        prior: PriorSpec = None,
         em_parameters: Sequence[str] | None = None,
         warm_start: bool = False,
         on_error: str | None = None,
@@ -125,7 +132,7 @@ class Mixture(LatentModel):
             MIXTURE, {"logits": "log_weights"}, family, n_components, n_features, batch_shape=batch_shape, tol=tol,
             max_iter=max_iter, n_init=n_init, init_params=init_params, seed=seed, chunk_size=chunk_size,
             learning_decay=learning_decay, learning_offset=learning_offset, step_size=step_size,
-            averaging_start=averaging_start, prior_count=prior_count, em_parameters=em_parameters,
+            averaging_start=averaging_start, prior_count=prior_count, prior=prior, em_parameters=em_parameters,
             warm_start=warm_start, on_error=on_error, device=device, dtype=dtype,
         )
         self.weights_init = weights_init

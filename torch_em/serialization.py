@@ -35,6 +35,7 @@ from typing import IO, Any, Callable, Union
 import numpy as np
 import torch
 
+from . import priors
 from .families.base import ComponentFamily
 
 #: The newest file format this version writes and reads.
@@ -47,6 +48,8 @@ LATENT_MODEL_ATTRIBUTES = ("converged_", "n_iter_", "lower_bound_", "lower_bound
 KMEANS_ATTRIBUTES = ("labels_", "inertia_", "n_iter_", "converged_")
 #: The marker of an encoded family in a configuration.
 FAMILY_KEY = "__family__"
+#: The marker of an encoded prior (:mod:`torch_em.priors`) in a configuration.
+PRIOR_KEY = "__prior__"
 
 Path = Union[str, os.PathLike, IO[bytes]]
 _REGISTERED: dict[str, type] = {}
@@ -151,6 +154,8 @@ def _encode(value: Any, where: str) -> Any:
             raise ValueError(f"{where}: the family {type(value).__name__} is not registered; register it with "
                              "torch_em.serialization.register(cls)")
         return {FAMILY_KEY: name, "config": _encode(value.config(), f"{where} ({name})")}
+    if isinstance(value, priors.Prior):
+        return {PRIOR_KEY: type(value).__name__, "config": _encode(value._hyperparameters(), where)}
     if hasattr(value, "__array__") and not callable(value):
         return torch.from_numpy(np.array(value))
     raise ValueError(f"{where}: a model file holds plain values, arrays and tensors, got {type(value).__name__} "
@@ -234,6 +239,11 @@ def _is_family(cls: type | None) -> bool:
 
 def _decode(value: Any) -> Any:
     """The inverse of :func:`_encode` (families rebuilt by their registered names)."""
+    if isinstance(value, dict) and PRIOR_KEY in value:
+        cls = getattr(priors, str(value[PRIOR_KEY]), None)
+        if not (isinstance(cls, type) and issubclass(cls, priors.Prior)):
+            raise ValueError(f"the model file names the prior {value[PRIOR_KEY]!r}, which torch_em.priors does not have")
+        return cls(**_decode(value["config"]))
     if isinstance(value, dict) and FAMILY_KEY in value:
         name = value[FAMILY_KEY]
         cls = registered_classes().get(name)

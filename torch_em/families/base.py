@@ -39,6 +39,13 @@ def probability_bound(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).eps
 
 
+def per_statistic(counts: torch.Tensor, stats: torch.Tensor) -> torch.Tensor:
+    """Counts for dividing ``stats`` (*b, K, F): counts (*b, K) as (*b, K, 1), or counts per
+    statistic (*b, K, F) as they are (a prior's pseudo-counts differ between statistics, e.g. a
+    Gaussian's mean and second moments: :mod:`torch_em.priors`)."""
+    return counts if counts.dim() == stats.dim() else counts.unsqueeze(-1)
+
+
 def average_features(counts: torch.Tensor, sums: torch.Tensor) -> torch.Tensor:
     """The data's average feature vector (*b, 1, F) from statistics counts (*b, K), sums (*b, K, F)."""
     return sums.sum(-2, keepdim=True) / counts.sum(-1, keepdim=True).unsqueeze(-1)
@@ -151,8 +158,9 @@ class ComponentFamily:
     def m_step(
         self, counts: torch.Tensor, stats: torch.Tensor, reference: torch.Tensor | None
     ) -> tuple[Theta, torch.Tensor]:
-        """Closed-form maximiser. Returns theta and a (*batch, K) bool mask of components whose
-        parameters are valid (False: e.g. a failed Cholesky factorisation)."""
+        """Closed-form maximiser. ``counts`` (*batch, K), or (*batch, K, F) per statistic (with a
+        prior's pseudo-counts, :func:`per_statistic`). Returns theta and a (*batch, K) bool mask of
+        components whose parameters are valid (False: e.g. a failed Cholesky factorisation)."""
         raise NotImplementedError
 
     def conditional_m_step(

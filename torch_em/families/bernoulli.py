@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .._validation import describe_bad_values, initial_tensor
-from .base import ComponentFamily, Theta, probability_bound
+from .base import ComponentFamily, Theta, per_statistic, probability_bound
 
 
 class Bernoulli(ComponentFamily):
@@ -93,7 +93,7 @@ class Bernoulli(ComponentFamily):
         return logits, -F.softplus(logits).sum(-1)
 
     def m_step(self, counts, stats, reference) -> tuple[Theta, torch.Tensor]:
-        logits = _logit(stats / counts.unsqueeze(-1))  # (*b, K, D)
+        logits = _logit(stats / per_statistic(counts, stats))  # (*b, K, D)
         return {"logit_probs": logits}, torch.isfinite(logits).all(-1)
 
     def invalid_component_advice(self) -> str:

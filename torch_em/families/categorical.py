@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from .._validation import check_int, describe_bad_values, initial_tensor
-from .base import ComponentFamily, Theta, probability_bound
+from .base import ComponentFamily, Theta, per_statistic, probability_bound
 
 
 class Categorical(ComponentFamily):
@@ -116,7 +116,7 @@ class Categorical(ComponentFamily):
 
     def m_step(self, counts, stats, reference) -> tuple[Theta, torch.Tensor]:
         n_features = stats.shape[-1] // self.n_categories
-        frequencies = stats.view(*stats.shape[:-1], n_features, self.n_categories) / counts[..., None, None]
+        frequencies = (stats / per_statistic(counts, stats)).view(*stats.shape[:-1], n_features, self.n_categories)
         logits = _log_probs(frequencies)  # (*b, K, D, C)
         return {"logit_categories": logits}, torch.isfinite(logits).flatten(-2).all(-1)
 

@@ -23,7 +23,7 @@ import torch
 
 from .._validation import check_magnitude, describe_bad_values
 from ._rates import RateFamily
-from .base import Theta, probability_bound
+from .base import Theta, per_statistic, probability_bound
 
 
 class Exponential(RateFamily):
@@ -65,8 +65,9 @@ class Exponential(RateFamily):
         return -log_rates.exp(), log_rates.sum(-1)
 
     def m_step(self, counts, stats, reference) -> tuple[Theta, torch.Tensor]:
-        means = stats / counts.unsqueeze(-1)  # (*b, K, D)
-        overall = stats.sum(-2, keepdim=True) / counts.sum(-1)[..., None, None]  # (*b, 1, D)
+        counts = per_statistic(counts, stats)
+        means = stats / counts  # (*b, K, D)
+        overall = stats.sum(-2, keepdim=True) / counts.sum(-2, keepdim=True)  # (*b, 1, D)
         floor = (probability_bound(stats.dtype) * overall).clamp_min(torch.finfo(stats.dtype).tiny)
         log_rates = -torch.maximum(means, floor).log()
         return {"log_rates": log_rates}, torch.isfinite(log_rates).all(-1)

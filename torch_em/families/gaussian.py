@@ -424,13 +424,17 @@ class Gaussian(ComponentFamily):
         return torch.cat([linear, quadratic], dim=-1), const
 
     def m_step(self, counts, stats, reference) -> tuple[Theta, torch.Tensor]:
+        # With a prior (counts per statistic), the means divide by n + kappa and the second
+        # moments by the covariance's own count c: Sigma = S2 / c - (n + kappa) / c * m m^T
+        # (torch_em.priors); without one both are n and ``shrink`` is None.
         n_features = self._n_features_from_stats(stats.shape[-1])
+        counts, scatter_counts, shrink = _mean_and_scatter_counts(counts, stats)
         centred_mean = stats[..., :n_features] / counts.unsqueeze(-1)  # (*b, K, D)
         second = stats[..., n_features:]
         loc = centred_mean if reference is None else centred_mean + reference
         small = None
         if self.covariance_type == "full" and n_features <= SMALL_FEATURES:
-            small = self._small_full_m_step(counts, centred_mean, second)
+            small = self._small_full_m_step(scatter_counts, centred_mean, second, shrink)
         if small is not None and bool(small[2].all()):
             raw, valid, _ = small
         elif self.covariance_type in ("full", "tied"):
@@ -440,12 +444,12 @@ class Gaussian(ComponentFamily):
             scatter[..., cols, rows] = second  # symmetric Σ_n r x~ x~^T, (*b, K, D, D)
             outer_means = centred_mean.unsqueeze(-1) * centred_mean.unsqueeze(-2)
             if self.covariance_type == "full":
-                second_moment = scatter / counts[..., None, None]
-                covariance = second_moment - outer_means
+                second_moment = scatter / scatter_counts[..., None, None]
+                covariance = second_moment - (outer_means if shrink is None else outer_means * shrink[..., None, None])
             else:
                 weighted = (counts[..., None, None] * outer_means).sum(-3)
-                second_moment = scatter.sum(-3) / counts.sum(-1)[..., None, None]
-                covariance = second_moment - weighted / counts.sum(-1)[..., None, None]
+                second_moment = scatter.sum(-3) / scatter_counts.sum(-1)[..., None, None]
+                covariance = second_moment - weighted / scatter_counts.sum(-1)[..., None, None]
             resolved = self._variance_resolved(covariance.diagonal(dim1=-2, dim2=-1),
                                                second_moment.diagonal(dim1=-2, dim2=-1))
             covariance = covariance + self.reg_covar * torch.eye(n_features, dtype=stats.dtype, device=stats.device)
@@ -460,11 +464,13 @@ class Gaussian(ComponentFamily):
                 valid = torch.where(entrywise, small[1], valid)
         else:
             if self.covariance_type == "diag":
-                second_moment = second / counts.unsqueeze(-1)
-                variance = second_moment - centred_mean.square()
+                second_moment = second / scatter_counts.unsqueeze(-1)
+                mean_square = centred_mean.square()
+                variance = second_moment - (mean_square if shrink is None else mean_square * shrink.unsqueeze(-1))
             else:
-                second_moment = second[..., 0] / counts / n_features
-                variance = second_moment - centred_mean.square().sum(-1) / n_features
+                second_moment = second[..., 0] / scatter_counts / n_features
+                mean_square = centred_mean.square().sum(-1) / n_features
+                variance = second_moment - (mean_square if shrink is None else mean_square * shrink)
             valid = self._variance_resolved(variance, second_moment)
             variance = variance + self.reg_covar
             raw = -0.5 * variance.clamp_min(torch.finfo(stats.dtype).tiny).log()
@@ -480,22 +486,24 @@ class Gaussian(ComponentFamily):
             # n T2(m - mu) to the second-moment statistics makes the M-step's covariance the
             # conditional maximiser (for every covariance type, tied included).
             n_features = fixed["loc"].shape[-1]
-            centred_mean = stats[..., :n_features] / counts.unsqueeze(-1)  # (*b, K, D), about the reference
+            mean_counts = _mean_and_scatter_counts(counts, stats)[0]
+            centred_mean = stats[..., :n_features] / mean_counts.unsqueeze(-1)  # (*b, K, D), about the reference
             fixed_mean = fixed["loc"] if reference is None else fixed["loc"] - reference
             offset = (centred_mean - fixed_mean).expand_as(centred_mean)
             second = self.features(offset, None)[0][..., n_features:]  # (*b, K, F - D)
-            stats = torch.cat([stats[..., :n_features], stats[..., n_features:] + counts.unsqueeze(-1) * second], -1)
+            stats = torch.cat([stats[..., :n_features], stats[..., n_features:] + mean_counts.unsqueeze(-1) * second], -1)
         return super().conditional_m_step(counts, stats, reference, fixed)
 
     def _small_full_m_step(
-        self, counts: torch.Tensor, centred_mean: torch.Tensor, second: torch.Tensor
+        self, counts: torch.Tensor, centred_mean: torch.Tensor, second: torch.Tensor, shrink: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Full covariances entry by entry (D <= SMALL_FEATURES): (raw, valid, factorised), where
         ``factorised`` (*b, K) says where the entrywise Cholesky succeeded (the general path
         handles the models with a component where it did not).
 
         Shape:
-            counts: (*b, K); centred_mean: (*b, K, D); second: (*b, K, P) packed sums of x~ x~^T
+            counts: (*b, K) the second moments' counts; centred_mean: (*b, K, D); second: (*b, K, P)
+            packed sums of x~ x~^T; shrink: (*b, K) the means' counts over ``counts``, or None (1)
         """
         n_features = centred_mean.shape[-1]
         rows, cols = _triu_indices(n_features, second.device)
@@ -504,7 +512,8 @@ class Gaussian(ComponentFamily):
         moments, covariance = {}, {}
         for p, (i, j) in enumerate(zip(rows.tolist(), cols.tolist())):
             moments[i, j] = second_moment[p]
-            covariance[i, j] = torch.addcmul(second_moment[p], mean[i], mean[j], value=-1.0)
+            covariance[i, j] = torch.addcmul(second_moment[p], mean[i] if shrink is None else mean[i] * shrink, mean[j],
+                                             value=-1.0)
         diagonal = range(n_features)
         resolved = self._variance_resolved(torch.stack([covariance[i, i] for i in diagonal], -1),
                                            torch.stack([moments[i, i] for i in diagonal], -1))
@@ -636,6 +645,17 @@ class Gaussian(ComponentFamily):
                 scale = scale.unsqueeze(-1).expand_as(loc)
             offset = noise * scale.gather(-2, index)
         return means + offset
+
+
+def _mean_and_scatter_counts(
+    counts: torch.Tensor, stats: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The means' counts, the second moments' counts (*b, K) each and their ratio (None when
+    they are the same: counts (*b, K) without a prior); ``counts`` (*b, K) or per statistic (*b, K, F)."""
+    if counts.dim() < stats.dim():
+        return counts, counts, None
+    mean_counts, scatter_counts = counts[..., 0], counts[..., -1]
+    return mean_counts, scatter_counts, mean_counts / scatter_counts
 
 
 def _n_features_from_packed(n_stats: int) -> int:

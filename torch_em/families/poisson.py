@@ -22,7 +22,7 @@ import torch
 
 from .._validation import check_magnitude, describe_bad_values
 from ._rates import RateFamily, clamped_log
-from .base import Theta
+from .base import Theta, per_statistic
 
 
 class Poisson(RateFamily):
@@ -65,7 +65,7 @@ class Poisson(RateFamily):
         return log_rates, -log_rates.exp().sum(-1)
 
     def m_step(self, counts, stats, reference) -> tuple[Theta, torch.Tensor]:
-        log_rates = clamped_log(stats / counts.unsqueeze(-1))  # (*b, K, D)
+        log_rates = clamped_log(stats / per_statistic(counts, stats))  # (*b, K, D)
         return {"log_rates": log_rates}, torch.isfinite(log_rates).all(-1)
 
     def invalid_component_advice(self) -> str:

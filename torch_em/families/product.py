@@ -290,9 +290,11 @@ class Product(ComponentFamily):
     def conditional_m_step(self, counts, stats, reference, fixed) -> tuple[Theta, torch.Tensor]:
         theta: Theta = {}
         valid = None
-        for block, part in zip(self.blocks, self._split_statistics(stats)):
+        # Counts per statistic (a prior's) split like the statistics.
+        block_counts = self._split_statistics(counts) if counts.dim() == stats.dim() else [counts] * len(self.blocks)
+        for block, part, part_counts in zip(self.blocks, self._split_statistics(stats), block_counts):
             block_theta, block_valid = block.family.conditional_m_step(
-                counts, part, self._block_shift(reference, block), self._block_fixed(fixed, block)
+                part_counts, part, self._block_shift(reference, block), self._block_fixed(fixed, block)
             )
             theta.update({block.prefix + name: value for name, value in block_theta.items()})
             valid = block_valid if valid is None else valid & block_valid

@@ -26,6 +26,10 @@ class LatentStructure:
     parameter_names: tuple[str, ...] = ()
     #: Names of its own statistics in :attr:`Statistics.latent` (none for a mixture).
     statistic_names: tuple[str, ...] = ()
+    #: The statistic each parameter's M-step normalises: one of :attr:`statistic_names`, or
+    #: ``"counts"`` (the emission counts, reshaped to the parameter). A Dirichlet prior's
+    #: pseudo-counts are added there (:mod:`torch_em.priors`).
+    parameter_statistics: dict[str, str] = {}
     #: The units (per nat) its :meth:`posterior` takes log-densities in: the E-step scales the
     #: emission GEMM's parameters by it (free), where a pass over the block would cost time.
     log_joint_scale: float = 1.0

@@ -22,6 +22,7 @@ class IndependentCategorical(LatentStructure):
 
     parameter_names = ("log_weights",)
     statistic_names = ()
+    parameter_statistics = {"log_weights": "counts"}
     log_joint_scale = BITS  # the normaliser's own units: no pass to change the base
 
     def log_prior(self, latent: LatentParams) -> torch.Tensor:

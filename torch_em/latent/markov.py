@@ -32,6 +32,7 @@ class MarkovChain(LatentStructure):
     """The hidden states of a sequence as a first-order Markov chain (``n_mix`` components per state)."""
 
     statistic_names = ("start", "transitions")
+    parameter_statistics = {"log_startprob": "start", "log_transmat": "transitions", "log_mix_weights": "counts"}
     log_joint_scale = 1.0
 
     def __init__(self, n_mix: int = 1):

@@ -91,6 +91,30 @@ def test_default_initialisation_is_shared_from_rank_zero(tmp_path):
         assert torch.equal(second[key], value), key
 
 
+@pytest.mark.parametrize("mode", ["fit", "partial"])
+def test_map_em_on_two_ranks_equals_one_process(tmp_path, mode):
+    X = shuffled_blobs(seed=3)
+    prior = {"weights": torch_em.priors.Dirichlet(2.0),
+             "components": torch_em.priors.NormalInverseWishart(shrinkage=0.5, mean=torch.zeros(3, dtype=F64),
+                                                                degrees_of_freedom=6.0, scale=torch.eye(3, dtype=F64))}
+    kwargs = dict(n_features=3, dtype=F64, tol=1e-9, max_iter=50, prior=prior, **start_values(X))
+    states = distributed_state(tmp_path, X, kwargs, mode)
+    single = torch_em.GaussianMixture(3, **kwargs)
+    if mode == "fit":
+        run(single, X, "fit")
+    else:
+        for pieces in zip(*(half.chunk(5) for half in X.chunk(WORLD))):
+            single.partial_fit(torch.cat(pieces))
+    assert_every_rank_equals(states, single)
+
+
+def test_default_prior_is_the_same_on_every_rank(tmp_path):
+    X = shuffled_blobs(seed=4)
+    first, second = distributed_state(tmp_path, X, dict(dtype=F64, max_iter=5, tol=0.0, prior="default"), "fit")
+    for key, value in first.items():
+        assert torch.equal(second[key], value), key
+
+
 def hmm_worker(rank: int, init_file: str, X: torch.Tensor, lengths: torch.Tensor, kwargs: dict, mode: str,
                out_dir: str) -> None:
     torch.set_num_threads(1)

@@ -94,3 +94,13 @@ def test_the_readme_saving_and_exporting_block_runs():
     assert torch.equal(namespace["labels"], model.predict(X)) and namespace["log_prob"].shape == (3, 600)
     torch.testing.assert_close(namespace["log_prob"], model.log_prob(X).detach(), rtol=0, atol=1e-5)
     assert torch.equal(namespace["whole"].predict(X), model.predict(X)) and namespace["per_dataset"].shape == (4, 3, 150)
+
+
+def test_the_readme_priors_block_runs():
+    readme = Path(__file__).resolve().parents[1] / "README.md"
+    block = re.search(r"## Prior knowledge: MAP-EM\n.*?```python\n(.*?)```", readme.read_text(), flags=re.S).group(1)
+    namespace: dict = {}
+    exec(compile(block, "README.md (priors)", "exec"), namespace)
+    assert bool(torch_finite(namespace["small"].covariances)) and namespace["sweep"].means.shape == (4, 3, 5)
+    transmat = namespace["sticky"].transmat.detach()
+    assert bool((transmat.diagonal() > 0.5).all())

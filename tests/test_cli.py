@@ -74,3 +74,13 @@ def test_a_missing_file_and_a_bad_range(tmp_path, capsys):
     assert "no such file" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli.main(["fit", str(tmp_path / "none.csv"), "--components", "0..3"])
+
+
+def test_fit_with_plot_saves_a_png(tmp_path, data_csv, capsys):
+    pytest.importorskip("matplotlib")
+    path, _ = data_csv
+    plot = tmp_path / "bic.png"
+    assert cli.main(["fit", str(path), "--components", "1..3", "--covariance", "full,spherical", "--criterion", "icl",
+                     "--out", str(tmp_path / "m.pt"), "--plot", str(plot)]) == 0
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "ICL plot" in capsys.readouterr().out

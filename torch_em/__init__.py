@@ -7,6 +7,7 @@ from .hmm import HMM
 from .hmm_models import CategoricalHMM, GMMHMM, GaussianHMM, PoissonHMM
 from .kmeans import KMeans, kmeans_plusplus
 from .mixture import Mixture
+from .selection import SelectionResult, select
 from . import functional, nn, priors, serialization
 from .functional import EMState, ImplicitGradientWarning
 from .nn import EMLayer
@@ -47,5 +48,7 @@ __all__ = [
     "reset_optimizer_state",
     "saved_tensor_bytes",
     "priors",
+    "select",
+    "SelectionResult",
     "serialization",
 ]

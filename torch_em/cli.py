@@ -1,15 +1,17 @@
 """The command line: ``torch-em`` (console script) or ``python -m torch_em``.
 
-    torch-em fit DATA [--components 1..10] [--covariance full,diag] [--criterion bic|aic]
+    torch-em fit DATA [--components 1..10] [--covariance full,diag] [--criterion bic|aic|icl]
                       [--n-init 1] [--seed 0] [--device cpu|cuda] [--dtype float64] [--out model.pt]
+                      [--plot bic.png] [--verbose]
     torch-em predict MODEL DATA [--out labels.npy]      one component per row
     torch-em score MODEL DATA                           mean log-likelihood per row
 
 DATA is a CSV file (a header row of column names is allowed; every column must be numeric), an
 ``.npy`` array, or a Parquet file when pyarrow is installed. ``fit`` fits a GaussianMixture for
-every number of components and covariance type of the grid, prints the table of BIC, AIC,
-log-likelihood and convergence, and saves the model of the lowest criterion with
-:func:`torch_em.load`'s format (``model.save``).
+every number of components and covariance type of the grid (:func:`torch_em.select`: one batched
+fit per covariance type), prints the table of BIC, AIC, ICL, log-likelihood and convergence,
+saves the model of the lowest criterion with :func:`torch_em.load`'s format (``model.save``)
+and, with ``--plot FILE.png``, a plot of the criterion against K.
 """
 from __future__ import annotations
 
@@ -24,7 +26,8 @@ import numpy as np
 import torch
 
 from .em import ConvergenceWarning
-from .gaussian_mixture import GaussianMixture
+from .families.base import IllConditionedError
+from .selection import select
 from .serialization import load
 
 
@@ -102,30 +105,34 @@ def _components(text: str) -> list[int]:
 
 def fit(args: argparse.Namespace) -> int:
     X = torch.as_tensor(read_data(args.data), dtype=getattr(torch, args.dtype), device=args.device)
-    covariance_types = args.covariance.split(",")
-    rows, best, best_score = [], None, float("inf")
-    for covariance_type in covariance_types:
-        for n_components in args.components:
-            if n_components > X.shape[0]:
-                continue
-            model = GaussianMixture(n_components, covariance_type=covariance_type, n_init=args.n_init, seed=args.seed,
-                                    device=args.device, dtype=X.dtype)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", ConvergenceWarning)
-                model.fit(X)
-            bic, aic = float(model.bic(X)), float(model.aic(X))
-            score = bic if args.criterion == "bic" else aic
-            rows.append((covariance_type, n_components, bic, aic, float(model.score(X)), bool(model.converged_)))
-            if score < best_score:
-                best, best_score = model, score
-    if best is None:
+    components = [k for k in args.components if k <= X.shape[0]]
+    if not components:
         raise ValueError(f"DATA: {X.shape[0]} rows are fewer than every number of components asked for")
-    print(f"{'covariance':>10} {'K':>3} {'BIC':>14} {'AIC':>14} {'log-lik/row':>12} converged")
-    for covariance_type, n_components, bic, aic, score, converged in rows:
-        chosen = " <- best" if (covariance_type, n_components) == (best.covariance_type, best.n_components) else ""
-        print(f"{covariance_type:>10} {n_components:>3} {bic:>14.2f} {aic:>14.2f} {score:>12.4f} {converged!s:>9}{chosen}")
+    try:
+        kinds = args.covariance.split(",")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            result = select(X, components, kinds, n_init=args.n_init, criterion=args.criterion, seed=args.seed,
+                            device=args.device, dtype=X.dtype, verbose=args.verbose)
+    except IllConditionedError as error:
+        raise ValueError(f"DATA: {error}") from None
+    best, columns = result.best_, result.table.columns
+    print(f"{'covariance':>10} {'K':>3} {'BIC':>14} {'AIC':>14} {'ICL':>14} {'log-lik/row':>12} converged")
+    for i in range(len(result.table)):
+        kind, k = columns["covariance_type"][i], columns["n_components"][i]
+        chosen = " <- best" if (kind, k) == (best.covariance_type, best.n_components) else ""
+        print(f"{kind:>10} {k:>3} {columns['bic'][i]:>14.2f} {columns['aic'][i]:>14.2f} {columns['icl'][i]:>14.2f} "
+              f"{columns['log_likelihood'][i] / X.shape[0]:>12.4f} {columns['converged'][i]!s:>9}{chosen}")
     best.save(args.out)
     print(f"saved the {best.covariance_type} model with K={best.n_components} ({args.criterion}) to {args.out}")
+    if args.plot:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        axes = result.plot()
+        axes.figure.tight_layout()
+        axes.figure.savefig(args.plot, dpi=120)
+        print(f"saved the {args.criterion.upper()} plot to {args.plot}")
     return 0
 
 
@@ -155,12 +162,14 @@ def parser() -> argparse.ArgumentParser:
     fitting.add_argument("data", help="CSV, .npy or Parquet file of rows")
     fitting.add_argument("--components", type=_components, default=list(range(1, 11)), help="e.g. 3, 1..10 or 2,4,8")
     fitting.add_argument("--covariance", default="full", help="covariance types, comma separated (full,tied,diag,spherical)")
-    fitting.add_argument("--criterion", choices=("bic", "aic"), default="bic")
+    fitting.add_argument("--criterion", choices=("bic", "aic", "icl"), default="bic")
     fitting.add_argument("--n-init", type=int, default=1)
     fitting.add_argument("--seed", type=int, default=0)
     fitting.add_argument("--device", default="cpu")
     fitting.add_argument("--dtype", choices=("float32", "float64"), default="float64")
     fitting.add_argument("--out", default="model.pt", help="where the best model is saved")
+    fitting.add_argument("--plot", default=None, help="save a PNG of the criterion against K (needs matplotlib)")
+    fitting.add_argument("--verbose", action="store_true", help="progress bars of the fits")
     fitting.set_defaults(run=fit)
     for name, run, text in (("predict", predict, "the most probable component of every row"),
                             ("score", score, "the mean log-likelihood per row")):

@@ -223,7 +223,7 @@ def worst_points(latent: LatentStructure, family: ComponentFamily, params: Param
 # --- M-step -------------------------------------------------------------------------------------
 def reseed_empty(
     family: ComponentFamily, stats: Statistics, candidates: Callable[[int], torch.Tensor], active: torch.Tensor,
-    reference: torch.Tensor | None = None,
+    reference: torch.Tensor | None = None, components: torch.Tensor | None = None,
 ) -> Statistics:
     """Replace the statistics of components with fewer than ``family.min_count`` points (in
     active models) by a pseudo-point each at the worst-explained data points, weighted like an
@@ -231,8 +231,11 @@ def reseed_empty(
 
     ``candidates(k)`` returns the features (R, M, k, F) of the k worst points, worst first; it is
     only called when a component is empty, so the extra pass over the data is rare.
+    ``components``: (R|1, M, K) the components each model has (masked ones stay empty), or None.
     """
     empty = (stats.counts < family.min_count) & active.unsqueeze(-1)  # (R, M, K)
+    if components is not None:
+        empty &= components
     if not bool(empty.any()):
         return stats
     logger.debug("re-seeding %d empty component(s) in %d model(s)", int(empty.sum()), int(empty.any(-1).sum()))
@@ -243,7 +246,8 @@ def reseed_empty(
     pseudo = family.reseed_statistics(chosen, stats.counts, stats.sums, empty)
     # The pseudo-point gets the weight of an average component so that it can compete for the
     # points near it (with the weight of one point it would be starved again).
-    share = stats.counts.sum(-1, keepdim=True) / n_components  # (R, M, 1)
+    present = n_components if components is None else components.sum(-1, keepdim=True)
+    share = stats.counts.sum(-1, keepdim=True) / present  # (R, M, 1)
     counts = torch.where(empty, share.expand_as(stats.counts), stats.counts)
     sums = torch.where(empty.unsqueeze(-1), share.unsqueeze(-1) * pseudo, stats.sums)
     every = stats.reference
@@ -257,6 +261,7 @@ def m_step(
     latent: LatentStructure, family: ComponentFamily, stats: Statistics, reference: torch.Tensor | None,
     active: torch.Tensor, fixed: Params | None = None,
     refine: Callable[[torch.Tensor, Theta], Statistics | None] | None = None, prior: ModelPrior | None = None,
+    components: torch.Tensor | None = None,
 ) -> tuple[Params, torch.Tensor]:
     """Closed-form M-step for the working batch: the parameters and the invalid components
     (R, M, K) of the ``active`` (R, M) models (an inactive model's are not reported).
@@ -269,6 +274,8 @@ def m_step(
     redone from them.
     ``prior``: MAP-EM, the prior's pseudo-statistics added to the statistics first
     (:mod:`torch_em.priors`).
+    ``components``: (R|1, M, K) bool, the components each model has (a mixture's; None: all):
+    the others keep log-weight -inf and a copy of component 0's parameters, and are never invalid.
     """
     every = stats.reference if stats.reference is not None else reference  # per-component where some have their own
     fixed_emission = {} if fixed is None else fixed.emission
@@ -281,12 +288,36 @@ def m_step(
     else:
         theta, valid = family.m_step(counts, sums, every)
     new = Params(latent.m_step(latent_stats, {} if fixed is None else fixed.latent), theta)
+    if components is not None:
+        new, valid = masked_components(family, new, components), valid | ~components
     invalid = ~valid & active.unsqueeze(-1)  # (R, M, K)
     if refine is not None and bool(invalid.any()):
         refined = refine(invalid, theta)
         if refined is not None:
-            return m_step(latent, family, refined, reference, active, fixed, prior=prior)
+            return m_step(latent, family, refined, reference, active, fixed, prior=prior, components=components)
     return new, invalid
+
+
+def masked_components(family: ComponentFamily, params: Params, components: torch.Tensor) -> Params:
+    """A mixture's ``params`` (R, M, ...) whose components outside ``components`` (R|1, M, K) are
+    masked: log-weight -inf (the others renormalised) and component 0's parameters (finite and
+    valid: a masked component takes part in nothing, but nothing it holds may be NaN)."""
+    log_weights = params.latent["log_weights"].masked_fill(~components, -math.inf)
+    log_weights = log_weights - log_weights.logsumexp(-1, keepdim=True)
+    per_component = component_axis_names(family)
+    theta = {}
+    for name, value in params.emission.items():
+        if name in per_component:
+            keep = components.reshape(*components.shape, *([1] * (value.dim() - 3)))
+            value = torch.where(keep, value, value[:, :, :1])
+        theta[name] = value
+    return Params({**params.latent, "log_weights": log_weights}, theta)
+
+
+def component_axis_names(family: ComponentFamily) -> set[str]:
+    """The family's parameters with a component axis (e.g. not a tied covariance)."""
+    one, two = family.event_shapes(2, 3), family.event_shapes(3, 3)
+    return {name for name, shape in one.items() if shape != two[name]}
 
 
 def refiner(
@@ -330,6 +361,8 @@ class EMMap:
     fixed: parameters held at their values (working layout) or None;
     pseudo_count: pseudo-points per component distributed like the data (a smoothing prior);
     prior: a conjugate prior (MAP-EM: pseudo-statistics in the M-step, log prior in the objective);
+    components: (R|1, M, K) bool, the components each model of a mixture has (models with fewer
+        components padded to K, e.g. a grid over K fitted as one batch), or None: all;
     reseed: whether components with (almost) no points are re-seeded at the worst-explained
         points before the M-step; own_reference: whether components the shared expansion would
         not resolve are evaluated directly (:class:`OwnReference`); reduce: whether statistics
@@ -339,9 +372,10 @@ class EMMap:
     def __init__(
         self, latent: LatentStructure, family: ComponentFamily, data: Data | StreamData, *,
         fixed: Params | None = None, pseudo_count: float = 0.0, reseed: bool = True, own_reference: bool = True,
-        reduce: bool = True, prior: ModelPrior | None = None,
+        reduce: bool = True, prior: ModelPrior | None = None, components: torch.Tensor | None = None,
     ):
         self.latent, self.family, self.data, self.fixed, self.prior = latent, family, data, fixed, prior
+        self.components = components
         self.pseudo_count, self.reseed, self.own_reference, self.reduce = pseudo_count, reseed, own_reference, reduce
 
     def own(self, params: Params, summarise: bool = True) -> OwnReference | None:
@@ -373,11 +407,14 @@ class EMMap:
             return worst_points(self.latent, self.family, params, self.data, k)
 
         def reseeded(stats: Statistics) -> Statistics:
-            return reseed_empty(self.family, stats, candidates, active, self.data.reference) if self.reseed else stats
+            if not self.reseed:
+                return stats
+            return reseed_empty(self.family, stats, candidates, active, self.data.reference, self.components)
 
         stats = reseeded(stats)
         again = refiner(self.family, own, lambda own: reseeded(self.statistics(params, own))) if refine else None
-        new, invalid = m_step(self.latent, self.family, stats, self.data.reference, active, self.fixed, again, self.prior)
+        new, invalid = m_step(self.latent, self.family, stats, self.data.reference, active, self.fixed, again, self.prior,
+                              self.components)
         return new, invalid, stats
 
     def __call__(self, params: Params, active: torch.Tensor) -> EMStep:
@@ -396,6 +433,10 @@ class EMMap:
         selected.data = self.data.select_models(index % n_models)
         selected.fixed = None if self.fixed is None else self.fixed.models(index)
         selected.prior = None if self.prior is None else self.prior.models(index % n_models)
+        if self.components is not None:  # (1, M, K) shared by the restarts, or (R, M, K)
+            shared = self.components.shape[0] == 1
+            flat = self.components[0][index % n_models] if shared else self.components.flatten(0, 1)[index]
+            selected.components = flat.unsqueeze(0)
         return selected
 
 

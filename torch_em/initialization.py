@@ -117,7 +117,7 @@ def kmeans_plusplus_indices(
 
 def initial_responsibilities(
     method: str, X: torch.Tensor, M: int, K: int, streams: RestartStreams, chunk_size: int,
-    centres: torch.Tensor | None = None, weights: torch.Tensor | None = None,
+    centres: torch.Tensor | None = None, weights: torch.Tensor | None = None, components: torch.Tensor | None = None,
 ) -> Callable[[int, int], torch.Tensor]:
     """Initial responsibilities as a function ``resp(start, stop) -> (R, M, K, stop - start)``
     (generated chunk by chunk, so N x K is never materialised for random responsibilities).
@@ -125,11 +125,15 @@ def initial_responsibilities(
     ``centres`` (R, M, K, D), when given (e.g. ``means_init``), replace the seeding: points are
     assigned to the nearest given centre. ``weights`` (N,) or (M, N) of the points weight the
     seeding (k-means++, Lloyd, random data points) as scikit-learn's k-means does; random
-    responsibilities do not depend on them.
+    responsibilities do not depend on them. ``components`` (1, M, K): the components each model
+    has (a grid over K padded to the largest: the first k centres of a k-means++ seeding of K
+    are one of k), or None: all.
     """
     if method == "random" and centres is None:
         def random_resp(start: int, stop: int) -> torch.Tensor:
             resp = streams.rand(M, K, stop - start, dtype=X.dtype)
+            if components is not None:
+                resp = resp * components.unsqueeze(-1)
             return resp / resp.sum(-2, keepdim=True)
 
         return random_resp
@@ -140,8 +144,9 @@ def initial_responsibilities(
             centres = kmeans_plusplus(X, M, K, streams, chunk_size, weights)
             n_lloyd = SEEDING_LLOYD_ITERATIONS if method == "k-means++" else 300
             tol = relative_tolerance(X, 1e-4)
-            centres = lloyd(X, centres, max_iter=n_lloyd, tol=tol, chunk_size=chunk_size, weights=weights).centres
-    labels = nearest(X, centres, chunk_size)[0]  # (R, M, N)
+            centres = lloyd(X, centres, max_iter=n_lloyd, tol=tol, chunk_size=chunk_size, weights=weights,
+                            components=components).centres
+    labels = nearest(X, centres, chunk_size, components=components)[0]  # (R, M, N)
 
     def hard_resp(start: int, stop: int) -> torch.Tensor:
         return torch.nn.functional.one_hot(labels[..., start:stop], K).to(X.dtype).mT
@@ -155,7 +160,7 @@ def initial_parameters(
     latent: LatentStructure, family: ComponentFamily, data: Data, *, method: str, n_components: int, layout: Layout,
     restarts: range, seed: int | None, chunk_size: int, user_parameters: Theta, user_centres: torch.Tensor | None,
     failures: Failures | None, generator: Callable[[], torch.Generator], softening: float = 0.0,
-    prior: ModelPrior | None = None,
+    prior: ModelPrior | None = None, components: torch.Tensor | None = None,
 ) -> Params:
     """Working initial parameters (R, M, ...) of the given R ``restarts``: an M-step from the
     initial responsibilities of ``method`` (weighted by the data's weights), then overridden by
@@ -166,7 +171,8 @@ def initial_parameters(
     parameters (finite; it does not run) instead of raising. ``softening``: the initial
     responsibilities become ``(1 - softening) * resp + softening / K``, so that no component
     starts with a probability of 0 for what the others' points hold (which EM could not undo).
-    ``prior``: the first M-step is MAP-EM's (:mod:`torch_em.priors`)."""
+    ``prior``: the first M-step is MAP-EM's (:mod:`torch_em.priors`). ``components`` (1, M, K):
+    the components each model has (:class:`torch_em.em.EMMap`'s), or None: all."""
     R, M, K = len(restarts), layout.n_models, n_components
     X, reference = data.X, data.reference
     latent_names = set(latent.parameter_names)
@@ -176,7 +182,7 @@ def initial_parameters(
     if user_centres is not None:
         user_centres = family.embedding(layout.restarts(user_centres, R), reference)
     resp = initial_responsibilities(method, family.embedding(X, reference), M, K, streams, chunk_size, user_centres,
-                                    data.weights)
+                                    data.weights, components)
     if softening:
         hard = resp
 
@@ -189,10 +195,10 @@ def initial_parameters(
 
     def reseeded_statistics(own: OwnReference | None = None) -> Statistics:
         return reseed_empty(family, statistics_from_responsibilities(data, resp, own), random_candidates, every_model,
-                            reference)
+                            reference, components)
 
     params, invalid = m_step(latent, family, reseeded_statistics(), reference, every_model,
-                             refine=refiner(family, None, reseeded_statistics), prior=prior)
+                             refine=refiner(family, None, reseeded_statistics), prior=prior, components=components)
     record_failures(failures, invalid.any(-1), invalid_component_reason(family, "initialisation", invalid))
     if failures is not None and bool(failures.failed.any()):
         default = Params(latent.default_parameters((R, M), K, X), family.default_parameters(

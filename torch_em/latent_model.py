@@ -303,7 +303,13 @@ class LatentModel(Saveable, CheckedLoad, FollowsDataDtype):
 
     def _em_map(self, data: em.Data | em.StreamData, fixed: em.Params | None,
                 prior: priors.ModelPrior | None = None) -> em.EMMap:
-        return em.EMMap(self.latent, self.family, data, fixed=fixed, pseudo_count=self.prior_count, prior=prior)
+        return em.EMMap(self.latent, self.family, data, fixed=fixed, pseudo_count=self.prior_count, prior=prior,
+                        components=self._working_components())
+
+    def _working_components(self) -> torch.Tensor | None:
+        """(1, M, K) bool: the components each model has (a mixture whose models are padded to
+        K components, :func:`torch_em.select`), or None: all."""
+        return None
 
     def _resolved_prior(self, sample: em.Data, n_features: int) -> priors.ModelPrior | None:
         """``prior`` as tensors in the working layout, its data-dependent defaults taken from
@@ -388,6 +394,7 @@ class LatentModel(Saveable, CheckedLoad, FollowsDataDtype):
             user_parameters=self._working_latent(self._user_initial_parameters(n_features)),
             user_centres=self.family.initial_centres(tuple(self.batch_shape), K, n_features, self.device, self.dtype),
             failures=failures, generator=self._generator, softening=self._initial_softening, prior=prior,
+            components=self._working_components(),
         )
 
     def _partial_fit(self, X: torch.Tensor, make_data: Callable[[torch.Tensor | None, int], em.Data]) -> "LatentModel":

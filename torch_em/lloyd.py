@@ -9,6 +9,7 @@ Optional sample weights are ``(N,)`` (one weight per row, shared by every model)
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -55,13 +56,16 @@ def gather_points(X: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return points.gather(2, index.unsqueeze(-1).expand(*index.shape, X.shape[-1]))
 
 
-def point_scores(X: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
+def point_scores(X: torch.Tensor, centres: torch.Tensor, components: torch.Tensor | None = None) -> torch.Tensor:
     """``x.c - |c|^2 / 2`` (R, M, n, K) for points X (n, D) or (M, n, D) and centres
     (R, M, K, D): the nearest centre is the argmax and ``|x - c|^2 = |x|^2 - 2 score``. Points on
     the rows of the GEMM, so reductions over the centres run along contiguous memory (several
-    times faster than over a strided axis); for shared X a permuted view of one (n, R*M*K) GEMM."""
+    times faster than over a strided axis); for shared X a permuted view of one (n, R*M*K) GEMM.
+    ``components`` (R|1, M, K): the centres each model has (the others score -inf), or None."""
     R, M, K, D = centres.shape
     const = -0.5 * centres.square().sum(-1)  # (R, M, K)
+    if components is not None:
+        const = const.masked_fill(~components, -math.inf)
     if X.dim() == 2:
         scores = torch.addmm(const.reshape(-1), X, centres.reshape(-1, D).T)  # (n, R*M*K)
         return scores.view(-1, R, M, K).permute(1, 2, 0, 3)
@@ -84,16 +88,18 @@ def first_argmax_(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def nearest(
-    X: torch.Tensor, centres: torch.Tensor, chunk_size: int, point_norms: torch.Tensor | None = None
+    X: torch.Tensor, centres: torch.Tensor, chunk_size: int, point_norms: torch.Tensor | None = None,
+    components: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Index of and squared distance to the nearest centre: labels (R, M, N), dist (R, M, N).
-    ``point_norms`` (N,) or (M, N): precomputed ``|x|^2``."""
+    ``point_norms`` (N,) or (M, N): precomputed ``|x|^2``; ``components`` (R|1, M, K): the
+    centres each model has (None: all)."""
     R, M = centres.shape[:2]
     labels = torch.empty(R, M, X.shape[-2], dtype=torch.long, device=X.device)
     dists = torch.empty(R, M, X.shape[-2], dtype=X.dtype, device=X.device)
     for start, stop in row_chunks(X.shape[-2], chunk_size):
         chunk = X[..., start:stop, :]
-        best, labels[..., start:stop] = first_argmax_(point_scores(chunk, centres))  # (R, M, n)
+        best, labels[..., start:stop] = first_argmax_(point_scores(chunk, centres, components))  # (R, M, n)
         norms = chunk.square().sum(-1) if point_norms is None else point_norms[..., start:stop]
         dists[..., start:stop] = (norms - 2 * best).clamp_min_(0)
     return labels, dists
@@ -228,7 +234,7 @@ def _cluster_means(sums: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
 
 def lloyd(
     X: torch.Tensor, centres: torch.Tensor, *, max_iter: int, tol: float | torch.Tensor, chunk_size: int,
-    weights: torch.Tensor | None = None,
+    weights: torch.Tensor | None = None, components: torch.Tensor | None = None,
 ) -> LloydResult:
     """Lloyd iterations from ``centres`` (R, M, K, D); each model stops on its own once its
     squared centre shift is at most ``tol`` (absolute; broadcastable to (R, M)). ``weights``
@@ -238,14 +244,17 @@ def lloyd(
     centre (the j-th empty cluster the j-th farthest point), which leaves its former cluster. The
     per-cluster sums are summed once and then kept up to date from the points that change
     cluster, in float64 (float32 on devices without it); with weights, emptiness is decided on
-    exact counts of the members of positive weight.
+    exact counts of the members of positive weight. ``components`` (R|1, M, K): the clusters each
+    model has (the others hold no point, are never relocated and keep their centres), or None.
     """
     R, M, K, D = centres.shape
+    if components is not None:
+        components = components.expand(R, M, K)
     active = torch.ones(R, M, dtype=torch.bool, device=X.device)
     n_iter = torch.zeros(R, M, dtype=torch.long, device=X.device)
     tol = torch.as_tensor(tol, dtype=X.dtype, device=X.device).expand(R, M)
     norms = X.square().sum(-1)  # (N,) or (M, N)
-    labels, dist = nearest(X, centres, chunk_size, norms)
+    labels, dist = nearest(X, centres, chunk_size, norms, components)
     running_sums, running_counts = cluster_sums(X, labels, K, chunk_size, accumulator_dtype(X.device), weights)
     members = None if weights is None else positive_members(labels, weights, K)
     batch = _WorkingBatch((R, M))  # the models computed, as in run_em
@@ -254,15 +263,19 @@ def lloyd(
     for iteration in range(1, max_iter + 1):
         sums, counts = running_sums.to(X.dtype), running_counts.to(X.dtype)
         empty = counts == 0 if members is None else members == 0
+        if components is not None:
+            empty &= components
         if bool(empty.any()):
             new = _cluster_means(*_relocate_empty(X, labels, dist, sums, counts, empty, weights))
         else:
             new = sums / counts.unsqueeze(-1)
+        if components is not None:
+            new = torch.where(components.unsqueeze(-1), new, centres)
         shift = (new - centres).square().sum((-1, -2))  # (R, M)
         centres = torch.where(active[..., None, None], new, centres)
         n_iter = torch.where(active, iteration, n_iter)
         previous = labels
-        labels, dist = nearest(X, centres, chunk_size, norms)
+        labels, dist = nearest(X, centres, chunk_size, norms, components)
         _move_points(X, running_sums, running_counts, previous, labels, weights, members)
         active &= shift > tol
         n_active = int(active.sum())
@@ -281,6 +294,7 @@ def lloyd(
                 running(value) for value in
                 (centres, labels, dist, n_iter, active, tol, running_sums, running_counts))
             members = None if members is None else running(members)
+            components = None if components is None else running(components)
             models = batch.index % M  # the data of the running models, from the whole batch's
             X, norms = (X, norms) if X.dim() == 2 else (every_X[models], every_norms[models])
             weights = weights if weights is None or weights.dim() == 1 else every_weights[models]

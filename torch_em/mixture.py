@@ -136,6 +136,9 @@ class Mixture(LatentModel):
             warm_start=warm_start, on_error=on_error, device=device, dtype=dtype,
         )
         self.weights_init = weights_init
+        #: (*batch_shape, K) bool: the components each model has (models of a grid over K padded
+        #: to the largest, :func:`torch_em.select`), or None: all of them.
+        self._components: torch.Tensor | None = None
         self._create_initial_parameters()
 
     def _config(self) -> dict[str, Any]:
@@ -223,6 +226,9 @@ class Mixture(LatentModel):
         with distributed.using(process_group, f"{type(self).__name__}.partial_fit"):
             return self._partial_fit(X, lambda reference, chunk: em.Data(self.family, X, reference, chunk,
                                                                        weights=weights))
+
+    def _working_components(self) -> torch.Tensor | None:
+        return None if self._components is None else self._layout.working(self._components)
 
     def _observations(self) -> Observations:
         """How this module's data become the engine's: validation in its dtype and layout."""

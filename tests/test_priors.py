@@ -384,3 +384,29 @@ def test_bic_stays_on_the_log_likelihood():
         log_likelihood = model(X).sum()
     expected = -2 * float(log_likelihood) + model.n_parameters() * math.log(X.shape[0])
     assert float(model.bic(X)) == pytest.approx(expected, rel=1e-10)
+
+
+def test_categorical_hmm_and_gmmhmm_take_emission_and_mixture_weight_priors():
+    g = torch.Generator().manual_seed(3)
+    states = (torch.arange(300) // 25) % 2
+    codes = torch.where(torch.rand(300, generator=g) < 0.8, 2 * states, torch.randint(0, 4, (300,), generator=g))
+    hmm = torch_em.CategoricalHMM(2, n_features=4, tol=0.0, max_iter=300, seed=0, dtype=torch.float64,
+                                  prior={"components": priors.Dirichlet(2.0), "startprob": priors.Dirichlet(3.0)})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch_em.ConvergenceWarning)
+        hmm.fit(codes.double())
+
+    def log_prior():
+        return (dist.Dirichlet(torch.full((4,), 2.0, dtype=torch.float64)).log_prob(hmm.emissionprob).sum()
+                + dist.Dirichlet(torch.full((2,), 3.0, dtype=torch.float64)).log_prob(hmm.startprob))
+
+    assert stationarity(hmm, codes.double(), log_prior) < 1e-8
+    X = blobs(n=200, d=2, seed=5)
+    gmmhmm = torch_em.GMMHMM(2, n_mix=2, covariance_type="diag", seed=0, dtype=torch.float64, max_iter=50,
+                             prior={"mix_weights": priors.Dirichlet(torch.tensor([5.0, 1.0], dtype=torch.float64)),
+                                    "components": "default"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch_em.ConvergenceWarning)
+        gmmhmm.fit(X)
+    steps = gmmhmm.lower_bound_history_[1:] - gmmhmm.lower_bound_history_[:-1]
+    assert bool((steps >= -1e-10).all())  # the MAP objective of a GMMHMM never decreases

@@ -12,6 +12,7 @@ engine's (:class:`torch_em.data.Data` and its kinds) and give their evaluation m
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import warnings
@@ -21,7 +22,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from . import distributed, em, priors
+from . import acceleration, distributed, em, priors
 from ._precision import FollowsDataDtype
 from ._random import resolve_seed, restart_groups
 from ._state import CheckedLoad, check_state, own_entries
@@ -46,6 +47,8 @@ logger = logging.getLogger(__name__)
 STREAM_BUFFERS = ("stream_counts", "stream_sums", "stream_steps", "stream_shift", "stream_weight")
 #: Choices of ``on_error``: raise IllConditionedError, or isolate the failing models of a batch.
 ON_ERROR = ("raise", "isolate")
+#: Choices of ``accelerate`` (None: plain EM): SQUAREM extrapolation (:mod:`torch_em.acceleration`).
+ACCELERATIONS = ("squarem",)
 #: A FitFailedWarning quotes the reasons of at most this many failed models.
 QUOTED_FAILURES = 3
 
@@ -88,6 +91,7 @@ class LatentModel(Saveable, CheckedLoad, FollowsDataDtype):
         averaging_start: int | None = None,
         prior_count: float = 0.0,
         prior: PriorSpec = None,
+        accelerate: str | None = None,
         em_parameters: Sequence[str] | None = None,
         warm_start: bool = False,
         on_error: str | None = None,
@@ -116,6 +120,9 @@ class LatentModel(Saveable, CheckedLoad, FollowsDataDtype):
         priors.check_prior_spec(priors.as_groups(prior), [*self._prior_groups, priors.COMPONENTS])
         self.prior = prior
         self._stream_prior: priors.ModelPrior | None = None
+        if accelerate is not None:
+            check_choice(accelerate, "accelerate", ACCELERATIONS)
+        self.accelerate = accelerate
         dtype, device = check_dtype(dtype), check_device(device)
         self._dtype_follows_data = dtype is None
         dtype = dtype if dtype is not None else data_dtype(None)
@@ -182,6 +189,7 @@ class LatentModel(Saveable, CheckedLoad, FollowsDataDtype):
             "chunk_size": self.chunk_size, "learning_decay": self.schedule.learning_decay,
             "learning_offset": self.schedule.learning_offset, "step_size": self.schedule.step_size,
             "averaging_start": self.averaging_start, "prior_count": self.prior_count, "prior": self.prior,
+            "accelerate": self.accelerate,
             "em_parameters": self.em_parameters, "warm_start": self.warm_start, "on_error": self.on_error,
         }
 
@@ -298,7 +306,13 @@ class LatentModel(Saveable, CheckedLoad, FollowsDataDtype):
             params = self._initial_parameters(data.sample, data.chunk_size, n_features, restarts, failures, sample_prior)
             params = self._same_on_every_rank(params)
         fixed = self._fixed_parameters(params)
-        return em.run_em(self._em_map(data, fixed, prior), params.with_fixed(fixed), max_iter=max_iter, tol=self.tol,
+        em_map = self._em_map(data, fixed, prior)
+        if self.accelerate == "squarem":  # max_iter and n_iter_ count evaluations of the EM map
+            cycles = -(-max_iter // acceleration.EVALUATIONS_PER_CYCLE)
+            result = em.run_em(acceleration.SquaremMap(em_map), params.with_fixed(fixed), max_iter=cycles, tol=self.tol,
+                               progress=progress, previous_lower_bound=previous, failures=failures)
+            return dataclasses.replace(result, n_iter=result.n_iter * acceleration.EVALUATIONS_PER_CYCLE)
+        return em.run_em(em_map, params.with_fixed(fixed), max_iter=max_iter, tol=self.tol,
                          progress=progress, previous_lower_bound=previous, failures=failures)
 
     def _em_map(self, data: em.Data | em.StreamData, fixed: em.Params | None,

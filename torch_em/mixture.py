@@ -63,6 +63,9 @@ class Mixture(LatentModel):
             weights), a prior for the components (e.g. ``priors.NormalInverseWishart(...)``), or
             a dict ``{"weights": priors.Dirichlet(...), "components": ...}``. The lower bound
             becomes (log-likelihood + log prior) per point; BIC and AIC stay on the likelihood.
+        accelerate: None (plain EM) or ``"squarem"``: SQUAREM extrapolation of the EM map
+            (:mod:`torch_em.acceleration`; monotone, a step length per model); ``max_iter`` and
+            ``n_iter_`` then count evaluations of the EM map (three per cycle).
         em_parameters: names of the parameters that ``fit`` and ``partial_fit`` update (default:
             all, ``("logits", *family parameter names)``). The others are held at their current
             values and EM maximises the rest given them (a conditional M-step), so an optimizer can
@@ -121,6 +124,7 @@ class Mixture(LatentModel):
         averaging_start: int | None = None,
         prior_count: float = 0.0,
         prior: PriorSpec = None,
+        accelerate: str | None = None,
         em_parameters: Sequence[str] | None = None,
         warm_start: bool = False,
         on_error: str | None = None,
@@ -132,7 +136,7 @@ class Mixture(LatentModel):
             MIXTURE, {"logits": "log_weights"}, family, n_components, n_features, batch_shape=batch_shape, tol=tol,
             max_iter=max_iter, n_init=n_init, init_params=init_params, seed=seed, chunk_size=chunk_size,
             learning_decay=learning_decay, learning_offset=learning_offset, step_size=step_size,
-            averaging_start=averaging_start, prior_count=prior_count, prior=prior, em_parameters=em_parameters,
+            averaging_start=averaging_start, prior_count=prior_count, prior=prior, accelerate=accelerate, em_parameters=em_parameters,
             warm_start=warm_start, on_error=on_error, device=device, dtype=dtype,
         )
         self.weights_init = weights_init

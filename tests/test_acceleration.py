@@ -63,7 +63,7 @@ def test_batched_squarem_takes_a_step_length_per_model():
         for i in range(3):
             single = torch_em.GaussianMixture(2, **options).fit(datasets[i])
             assert int(batched.n_iter_[i]) == int(single.n_iter_)
-            torch.testing.assert_close(batched.means[i], single.means, rtol=1e-8, atol=1e-9)
+            torch.testing.assert_close(batched.means[i], single.means, rtol=1e-6, atol=1e-8)  # rounding, amplified
 
 
 def test_extrapolation_keeps_probabilities_normalised_and_structural_zeros():
@@ -73,12 +73,12 @@ def test_extrapolation_keeps_probabilities_normalised_and_structural_zeros():
                  {"loc": torch.full((1, 1, 3, 1), 0.5, dtype=F64)})
     two = Params({"log_weights": (log_weights + torch.tensor([0.15, -0.15, 0.0], dtype=F64)).log_softmax(-1)},
                  {"loc": torch.full((1, 1, 3, 1), 0.75, dtype=F64)})
-    moved = extrapolate(start, one, two)
+    moved, _ = extrapolate(start, one, two)
     assert float(moved.latent["log_weights"].exp().sum()) == pytest.approx(1.0, abs=1e-12)
     assert bool(torch.isneginf(moved.latent["log_weights"][..., 2]).all())
     # r = 0.5, v = -0.25 per entry: alpha = -2, theta' = 0 + 4 * 0.5 + 4 * (-0.25) = 1 (the limit of 0.5, 0.75, ...)
     same = {"log_weights": log_weights}
-    moved = extrapolate(Params(same, start.emission), Params(same, one.emission), Params(same, two.emission))
+    moved, _ = extrapolate(Params(same, start.emission), Params(same, one.emission), Params(same, two.emission))
     torch.testing.assert_close(moved.emission["loc"], torch.ones(1, 1, 3, 1, dtype=F64))
     torch.testing.assert_close(moved.latent["log_weights"], log_weights)
 

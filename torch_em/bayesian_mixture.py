@@ -18,7 +18,7 @@ import torch
 
 from . import distributed, em
 from ._precision import without_autocast
-from ._validation import as_float_tensor, check_finite, check_positive_tensor, check_shape, initial_tensor
+from ._validation import as_float_tensor, check_finite, check_positive_tensor, check_shape
 from .families.base import NotFittedError, Theta
 from .families.variational_gaussian import GaussianWishartPrior, VariationalGaussian
 from .gaussian_mixture import GaussianViews
@@ -225,8 +225,10 @@ class BayesianGaussianMixture(GaussianViews, Mixture):
 
     def _per_model(self, value: Any, name: str, event: tuple[int, ...]) -> torch.Tensor:
         """A hyperparameter ``event`` or ``(*batch_shape, *event)``, finite, as (M, *event)."""
-        tensor = initial_tensor(value, name, event, tuple(self.batch_shape), self.device, self.dtype)
-        return tensor.reshape(self.n_models, *event)
+        tensor = as_float_tensor(value, name, device=self.device, dtype=self.dtype)
+        check_shape(tensor, name, event, self.batch_shape)
+        check_finite(tensor, name)
+        return tensor.expand((*self.batch_shape, *event)).reshape(self.n_models, *event)
 
     def _with_priors(self, data: em.Data) -> tuple[VariationalWeights, VariationalGaussian]:
         """The latent structure and family with every hyperparameter resolved for ``data``

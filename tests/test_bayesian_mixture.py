@@ -378,3 +378,40 @@ def test_cuda_fit_equals_cpu(covariance_type):
     batched = BayesianGaussianMixture(4, covariance_type=covariance_type, device="cuda", dtype=F32, batch_shape=(8,),
                                       n_init=2, seed=0).fit(X.float().cuda())
     assert bool(torch.isfinite(batched.lower_bound_).all())
+
+
+# --- the engine's contract for the variational pair ------------------------------------------------
+def variational_problem():
+    """Data (N, 3), the variational latent structure and family with resolved priors, and a start."""
+    X = torch.tensor(synthetic(120))
+    model = BayesianGaussianMixture(3, covariance_type="full", max_iter=1, tol=0.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.fit(X, resp_init=torch.tensor(kmeans_labels(X.numpy(), 3)))
+    return X, model.latent, model.family, model._working_parameters().map(lambda value: value.detach().clone())
+
+
+def test_variational_statistics_add_over_chunks_batches_and_streams():
+    X, latent, family, params = variational_problem()
+    reference = family.reference(X)
+    whole = torch_em.em.e_step(latent, family, params, torch_em.em.Data(family, X, reference, 1000))
+    chunked = torch_em.em.e_step(latent, family, params, torch_em.em.Data(family, X, reference, 13))
+    stream = torch_em.em.StreamData(family, lambda: iter([(part, None) for part in X.split(31)]), reference, len(X),
+                                    1000, torch_em.em.Data(family, X, reference, 1000))
+    streamed = torch_em.em.e_step(latent, family, params, stream)
+    for other in (chunked, streamed):
+        torch.testing.assert_close(other.sums, whole.sums, rtol=1e-12, atol=1e-10)
+        torch.testing.assert_close(other.latent["entropy"], whole.latent["entropy"], rtol=1e-12, atol=1e-10)
+    assert float(whole.latent["entropy"]) > 0
+
+
+def test_variational_em_map_never_decreases_the_bound():
+    X, latent, family, params = variational_problem()
+    em_map = torch_em.em.EMMap(latent, family, torch_em.em.Data(family, X, family.reference(X), 1000))
+    active = torch.ones(1, 1, dtype=torch.bool)
+    bounds = []
+    for _ in range(20):
+        step = em_map(params, active)
+        bounds.append(float(step.objective))
+        params = step.params
+    assert all(b >= a - 1e-9 * abs(a) for a, b in zip(bounds, bounds[1:])) and bounds[-1] > bounds[0]

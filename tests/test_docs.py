@@ -94,3 +94,14 @@ def test_the_readme_saving_and_exporting_block_runs():
     assert torch.equal(namespace["labels"], model.predict(X)) and namespace["log_prob"].shape == (3, 600)
     torch.testing.assert_close(namespace["log_prob"], model.log_prob(X).detach(), rtol=0, atol=1e-5)
     assert torch.equal(namespace["whole"].predict(X), model.predict(X)) and namespace["per_dataset"].shape == (4, 3, 150)
+
+
+def test_the_readme_variational_bayes_block_runs():
+    readme = Path(__file__).resolve().parents[1] / "README.md"
+    block = re.search(r"## Variational Bayesian mixtures\n.*?```python\n(.*?)```", readme.read_text(), flags=re.S).group(1)
+    namespace: dict = {}
+    exec(compile(block, "README.md (variational Bayesian mixtures)", "exec"), namespace)
+    weights = namespace["bgm"].weights_.detach().sort(descending=True).values
+    assert bool((weights[:3] > 0.3).all()) and float(weights[3:].max()) < 0.01
+    in_use = namespace["sweep"].weights_.detach() > 0.01
+    assert bool((in_use.sum(-1) >= 3).all()) and bool(namespace["same_start"].converged_)

@@ -25,9 +25,10 @@ from __future__ import annotations
 
 import torch
 
-from ..normalize import BITS, log_normalize_total
+from ..normalize import BITS
 from ..statistics import Statistics, floored_counts
 from .base import LatentParams, LatentStructure
+from .independent import MIXTURE
 
 PRIOR_TYPES = ("dirichlet_process", "dirichlet_distribution")
 
@@ -39,7 +40,7 @@ class VariationalWeights(LatentStructure):
 
     parameter_names = ("log_weight_concentration",)
     statistic_names = ("entropy",)
-    log_joint_scale = BITS  # the normaliser's own units, as a mixture's
+    log_joint_scale = BITS  # the mixture's posterior, in the normaliser's own units
 
     def __init__(self, prior_type: str = "dirichlet_process", weight_concentration_prior: float | torch.Tensor = 1.0):
         if prior_type not in PRIOR_TYPES:
@@ -66,12 +67,11 @@ class VariationalWeights(LatentStructure):
         self, log_joint: torch.Tensor, latent: LatentParams, weights: torch.Tensor | None,
         lengths: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        inplace = not log_joint.requires_grad
-        resp, log_evidence = log_normalize_total(log_joint, weights, inplace, self.log_joint_scale)  # (R, M, K, n), (R, M)
+        resp, log_evidence, _ = MIXTURE.posterior(log_joint, latent, weights)  # (R, M, K, n) weighted, (R, M)
+        # With weighted posteriors w r: sum_k w r log(w r) = w sum_k r log r + w log w.
         neg_entropy = torch.xlogy(resp, resp).sum(-2)  # (R, M, n)
         if weights is not None:
-            neg_entropy = neg_entropy * weights
-            resp = resp.mul_(weights.unsqueeze(-2)) if inplace else resp * weights.unsqueeze(-2)
+            neg_entropy = neg_entropy - torch.xlogy(weights, weights)
         return resp, log_evidence, {"entropy": -neg_entropy.sum(-1)}
 
     def m_step(self, stats: Statistics, fixed: LatentParams) -> LatentParams:

@@ -11,8 +11,9 @@ parameters in closed form from them; the objective is scikit-learn's lower bound
 """
 from __future__ import annotations
 
+import contextlib
 import sys
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -152,7 +153,8 @@ class BayesianGaussianMixture(GaussianViews, Mixture):
         ``init_params`` (with ``n_init=1``). Raises ValueError before changing anything when an
         argument is invalid.
         """
-        return self._fit_with_priors(X, sample_weight, resp_init, lambda data: self._fit(data, verbose, self.max_iter))
+        with self._priors_of(X, sample_weight, resp_init) as data:
+            return self._fit(data, verbose, self.max_iter)
 
     @without_autocast
     @torch.no_grad()
@@ -160,16 +162,18 @@ class BayesianGaussianMixture(GaussianViews, Mixture):
                    resp_init: Any = None) -> "BayesianGaussianMixture":
         """The initial parameters of :meth:`fit` (the variational M-step from the initial
         responsibilities) without iterations: ``n_iter_`` 0, ``lower_bound_`` -inf."""
-        return self._fit_with_priors(X, sample_weight, resp_init, self._initialize)
+        with self._priors_of(X, sample_weight, resp_init) as data:
+            return self._initialize(data)
 
     def fit_predict(self, X: Any, y: Any = None, sample_weight: Any = None, *, resp_init: Any = None) -> torch.Tensor:
         """:meth:`fit`, then the labels of X under the fitted model ``(*batch_shape, N)``."""
         return self.fit(X, sample_weight=sample_weight, resp_init=resp_init).predict(X)
 
-    def _fit_with_priors(self, X: Any, sample_weight: Any, resp_init: Any, run: Callable[[em.Data], Any]) -> "BayesianGaussianMixture":
-        """``run(data)`` with the hyperparameters resolved from the data (and the given initial
-        responsibilities); everything is validated first, and a call that raises leaves the
-        model as it was."""
+    @contextlib.contextmanager
+    def _priors_of(self, X: Any, sample_weight: Any, resp_init: Any) -> Iterator[em.Data]:
+        """The engine's data of ``X``, with the hyperparameters resolved from them (and the given
+        initial responsibilities) in place for the body; everything is validated first, and a
+        body that raises leaves the model as it was."""
         with distributed.using(False, f"{type(self).__name__}.fit"):
             if batch_source(X) is not None:
                 raise ValueError(f"X must be an array or tensor in memory for {type(self).__name__}.fit "
@@ -180,13 +184,12 @@ class BayesianGaussianMixture(GaussianViews, Mixture):
             saved = self.latent, self.family
             self.latent, self.family, self._resp_init = latent, family, given
             try:
-                run(data)
+                yield data
             except BaseException:
                 self.latent, self.family = saved
                 raise
             finally:
                 self._resp_init = None
-        return self
 
     def partial_fit(self, X: Any, y: Any = None, sample_weight: Any = None, **kwargs: Any) -> "BayesianGaussianMixture":
         raise NotImplementedError(f"{type(self).__name__} has no online fit (partial_fit); use fit")

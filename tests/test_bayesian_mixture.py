@@ -325,6 +325,8 @@ def test_rejected_fit_changes_nothing():
         (dict(resp_init=torch.ones(N, 4)), "resp_init must be non-negative with rows summing to 1"),
         (dict(resp_init=torch.full((N - 1, 4), 0.25)), re.escape(f"resp_init must have shape ({N}, 4)")),
         (dict(resp_init=torch.full((N,), 4)), re.escape("resp_init labels must lie in [0, 4)")),
+        (dict(resp_init=torch.ones(N, dtype=torch.bool)), "resp_init must hold responsibilities .* got dtype torch.bool"),
+        (dict(resp_init=[[0.5, "a"]]), "resp_init must be an array of responsibilities or labels"),
     ]
     for kwargs, message in bad_calls:
         with pytest.raises(ValueError, match=message):

@@ -15,6 +15,7 @@ import contextlib
 import sys
 from typing import Any, Callable, Iterator, Sequence
 
+import numpy as np
 import torch
 
 from . import distributed, em
@@ -243,7 +244,9 @@ class BayesianGaussianMixture(GaussianViews, Mixture):
             value = scalars[name]
             return torch.full((M, 1), default, dtype=like.dtype, device=like.device) if value is None else value.unsqueeze(-1)
 
-        mean, covariance = data_mean_and_covariance(X, weights, M)  # (M, D), (M, D, D)
+        mean = covariance = None
+        if self.mean_prior is None or self.covariance_prior is None:
+            mean, covariance = data_mean_and_covariance(X, weights, M)  # (M, D), (M, D, D)
         if self.mean_prior is not None:
             mean = self._per_model(self.mean_prior, "mean_prior", (n_features,))
         dof = scalar("degrees_of_freedom_prior", float(n_features))
@@ -267,11 +270,11 @@ class BayesianGaussianMixture(GaussianViews, Mixture):
                 if bool((torch.linalg.cholesky_ex(value)[1] > 0).any()):
                     raise ValueError(f"{name} must be positive definite, got a matrix that is not")
             return value if kind == "tied" else value.unsqueeze(-3)
-        variances = covariance.diagonal(dim1=-2, dim2=-1)  # (M, D)
-        if kind == "diag":
-            value = variances if given is None else self._per_model(given, "covariance_prior", (n_features,))
+        if given is not None:
+            value = self._per_model(given, "covariance_prior", (n_features,) if kind == "diag" else ())
         else:
-            value = variances.mean(-1) if given is None else self._per_model(given, "covariance_prior", ())
+            variances = covariance.diagonal(dim1=-2, dim2=-1)  # (M, D)
+            value = variances if kind == "diag" else variances.mean(-1)
         check_positive_tensor(value, name)
         return value.unsqueeze(-2) if kind == "diag" else value.unsqueeze(-1)
 
@@ -282,7 +285,13 @@ class BayesianGaussianMixture(GaussianViews, Mixture):
         if self.warm_start and self.is_initialized:
             raise ValueError("resp_init cannot be combined with a warm start (warm_start=True on a fitted model)")
         K, N, batch = self.n_components, data.X.shape[-2], tuple(self.batch_shape)
-        raw = resp_init if isinstance(resp_init, torch.Tensor) else torch.as_tensor(resp_init)
+        try:
+            raw = resp_init if isinstance(resp_init, torch.Tensor) else torch.as_tensor(np.asarray(resp_init))
+        except (TypeError, ValueError, RuntimeError) as error:
+            raise ValueError(f"resp_init must be an array of responsibilities or labels, got "
+                             f"{type(resp_init).__name__} ({error})") from None
+        if raw.dtype == torch.bool or raw.is_complex():
+            raise ValueError(f"resp_init must hold responsibilities (floats) or labels (integers), got dtype {raw.dtype}")
         if not raw.is_floating_point():  # labels
             labels = raw.to(self.device)
             check_shape(labels, "resp_init (labels)", (N,), torch.Size(batch))

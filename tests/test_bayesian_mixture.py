@@ -218,6 +218,20 @@ def test_chunked_fit_equals_full_batch():
         torch.testing.assert_close(chunked.state_dict()[name], value, rtol=1e-10, atol=1e-12)
 
 
+def test_warm_started_steps_equal_one_long_fit():
+    X = torch.tensor(load_iris().data)
+    labels = torch.tensor(np.random.default_rng(0).integers(0, 4, len(X)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch_em.ConvergenceWarning)
+        long = BayesianGaussianMixture(4, max_iter=20, tol=0.0).fit(X, resp_init=labels)
+        stepped = BayesianGaussianMixture(4, max_iter=1, tol=0.0, warm_start=True).fit(X, resp_init=labels)
+        for _ in range(19):
+            stepped.fit(X)
+    for name, value in long.state_dict().items():
+        torch.testing.assert_close(stepped.state_dict()[name], value, rtol=0, atol=0)
+    torch.testing.assert_close(stepped.lower_bound_, long.lower_bound_, rtol=0, atol=0)
+
+
 def test_integer_weights_equal_repeated_rows():
     X = torch.tensor(synthetic(90))
     weights = torch.arange(90) % 3 + 1

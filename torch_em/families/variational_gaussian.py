@@ -162,37 +162,47 @@ class VariationalGaussian(Gaussian):
         means = centred_mean if reference is None else centred_mean + reference  # x_k, scikit-learn's xk
         mean_precision = prior.mean_precision + counts  # beta_k
         loc = (prior.mean_precision.unsqueeze(-1) * prior.mean + counts.unsqueeze(-1) * means) / mean_precision.unsqueeze(-1)
-        offset = means - prior.mean  # x_k - m_0
         shrinkage = counts * prior.mean_precision / mean_precision  # N_k beta_0 / beta_k
         scatter = self._within_scatter(counts, centred_mean, stats[..., n_features:])
-        if self.covariance_type == "tied":
-            share = counts.sum(-1) / counts.shape[-1]  # N / K, (*b,)
-            dof = prior.degrees_of_freedom + share
-            spread = (shrinkage[..., None, None] * offset.unsqueeze(-1) * offset.unsqueeze(-2)).sum(-3)
-            eye = torch.eye(n_features, dtype=stats.dtype, device=stats.device)
-            pooled = scatter.sum(-3) / counts.sum(-1)[..., None, None] + self.reg_covar * eye  # S
-            wishart = prior.covariance + share[..., None, None] * pooled + spread / counts.shape[-1]
-            covariance = wishart / dof[..., None, None]
-        elif self.covariance_type == "full":
-            dof = prior.degrees_of_freedom + counts
-            eye = torch.eye(n_features, dtype=stats.dtype, device=stats.device)
-            sample = scatter / counts[..., None, None] + self.reg_covar * eye  # S_k
-            spread = offset.unsqueeze(-1) * offset.unsqueeze(-2)
-            wishart = (prior.covariance + counts[..., None, None] * sample + shrinkage[..., None, None] * spread)
-            covariance = wishart / dof[..., None, None]
-        else:
-            dof = prior.degrees_of_freedom + counts
-            # diag: per feature (*b, K, D); spherical: the mean over the features (*b, K).
-            per_component = (lambda value: value.unsqueeze(-1)) if self.covariance_type == "diag" else (lambda value: value)
-            spread = offset.square() if self.covariance_type == "diag" else offset.square().mean(-1)
-            sample = scatter / per_component(counts) + self.reg_covar
-            covariance = (prior.covariance + per_component(counts) * sample + per_component(shrinkage) * spread) / per_component(dof)
+        covariance, dof = self._posterior_covariance(prior, counts, scatter, shrinkage, means - prior.mean)
         raw, valid = self._raw_precision_cholesky(covariance)
         if self.covariance_type == "tied":
             valid = valid.unsqueeze(-1).expand_as(counts)
         theta = {"loc": loc, "raw_precision_cholesky": raw, "log_mean_precision": mean_precision.log(),
                  "log_degrees_of_freedom": dof.log()}
         return theta, valid
+
+    def _posterior_covariance(
+        self, prior: GaussianWishartPrior, counts: torch.Tensor, scatter: torch.Tensor, shrinkage: torch.Tensor,
+        offset: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``W_k^{-1} / nu_k`` (scikit-learn's ``covariances_``, per type) and nu_k (tied: nu).
+
+        Shape:
+            counts, shrinkage (N_k beta_0 / beta_k): (*b, K); scatter: :meth:`_within_scatter`'s;
+            offset (x_k - m_0): (*b, K, D)
+        """
+        n_features = offset.shape[-1]
+        eye = torch.eye(n_features, dtype=offset.dtype, device=offset.device)
+        if self.covariance_type == "tied":
+            share = counts.sum(-1) / counts.shape[-1]  # N / K, (*b,)
+            dof = prior.degrees_of_freedom + share
+            spread = (shrinkage[..., None, None] * offset.unsqueeze(-1) * offset.unsqueeze(-2)).sum(-3)
+            pooled = scatter.sum(-3) / counts.sum(-1)[..., None, None] + self.reg_covar * eye  # S
+            wishart = prior.covariance + share[..., None, None] * pooled + spread / counts.shape[-1]
+            return wishart / dof[..., None, None], dof
+        dof = prior.degrees_of_freedom + counts
+        if self.covariance_type == "full":
+            sample = scatter / counts[..., None, None] + self.reg_covar * eye  # S_k
+            spread = offset.unsqueeze(-1) * offset.unsqueeze(-2)
+            wishart = prior.covariance + counts[..., None, None] * sample + shrinkage[..., None, None] * spread
+            return wishart / dof[..., None, None], dof
+        # diag: per feature (*b, K, D); spherical: the mean over the features (*b, K).
+        per_component = (lambda value: value.unsqueeze(-1)) if self.covariance_type == "diag" else (lambda value: value)
+        spread = offset.square() if self.covariance_type == "diag" else offset.square().mean(-1)
+        sample = scatter / per_component(counts) + self.reg_covar
+        wishart = prior.covariance + per_component(counts) * sample + per_component(shrinkage) * spread
+        return wishart / per_component(dof), dof
 
     def _within_scatter(self, counts: torch.Tensor, centred_mean: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
         """``sum_n r_nk (x - x_k)(x - x_k)^T`` per component from the second-moment statistics

@@ -104,3 +104,14 @@ def test_the_readme_priors_block_runs():
     assert bool(torch_finite(namespace["small"].covariances)) and namespace["sweep"].means.shape == (4, 3, 5)
     transmat = namespace["sticky"].transmat.detach()
     assert bool((transmat.diagonal() > 0.5).all())
+
+
+def test_the_readme_variational_bayes_block_runs():
+    readme = Path(__file__).resolve().parents[1] / "README.md"
+    block = re.search(r"## Variational Bayesian mixtures\n.*?```python\n(.*?)```", readme.read_text(), flags=re.S).group(1)
+    namespace: dict = {}
+    exec(compile(block, "README.md (variational Bayesian mixtures)", "exec"), namespace)
+    weights = namespace["bgm"].weights_.detach().sort(descending=True).values
+    assert bool((weights[:3] > 0.3).all()) and float(weights[3:].max()) < 0.01
+    in_use = namespace["sweep"].weights_.detach() > 0.01
+    assert bool((in_use.sum(-1) >= 3).all()) and bool(namespace["same_start"].converged_)

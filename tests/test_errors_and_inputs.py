@@ -49,6 +49,7 @@ def fitted_kmeans() -> KMeans:
 #: Constructors of every module that takes dtype= and device=.
 MODULES = {
     "GaussianMixture": lambda **kw: GaussianMixture(3, **kw),
+    "BayesianGaussianMixture": lambda **kw: torch_em.BayesianGaussianMixture(3, **kw),
     "KMeans": lambda **kw: KMeans(3, **kw),
     "EMLayer": lambda **kw: EMLayer(3, 2, **kw),
 }
@@ -56,8 +57,8 @@ MODULES = {
 
 @pytest.mark.parametrize("build", [
     lambda **kw: GaussianMixture(3, **kw), lambda **kw: KMeans(3, **kw),
-    lambda **kw: Mixture(torch_em.Poisson(), 3, **kw),
-], ids=["GaussianMixture", "KMeans", "Mixture"])
+    lambda **kw: Mixture(torch_em.Poisson(), 3, **kw), lambda **kw: torch_em.BayesianGaussianMixture(3, **kw),
+], ids=["GaussianMixture", "KMeans", "Mixture", "BayesianGaussianMixture"])
 @pytest.mark.parametrize("value", [None, "ab", 3, (2, None), (0,), (True,)])
 def test_bad_batch_shape_names_it(build, value):
     with pytest.raises(ValueError, match=re.escape(f"batch_shape must be a sequence of positive integers, got {value!r}")):

@@ -96,3 +96,12 @@ def test_hmm_regimes(capsys, tmp_path):
         assert gdp["means"][0] < 0 < gdp["means"][1], gdp["means"]  # a contracting and a growing regime
         assert any("2008" in spell for spell in gdp["spells"]), gdp["spells"]  # the 2008-09 recession
     assert plot.exists() or importlib.util.find_spec("matplotlib") is None
+
+
+def test_variational_bayes(capsys):
+    results = example("variational_bayes").main(["--components", "6", "--max-iter", "200"])
+    assert "components (torch_em / sklearn)" in capsys.readouterr().out
+    assert len(results["rows"]) == 5
+    for row in results["rows"]:
+        assert 1 <= row["components"] <= 6 and math.isfinite(row["lower_bound"])
+        assert -1.0 <= row["ari"] <= 1.0 and row["ari"] > 0.3  # the species are recovered in part

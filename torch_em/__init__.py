@@ -2,6 +2,7 @@
 from .em import ConvergenceWarning, FitFailedWarning
 from .families.base import NotFittedError
 from .families import Bernoulli, Categorical, ComponentFamily, Exponential, Gamma, Gaussian, IllConditionedError, Poisson, Product, VonMisesFisher
+from .bayesian_mixture import BayesianGaussianMixture
 from .gaussian_mixture import GaussianMixture
 from .hmm import HMM
 from .hmm_models import CategoricalHMM, GMMHMM, GaussianHMM, PoissonHMM
@@ -17,6 +18,7 @@ from .training import reset_optimizer_state, saved_tensor_bytes
 __version__ = "0.1.0"
 
 __all__ = [
+    "BayesianGaussianMixture",
     "Bernoulli",
     "Categorical",
     "Exponential",

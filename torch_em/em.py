@@ -346,7 +346,7 @@ class EMStep:
     """One application of the EM map to a working batch (R, M)."""
 
     params: Params  # the M-step's parameters (not to be used for models in ``invalid`` or not finite)
-    objective: torch.Tensor  # (R, M) mean (weighted) log-likelihood of the parameters the step started from
+    objective: torch.Tensor  # (R, M) mean (weighted) log-likelihood of the parameters the step started from (EMMap.objective)
     invalid: torch.Tensor  # (R, M, K) invalid components of the models that were running and finite
 
     @property
@@ -390,12 +390,20 @@ class EMMap:
         stats = e_step(self.latent, self.family, params, self.data, own, self.pseudo_count)
         return stats.reduced() if self.reduce else stats
 
-    def objective(self, stats: Statistics, params: Params) -> torch.Tensor:
-        """(R, M) mean log-likelihood per (weighted) point of ``params`` (from their ``stats``),
-        plus their log prior over the points under MAP-EM."""
-        if self.prior is None:
-            return stats.log_likelihood / self.data.total_weight
-        return (stats.log_likelihood + self.prior.log_prob(params)) / self.data.total_weight
+    def objective(self, stats: Statistics, params: Params, new: Params | None = None) -> torch.Tensor:
+        """(R, M): the mean log-likelihood per (weighted) point of the parameters ``params`` that
+        ``stats`` were taken with, plus their log prior over the points under MAP-EM; or, for a
+        variational model (a latent structure with a :meth:`LatentStructure.variational_bound`),
+        its lower bound, which also depends on the parameters ``new`` of the M-step from
+        ``stats`` (the latent structure's and the family's terms,
+        :meth:`ComponentFamily.variational_bound`, summed)."""
+        bound = None if new is None else self.latent.variational_bound(stats, new.latent)
+        if bound is None:
+            if self.prior is None:
+                return stats.log_likelihood / self.data.total_weight
+            return (stats.log_likelihood + self.prior.log_prob(params)) / self.data.total_weight
+        emission_bound = self.family.variational_bound(new.emission)
+        return bound if emission_bound is None else bound + emission_bound
 
     def maximise(self, params: Params, stats: Statistics, active: torch.Tensor, own: OwnReference | None,
                  refine: bool = True) -> tuple[Params, torch.Tensor, Statistics]:
@@ -422,15 +430,17 @@ class EMMap:
         log-likelihood is finite."""
         own = self.own(params)
         stats = self.statistics(params, own)
-        objective = self.objective(stats, params)
-        new, invalid, _ = self.maximise(params, stats, active & torch.isfinite(objective), own, self.own_reference)
-        return EMStep(new, objective, invalid)
+        finite = torch.isfinite(stats.log_likelihood)
+        new, invalid, _ = self.maximise(params, stats, active & finite, own, self.own_reference)
+        return EMStep(new, self.objective(stats, params, new), invalid)
 
     def models(self, index: torch.Tensor, n_models: int) -> "EMMap":
         """The map of the models at flat positions ``index`` (A,) of (R, M) only, as (1, A)."""
         selected = type(self).__new__(type(self))
         selected.__dict__.update(self.__dict__)
         selected.data = self.data.select_models(index % n_models)
+        selected.latent = self.latent.select_models(index % n_models)
+        selected.family = self.family.select_models(index % n_models)
         selected.fixed = None if self.fixed is None else self.fixed.models(index)
         selected.prior = None if self.prior is None else self.prior.models(index % n_models)
         if self.components is not None:  # (1, M, K) shared by the restarts, or (R, M, K)

@@ -161,6 +161,7 @@ def initial_parameters(
     restarts: range, seed: int | None, chunk_size: int, user_parameters: Theta, user_centres: torch.Tensor | None,
     failures: Failures | None, generator: Callable[[], torch.Generator], softening: float = 0.0,
     prior: ModelPrior | None = None, components: torch.Tensor | None = None,
+    responsibilities: Callable[[int, int], torch.Tensor] | None = None,
 ) -> Params:
     """Working initial parameters (R, M, ...) of the given R ``restarts``: an M-step from the
     initial responsibilities of ``method`` (weighted by the data's weights), then overridden by
@@ -172,7 +173,9 @@ def initial_parameters(
     responsibilities become ``(1 - softening) * resp + softening / K``, so that no component
     starts with a probability of 0 for what the others' points hold (which EM could not undo).
     ``prior``: the first M-step is MAP-EM's (:mod:`torch_em.priors`). ``components`` (1, M, K):
-    the components each model has (:class:`torch_em.em.EMMap`'s), or None: all."""
+    the components each model has (:class:`torch_em.em.EMMap`'s), or None: all.
+    ``responsibilities``: given initial responsibilities ``resp(start, stop) -> (1 or R, M, K,
+    stop - start)`` of the data's points, which replace those of ``method``."""
     R, M, K = len(restarts), layout.n_models, n_components
     X, reference = data.X, data.reference
     latent_names = set(latent.parameter_names)
@@ -181,8 +184,12 @@ def initial_parameters(
     streams = RestartStreams(seed, restarts, X.device)
     if user_centres is not None:
         user_centres = family.embedding(layout.restarts(user_centres, R), reference)
-    resp = initial_responsibilities(method, family.embedding(X, reference), M, K, streams, chunk_size, user_centres,
-                                    data.weights, components)
+    if responsibilities is not None:
+        def resp(start: int, stop: int) -> torch.Tensor:
+            return responsibilities(start, stop).expand(R, M, K, stop - start)
+    else:
+        resp = initial_responsibilities(method, family.embedding(X, reference), M, K, streams, chunk_size,
+                                        user_centres, data.weights, components)
     if softening:
         hard = resp
 

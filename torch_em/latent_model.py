@@ -408,8 +408,13 @@ class LatentModel(Saveable, CheckedLoad, FollowsDataDtype):
             user_parameters=self._working_latent(self._user_initial_parameters(n_features)),
             user_centres=self.family.initial_centres(tuple(self.batch_shape), K, n_features, self.device, self.dtype),
             failures=failures, generator=self._generator, softening=self._initial_softening, prior=prior,
-            components=self._working_components(),
+            components=self._working_components(), responsibilities=self._given_responsibilities(),
         )
+
+    def _given_responsibilities(self) -> Callable[[int, int], torch.Tensor] | None:
+        """Initial responsibilities that replace ``init_params``' clustering, ``resp(start, stop)
+        -> (1, M, K, stop - start)``, or None (the default)."""
+        return None
 
     def _partial_fit(self, X: torch.Tensor, make_data: Callable[[torch.Tensor | None, int], em.Data]) -> "LatentModel":
         """The stepwise EM update of ``partial_fit`` from a validated batch ``X`` (working layout)
@@ -578,8 +583,14 @@ class LatentModel(Saveable, CheckedLoad, FollowsDataDtype):
         structure's log-probabilities normalised from their logits)."""
         layout = self._layout
         theta = {name: layout.working(value) for name, value in self.theta().items()}
-        latent = {working: layout.working(getattr(self, name).log_softmax(-1)) for name, working in self._latent_names.items()}
+        latent = {working: layout.working(self._latent_working_value(getattr(self, name)))
+                  for name, working in self._latent_names.items()}
         return em.Params(latent, theta)
+
+    def _latent_working_value(self, value: torch.Tensor) -> torch.Tensor:
+        """A latent parameter's working value from the module's: log-probabilities from logits
+        (a model whose latent parameters are not probabilities keeps them as they are)."""
+        return value.log_softmax(-1)
 
     def _working_latent(self, module: Theta) -> Theta:
         """Module-named values (``logits`` etc. among the family's) with the latent structure's

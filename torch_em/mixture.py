@@ -104,6 +104,10 @@ class Mixture(LatentModel):
     estimators with numpy in and out.
     """
 
+    #: (*batch_shape, K) bool: the components each model has (models of a grid over K padded to
+    #: the largest, :func:`torch_em.select`), or None: all of them.
+    _components: torch.Tensor | None = None
+
     def __init__(
         self,
         family: ComponentFamily,
@@ -140,9 +144,6 @@ class Mixture(LatentModel):
             warm_start=warm_start, on_error=on_error, device=device, dtype=dtype,
         )
         self.weights_init = weights_init
-        #: (*batch_shape, K) bool: the components each model has (models of a grid over K padded
-        #: to the largest, :func:`torch_em.select`), or None: all of them.
-        self._components: torch.Tensor | None = None
         self._create_initial_parameters()
 
     def _config(self) -> dict[str, Any]:

@@ -82,13 +82,14 @@ def _register_package_classes() -> None:
         return
     _PACKAGE_REGISTERED = True
     from . import families
+    from .bayesian_mixture import BayesianGaussianMixture
     from .gaussian_mixture import GaussianMixture
     from .hmm import HMM
     from .hmm_models import CategoricalHMM, GMMHMM, GaussianHMM, PoissonHMM
     from .kmeans import KMeans
     from .mixture import Mixture
 
-    for cls in (Mixture, GaussianMixture, KMeans, HMM, GaussianHMM, GMMHMM, CategoricalHMM, PoissonHMM,
+    for cls in (Mixture, GaussianMixture, BayesianGaussianMixture, KMeans, HMM, GaussianHMM, GMMHMM, CategoricalHMM, PoissonHMM,
                 families.Bernoulli, families.Categorical, families.Exponential, families.Gamma, families.Gaussian,
                 families.Poisson, families.Product, families.VonMisesFisher):
         register(cls)

@@ -7,6 +7,7 @@ from .gamma import Gamma
 from .gaussian import COVARIANCE_TYPES, Gaussian
 from .poisson import Poisson
 from .product import Product
+from .variational_gaussian import GaussianWishartPrior, VariationalGaussian
 from .von_mises_fisher import VonMisesFisher
 
 __all__ = [
@@ -17,8 +18,10 @@ __all__ = [
     "Exponential",
     "Gamma",
     "Gaussian",
+    "GaussianWishartPrior",
     "IllConditionedError",
     "Poisson",
     "Product",
+    "VariationalGaussian",
     "VonMisesFisher",
 ]

@@ -182,6 +182,18 @@ class ComponentFamily:
         parameter names) fixed while it updates the others."""
         return len(names) == 0 or names == set(self.event_shapes(1, 1))
 
+    def variational_bound(self, theta: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
+        """For a family whose parameters have a variational distribution (variational Bayes):
+        its part (*batch) of the lower bound EM monitors, from the parameters of an M-step
+        (see :meth:`torch_em.latent.LatentStructure.variational_bound`). None (the default):
+        maximum likelihood."""
+        return None
+
+    def select_models(self, models: torch.Tensor) -> "ComponentFamily":
+        """The family for the models ``models`` (A,) of its batch only, in that order: itself,
+        unless it holds hyperparameters per model (see :meth:`torch_em.em.EMMap.models`)."""
+        return self
+
     # --- components summarised about their own reference point ----------------------------
     def expansion_error(
         self, theta: Mapping[str, torch.Tensor], reference: torch.Tensor | None

@@ -2,5 +2,6 @@
 from .base import LatentParams, LatentStructure
 from .independent import MIXTURE, IndependentCategorical
 from .markov import MarkovChain
+from .variational_weights import VariationalWeights
 
-__all__ = ["LatentParams", "LatentStructure", "IndependentCategorical", "MIXTURE", "MarkovChain"]
+__all__ = ["LatentParams", "LatentStructure", "IndependentCategorical", "MIXTURE", "MarkovChain", "VariationalWeights"]

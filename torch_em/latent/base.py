@@ -61,6 +61,19 @@ class LatentStructure:
         """Closed-form maximiser given summed statistics; ``fixed`` parameters are kept."""
         raise NotImplementedError
 
+    def variational_bound(self, stats: Statistics, latent: LatentParams) -> torch.Tensor | None:
+        """For a structure whose parameters have a variational distribution (variational Bayes):
+        its part of the lower bound (R, M) that EM monitors instead of the log-likelihood, from
+        the statistics of an E-step and the parameters ``latent`` of the M-step from them.
+        None (the default): EM maximises the likelihood."""
+        return None
+
+    def select_models(self, models: torch.Tensor) -> "LatentStructure":
+        """The structure for the models ``models`` (A,) of its batch only, in that order: itself,
+        unless it holds hyperparameters per model (a fit that computes only its running models
+        selects them with their data)."""
+        return self
+
     def statistic_shapes(self, n_states: int) -> dict[str, tuple[int, ...]]:
         """The shape of each of its statistics for one model (e.g. ``{"transitions": (K, K)}``)."""
         return {}

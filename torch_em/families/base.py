@@ -56,6 +56,34 @@ class NotFittedError(ValueError, AttributeError, RuntimeError):
     raised for this."""
 
 
+class Marginal:
+    """The components of a working batch (R, M, K) on rows with missing entries
+    (:class:`torch_em.missing.MissingRows`): each component's density of a row's observed
+    coordinates (the missing ones integrated out) and the expectations given them that EM and
+    imputation need. Made by :meth:`ComponentFamily.marginal`.
+
+    log_prob: (R, M, K, n) ``log p(x_o | component)``.
+    """
+
+    log_prob: torch.Tensor
+
+    def statistics(self, resp: torch.Tensor, about: torch.Tensor | None) -> torch.Tensor:
+        """``sum_n resp[r, m, k, n] E[T(x_n) | x_o, component k]``: (R, M, K, F) from resp
+        (R, M, K, n), taken about the points ``about`` (R, M, K, D) (a family with a reference
+        point; None: the origin), or without one."""
+        raise NotImplementedError
+
+    def conditional_means(self) -> torch.Tensor:
+        """``E[x_n | x_o, component k]`` (R, M, K, n, D), the observed coordinates as they are."""
+        raise NotImplementedError
+
+    def draw(self, components: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """One draw of every row (M, n, D) of a working batch (1, M), the missing coordinates
+        from their conditional distribution given the observed ones under the row's component
+        ``components`` (1, M, n); the observed coordinates as they are."""
+        raise NotImplementedError
+
+
 class ComponentFamily:
     """K components of one exponential family for a batch of independent models."""
 
@@ -119,6 +147,18 @@ class ComponentFamily:
     # --- data ------------------------------------------------------------------------------
     def check_domain(self, X: torch.Tensor, name: str) -> None:
         """Raise ValueError if X is outside the family's support (finiteness is already checked)."""
+
+    def check_missing(self, name: str) -> None:
+        """Raise ValueError unless rows of this family may have missing coordinates (NaN)
+        marginalised (:meth:`marginal`)."""
+        raise ValueError(f"{name} has missing values (NaN), which {type(self).__name__} components cannot "
+                         "marginalise; remove or impute them")
+
+    def marginal(self, rows: Any, theta: Mapping[str, torch.Tensor]) -> Marginal:
+        """The components ``theta`` (R, M, K, ...) on rows with missing entries (a
+        :class:`torch_em.missing.MissingRows`): their marginal densities and conditional
+        expectations (:class:`Marginal`)."""
+        raise NotImplementedError
 
     def reference(self, X: torch.Tensor) -> torch.Tensor | None:
         """Point about which statistics are taken, ``X.mean(-2, keepdim=True)``, or None."""

@@ -1,0 +1,201 @@
+"""Gaussian components of rows with missing coordinates: exact marginals and expected statistics.
+
+For a row with observed coordinates o and missing coordinates m, component k (mean mu, covariance
+Sigma) gives (Ghahramani & Jordan 1994)
+
+    log p(x_o | k) = log N(x_o | mu_o, Sigma_oo)
+    E[x_m | x_o, k] = mu_m + Sigma_mo Sigma_oo^-1 (x_o - mu_o)
+    Cov[x_m | x_o, k] = Sigma_mm - Sigma_mo Sigma_oo^-1 Sigma_om        (the conditional covariance C)
+
+Full and tied covariances: per (pattern, component, model), the padded matrix ``O Sigma O + (I - O)``
+(``O`` the diagonal 0/1 matrix of the observed coordinates: the identity in the missing block) is
+factorised once (in float64 where the data are in a lower precision: a few small matrices); its
+inverse restricted to the observed block is ``Lambda_o`` (zero elsewhere), and
+``Sigma Lambda_o`` is the identity on the observed coordinates and the regression
+``Sigma_mo Sigma_oo^-1`` below them. With the masked offset ``d = O (x - mu)`` of a row, one
+batched product per block of rows with the pattern gives ``w = Lambda_o d`` (the Mahalanobis
+form is ``d . w``), and one product per component ``Sigma w`` the completed offset
+``e = E[x | x_o, k] - mu`` on the missing coordinates (the observed ones keep ``d``). Diagonal and spherical covariances need no factorisation: a missing
+coordinate drops out of the density and its expected offset is 0, its conditional variance the
+component's.
+
+Statistics about a point ``a`` (the shared reference, or a component's own) follow from sums of
+the offsets about the component's mean, ``x_hat - a = e + (mu - a)``:
+
+    S1 = sum_n r e + n_k (mu - a)
+    S2 = sum_n r e e^T + sum_patterns r_p C_p + (mu - a) S_e^T + S_e (mu - a)^T + n_k (mu - a)(mu - a)^T
+
+with the offsets evaluated directly about the means (no expansion that could cancel).
+"""
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Mapping
+
+import torch
+
+from ..missing import MissingRows
+from .base import Marginal
+
+if TYPE_CHECKING:
+    from .gaussian import Gaussian
+
+
+def pattern_conditionals(covariance: torch.Tensor, patterns: torch.Tensor
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What every row with a pattern needs of a component, one factorisation per (pattern,
+    component, model): ``1/2 log |Sigma_oo^-1|``, ``Lambda_o`` (``Sigma_oo^-1`` on the observed
+    block, zero elsewhere) and the conditional covariance C (zero outside the missing block).
+
+    Shape:
+        covariance: (R, M, K', D, D) (K' = 1 when tied); patterns: (P, D) bool
+        -> (R, M, P, K'), (R, M, P, K', D, D), (R, M, P, K', D, D)
+    """
+    dtype = covariance.dtype
+    work = torch.promote_types(dtype, torch.float64)
+    cov = covariance.to(work).unsqueeze(-4)  # (R, M, 1, K', D, D)
+    observed = patterns.to(work)[:, None]  # (P, 1, D)
+    missing = 1 - observed
+    both_observed = observed.unsqueeze(-1) * observed.unsqueeze(-2)  # (P, 1, D, D)
+    lower, _ = torch.linalg.cholesky_ex(cov * both_observed + torch.diag_embed(missing))
+    precision = torch.cholesky_inverse(lower) * both_observed  # Lambda_o, (R, M, P, K', D, D)
+    half_logdet = -lower.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+    gain = cov @ precision  # identity on the observed block, the regression Sigma_mo Sigma_oo^-1 below it
+    conditional = (cov - gain @ cov) * (missing.unsqueeze(-1) * missing.unsqueeze(-2))
+    conditional = 0.5 * (conditional + conditional.mT)
+    return half_logdet.to(dtype), precision.to(dtype), conditional.to(dtype)
+
+
+def _per_block(values: torch.Tensor, rows: MissingRows) -> torch.Tensor:
+    """Per-pattern values (R, M, P, ...) -> per block (R, M, nb, ...) (each block's pattern)."""
+    if rows.X.dim() == 2:
+        return values.index_select(2, rows.block_pattern[0])
+    models = torch.arange(values.shape[1], device=values.device).unsqueeze(-1)
+    return values[:, models, rows.block_pattern]
+
+
+class GaussianMarginal(Marginal):
+    """Marginal densities and conditional moments of Gaussian components for rows with missing
+    entries; see the module's docstring for the formulas.
+
+    Shape:
+        log_prob: (R, M, K, n); offsets (block layout for full and tied covariances, rows
+        otherwise): (R, M, K, L, D)
+    """
+
+    def __init__(self, family: "Gaussian", rows: MissingRows, theta: Mapping[str, torch.Tensor]):
+        self.family, self.rows, self.loc = family, rows, theta["loc"]  # loc (R, M, K, D)
+        self.full = family.covariance_type in ("full", "tied")
+        covariance = family.covariance(theta)
+        if self.full:
+            if family.covariance_type == "tied":
+                covariance = covariance.unsqueeze(-3)  # (R, M, 1, D, D)
+            self.half_logdet, self.precision, self.conditional = pattern_conditionals(covariance, rows.patterns)
+            self.log_prob, self.offsets = self._blocked_offsets(covariance)
+        else:
+            if family.covariance_type == "spherical":
+                covariance = covariance.unsqueeze(-1).expand_as(self.loc)
+            self.variance = covariance  # (R, M, K, D)
+            self.log_prob, self.offsets = self._row_offsets()
+
+    def _blocked_offsets(self, covariance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Full and tied covariances: log-densities (R, M, K, n) and completed offsets
+        e (R, M, K, nb * b, D): per block one batched product ``w = Lambda_o d``, then for every
+        row ``e_m = (Sigma w)_m`` (one product per component: ``Sigma Lambda_o`` is the regression
+        on the observed coordinates) and ``e_o = d_o`` exactly."""
+        rows, loc = self.rows, self.loc
+        observed = rows.block_observed.to(loc.dtype)  # (M', nb, 1, D)
+        # d = O (x - mu): the block points are 0 at their missing coordinates.
+        masked = rows.block_points.unsqueeze(-4) - loc[..., None, None, :] * observed.unsqueeze(-4)  # (R, M, K, nb, b, D)
+        whitened = masked @ _per_block(self.precision, rows).transpose(2, 3)  # (R, M, K, nb, b, D)
+        half_logdet = _per_block(self.half_logdet, rows).transpose(2, 3)  # (R, M, K', nb)
+        log_2pi = (0.5 * math.log(2 * math.pi)) * observed.sum((-2, -1))  # (M', nb)
+        log_prob = half_logdet.unsqueeze(-1) - 0.5 * (masked * whitened).sum(-1) - log_2pi[:, None, :, None]
+        regressed = whitened.flatten(3, 4) @ covariance  # (R, M, K, nb * b, D)
+        offsets = torch.where(rows.block_observed.unsqueeze(-4), masked, regressed.view_as(masked))
+        return rows.unblocked(log_prob.flatten(-2)), offsets.flatten(3, 4)
+
+    def _row_offsets(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Diagonal and spherical covariances: log-densities (R, M, K, n) and offsets
+        e = O (x - mu) (R, M, K, n, D) (a missing coordinate's expected offset is 0)."""
+        rows = self.rows
+        observed = rows.observed.to(self.loc.dtype)
+        offsets = (rows.X.unsqueeze(-3) - self.loc.unsqueeze(-2)) * observed.unsqueeze(-3)
+        per_coordinate = -0.5 * (self.variance.log() + math.log(2 * math.pi))  # (R, M, K, D)
+        quadratic = (offsets.square() / self.variance.unsqueeze(-2)).sum(-1)
+        return per_coordinate @ observed.mT - 0.5 * quadratic, offsets
+
+    # --- what EM and imputation need --------------------------------------------------------
+    def statistics(self, resp: torch.Tensor, about: torch.Tensor | None) -> torch.Tensor:
+        rows = self.rows
+        weights = rows.blocked(resp) if self.full else resp  # (R, M, K, L)
+        first = (weights.unsqueeze(-2) @ self.offsets).squeeze(-2)  # sum_n r e, (R, M, K, D)
+        if self.full:
+            second = (self.offsets * weights.unsqueeze(-1)).mT @ self.offsets  # (R, M, K, D, D)
+            second = second + torch.einsum("rmkp,rmpkij->rmkij", self._pattern_counts(weights),
+                                           self.conditional.expand(*self.conditional.shape[:3], resp.shape[2],
+                                                                   *self.conditional.shape[-2:]))
+        else:
+            second = (weights.unsqueeze(-2) @ self.offsets.square()).squeeze(-2)
+            second = second + self.variance * (resp @ (1 - rows.observed.to(resp.dtype)))
+        counts = resp.sum(-1)
+        shift = self.loc if about is None else self.loc - about  # (R, M, K, D)
+        return self._about(first, second, counts, shift)
+
+    def _pattern_counts(self, weights: torch.Tensor) -> torch.Tensor:
+        """Responsibilities (R, M, K, nb * b) in the block layout summed per pattern: (R, M, K, P)."""
+        rows = self.rows
+        per_block = weights.unflatten(-1, (rows.n_blocks, rows.block_size)).sum(-1)  # (R, M, K, nb)
+        index = rows.block_pattern[0] if rows.X.dim() == 2 else rows.block_pattern[:, None]
+        counts = per_block.new_zeros(*per_block.shape[:-1], rows.patterns.shape[0])
+        return counts.scatter_add_(-1, index.expand_as(per_block), per_block)
+
+    def _about(self, first: torch.Tensor, second: torch.Tensor, counts: torch.Tensor, shift: torch.Tensor
+               ) -> torch.Tensor:
+        """The family's statistics (R, M, K, F) about a point a, from the sums of the offsets
+        about the means ``first`` (R, M, K, D) and their second moments ``second`` (full:
+        (R, M, K, D, D); else the diagonal (R, M, K, D)), counts (R, M, K) and ``shift = mu - a``."""
+        n = counts.unsqueeze(-1)
+        linear = first + n * shift
+        if self.full:
+            cross = shift.unsqueeze(-1) * first.unsqueeze(-2)
+            moment = second + cross + cross.mT + n.unsqueeze(-1) * shift.unsqueeze(-1) * shift.unsqueeze(-2)
+            rows, cols = torch.triu_indices(shift.shape[-1], shift.shape[-1], device=shift.device)
+            return torch.cat([linear, moment[..., rows, cols]], -1)
+        moment = second + 2 * shift * first + n * shift.square()
+        if self.family.covariance_type == "spherical":
+            moment = moment.sum(-1, keepdim=True)
+        return torch.cat([linear, moment], -1)
+
+    def conditional_means(self) -> torch.Tensor:
+        offsets = self.offsets
+        if self.full:  # from the block layout to the rows'
+            rows = self.rows
+            index = rows.position[0] if rows.X.dim() == 2 else None
+            if index is not None:
+                offsets = offsets.index_select(-2, index)
+            else:
+                offsets = offsets.gather(-2, rows.position[None, :, None, :, None].expand(
+                    *offsets.shape[:3], rows.position.shape[-1], offsets.shape[-1]))
+        rows = self.rows
+        return torch.where(rows.observed.unsqueeze(-3), rows.X.unsqueeze(-3), self.loc.unsqueeze(-2) + offsets)
+
+    def draw(self, components: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        rows = self.rows
+        means = self.conditional_means()[0]  # (M, K, n, D)
+        M, K, n, D = means.shape
+        index = components[0][:, None, :, None].expand(M, 1, n, D)
+        mean = means.gather(1, index).squeeze(1)  # (M, n, D)
+        noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        missing = ~rows.observed.expand(M, n, D)
+        if self.full:
+            identity = torch.diag_embed(rows.patterns.to(mean.dtype))[None, :, None]  # (1, P, 1, D, D)
+            factor = torch.linalg.cholesky_ex(self.conditional[0] + identity)[0]  # (M, P, K', D, D)
+            pattern = rows.row_pattern.expand(M, n)
+            component = components[0] if factor.shape[2] > 1 else torch.zeros_like(components[0])
+            models = torch.arange(M, device=mean.device).unsqueeze(-1)
+            offset = (factor[models, pattern, component] @ noise.unsqueeze(-1)).squeeze(-1)
+        else:
+            scale = self.variance[0].sqrt().gather(1, components[0].unsqueeze(-1).expand(M, n, D))
+            offset = scale * noise
+        return torch.where(missing, mean + offset, mean)

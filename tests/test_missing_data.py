@@ -62,17 +62,23 @@ def random_theta(covariance_type: str, batch: tuple[int, ...], K: int, D: int, s
 
 
 # --- the marginal densities and statistics against references ----------------------------------
+@pytest.mark.parametrize("expanded", [False, True], ids=["direct", "expanded"])
 @pytest.mark.parametrize("per_model", [False, True], ids=["shared", "per-model"])
 @pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
-def test_marginal_density_and_statistics_equal_the_conditional_gaussian(covariance_type, per_model):
+def test_marginal_density_and_statistics_equal_the_conditional_gaussian(covariance_type, per_model, expanded):
     K, D, n = 3, 4, 40
     family, theta = random_theta(covariance_type, (1, 2), K, D)
     rng = np.random.default_rng(3)
     X = torch.as_tensor(with_missing(rng.normal(size=(2 if per_model else 1, n, D)).reshape(-1, D), 0.35))
     X = X.view(2, n, D) if per_model else X
-    marginal = family.marginal(MissingRows.of(X), theta)
     resp = torch.rand(1, 2, K, n, dtype=F64, generator=torch.Generator().manual_seed(0))
     about = torch.randn(1, 2, K, D, dtype=F64, generator=torch.Generator().manual_seed(1))
+    reference = None
+    if expanded:  # about the shared reference point of a fit, as the E-step passes it
+        reference = torch.tensor([[0.3, -0.2, 0.1, 0.5]], dtype=F64)
+        reference = torch.stack([reference, -reference]) if per_model else reference  # (2, 1, D) or (1, D)
+        about = reference.expand(1, 2, K, D) if not per_model else reference.unsqueeze(0).expand(1, 2, K, D)
+    marginal = family.marginal(MissingRows.of(X), theta, reference)
     sums = marginal.statistics(resp, about)
     covariance = dense_covariance(family, theta)
     rows, cols = torch.triu_indices(D, D)

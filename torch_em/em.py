@@ -126,7 +126,8 @@ def e_step(
     for part in data.parts():
         for chunk in part.chunks():
             if chunk.missing is not None:  # rows with missing entries: marginal densities
-                marginal = family.marginal(chunk.missing, params.emission)
+                # Expanded about the shared reference as complete rows are, unless some components need their own.
+                marginal = family.marginal(chunk.missing, params.emission, data.reference if own is None else None)
                 log_joint = marginal_log_joint(latent, params, marginal.log_prob, scale)
             else:
                 h = chunk.h if chunk.h is None or scale == 1.0 else chunk.h * scale

@@ -14,6 +14,7 @@ no loop over rows or patterns.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -116,6 +117,7 @@ class MissingRows:
     position: torch.Tensor
     block_points: torch.Tensor
     block_observed: torch.Tensor
+    _features: tuple[torch.Tensor, torch.Tensor] | None = None  # (reference, features) of the last call
 
     @staticmethod
     def of(X: torch.Tensor) -> "MissingRows":
@@ -125,7 +127,7 @@ class MissingRows:
         patterns, inverse = torch.unique(observed.reshape(-1, D), dim=0, return_inverse=True)
         row_pattern = inverse.view(observed.shape[:-1])
         by_model = row_pattern.reshape(-1, n)  # (M', n)
-        block_size = max(1, min(MAX_BLOCK_SIZE, n // (2 * patterns.shape[0])))  # padding <= about n / 4 rows
+        block_size = _block_size(by_model, patterns.shape[0])
         block_rows, block_pattern, position = _blocks(by_model, patterns.shape[0], block_size)
         filled = torch.where(observed, X, 0.0)
         padded = torch.cat([filled, filled.new_zeros(*filled.shape[:-2], 1, D)], -2).reshape(-1, n + 1, D)
@@ -145,18 +147,43 @@ class MissingRows:
                            self.block_size, self.block_rows[models], self.block_pattern[models], self.position[models],
                            self.block_points[models], self.block_observed[models])
 
+    def centred_features(self, family: Any, reference: torch.Tensor) -> torch.Tensor:
+        """The family's features of ``O (x - s)`` (the rows about the reference s, 0 at their
+        missing coordinates) in the block layout, (M', nb, b, F); kept for the next call with
+        the same reference (the rest of a fit)."""
+        if self._features is None or self._features[0] is not reference:
+            shift = reference if reference.dim() < 3 else reference.unsqueeze(-2)  # (1, D) or (M, 1, 1, D)
+            centred = (self.block_points - shift) * self.block_observed.to(self.block_points.dtype)
+            self._features = (reference, family.features(centred, None)[0])
+        return self._features[1]
+
     def blocked(self, values: torch.Tensor) -> torch.Tensor:
         """Per-row values (R, M, K, n) -> the block layout (R, M, K, nb * b), 0 at padding."""
         padded = torch.cat([values, values.new_zeros(*values.shape[:-1], 1)], -1)
-        if self.X.dim() == 2:
-            return padded.index_select(-1, self.block_rows[0])
-        return padded.gather(-1, self.block_rows[None, :, None].expand(*padded.shape[:-1], -1))
+        return padded.gather(-1, self._index(self.block_rows, padded.shape[:-1]))
 
     def unblocked(self, values: torch.Tensor) -> torch.Tensor:
         """Values in the block layout (R, M, K, nb * b) -> per row (R, M, K, n)."""
-        if self.X.dim() == 2:
-            return values.index_select(-1, self.position[0])
-        return values.gather(-1, self.position[None, :, None].expand(*values.shape[:-1], -1))
+        return values.gather(-1, self._index(self.position, values.shape[:-1]))
+
+    def _index(self, index: torch.Tensor, leading: torch.Size) -> torch.Tensor:
+        """A per-model index (M', L) expanded to (R, M, K, L) for ``gather`` along the last axis
+        (much faster on CPU than ``index_select`` there)."""
+        return index[None, :, None].expand(*leading, index.shape[-1])
+
+
+#: What a block costs beyond its rows, in rows (one more small matrix product).
+BLOCK_OVERHEAD_ROWS = 8
+
+
+def _block_size(row_pattern: torch.Tensor, n_patterns: int) -> int:
+    """The rows per block (a power of 2 up to MAX_BLOCK_SIZE) that make the fewest padded rows
+    plus BLOCK_OVERHEAD_ROWS per block, from each pattern's number of rows (M', n)."""
+    counts = torch.zeros(row_pattern.shape[0], n_patterns, dtype=torch.long, device=row_pattern.device)
+    counts.scatter_add_(1, row_pattern, torch.ones_like(row_pattern))
+    sizes = [2 ** i for i in range(MAX_BLOCK_SIZE.bit_length()) if 2 ** i <= MAX_BLOCK_SIZE]
+    costs = [int(((counts + size - 1) // size).sum()) * (size + BLOCK_OVERHEAD_ROWS) for size in sizes]
+    return sizes[costs.index(min(costs))]
 
 
 def _blocks(row_pattern: torch.Tensor, n_patterns: int, block_size: int

@@ -154,10 +154,12 @@ class ComponentFamily:
         raise ValueError(f"{name} has missing values (NaN), which {type(self).__name__} components cannot "
                          "marginalise; remove or impute them")
 
-    def marginal(self, rows: Any, theta: Mapping[str, torch.Tensor]) -> Marginal:
+    def marginal(self, rows: Any, theta: Mapping[str, torch.Tensor], reference: torch.Tensor | None = None) -> Marginal:
         """The components ``theta`` (R, M, K, ...) on rows with missing entries (a
         :class:`torch_em.missing.MissingRows`): their marginal densities and conditional
-        expectations (:class:`Marginal`)."""
+        expectations (:class:`Marginal`). ``reference``: the shared reference point of a fit,
+        about which the family may expand the densities as it does for complete rows (then
+        :meth:`Marginal.statistics` are about it); None: evaluated directly."""
         raise NotImplementedError
 
     def reference(self, X: torch.Tensor) -> torch.Tensor | None:

@@ -353,8 +353,8 @@ class Gaussian(ComponentFamily):
     def check_missing(self, name: str) -> None:
         pass  # every covariance type marginalises missing coordinates
 
-    def marginal(self, rows, theta) -> Marginal:
-        return GaussianMarginal(self, rows, theta)
+    def marginal(self, rows, theta, reference=None) -> Marginal:
+        return GaussianMarginal(self, rows, theta, reference)
 
     def parameter_reference(self, theta, weights) -> torch.Tensor:
         return (weights.unsqueeze(-1) * theta["loc"]).sum(-2, keepdim=True)

@@ -45,11 +45,13 @@ def pattern_conditionals(covariance: torch.Tensor, patterns: torch.Tensor
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """What every row with a pattern needs of a component, one factorisation per (pattern,
     component, model): ``1/2 log |Sigma_oo^-1|``, ``Lambda_o`` (``Sigma_oo^-1`` on the observed
-    block, zero elsewhere) and the conditional covariance C (zero outside the missing block).
+    block, zero elsewhere), the completion ``A = O + (I - O) Sigma Lambda_o`` (the identity on the
+    observed coordinates, the regression on the missing ones: ``e = A d``) and the conditional
+    covariance C (zero outside the missing block).
 
     Shape:
         covariance: (R, M, K', D, D) (K' = 1 when tied); patterns: (P, D) bool
-        -> (R, M, P, K'), (R, M, P, K', D, D), (R, M, P, K', D, D)
+        -> (R, M, P, K'), then (R, M, P, K', D, D) each
     """
     dtype = covariance.dtype
     work = torch.promote_types(dtype, torch.float64)
@@ -61,9 +63,10 @@ def pattern_conditionals(covariance: torch.Tensor, patterns: torch.Tensor
     precision = torch.cholesky_inverse(lower) * both_observed  # Lambda_o, (R, M, P, K', D, D)
     half_logdet = -lower.diagonal(dim1=-2, dim2=-1).log().sum(-1)
     gain = cov @ precision  # identity on the observed block, the regression Sigma_mo Sigma_oo^-1 below it
+    completion = gain * missing.unsqueeze(-1) + torch.diag_embed(observed)  # e = A d
     conditional = (cov - gain @ cov) * (missing.unsqueeze(-1) * missing.unsqueeze(-2))
     conditional = 0.5 * (conditional + conditional.mT)
-    return half_logdet.to(dtype), precision.to(dtype), conditional.to(dtype)
+    return half_logdet.to(dtype), precision.to(dtype), completion.to(dtype), conditional.to(dtype)
 
 
 def _per_block(values: torch.Tensor, rows: MissingRows) -> torch.Tensor:
@@ -79,41 +82,104 @@ class GaussianMarginal(Marginal):
     entries; see the module's docstring for the formulas.
 
     Shape:
-        log_prob: (R, M, K, n); offsets (block layout for full and tied covariances, rows
-        otherwise): (R, M, K, L, D)
+        log_prob: (R, M, K, n); full and tied covariances: masked offsets in the block layout
+        (R, M, K, nb, b, D); diagonal and spherical: offsets per row (R, M, K, n, D)
     """
 
-    def __init__(self, family: "Gaussian", rows: MissingRows, theta: Mapping[str, torch.Tensor]):
+    def __init__(self, family: "Gaussian", rows: MissingRows, theta: Mapping[str, torch.Tensor],
+                 reference: torch.Tensor | None = None):
+        # With a reference point, full and tied covariances are expanded about it (the fast path
+        # of a fit); without one every path evaluates the offsets directly about the means.
         self.family, self.rows, self.loc = family, rows, theta["loc"]  # loc (R, M, K, D)
         self.full = family.covariance_type in ("full", "tied")
+        self.reference = reference if self.full else None
         covariance = family.covariance(theta)
         if self.full:
             if family.covariance_type == "tied":
                 covariance = covariance.unsqueeze(-3)  # (R, M, 1, D, D)
-            self.half_logdet, self.precision, self.conditional = pattern_conditionals(covariance, rows.patterns)
-            self.log_prob, self.offsets = self._blocked_offsets(covariance)
+            self.half_logdet, self.precision, self.completion, self.conditional = pattern_conditionals(
+                covariance, rows.patterns)
+            if self.reference is not None:
+                self.log_prob = self._expanded_log_prob()
+            else:
+                self.log_prob, self.masked = self._blocked_offsets()
         else:
             if family.covariance_type == "spherical":
                 covariance = covariance.unsqueeze(-1).expand_as(self.loc)
             self.variance = covariance  # (R, M, K, D)
             self.log_prob, self.offsets = self._row_offsets()
 
-    def _blocked_offsets(self, covariance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Full and tied covariances: log-densities (R, M, K, n) and completed offsets
-        e (R, M, K, nb * b, D): per block one batched product ``w = Lambda_o d``, then for every
-        row ``e_m = (Sigma w)_m`` (one product per component: ``Sigma Lambda_o`` is the regression
-        on the observed coordinates) and ``e_o = d_o`` exactly."""
+    def _blocked_offsets(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Full and tied covariances: log-densities (R, M, K, n) and the masked offsets
+        d = O (x - mu) (R, M, K, nb, b, D), with one batched product ``w = Lambda_o d`` per block."""
         rows, loc = self.rows, self.loc
         observed = rows.block_observed.to(loc.dtype)  # (M', nb, 1, D)
-        # d = O (x - mu): the block points are 0 at their missing coordinates.
+        # The block points are 0 at their missing coordinates.
         masked = rows.block_points.unsqueeze(-4) - loc[..., None, None, :] * observed.unsqueeze(-4)  # (R, M, K, nb, b, D)
         whitened = masked @ _per_block(self.precision, rows).transpose(2, 3)  # (R, M, K, nb, b, D)
         half_logdet = _per_block(self.half_logdet, rows).transpose(2, 3)  # (R, M, K', nb)
         log_2pi = (0.5 * math.log(2 * math.pi)) * observed.sum((-2, -1))  # (M', nb)
         log_prob = half_logdet.unsqueeze(-1) - 0.5 * (masked * whitened).sum(-1) - log_2pi[:, None, :, None]
-        regressed = whitened.flatten(3, 4) @ covariance  # (R, M, K, nb * b, D)
-        offsets = torch.where(rows.block_observed.unsqueeze(-4), masked, regressed.view_as(masked))
-        return rows.unblocked(log_prob.flatten(-2)), offsets.flatten(3, 4)
+        return rows.unblocked(log_prob.flatten(-2)), masked
+
+    def _centred_means(self) -> torch.Tensor:
+        """The means about the reference point, mu~ = mu - s: (R, M, K, D)."""
+        return self.loc - self.reference
+
+    def _expanded_log_prob(self) -> torch.Tensor:
+        """Full and tied covariances expanded about the reference point s as the complete rows'
+        GEMM is: ``log N(x_o | mu_o, Sigma_oo) = T(x~) . eta_p + c_p`` with the ordinary features
+        T of ``x~ = O (x - s)`` and the natural parameters of the pattern's marginal (built from
+        ``Lambda_o``), one small product per block: (R, M, K, n)."""
+        from .gaussian import _packed_positions, _packed_weights  # (that module imports this one)
+
+        rows, dtype = self.rows, self.loc.dtype
+        D = self.loc.shape[-1]
+        centred = self._centred_means().unsqueeze(2)  # (R, M, 1, K, D)
+        precision = self.precision  # (R, M, P, K', D, D)
+        linear = (precision @ centred.unsqueeze(-1)).squeeze(-1)  # (R, M, P, K, D)
+        packed = precision.flatten(-2).index_select(-1, _packed_positions(D, precision.device))
+        quadratic = (packed * _packed_weights(D, precision.device, dtype)).expand(*linear.shape[:-1], -1)
+        observed = rows.patterns.to(dtype).sum(-1)[:, None]  # (P, 1)
+        const = self.half_logdet - 0.5 * (linear * centred).sum(-1) - (0.5 * math.log(2 * math.pi)) * observed
+        eta = torch.cat([linear, quadratic], -1)  # (R, M, P, K, F)
+        features = rows.centred_features(self.family, self.reference)  # (M', nb, b, F)
+        log_prob = features @ _per_block(eta, rows).mT + _per_block(const, rows).unsqueeze(-2)  # (R, M, nb, b, K)
+        return rows.unblocked(log_prob.permute(0, 1, 4, 2, 3).flatten(-2))
+
+    def _expanded_moments(self, resp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``sum_n r x^_~`` (R, M, K, D) and ``sum_n r (x^_~ x^_~^T + C)`` (R, M, K, D, D) about the
+        reference, from the responsibilities' sums of the features per pattern: for a pattern
+        ``x^_~ = A x~ + h`` with ``h = (I - A) mu~``, so its sums are ``A S1 + n h`` and
+        ``A S2 A^T + A S1 h^T + h S1^T A^T + n (h h^T + C)``."""
+        rows = self.rows
+        D = self.loc.shape[-1]
+        weights = rows.blocked(resp).unflatten(-1, (rows.n_blocks, rows.block_size))  # (R, M, K, nb, b)
+        features = rows.centred_features(self.family, self.reference)  # (M', nb, b, F)
+        sums = self._per_pattern((weights.transpose(2, 3) @ features).transpose(2, 3))  # (R, M, K, P, F)
+        counts = self._per_pattern(weights.sum(-1))  # (R, M, K, P)
+        first = sums[..., :D]  # (R, M, K, P, D)
+        upper_rows, upper_cols = torch.triu_indices(D, D, device=sums.device)
+        second = sums.new_zeros(*sums.shape[:-1], D, D)
+        second[..., upper_rows, upper_cols] = sums[..., D:]
+        second[..., upper_cols, upper_rows] = sums[..., D:]
+        completion = self.completion.transpose(2, 3)  # (R, M, K', P, D, D)
+        eye = torch.eye(D, dtype=completion.dtype, device=completion.device)
+        h = ((eye - completion) @ self._centred_means().unsqueeze(-2).unsqueeze(-1)).squeeze(-1)  # (R, M, K, P, D)
+        mapped = (completion @ first.unsqueeze(-1)).squeeze(-1)  # A S1
+        n = counts.unsqueeze(-1)
+        cross = mapped.unsqueeze(-1) * h.unsqueeze(-2)
+        moment = completion @ second @ completion.mT + cross + cross.mT + n.unsqueeze(-1) * (
+            h.unsqueeze(-1) * h.unsqueeze(-2) + self.conditional.transpose(2, 3))
+        return (mapped + n * h).sum(3), moment.sum(3)
+
+    def _completed_offsets(self) -> torch.Tensor:
+        """Full and tied covariances: e = A d (R, M, K, n, D) per row."""
+        completion = _per_block(self.completion, self.rows).transpose(2, 3)  # (R, M, K', nb, D, D)
+        offsets = (self.masked @ completion.mT).flatten(3, 4)  # (R, M, K, nb * b, D)
+        rows = self.rows
+        return offsets.gather(-2, rows.position[None, :, None, :, None].expand(
+            *offsets.shape[:3], rows.position.shape[-1], offsets.shape[-1]))
 
     def _row_offsets(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Diagonal and spherical covariances: log-densities (R, M, K, n) and offsets
@@ -128,27 +194,44 @@ class GaussianMarginal(Marginal):
     # --- what EM and imputation need --------------------------------------------------------
     def statistics(self, resp: torch.Tensor, about: torch.Tensor | None) -> torch.Tensor:
         rows = self.rows
-        weights = rows.blocked(resp) if self.full else resp  # (R, M, K, L)
-        first = (weights.unsqueeze(-2) @ self.offsets).squeeze(-2)  # sum_n r e, (R, M, K, D)
+        if self.reference is not None:  # expanded about the reference: the statistics are about it
+            first, second = self._expanded_moments(resp)
+            return self._about(first, second, resp.sum(-1), torch.zeros_like(self.loc))
         if self.full:
-            second = (self.offsets * weights.unsqueeze(-1)).mT @ self.offsets  # (R, M, K, D, D)
-            second = second + torch.einsum("rmkp,rmpkij->rmkij", self._pattern_counts(weights),
-                                           self.conditional.expand(*self.conditional.shape[:3], resp.shape[2],
-                                                                   *self.conditional.shape[-2:]))
+            first, second = self._pattern_moments(rows.blocked(resp))
         else:
-            second = (weights.unsqueeze(-2) @ self.offsets.square()).squeeze(-2)
+            first = (resp.unsqueeze(-2) @ self.offsets).squeeze(-2)  # sum_n r e, (R, M, K, D)
+            second = (resp.unsqueeze(-2) @ self.offsets.square()).squeeze(-2)
             second = second + self.variance * (resp @ (1 - rows.observed.to(resp.dtype)))
         counts = resp.sum(-1)
         shift = self.loc if about is None else self.loc - about  # (R, M, K, D)
         return self._about(first, second, counts, shift)
 
-    def _pattern_counts(self, weights: torch.Tensor) -> torch.Tensor:
-        """Responsibilities (R, M, K, nb * b) in the block layout summed per pattern: (R, M, K, P)."""
+    def _pattern_moments(self, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``sum_n r e`` (R, M, K, D) and ``sum_n r (e e^T + C)`` (R, M, K, D, D) from the
+        responsibilities (R, M, K, nb * b) in the block layout: the sums of d and d d^T per
+        pattern, then per pattern ``A s``, ``A S A^T`` (rows of a pattern share A), so no
+        completed offset is formed."""
+        rows, masked = self.rows, self.masked
+        weights = weights.unflatten(-1, (rows.n_blocks, rows.block_size))  # (R, M, K, nb, b)
+        weighted = masked * weights.unsqueeze(-1)
+        first = self._per_pattern(weighted.sum(-2))  # (R, M, K, P, D)
+        second = self._per_pattern(weighted.mT @ masked)  # (R, M, K, P, D, D)
+        counts = self._per_pattern(weights.sum(-1))  # (R, M, K, P)
+        completion = self.completion.transpose(2, 3)  # (R, M, K', P, D, D)
+        first = (completion @ first.unsqueeze(-1)).squeeze(-1).sum(3)
+        second = (completion @ second @ completion.mT).sum(3)
+        conditional = self.conditional.transpose(2, 3)  # (R, M, K', P, D, D)
+        return first, second + (counts[..., None, None] * conditional).sum(3)
+
+    def _per_pattern(self, values: torch.Tensor) -> torch.Tensor:
+        """Per-block values (R, M, K, nb, ...) summed per pattern: (R, M, K, P, ...)."""
         rows = self.rows
-        per_block = weights.unflatten(-1, (rows.n_blocks, rows.block_size)).sum(-1)  # (R, M, K, nb)
-        index = rows.block_pattern[0] if rows.X.dim() == 2 else rows.block_pattern[:, None]
-        counts = per_block.new_zeros(*per_block.shape[:-1], rows.patterns.shape[0])
-        return counts.scatter_add_(-1, index.expand_as(per_block), per_block)
+        flat = values.flatten(4) if values.dim() > 4 else values.unsqueeze(-1)  # (R, M, K, nb, E)
+        index = rows.block_pattern[0].view(1, 1, 1, -1, 1) if rows.X.dim() == 2 else rows.block_pattern[None, :, None, :, None]
+        total = flat.new_zeros(*flat.shape[:3], rows.patterns.shape[0], flat.shape[-1])
+        total.scatter_add_(3, index.expand_as(flat), flat)
+        return total.view(*total.shape[:4], *values.shape[4:])
 
     def _about(self, first: torch.Tensor, second: torch.Tensor, counts: torch.Tensor, shift: torch.Tensor
                ) -> torch.Tensor:
@@ -168,16 +251,9 @@ class GaussianMarginal(Marginal):
         return torch.cat([linear, moment], -1)
 
     def conditional_means(self) -> torch.Tensor:
-        offsets = self.offsets
-        if self.full:  # from the block layout to the rows'
-            rows = self.rows
-            index = rows.position[0] if rows.X.dim() == 2 else None
-            if index is not None:
-                offsets = offsets.index_select(-2, index)
-            else:
-                offsets = offsets.gather(-2, rows.position[None, :, None, :, None].expand(
-                    *offsets.shape[:3], rows.position.shape[-1], offsets.shape[-1]))
+        """``E[x_n | x_o, component k]`` (R, M, K, n, D), the observed coordinates as they are."""
         rows = self.rows
+        offsets = self._completed_offsets() if self.full else self.offsets
         return torch.where(rows.observed.unsqueeze(-3), rows.X.unsqueeze(-3), self.loc.unsqueeze(-2) + offsets)
 
     def draw(self, components: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

@@ -394,3 +394,78 @@ def test_families_that_cannot_marginalise_say_so():
     vmf = torch_em.Mixture(torch_em.families.VonMisesFisher(), 2, missing="marginalize")
     with pytest.raises(ValueError, match="cannot be missing alone"):
         vmf.fit(X / np.linalg.norm(np.nan_to_num(X), axis=1, keepdims=True))
+
+
+# --- families with independent features -------------------------------------------------------------
+def independent_case(name: str, K: int, D: int, n: int):
+    """A family, working parameters (1, 2, K, ...), data (n, D) in its support, and the
+    per-coordinate torch.distributions of component (m, k)."""
+    g = torch.Generator().manual_seed(5)
+    families = torch_em.families
+    if name == "bernoulli":
+        family, theta = families.Bernoulli(), {"logit_probs": torch.randn(1, 2, K, D, generator=g, dtype=F64)}
+        X = (torch.rand(n, D, generator=g) < 0.4).to(F64)
+        dist = lambda m, k: torch.distributions.Bernoulli(logits=theta["logit_probs"][0, m, k])  # noqa: E731
+    elif name == "categorical":
+        family = families.Categorical(3)
+        theta = {"logit_categories": torch.randn(1, 2, K, D, 3, generator=g, dtype=F64)}
+        X = torch.randint(3, (n, D), generator=g).to(F64)
+        dist = lambda m, k: torch.distributions.Categorical(logits=theta["logit_categories"][0, m, k])  # noqa: E731
+    elif name == "poisson":
+        family, theta = families.Poisson(), {"log_rates": torch.randn(1, 2, K, D, generator=g, dtype=F64)}
+        X = torch.poisson(torch.full((n, D), 2.0), generator=g).to(F64)
+        dist = lambda m, k: torch.distributions.Poisson(theta["log_rates"][0, m, k].exp())  # noqa: E731
+    elif name == "exponential":
+        family, theta = families.Exponential(), {"log_rates": torch.randn(1, 2, K, D, generator=g, dtype=F64)}
+        X = torch.rand(n, D, generator=g, dtype=F64) * 3 + 0.01
+        dist = lambda m, k: torch.distributions.Exponential(theta["log_rates"][0, m, k].exp())  # noqa: E731
+    else:
+        family = families.Gamma()
+        theta = {"log_shapes": torch.randn(1, 2, K, D, generator=g, dtype=F64),
+                 "log_rates": torch.randn(1, 2, K, D, generator=g, dtype=F64)}
+        X = torch.rand(n, D, generator=g, dtype=F64) * 3 + 0.01
+        dist = lambda m, k: torch.distributions.Gamma(theta["log_shapes"][0, m, k].exp(),  # noqa: E731
+                                                      theta["log_rates"][0, m, k].exp())
+    return family, theta, X, dist
+
+
+@pytest.mark.parametrize("name", ["bernoulli", "categorical", "poisson", "exponential", "gamma"])
+def test_independent_families_marginalise_missing_coordinates(name):
+    K, D, n = 3, 4, 30
+    family, theta, complete, dist = independent_case(name, K, D, n)
+    X = torch.as_tensor(with_missing(complete.numpy(), 0.35, seed=13))
+    marginal = family.marginal(MissingRows.of(X), theta)
+    resp = torch.rand(1, 2, K, n, dtype=F64, generator=torch.Generator().manual_seed(0))
+    expected_sums = torch.zeros(1, 2, K, family.n_statistics(D), dtype=F64)
+    expected_features = family.expected_features(theta)
+    for m in range(2):
+        for k in range(K):
+            component = dist(m, k)
+            for i in range(n):
+                o = ~torch.isnan(X[i])
+                reference = component.log_prob(X[i].nan_to_num(0.0 if name != "gamma" else 1.0))[o].sum()
+                torch.testing.assert_close(marginal.log_prob[0, m, k, i], reference, rtol=0, atol=1e-10)
+                features = family.features(X[i].nan_to_num(0.0 if name != "gamma" else 1.0)[None], None)[0][0]
+                columns = family.coordinate_of_statistics(D)
+                row = torch.where(o[columns], features, expected_features[0, m, k])
+                expected_sums[0, m, k] += resp[0, m, k, i] * row
+    torch.testing.assert_close(marginal.statistics(resp, None), expected_sums, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("name", ["bernoulli", "categorical", "poisson", "exponential", "gamma"])
+def test_independent_families_fit_and_impute_with_missing_entries(name):
+    family, _, complete, _ = independent_case(name, 2, 5, 300)
+    X = with_missing(complete.numpy(), 0.3, seed=14)
+    model = quiet_fit(torch_em.Mixture(family, 2, missing="marginalize", seed=0, dtype=F64, tol=0.0, max_iter=15), X)
+    assert bool((model.lower_bound_history_.diff() >= -1e-12).all())
+    imputed = model.impute(X).numpy()
+    holes = np.isnan(X)
+    np.testing.assert_array_equal(imputed[~holes], X[~holes])
+    assert np.isfinite(imputed).all()
+    if name == "categorical":  # the most probable category; elsewhere the conditional expectation
+        family.check_domain(torch.as_tensor(imputed), "imputed")
+    draws = model.impute(X, n_draws=2, seed=0)
+    assert draws.shape == (2, *X.shape)
+    family.check_domain(draws.flatten(0, 1), "draws")  # draws lie in the support
+    torch.testing.assert_close(draws[:, ~torch.as_tensor(holes)], torch.as_tensor(X[~holes]).expand(2, -1),
+                               rtol=0, atol=0)

@@ -340,8 +340,7 @@ class Mixture(LatentModel):
         marginal = self.family.marginal(rows, params.emission)
         resp = log_normalize(em.marginal_log_joint(self.latent, params, marginal.log_prob), dim=-2)[0]  # (1, M, K, N)
         if n_draws is None:
-            means = (resp.unsqueeze(-1) * marginal.conditional_means()).sum(2)[0]  # (M, N, D)
-            return torch.where(rows.observed, rows.X, means).reshape(*self.batch_shape, N, D)
+            return marginal.imputed(resp).reshape(*self.batch_shape, N, D)
         generator = self._draw_generator(seed)
         M, K = self.n_models, self.n_components
         components = torch.multinomial(resp[0].mT.reshape(M * N, K), n_draws, replacement=True, generator=generator)

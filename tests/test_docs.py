@@ -94,3 +94,16 @@ def test_the_readme_saving_and_exporting_block_runs():
     assert torch.equal(namespace["labels"], model.predict(X)) and namespace["log_prob"].shape == (3, 600)
     torch.testing.assert_close(namespace["log_prob"], model.log_prob(X).detach(), rtol=0, atol=1e-5)
     assert torch.equal(namespace["whole"].predict(X), model.predict(X)) and namespace["per_dataset"].shape == (4, 3, 150)
+
+
+def test_the_readme_missing_data_block_runs():
+    readme = Path(__file__).resolve().parents[1] / "README.md"
+    block = re.search(r"## Incomplete data \(missing values\)\n.*?```python\n(.*?)```", readme.read_text(),
+                      flags=re.S).group(1)
+    namespace: dict = {}
+    exec(compile(block, "README.md (incomplete data)", "exec"), namespace)
+    X, completed, draws = namespace["X"], namespace["completed"], namespace["draws"]
+    holes = np.isnan(X)
+    assert completed.shape == X.shape and draws.shape == (5, *X.shape)
+    np.testing.assert_array_equal(completed.numpy()[~holes], X[~holes])
+    assert namespace["error"] < 0.8 * namespace["mean_error"]  # conditional imputation beats the column means

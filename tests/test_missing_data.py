@@ -469,3 +469,47 @@ def test_independent_families_fit_and_impute_with_missing_entries(name):
     family.check_domain(draws.flatten(0, 1), "draws")  # draws lie in the support
     torch.testing.assert_close(draws[:, ~torch.as_tensor(holes)], torch.as_tensor(X[~holes]).expand(2, -1),
                                rtol=0, atol=0)
+
+
+def test_a_product_marginalises_each_block():
+    rng = np.random.default_rng(15)
+    labels = rng.integers(2, size=300)
+    gaussian = rng.normal(size=(300, 2)) + 3 * labels[:, None]
+    counts = rng.poisson(1 + 4 * labels[:, None], size=(300, 2)).astype(float)
+    X = with_missing(np.concatenate([gaussian[:, :1], counts, gaussian[:, 1:]], 1), 0.3, seed=16)
+    family = torch_em.families.Product([(torch_em.families.Gaussian("full"), [0, 3]),
+                                        (torch_em.families.Poisson(), [1, 2])])
+    model = quiet_fit(torch_em.Mixture(family, 2, missing="marginalize", seed=0, dtype=F64, tol=0.0, max_iter=15), X)
+    assert bool((model.lower_bound_history_.diff() >= -1e-12).all())
+    theta = {name: value.detach() for name, value in model.theta().items()}
+    covariance = family.blocks[0].family.covariance({"raw_precision_cholesky": theta["block0_raw_precision_cholesky"]})
+    data = torch.as_tensor(X)
+    expected = []
+    for x in data:
+        o = ~torch.isnan(x)
+        total = model.weights.detach().log()
+        og, op = o[[0, 3]], o[[1, 2]]
+        if bool(og.any()):
+            total = total + torch.distributions.MultivariateNormal(
+                theta["block0_loc"][:, og], covariance[:, og][:, :, og]).log_prob(x[[0, 3]][og])
+        rates = theta["block1_log_rates"].exp()
+        total = total + torch.distributions.Poisson(rates).log_prob(x[[1, 2]].nan_to_num(0.0)).mul(op).sum(-1)
+        expected.append(torch.logsumexp(total, 0))
+    torch.testing.assert_close(model.score_samples(X), torch.stack(expected), rtol=0, atol=1e-10)
+    imputed = model.impute(X)
+    assert torch.isfinite(imputed).all() and model.impute(X, n_draws=3, seed=0).shape == (3, *X.shape)
+
+
+@pytest.mark.parametrize("mode", ["fit", "stream"])
+def test_two_ranks_with_half_the_incomplete_data_equal_one_process(tmp_path, mode):
+    distributed = pytest.importorskip("test_distributed")
+    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+        pytest.skip("no gloo backend")
+    X = distributed.shuffled_blobs(seed=0)
+    X = torch.as_tensor(with_missing(X.numpy(), 0.3, seed=17))
+    kwargs = dict(dtype=F64, tol=1e-9, max_iter=50, missing="marginalize",
+                  **distributed.start_values(X.nan_to_num(0.0)))
+    states = distributed.distributed_state(tmp_path, X, kwargs, mode)
+    single = torch_em.GaussianMixture(3, **kwargs)
+    distributed.run(single, X, "fit")
+    distributed.assert_every_rank_equals(states, single)

@@ -42,7 +42,7 @@ if TYPE_CHECKING:
 
 
 def pattern_conditionals(covariance: torch.Tensor, patterns: torch.Tensor
-                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """What every row with a pattern needs of a component, one factorisation per (pattern,
     component, model): ``1/2 log |Sigma_oo^-1|``, ``Lambda_o`` (``Sigma_oo^-1`` on the observed
     block, zero elsewhere), the completion ``A = O + (I - O) Sigma Lambda_o`` (the identity on the
@@ -51,30 +51,35 @@ def pattern_conditionals(covariance: torch.Tensor, patterns: torch.Tensor
 
     Shape:
         covariance: (R, M, K', D, D) (K' = 1 when tied); patterns: (P, D) bool
-        -> (R, M, P, K'), then (R, M, P, K', D, D) each
+        -> (R, M, K', P), then (R, M, K', P, D, D) each
     """
     dtype = covariance.dtype
     work = torch.promote_types(dtype, torch.float64)
-    cov = covariance.to(work).unsqueeze(-4)  # (R, M, 1, K', D, D)
-    observed = patterns.to(work)[:, None]  # (P, 1, D)
+    cov = covariance.to(work).unsqueeze(-3)  # (R, M, K', 1, D, D)
+    observed = patterns.to(work)  # (P, D)
     missing = 1 - observed
-    both_observed = observed.unsqueeze(-1) * observed.unsqueeze(-2)  # (P, 1, D, D)
-    lower, _ = torch.linalg.cholesky_ex(cov * both_observed + torch.diag_embed(missing))
-    precision = torch.cholesky_inverse(lower) * both_observed  # Lambda_o, (R, M, P, K', D, D)
+    both_observed = observed.unsqueeze(-1) * observed.unsqueeze(-2)  # (P, D, D)
+    padded = cov * both_observed
+    padded.diagonal(dim1=-2, dim2=-1).add_(missing)  # the identity in the missing block
+    lower, _ = torch.linalg.cholesky_ex(padded)
+    eye = torch.eye(lower.shape[-1], dtype=work, device=lower.device)
+    inverse = torch.linalg.solve_triangular(lower, eye.expand_as(lower), upper=False)  # L^-1
+    precision = (inverse.mT @ inverse).mul_(both_observed)  # Lambda_o, (R, M, K', P, D, D)
     half_logdet = -lower.diagonal(dim1=-2, dim2=-1).log().sum(-1)
     gain = cov @ precision  # identity on the observed block, the regression Sigma_mo Sigma_oo^-1 below it
-    completion = gain * missing.unsqueeze(-1) + torch.diag_embed(observed)  # e = A d
-    conditional = (cov - gain @ cov) * (missing.unsqueeze(-1) * missing.unsqueeze(-2))
+    completion = gain * missing.unsqueeze(-1)
+    completion.diagonal(dim1=-2, dim2=-1).add_(observed)  # e = A d
+    conditional = (cov - gain @ cov).mul_(missing.unsqueeze(-1) * missing.unsqueeze(-2))
     conditional = 0.5 * (conditional + conditional.mT)
     return half_logdet.to(dtype), precision.to(dtype), completion.to(dtype), conditional.to(dtype)
 
 
 def _per_block(values: torch.Tensor, rows: MissingRows) -> torch.Tensor:
-    """Per-pattern values (R, M, P, ...) -> per block (R, M, nb, ...) (each block's pattern)."""
+    """Per-pattern values (R, M, K', P, ...) -> per block (R, M, K', nb, ...) (each block's pattern)."""
     if rows.X.dim() == 2:
-        return values.index_select(2, rows.block_pattern[0])
+        return values.index_select(3, rows.block_pattern[0])
     models = torch.arange(values.shape[1], device=values.device).unsqueeze(-1)
-    return values[:, models, rows.block_pattern]
+    return values.transpose(2, 3)[:, models, rows.block_pattern].transpose(2, 3)
 
 
 class GaussianMarginal(Marginal):
@@ -116,8 +121,8 @@ class GaussianMarginal(Marginal):
         observed = rows.block_observed.to(loc.dtype)  # (M', nb, 1, D)
         # The block points are 0 at their missing coordinates.
         masked = rows.block_points.unsqueeze(-4) - loc[..., None, None, :] * observed.unsqueeze(-4)  # (R, M, K, nb, b, D)
-        whitened = masked @ _per_block(self.precision, rows).transpose(2, 3)  # (R, M, K, nb, b, D)
-        half_logdet = _per_block(self.half_logdet, rows).transpose(2, 3)  # (R, M, K', nb)
+        whitened = masked @ _per_block(self.precision, rows)  # (R, M, K, nb, b, D)
+        half_logdet = _per_block(self.half_logdet, rows)  # (R, M, K', nb)
         log_2pi = (0.5 * math.log(2 * math.pi)) * observed.sum((-2, -1))  # (M', nb)
         log_prob = half_logdet.unsqueeze(-1) - 0.5 * (masked * whitened).sum(-1) - log_2pi[:, None, :, None]
         return rows.unblocked(log_prob.flatten(-2)), masked
@@ -135,16 +140,17 @@ class GaussianMarginal(Marginal):
 
         rows, dtype = self.rows, self.loc.dtype
         D = self.loc.shape[-1]
-        centred = self._centred_means().unsqueeze(2)  # (R, M, 1, K, D)
-        precision = self.precision  # (R, M, P, K', D, D)
-        linear = (precision @ centred.unsqueeze(-1)).squeeze(-1)  # (R, M, P, K, D)
+        centred = self._centred_means().unsqueeze(-2)  # (R, M, K, 1, D)
+        precision = self.precision  # (R, M, K', P, D, D)
+        linear = (precision @ centred.unsqueeze(-1)).squeeze(-1)  # (R, M, K, P, D)
         packed = precision.flatten(-2).index_select(-1, _packed_positions(D, precision.device))
         quadratic = (packed * _packed_weights(D, precision.device, dtype)).expand(*linear.shape[:-1], -1)
-        observed = rows.patterns.to(dtype).sum(-1)[:, None]  # (P, 1)
+        observed = rows.patterns.to(dtype).sum(-1)  # (P,)
         const = self.half_logdet - 0.5 * (linear * centred).sum(-1) - (0.5 * math.log(2 * math.pi)) * observed
-        eta = torch.cat([linear, quadratic], -1)  # (R, M, P, K, F)
+        eta = torch.cat([linear, quadratic], -1)  # (R, M, K, P, F)
         features = rows.centred_features(self.family, self.reference)  # (M', nb, b, F)
-        log_prob = features @ _per_block(eta, rows).mT + _per_block(const, rows).unsqueeze(-2)  # (R, M, nb, b, K)
+        eta, const = _per_block(eta, rows).transpose(2, 3), _per_block(const, rows).transpose(2, 3)  # (R, M, nb, K, ...)
+        log_prob = features @ eta.mT + const.unsqueeze(-2)  # (R, M, nb, b, K)
         return rows.unblocked(log_prob.permute(0, 1, 4, 2, 3).flatten(-2))
 
     def _expanded_moments(self, resp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -163,19 +169,19 @@ class GaussianMarginal(Marginal):
         second = sums.new_zeros(*sums.shape[:-1], D, D)
         second[..., upper_rows, upper_cols] = sums[..., D:]
         second[..., upper_cols, upper_rows] = sums[..., D:]
-        completion = self.completion.transpose(2, 3)  # (R, M, K', P, D, D)
+        completion = self.completion  # (R, M, K', P, D, D)
         eye = torch.eye(D, dtype=completion.dtype, device=completion.device)
         h = ((eye - completion) @ self._centred_means().unsqueeze(-2).unsqueeze(-1)).squeeze(-1)  # (R, M, K, P, D)
         mapped = (completion @ first.unsqueeze(-1)).squeeze(-1)  # A S1
         n = counts.unsqueeze(-1)
         cross = mapped.unsqueeze(-1) * h.unsqueeze(-2)
         moment = completion @ second @ completion.mT + cross + cross.mT + n.unsqueeze(-1) * (
-            h.unsqueeze(-1) * h.unsqueeze(-2) + self.conditional.transpose(2, 3))
+            h.unsqueeze(-1) * h.unsqueeze(-2) + self.conditional)
         return (mapped + n * h).sum(3), moment.sum(3)
 
     def _completed_offsets(self) -> torch.Tensor:
         """Full and tied covariances: e = A d (R, M, K, n, D) per row."""
-        completion = _per_block(self.completion, self.rows).transpose(2, 3)  # (R, M, K', nb, D, D)
+        completion = _per_block(self.completion, self.rows)  # (R, M, K', nb, D, D)
         offsets = (self.masked @ completion.mT).flatten(3, 4)  # (R, M, K, nb * b, D)
         rows = self.rows
         return offsets.gather(-2, rows.position[None, :, None, :, None].expand(
@@ -218,10 +224,10 @@ class GaussianMarginal(Marginal):
         first = self._per_pattern(weighted.sum(-2))  # (R, M, K, P, D)
         second = self._per_pattern(weighted.mT @ masked)  # (R, M, K, P, D, D)
         counts = self._per_pattern(weights.sum(-1))  # (R, M, K, P)
-        completion = self.completion.transpose(2, 3)  # (R, M, K', P, D, D)
+        completion = self.completion  # (R, M, K', P, D, D)
         first = (completion @ first.unsqueeze(-1)).squeeze(-1).sum(3)
         second = (completion @ second @ completion.mT).sum(3)
-        conditional = self.conditional.transpose(2, 3)  # (R, M, K', P, D, D)
+        conditional = self.conditional  # (R, M, K', P, D, D)
         return first, second + (counts[..., None, None] * conditional).sum(3)
 
     def _per_pattern(self, values: torch.Tensor) -> torch.Tensor:
@@ -265,12 +271,12 @@ class GaussianMarginal(Marginal):
         noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
         missing = ~rows.observed.expand(M, n, D)
         if self.full:
-            identity = torch.diag_embed(rows.patterns.to(mean.dtype))[None, :, None]  # (1, P, 1, D, D)
-            factor = torch.linalg.cholesky_ex(self.conditional[0] + identity)[0]  # (M, P, K', D, D)
+            identity = torch.diag_embed(rows.patterns.to(mean.dtype))  # (P, D, D)
+            factor = torch.linalg.cholesky_ex(self.conditional[0] + identity)[0]  # (M, K', P, D, D)
             pattern = rows.row_pattern.expand(M, n)
-            component = components[0] if factor.shape[2] > 1 else torch.zeros_like(components[0])
+            component = components[0] if factor.shape[1] > 1 else torch.zeros_like(components[0])
             models = torch.arange(M, device=mean.device).unsqueeze(-1)
-            offset = (factor[models, pattern, component] @ noise.unsqueeze(-1)).squeeze(-1)
+            offset = (factor[models, component, pattern] @ noise.unsqueeze(-1)).squeeze(-1)
         else:
             scale = self.variance[0].sqrt().gather(1, components[0].unsqueeze(-1).expand(M, n, D))
             offset = scale * noise

@@ -124,7 +124,7 @@ class MissingRows:
         """The layout of rows X (n, D) or (M, n, D) whose missing entries are NaN."""
         observed = ~torch.isnan(X)
         n, D = X.shape[-2:]
-        patterns, inverse = torch.unique(observed.reshape(-1, D), dim=0, return_inverse=True)
+        patterns, inverse = _unique_patterns(observed.reshape(-1, D))
         row_pattern = inverse.view(observed.shape[:-1])
         by_model = row_pattern.reshape(-1, n)  # (M', n)
         block_size = _block_size(by_model, patterns.shape[0])
@@ -170,6 +170,18 @@ class MissingRows:
         """A per-model index (M', L) expanded to (R, M, K, L) for ``gather`` along the last axis
         (much faster on CPU than ``index_select`` there)."""
         return index[None, :, None].expand(*leading, index.shape[-1])
+
+
+def _unique_patterns(observed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The distinct rows (P, D) of a bool mask (n, D), sorted, and each row's index among them
+    (n,). Up to 62 coordinates a row is one int64 key (a 1-d unique, much faster than
+    ``torch.unique(dim=0)``)."""
+    D = observed.shape[-1]
+    if D > 62:
+        return torch.unique(observed, dim=0, return_inverse=True)
+    bits = 2 ** torch.arange(D - 1, -1, -1, device=observed.device)  # the first coordinate most significant
+    keys, inverse = torch.unique(observed.long() @ bits, return_inverse=True)
+    return (keys.unsqueeze(-1) & bits) > 0, inverse
 
 
 #: What a block costs beyond its rows, in rows (one more small matrix product).

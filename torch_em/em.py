@@ -34,12 +34,12 @@ import torch
 
 from . import distributed
 from .data import Chunk, Data, StreamData, default_chunk_size  # noqa: F401  (the engine's data types)
-from .missing import MissingRows  # noqa: F401  (rows with missing entries, as chunks carry them)
 from .failures import (  # noqa: F401  (the engine's failure records)
     NOT_FINITE_ADVICE, Failure, Failures, ModelFailed, invalid_component_reason, record_failures,
 )
 from .families.base import ComponentFamily, Theta
 from .latent import LatentStructure
+from .missing import MissingRows  # noqa: F401  (rows with missing entries, as chunks carry them)
 from .normalize import log_normalize
 from .own_reference import OwnReference
 from .params import Params, where_models  # noqa: F401  (the engine's parameter tree)

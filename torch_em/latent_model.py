@@ -30,10 +30,10 @@ from ._validation import (
     as_float_tensor, check_choice, check_common_options, check_data, check_device, check_dtype, check_em_parameters,
     check_finite, check_int, check_positive, check_shape, data_dtype,
 )
+from .data import CHUNK_ELEMENTS
 from .families.base import ComponentFamily, IllConditionedError, NotFittedError, Theta
 from .initialization import METHODS, initial_parameters
 from .latent import LatentStructure
-from .data import CHUNK_ELEMENTS
 from .layout import Layout
 from .missing import (
     MISSING, MISSING_BUDGET, MissingRows, check_missing_values, mean_imputed, pattern_share, with_observed_values,

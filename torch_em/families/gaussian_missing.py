@@ -265,7 +265,7 @@ class GaussianMarginal(Marginal):
     def draw(self, components: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         rows = self.rows
         means = self.conditional_means()[0]  # (M, K, n, D)
-        M, K, n, D = means.shape
+        M, _, n, D = means.shape
         index = components[0][:, None, :, None].expand(M, 1, n, D)
         mean = means.gather(1, index).squeeze(1)  # (M, n, D)
         noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)

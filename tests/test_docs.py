@@ -115,3 +115,16 @@ def test_the_readme_variational_bayes_block_runs():
     assert bool((weights[:3] > 0.3).all()) and float(weights[3:].max()) < 0.01
     in_use = namespace["sweep"].weights_.detach() > 0.01
     assert bool((in_use.sum(-1) >= 3).all()) and bool(namespace["same_start"].converged_)
+
+
+def test_the_readme_missing_data_block_runs():
+    readme = Path(__file__).resolve().parents[1] / "README.md"
+    block = re.search(r"## Incomplete data \(missing values\)\n.*?```python\n(.*?)```", readme.read_text(),
+                      flags=re.S).group(1)
+    namespace: dict = {}
+    exec(compile(block, "README.md (incomplete data)", "exec"), namespace)
+    X, completed, draws = namespace["X"], namespace["completed"], namespace["draws"]
+    holes = np.isnan(X)
+    assert completed.shape == X.shape and draws.shape == (5, *X.shape)
+    np.testing.assert_array_equal(completed.numpy()[~holes], X[~holes])
+    assert namespace["error"] < 0.8 * namespace["mean_error"]  # conditional imputation beats the column means

@@ -14,6 +14,7 @@ from typing import Callable, Iterator, NamedTuple
 import torch
 
 from .families.base import ComponentFamily
+from .missing import MissingRows
 
 #: Log-density rows per chunk are chosen so one chunk's (n, R*M*K) block stays near this size.
 CHUNK_ELEMENTS = 1 << 21
@@ -32,14 +33,17 @@ class Chunk(NamedTuple):
 
     X: (n, D) or (M, n, D); T: the family's features (n, F) or (M, n, F); h: (n,) or (M, n) or
     None; weights: (n,) or (M, n) or None (every point counts once); lengths: (s,) when the n
-    rows are s sequences padded to n // s steps (:class:`SequenceData`), else None.
+    rows are s sequences padded to n // s steps (:class:`SequenceData`), else None; missing:
+    the rows by missingness pattern when some entries are missing (NaN; then T and h are None:
+    the family's :meth:`~ComponentFamily.marginal` replaces them), else None.
     """
 
     X: torch.Tensor
-    T: torch.Tensor
+    T: torch.Tensor | None
     h: torch.Tensor | None
     weights: Weights | None
     lengths: torch.Tensor | None = None
+    missing: MissingRows | None = None
 
 
 class Data:
@@ -50,6 +54,9 @@ class Data:
     weights: per-point weights (N,) or (M, N), or None.
     cache: whether features may be kept for the whole fit (``"always"``: whatever their size,
         e.g. to keep their autograd graph).
+
+    Chunks with missing entries (NaN, validated by the caller) carry their rows by missingness
+    pattern (:class:`torch_em.missing.MissingRows`) instead of features.
     """
 
     def __init__(
@@ -67,7 +74,8 @@ class Data:
         self._sample: Data | None = None
         self.chunk_size = chunk_size
         self.bounds = [(start, min(start + chunk_size, self.n_points)) for start in range(0, self.n_points, chunk_size)]
-        self._cache: list[tuple[torch.Tensor, torch.Tensor | None]] | None = None
+        self._cache: list[tuple[torch.Tensor | None, torch.Tensor | None, MissingRows | None]] | None = None
+        self.has_missing = bool(torch.isnan(X).any()) if X.is_floating_point() else False
         n_stats = family.n_statistics(X.shape[-1])
         small = X.numel() // X.shape[-1] * n_stats * X.element_size() <= FEATURE_CACHE_BYTES
         if cache == "always" or (cache and small):
@@ -84,14 +92,20 @@ class Data:
     def sample(self, value: "Data") -> None:
         self._sample = value
 
-    def _layout(self, T: torch.Tensor, h: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _layout(self, T: torch.Tensor | None, h: torch.Tensor | None, missing: MissingRows | None = None
+                ) -> tuple[torch.Tensor | None, torch.Tensor | None, MissingRows | None]:
         """Per-model data: many small GEMMs, much faster on feature-major features (both E-step
         GEMMs then read rows of points). Shared data (one large GEMM) keep the point-major
         layout, which suits its statistics GEMM."""
-        return (T.mT.contiguous().mT, h) if T.dim() == 3 else (T, h)
+        return (T.mT.contiguous().mT, h, missing) if T is not None and T.dim() == 3 else (T, h, missing)
 
-    def _features(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return self.family.features(self.X[..., start:stop, :], self.reference)
+    def _features(self, start: int, stop: int) -> tuple[torch.Tensor | None, torch.Tensor | None, MissingRows | None]:
+        """Features (T, h) of the rows, or (None, None, their missingness layout) when some
+        entries are missing."""
+        X = self.X[..., start:stop, :]
+        if self.has_missing and bool(torch.isnan(X).any()):
+            return None, None, MissingRows.of(X)
+        return (*self.family.features(X, self.reference), None)
 
     def parts(self) -> Iterator["Data"]:
         """The parts an E-step passes over: these data whole."""
@@ -99,9 +113,9 @@ class Data:
 
     def chunks(self) -> Iterator[Chunk]:
         for index, (start, stop) in enumerate(self.bounds):
-            T, h = self._cache[index] if self._cache is not None else self._features(start, stop)
+            T, h, missing = self._cache[index] if self._cache is not None else self._features(start, stop)
             weights = None if self.weights is None else self.weights[..., start:stop]
-            yield Chunk(self.X[..., start:stop, :], T, h, weights)
+            yield Chunk(self.X[..., start:stop, :], T, h, weights, missing=missing)
 
     def select_models(self, models: torch.Tensor) -> "Data":
         """The data of the models ``models`` (A,) only, in that order (shared data stay shared)."""
@@ -116,7 +130,9 @@ class Data:
         if isinstance(self.total_weight, torch.Tensor) and self.total_weight.dim() == 1:
             selected.total_weight = self.total_weight[models]
         if self._cache is not None and per_model:
-            selected._cache = [self._layout(T[models], None if h is None else h[models]) for T, h in self._cache]
+            selected._cache = [self._layout(None if T is None else T[models], None if h is None else h[models],
+                                            None if missing is None else missing.select_models(models))
+                               for T, h, missing in self._cache]
         selected._sample = None if self._sample is None else self._sample.select_models(models)
         return selected
 

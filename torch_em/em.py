@@ -39,6 +39,7 @@ from .failures import (  # noqa: F401  (the engine's failure records)
 )
 from .families.base import ComponentFamily, Theta
 from .latent import LatentStructure
+from .missing import MissingRows  # noqa: F401  (rows with missing entries, as chunks carry them)
 from .normalize import log_normalize
 from .own_reference import OwnReference
 from .params import Params, where_models  # noqa: F401  (the engine's parameter tree)
@@ -122,24 +123,57 @@ def e_step(
     scale = latent.log_joint_scale
     eta, const = joint_parameters(latent, family, params, data.reference, scale)
     total = None
+    about = None  # the points the statistics of rows with missing entries are taken about
     for part in data.parts():
         for chunk in part.chunks():
-            h = chunk.h if chunk.h is None or scale == 1.0 else chunk.h * scale
-            log_joint = emission_log_prob(chunk.T, h, eta, const)  # (R, M, K, n)
-            if own is not None:
-                groups = own.groups(chunk.X, log_joint.shape[-2], log_joint.shape[1])
-                own.write_log_prob(groups, log_joint, scale)
+            if chunk.missing is not None:  # rows with missing entries: marginal densities
+                # Expanded about the shared reference as complete rows are, unless some components need their own.
+                marginal = family.marginal(chunk.missing, params.emission, data.reference if own is None else None)
+                log_joint = marginal_log_joint(latent, params, marginal.log_prob, scale)
+            else:
+                h = chunk.h if chunk.h is None or scale == 1.0 else chunk.h * scale
+                log_joint = emission_log_prob(chunk.T, h, eta, const)  # (R, M, K, n)
+                if own is not None:
+                    groups = own.groups(chunk.X, log_joint.shape[-2], log_joint.shape[1])
+                    own.write_log_prob(groups, log_joint, scale)
             resp, log_likelihood, latent_stats = latent.posterior(log_joint, params.latent, chunk.weights, chunk.lengths)
             if pseudo_count:
                 resp = resp + _pseudo_responsibility(pseudo_count, chunk, data.total_weight, resp)
-            sums = weighted_statistics(chunk.T, resp)
-            if own is not None:
-                own.write_statistics(groups, resp, sums)
+            if chunk.missing is not None:
+                if about is None and family.uses_reference:
+                    about = statistics_reference(family, own, data.reference, params.emission)
+                sums = marginal.statistics(resp, about)
+            else:
+                sums = weighted_statistics(chunk.T, resp)
+                if own is not None:
+                    own.write_statistics(groups, resp, sums)
             stats = Statistics(resp.sum(-1), sums, log_likelihood, latent_stats)
             total = stats if total is None else total + stats
     if own is not None:
         own.attach_reference(total, data.reference)
     return total
+
+
+def marginal_log_joint(latent: LatentStructure, params: Params, log_prob: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """The log joint (R, M, K, n) in units of ``scale`` per nat from the emission log-densities
+    ``log_prob`` (R, M, K, n) of rows with missing entries (marginal over them)."""
+    log_prior = latent.log_prior(params.latent)
+    log_joint = log_prob if log_prior is None else log_prob + log_prior.unsqueeze(-1)
+    return log_joint if scale == 1.0 else log_joint * scale
+
+
+def statistics_reference(family: ComponentFamily, own: OwnReference | None, reference: torch.Tensor | None,
+                         theta: Theta) -> torch.Tensor:
+    """The point (R, M, K, D) every component's statistics are taken about: the shared
+    ``reference``, or a component's own where ``own`` summarises it about its own point."""
+    points = family.own_reference(theta)  # (R, M, K, D)
+    shared = points.new_zeros(()) if reference is None else reference
+    every = shared.expand(*points.shape[:3], points.shape[-1])
+    if own is None or not own.summarise or own.index.numel() == 0:
+        return every
+    every = every.clone()
+    every.view(-1, every.shape[-1])[own.index] = own.points
+    return every
 
 
 def _pseudo_responsibility(

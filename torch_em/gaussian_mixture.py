@@ -113,6 +113,7 @@ class GaussianMixture(GaussianViews, Mixture):
         em_parameters: Sequence[str] | None = None,
         warm_start: bool = False,
         on_error: str | None = None,
+        missing: str = "reject",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -122,7 +123,7 @@ class GaussianMixture(GaussianViews, Mixture):
             n_init=n_init, init_params=init_params, weights_init=weights_init, seed=seed,
             chunk_size=chunk_size, learning_decay=learning_decay, learning_offset=learning_offset,
             step_size=step_size, averaging_start=averaging_start, prior_count=prior_count, prior=prior, accelerate=accelerate, em_parameters=em_parameters,
-            warm_start=warm_start, on_error=on_error, device=device, dtype=dtype,
+            warm_start=warm_start, on_error=on_error, missing=missing, device=device, dtype=dtype,
         )
 
     def _config(self) -> dict[str, Any]:

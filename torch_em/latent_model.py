@@ -31,10 +31,14 @@ from ._validation import (
     as_float_tensor, check_choice, check_common_options, check_data, check_device, check_dtype, check_em_parameters,
     check_finite, check_int, check_positive, check_shape, data_dtype,
 )
+from .data import CHUNK_ELEMENTS
 from .families.base import ComponentFamily, IllConditionedError, NotFittedError, Theta
 from .initialization import METHODS, initial_parameters
 from .latent import LatentStructure
 from .layout import Layout
+from .missing import (
+    MISSING, MISSING_BUDGET, MissingRows, check_missing_values, mean_imputed, pattern_share, with_observed_values,
+)
 from .own_reference import traced_direct_log_prob
 from .priors import PriorSpec
 from .serialization import Saveable
@@ -69,6 +73,8 @@ class LatentModel(Saveable, CheckedLoad, FollowsDataDtype):
     _dtype_buffer = "_anchor"
     #: ``softening`` of the initial responsibilities (:func:`torch_em.initialization.initial_parameters`).
     _initial_softening: float = 0.0
+    #: Whether the model marginalises missing entries (NaN) with ``missing="marginalize"``.
+    _marginalises_missing: bool = False
 
     def __init__(
         self,
@@ -95,11 +101,13 @@ class LatentModel(Saveable, CheckedLoad, FollowsDataDtype):
         em_parameters: Sequence[str] | None = None,
         warm_start: bool = False,
         on_error: str | None = None,
+        missing: str = "reject",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         check_int(n_components, "n_components", minimum=1)
+        check_choice(missing, "missing", MISSING if self._marginalises_missing else MISSING[:1])
         if n_features is not None:
             check_int(n_features, "n_features", minimum=1)
         check_positive(tol, "tol", allow_zero=True)
@@ -148,6 +156,7 @@ class LatentModel(Saveable, CheckedLoad, FollowsDataDtype):
             raise ValueError(f"warm_start must be True or False, got {warm_start!r}")
         self.warm_start = warm_start
         self.on_error = on_error
+        self.missing = missing
         for name in self._parameter_names:
             self.register_parameter(name, None)
         # Running state of online EM (partial_fit): statistics per point, step count, and the stream's
@@ -385,11 +394,20 @@ class LatentModel(Saveable, CheckedLoad, FollowsDataDtype):
         values = dict(zip(names, distributed.broadcast(*params.latent.values(), *params.emission.values())))
         return em.Params({n: values[n] for n in params.latent}, {n: values[n] for n in params.emission})
 
-    def _default_chunk_size(self, n_features: int) -> int:
+    def _default_chunk_size(self, n_features: int, pattern_share: float = 0.0) -> int:
         """Rows per chunk: ``chunk_size`` or a memory budget for one restart. It does not depend
         on ``n_init``, so that restart 0 sums its chunks exactly as a fit with ``n_init=1``
-        does (a batch of R restarts holds R such blocks)."""
-        return self.chunk_size or em.default_chunk_size(self.n_models, self.n_components, self.family.n_statistics(n_features))
+        does (a batch of R restarts holds R such blocks). Rows with missing entries in
+        ``pattern_share`` distinct patterns per row hold a few offsets per row and component
+        and three matrices per pattern and component (:mod:`torch_em.missing`), in a budget
+        MISSING_BUDGET times as large."""
+        if self.chunk_size:
+            return self.chunk_size
+        n_stats = self.family.n_statistics(n_features)
+        if not pattern_share:
+            return em.default_chunk_size(self.n_models, self.n_components, n_stats)
+        per_row = self.n_models * self.n_components * (4 * n_features + 3 * n_features ** 2 * pattern_share)
+        return max(64, MISSING_BUDGET * CHUNK_ELEMENTS // int(per_row + n_stats))
 
     def _sample_size(self) -> int:
         """Points the initialisation of a large or streamed dataset works on."""
@@ -419,19 +437,23 @@ class LatentModel(Saveable, CheckedLoad, FollowsDataDtype):
     def _partial_fit(self, X: torch.Tensor, make_data: Callable[[torch.Tensor | None, int], em.Data]) -> "LatentModel":
         """The stepwise EM update of ``partial_fit`` from a validated batch ``X`` (working layout)
         whose engine data ``make_data(reference, chunk_size)`` builds (with its weights)."""
-        K, M, layout = self.n_components, self.n_models, self._layout
+        M, layout = self.n_models, self._layout
         started = self.stream_steps is not None
         n_features = X.shape[-1]
-        chunk = self.chunk_size or em.default_chunk_size(M, K, self.family.n_statistics(n_features))
+        chunk = self._default_chunk_size(n_features, pattern_share(X))
         every_model = torch.ones(1, M, dtype=torch.bool, device=X.device)
         failures = em.Failures.none(1, M, X.device) if self._isolates_failures() else None
         running = self._running_statistics() if started else None
-        # The stream's reference point is fixed by its first batch.
-        reference = self.stream_shift if started else distributed.combined_reference(self.family.reference(X), X.shape[-2])
+        # The stream's reference point is fixed by its first batch (the mean of its observed entries).
+        complete = mean_imputed(X) if torch.isnan(X).any() else X
+        reference = self.stream_shift if started else distributed.combined_reference(self.family.reference(complete), X.shape[-2])
         data = make_data(reference, chunk)
+        if complete is not X:  # initialisation and re-seeding work on the batch with missing entries imputed
+            data.sample = em.Data(self.family, complete, reference, self._default_chunk_size(n_features),
+                                  weights=data.weights)
         data.total_weight = distributed.total_weight(data.total_weight, X.device)  # the batch over all ranks
         # The prior is set against the stream's points so far (its first batch resolves it).
-        prior = self._stream_prior if started and self._stream_prior is not None else self._resolved_prior(data, n_features)
+        prior = self._stream_prior if started and self._stream_prior is not None else self._resolved_prior(data.sample, n_features)
         seen = layout.working(self.stream_weight)[0] if started and self.stream_weight is not None else None
         batch_weight = torch.as_tensor(data.total_weight, dtype=X.dtype, device=X.device).expand(M)
         if seen is None:  # (a stream begun before its weight was recorded: as many points per batch as this one)
@@ -447,7 +469,7 @@ class LatentModel(Saveable, CheckedLoad, FollowsDataDtype):
                                        em.invalid_component_reason(self.family, "partial_fit", invalid))
             else:
                 params = self._working_parameters() if self.is_initialized else self._same_on_every_rank(
-                    self._initial_parameters(data, chunk, n_features, range(1), failures, prior))
+                    self._initial_parameters(data.sample, chunk, n_features, range(1), failures, prior))
             fixed = self._fixed_parameters(params)
             params = params.with_fixed(fixed)
             updating = every_model if failures is None else ~failures.failed
@@ -504,6 +526,8 @@ class LatentModel(Saveable, CheckedLoad, FollowsDataDtype):
         """``log p(x_n | component k)`` plus the latent structure's per-component log prior (if
         any) for working-layout rows ``X`` (N, D) or (M, N, D): (1, M, K, N), differentiable,
         about an evaluation reference that depends on the parameters alone."""
+        if not is_traced(X) and self.missing == "marginalize" and bool(torch.isnan(X).any()):
+            return self._marginal_log_joint(X)
         params = self._working_parameters()
         theta = params.emission
         log_prior = self.latent.log_prior(params.latent)
@@ -519,6 +543,17 @@ class LatentModel(Saveable, CheckedLoad, FollowsDataDtype):
         if own is not None:  # components the expansion about the reference would not resolve
             own.write_log_prob(own.groups(X, self.n_components, self.n_models), lp)
         return lp
+
+    def _marginal_log_joint(self, X: torch.Tensor) -> torch.Tensor:
+        """:meth:`_emission_log_joint` of rows X (N, D) or (M, N, D) some of which have missing
+        entries (NaN): their densities marginal over them, (1, M, K, N); a complete row's as
+        without missing entries (so a row's value depends on that row alone)."""
+        incomplete = torch.isnan(X).any(-1, keepdim=True)  # (..., N, 1)
+        complete = self._emission_log_joint(X.masked_fill(incomplete, 0.0))
+        params = self._working_parameters()
+        marginal = self.family.marginal(MissingRows.of(X), params.emission)
+        log_joint = em.marginal_log_joint(self.latent, params, marginal.log_prob)
+        return torch.where(incomplete.mT, log_joint, complete)  # (1 or M, 1, N) against (1, M, K, N)
 
     def _draw_generator(self, seed: int | None) -> torch.Generator:
         """The generator of a ``sample`` call: from ``seed``, or the module's own stream (successive
@@ -606,19 +641,25 @@ class LatentModel(Saveable, CheckedLoad, FollowsDataDtype):
             module[name] = self._layout.pick(params.latent[working], best)
         return module
 
-    def _validated_input(self, X: Any, name: str, min_samples: int = 1, n_features: int | None = None) -> torch.Tensor:
+    def _validated_input(self, X: Any, name: str, min_samples: int = 1, n_features: int | None = None,
+                         missing: str | None = None) -> torch.Tensor:
         """X as a checked tensor in the model's dtype. A module that follows its data's dtype and
         has no parameters adopts X's instead (in a stream: the first batch's, the one given
-        without ``n_features``)."""
+        without ``n_features``). NaN marks missing entries when ``missing`` (default: the
+        model's option) is ``"marginalize"``."""
         adopts = self._dtype_follows_data and not self.is_initialized and n_features is None
         dtype = data_dtype(X) if adopts else self.dtype
         X = as_float_tensor(X, name, device=self.device, dtype=dtype, allow_bool=self.family.accepts_bool)
         n_features = n_features if n_features is not None else self.n_features
         traced = is_traced(X)  # values are checked when they exist (not under export, compile, vmap)
         check_data(X, name, n_features=n_features, batch_shape=self.batch_shape, min_samples=min_samples,
-                   finite=not traced)
+                   finite=False)
         if not traced:
-            self.family.check_domain(X, name)
+            if check_missing_values(X, name, missing or self.missing, self._marginalises_missing):
+                self.family.check_missing(name)
+                self.family.check_domain(with_observed_values(X), name)
+            else:
+                self.family.check_domain(X, name)
         if adopts and dtype != self.dtype:
             self._anchor = self._anchor.to(dtype)
         return X

@@ -84,6 +84,15 @@ class Mixture(LatentModel):
             ``predict_proba`` return NaN and ``predict`` returns -1 (``log_prob``/``forward``
             stay the density of the parameters held). Default (None): ``"raise"`` for
             ``batch_shape=()``, ``"isolate"`` for a batch.
+        missing: what NaN in X means. ``"reject"`` (default): an error. ``"marginalize"``: a
+            missing entry, integrated out exactly (Ghahramani & Jordan's EM for incomplete data:
+            the E-step takes each component's density of a row's observed entries and the
+            expected statistics of its missing entries given them); ``fit``, ``partial_fit``,
+            ``log_prob``, ``score_samples``, ``score``, ``predict_proba`` and ``predict`` then
+            take rows with missing entries (a row needs one observed entry), and :meth:`impute`
+            fills them in. Rows are grouped by missingness pattern, so the cost follows the
+            number of distinct patterns, not of rows. Supported by Gaussian components (every
+            covariance type); other families say so.
         device, dtype: where the parameters live (default: CPU). ``dtype`` (a torch dtype or its
             name, e.g. ``"float64"``) fixes the dtype; without it the first ``fit`` or
             ``partial_fit`` of a module without parameters adopts the data's (see
@@ -107,6 +116,8 @@ class Mixture(LatentModel):
     #: (*batch_shape, K) bool: the components each model has (models of a grid over K padded to
     #: the largest, :func:`torch_em.select`), or None: all of them.
     _components: torch.Tensor | None = None
+
+    _marginalises_missing = True
 
     def __init__(
         self,
@@ -132,6 +143,7 @@ class Mixture(LatentModel):
         em_parameters: Sequence[str] | None = None,
         warm_start: bool = False,
         on_error: str | None = None,
+        missing: str = "reject",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -141,14 +153,14 @@ class Mixture(LatentModel):
             max_iter=max_iter, n_init=n_init, init_params=init_params, seed=seed, chunk_size=chunk_size,
             learning_decay=learning_decay, learning_offset=learning_offset, step_size=step_size,
             averaging_start=averaging_start, prior_count=prior_count, prior=prior, accelerate=accelerate, em_parameters=em_parameters,
-            warm_start=warm_start, on_error=on_error, device=device, dtype=dtype,
+            warm_start=warm_start, on_error=on_error, missing=missing, device=device, dtype=dtype,
         )
         self.weights_init = weights_init
         self._create_initial_parameters()
 
     def _config(self) -> dict[str, Any]:
         return {"family": self.family, "n_components": self.n_components, "weights_init": self.weights_init,
-                **super()._config()}
+                **super()._config(), "missing": self.missing}
 
     # --- basic properties -----------------------------------------------------------------
     @property
@@ -321,6 +333,38 @@ class Mixture(LatentModel):
         """Akaike information criterion per model ``(*batch_shape)``; lower is better; NaN for
         models in ``failed_``."""
         return self._reported(-2 * self._evaluated(X, self.log_prob, -1).sum(-1) + 2 * self.n_parameters(), "aic")
+
+    @torch.no_grad()
+    def impute(self, X: Any, n_draws: int | None = None, seed: int | None = None) -> torch.Tensor:
+        """X with its missing entries (NaN) filled in from the model, whatever ``missing`` is.
+
+        Without ``n_draws``: every missing entry at its conditional expectation given the row's
+        observed entries, ``sum_k p(k | x_o) E[x_m | x_o, k]`` (``(*batch_shape, N, D)``). With
+        ``n_draws=m``: m draws of every row from the conditional distribution (multiple
+        imputation), each drawing the component from ``p(k | x_o)`` and then the missing entries
+        from it given ``x_o``: ``(m, *batch_shape, N, D)``; ``seed`` as for :meth:`sample`.
+        Observed entries are returned as they are.
+        """
+        self._require_parameters()
+        if n_draws is not None:
+            check_int(n_draws, "n_draws", minimum=1)
+        X = self._validated_input(X, "X", missing="marginalize")
+        N, D = X.shape[-2:]
+        if not bool(torch.isnan(X).any()):
+            X = X.expand(*self.batch_shape, N, D).clone()
+            return X if n_draws is None else X.expand(n_draws, *X.shape).clone()
+        rows = em.MissingRows.of(self._layout.data(X))
+        params = self._working_parameters()
+        marginal = self.family.marginal(rows, params.emission)
+        resp = log_normalize(em.marginal_log_joint(self.latent, params, marginal.log_prob), dim=-2)[0]  # (1, M, K, N)
+        if n_draws is None:
+            return marginal.imputed(resp).reshape(*self.batch_shape, N, D)
+        generator = self._draw_generator(seed)
+        M, K = self.n_models, self.n_components
+        components = torch.multinomial(resp[0].mT.reshape(M * N, K), n_draws, replacement=True, generator=generator)
+        components = components.view(M, N, n_draws).permute(2, 0, 1)  # (m, M, N)
+        draws = [marginal.draw(drawn.unsqueeze(0), generator) for drawn in components]  # m x (M, N, D)
+        return torch.stack(draws).reshape(n_draws, *self.batch_shape, N, D)
 
     @torch.no_grad()
     def sample(self, n_samples: int = 1, seed: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:

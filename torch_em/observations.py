@@ -20,6 +20,7 @@ from ._validation import check_sample_weight
 from .data import Data, StreamData
 from .families.base import ComponentFamily
 from .layout import Layout
+from .missing import mean_imputed, observed_means, pattern_share
 from .streaming import BatchSource, StreamSample, unwrap_batch
 
 #: ``sample_weight`` of ``fit`` for a batch source whose batches are ``(x, w, ...)``.
@@ -31,7 +32,9 @@ class Observations:
     """How one module's data become the engine's.
 
     validate(X, name, min_samples=1, n_features=None): X as a checked tensor in the module's
-    dtype; chunk_size(n_features): rows per chunk of the E-step; sample_size: points that
+    dtype (NaN at missing entries where the module marginalises them); chunk_size(n_features,
+    pattern_share=0): rows per chunk of the E-step (of data with missing entries in that many
+    distinct patterns per row); sample_size: points that
     initialisation works on at most; generator(): a fresh generator seeded from the module's seed.
     """
 
@@ -57,15 +60,22 @@ class Observations:
         initialise on (a uniform subset when the data are large: bounded memory)."""
         X = self.layout.data(self.validate(X, "X", min_samples=self.n_components))
         weights = self.weights(sample_weight, X)
-        chunk = self.chunk_size(X.shape[-1])
-        reference = distributed.combined_reference(self.family.reference(X), X.shape[-2])
+        share = pattern_share(X)
+        missing = share > 0
+        chunk = self.chunk_size(X.shape[-1], pattern_share=share)
+        # With missing entries the reference is the mean of the observed ones, and initialisation
+        # works on the data with every missing entry at its coordinate's mean.
+        complete = mean_imputed(X) if missing else X
+        reference = distributed.combined_reference(self.family.reference(complete), X.shape[-2])
         data = Data(self.family, X, reference, chunk, weights=weights)
         data.total_weight = distributed.total_weight(data.total_weight, X.device)
         if X.shape[-2] > self.sample_size:
             generator = torch.Generator().manual_seed(resolve_seed(self.seed))
             keep = torch.randperm(X.shape[-2], generator=generator)[: self.sample_size].sort().values.to(X.device)
-            data.sample = Data(self.family, X[..., keep, :], reference, chunk,
+            data.sample = Data(self.family, complete[..., keep, :], reference, self.chunk_size(X.shape[-1]),
                                weights=None if weights is None else weights[..., keep])
+        elif missing:
+            data.sample = Data(self.family, complete, reference, self.chunk_size(X.shape[-1]), weights=weights)
         return data
 
     def stream(self, source: BatchSource, sample_weight: Any = None) -> StreamData:
@@ -76,6 +86,7 @@ class Observations:
         weighted = _weights_in_batches(sample_weight)
         sample = StreamSample(self.sample_size, self.generator())
         n_points, total, n_features, shared, total_weight = 0, None, self.n_features, None, 0.0
+        n_observed, missing = None, False
         for raw in source():
             batch, weights = self._batch(raw, n_features, weighted)
             if shared is not None and shared != (batch.dim() == 2):
@@ -83,22 +94,30 @@ class Observations:
             shared, n_features = batch.dim() == 2, batch.shape[-1]
             n_points += batch.shape[-2]
             total_weight = total_weight + (batch.shape[-2] if weights is None else weights.sum(-1))
-            if self.family.uses_reference:
-                batch_sum = batch.sum(-2, keepdim=True)
+            missing = missing or bool(torch.isnan(batch).any())
+            if self.family.uses_reference:  # sums and counts of the observed entries
+                observed = ~torch.isnan(batch)
+                batch_sum = torch.where(observed, batch, 0.0).sum(-2, keepdim=True)
+                batch_count = observed.sum(-2, keepdim=True)
                 total = batch_sum if total is None else total + batch_sum
+                n_observed = batch_count if n_observed is None else n_observed + batch_count
             sample.add(batch, weights)
-        reference = distributed.combined_reference(None if total is None else total / n_points, n_points)
+        mean = None if total is None else torch.where(n_observed > 0, total / n_observed.clamp_min(1), 0.0)
+        reference = distributed.combined_reference(mean, n_points)
         n_local, n_points = n_points, distributed.total_points(n_points, self.device)
         if n_points < self.n_components:
             raise ValueError(f"X must have at least {self.n_components} sample(s) (one per component), "
                              f"got N={n_points} in all batches")
-        chunk = self.chunk_size(n_features)
+        chunk = self.chunk_size(n_features, pattern_share=1.0 if missing else 0.0)  # at worst, every row its own pattern
 
         def batches():
             for raw in source():
                 yield self._batch(raw, n_features, weighted)
 
-        sample_data = Data(self.family, sample.points, reference, chunk, weights=sample.weights)
+        points = sample.points
+        if missing:  # initialisation works on the sample with missing entries at the coordinates' means
+            points = mean_imputed(points, observed_means(points) if reference is None else reference)
+        sample_data = Data(self.family, points, reference, self.chunk_size(n_features), weights=sample.weights)
         return StreamData(self.family, batches, reference, distributed.total_weight(total_weight, self.device), chunk,
                           sample_data, n_local=n_local, name="X (the batch source)")
 

@@ -63,6 +63,42 @@ class NotFittedError(ValueError, AttributeError, RuntimeError):
     raised for this."""
 
 
+class Marginal:
+    """The components of a working batch (R, M, K) on rows with missing entries
+    (:class:`torch_em.missing.MissingRows`): each component's density of a row's observed
+    coordinates (the missing ones integrated out) and the expectations given them that EM and
+    imputation need. Made by :meth:`ComponentFamily.marginal`.
+
+    log_prob: (R, M, K, n) ``log p(x_o | component)``; rows: the rows it was made for.
+    """
+
+    log_prob: torch.Tensor
+    rows: Any
+
+    def statistics(self, resp: torch.Tensor, about: torch.Tensor | None) -> torch.Tensor:
+        """``sum_n resp[r, m, k, n] E[T(x_n) | x_o, component k]``: (R, M, K, F) from resp
+        (R, M, K, n), taken about the points ``about`` (R, M, K, D) (a family with a reference
+        point; None: the origin), or without one."""
+        raise NotImplementedError
+
+    def conditional_means(self) -> torch.Tensor:
+        """``E[x_n | x_o, component k]`` (R, M, K, n, D), the observed coordinates as they are."""
+        raise NotImplementedError
+
+    def imputed(self, resp: torch.Tensor) -> torch.Tensor:
+        """The rows (M, n, D) of a working batch (1, M) with every missing entry filled in from
+        the components' posteriors ``resp`` (1, M, K, n) given the observed ones: by default the
+        conditional expectation ``sum_k resp_k E[x_m | x_o, k]``."""
+        means = (resp.unsqueeze(-1) * self.conditional_means()).sum(2)[0]  # (M, n, D)
+        return torch.where(self.rows.observed, self.rows.X, means)
+
+    def draw(self, components: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """One draw of every row (M, n, D) of a working batch (1, M), the missing coordinates
+        from their conditional distribution given the observed ones under the row's component
+        ``components`` (1, M, n); the observed coordinates as they are."""
+        raise NotImplementedError
+
+
 class ComponentFamily:
     """K components of one exponential family for a batch of independent models."""
 
@@ -126,6 +162,53 @@ class ComponentFamily:
     # --- data ------------------------------------------------------------------------------
     def check_domain(self, X: torch.Tensor, name: str) -> None:
         """Raise ValueError if X is outside the family's support (finiteness is already checked)."""
+
+    # --- missing coordinates (torch_em.missing) ----------------------------------------------
+    #: Families with independent features: a value in the support where every coordinate's base
+    #: measure is 0, which a missing entry is read as before its features are masked out.
+    missing_fill: float = 0.0
+
+    def check_missing(self, name: str) -> None:
+        """Raise ValueError unless rows of this family may have missing coordinates (NaN)
+        marginalised (:meth:`marginal`). Default: families with independent features
+        (:meth:`coordinate_of_statistics`) may."""
+        if self.coordinate_of_statistics(1) is None:
+            raise ValueError(f"{name} has missing values (NaN), which {type(self).__name__} components cannot "
+                             "marginalise; remove or impute them")
+
+    def marginal(self, rows: Any, theta: Mapping[str, torch.Tensor], reference: torch.Tensor | None = None) -> Marginal:
+        """The components ``theta`` (R, M, K, ...) on rows with missing entries (a
+        :class:`torch_em.missing.MissingRows`): their marginal densities and conditional
+        expectations (:class:`Marginal`). ``reference``: the shared reference point of a fit,
+        about which the family may expand the densities as it does for complete rows (then
+        :meth:`Marginal.statistics` are about it); None: evaluated directly. Default: the
+        independent-features marginal (:mod:`torch_em.families.independent_missing`)."""
+        from .independent_missing import IndependentMarginal  # (it builds on this module)
+
+        return IndependentMarginal(self, rows, theta)
+
+    def coordinate_of_statistics(self, n_features: int) -> torch.Tensor | None:
+        """For a family whose components have independent features: the coordinate (F,) each
+        sufficient statistic depends on; None (the default) for other families."""
+        return None
+
+    def coordinate_log_normalisers(self, theta: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Independent features: the per-coordinate terms ``c_kd`` (*batch, K, D) of the
+        log-normaliser, ``c_k = sum_d c_kd`` (:meth:`natural_parameters`' constant)."""
+        raise NotImplementedError
+
+    def expected_features(self, theta: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Independent features: ``E_k[T(x)]`` (*batch, K, F) under every component."""
+        raise NotImplementedError
+
+    def impute_missing(self, theta: Mapping[str, torch.Tensor], resp: torch.Tensor, X: torch.Tensor,
+                       observed: torch.Tensor) -> torch.Tensor:
+        """Independent features: rows X (n, D) or (M, n, D) with their missing entries (where not
+        ``observed``) at the posterior-weighted component means (``resp`` (1, M, K, n),
+        ``theta`` (1, M, K, ...)): (M, n, D). A family whose mean is not a value of its support
+        (categories) overrides this."""
+        means = (resp.unsqueeze(-1) * self.mean(theta).unsqueeze(-2)).sum(2)[0]  # (M, n, D)
+        return torch.where(observed, X, means)
 
     def reference(self, X: torch.Tensor) -> torch.Tensor | None:
         """Point about which statistics are taken, ``X.mean(-2, keepdim=True)``, or None."""

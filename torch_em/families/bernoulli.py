@@ -96,6 +96,15 @@ class Bernoulli(ComponentFamily):
         logits = _logit(stats / per_statistic(counts, stats))  # (*b, K, D)
         return {"logit_probs": logits}, torch.isfinite(logits).all(-1)
 
+    def coordinate_of_statistics(self, n_features: int) -> torch.Tensor:
+        return torch.arange(n_features)
+
+    def coordinate_log_normalisers(self, theta) -> torch.Tensor:
+        return -F.softplus(theta["logit_probs"])
+
+    def expected_features(self, theta) -> torch.Tensor:
+        return self.probs(theta)
+
     def invalid_component_advice(self) -> str:
         return "its probabilities are not finite; check the data and the responsibilities"
 

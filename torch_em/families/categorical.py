@@ -120,6 +120,20 @@ class Categorical(ComponentFamily):
         logits = _log_probs(frequencies)  # (*b, K, D, C)
         return {"logit_categories": logits}, torch.isfinite(logits).flatten(-2).all(-1)
 
+    def coordinate_of_statistics(self, n_features: int) -> torch.Tensor:
+        return torch.arange(n_features).repeat_interleave(self.n_categories)  # one-hot codes, coordinate-major
+
+    def coordinate_log_normalisers(self, theta) -> torch.Tensor:
+        return theta["logit_categories"].new_zeros(theta["logit_categories"].shape[:-1])
+
+    def expected_features(self, theta) -> torch.Tensor:
+        return self.probs(theta).flatten(-2)
+
+    def impute_missing(self, theta, resp, X, observed) -> torch.Tensor:
+        # The most probable category under the posterior-weighted mixture of the components.
+        mixed = (resp[..., None, None] * self.probs(theta).unsqueeze(-3)).sum(2)[0]  # (M, n, D, C)
+        return torch.where(observed, X, mixed.argmax(-1).to(X.dtype))
+
     def invalid_component_advice(self) -> str:
         return "its category probabilities are not finite; check the data and the responsibilities"
 

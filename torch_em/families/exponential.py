@@ -72,6 +72,15 @@ class Exponential(RateFamily):
         log_rates = -torch.maximum(means, floor).log()
         return {"log_rates": log_rates}, torch.isfinite(log_rates).all(-1)
 
+    def coordinate_of_statistics(self, n_features: int) -> torch.Tensor:
+        return torch.arange(n_features)
+
+    def coordinate_log_normalisers(self, theta) -> torch.Tensor:
+        return theta["log_rates"]
+
+    def expected_features(self, theta) -> torch.Tensor:
+        return self.mean(theta)
+
     def invalid_component_advice(self) -> str:
         return "its rates are not finite; check the data or use float64"
 

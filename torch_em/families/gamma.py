@@ -204,6 +204,21 @@ class Gamma(ComponentFamily):
         eta = torch.cat([-log_rates.exp(), shapes - 1], dim=-1)  # (*b, K, 2D)
         return eta, (shapes * log_rates - torch.lgamma(shapes)).sum(-1)
 
+    #: log 1 = 0: a missing entry read as 1 has finite features (then masked out).
+    missing_fill = 1.0
+
+    def coordinate_of_statistics(self, n_features: int) -> torch.Tensor:
+        return torch.arange(n_features).repeat(2)  # [x, log x]
+
+    def coordinate_log_normalisers(self, theta) -> torch.Tensor:
+        shapes = theta["log_shapes"].exp()
+        return shapes * theta["log_rates"] - torch.lgamma(shapes)
+
+    def expected_features(self, theta) -> torch.Tensor:
+        # E[x] = a / b, E[log x] = digamma(a) - log b.
+        shapes = theta["log_shapes"].exp()
+        return torch.cat([self.mean(theta), torch.digamma(shapes) - theta["log_rates"]], -1)
+
     def m_step(self, counts, stats, reference) -> tuple[Theta, torch.Tensor]:
         dtype = stats.dtype
         work = stats.dtype if stats.device.type == "mps" else torch.float64  # a (K, D) problem: cheap

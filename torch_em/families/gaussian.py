@@ -34,7 +34,8 @@ import torch
 
 from .._tracing import cached_unless_traced
 from .._validation import check_magnitude, check_positive, initial_tensor
-from .base import ComponentFamily, Theta
+from .base import ComponentFamily, Marginal, Theta
+from .gaussian_missing import GaussianMarginal
 
 COVARIANCE_TYPES = ("full", "tied", "diag", "spherical")
 
@@ -348,6 +349,12 @@ class Gaussian(ComponentFamily):
 
     def reference(self, X: torch.Tensor) -> torch.Tensor:
         return X.mean(-2, keepdim=True)
+
+    def check_missing(self, name: str) -> None:
+        pass  # every covariance type marginalises missing coordinates
+
+    def marginal(self, rows, theta, reference=None) -> Marginal:
+        return GaussianMarginal(self, rows, theta, reference)
 
     def parameter_reference(self, theta, weights) -> torch.Tensor:
         return (weights.unsqueeze(-1) * theta["loc"]).sum(-2, keepdim=True)

@@ -68,6 +68,15 @@ class Poisson(RateFamily):
         log_rates = clamped_log(stats / per_statistic(counts, stats))  # (*b, K, D)
         return {"log_rates": log_rates}, torch.isfinite(log_rates).all(-1)
 
+    def coordinate_of_statistics(self, n_features: int) -> torch.Tensor:
+        return torch.arange(n_features)
+
+    def coordinate_log_normalisers(self, theta) -> torch.Tensor:
+        return -theta["log_rates"].exp()
+
+    def expected_features(self, theta) -> torch.Tensor:
+        return theta["log_rates"].exp()
+
     def invalid_component_advice(self) -> str:
         return "its rates are not finite; check the data (counts too large for the dtype?) or use float64"
 

@@ -27,6 +27,7 @@ that block's initial parameters).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from numbers import Integral
 from typing import Any, Mapping, Sequence
@@ -34,7 +35,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from .base import ComponentFamily, Theta
+from ..missing import MissingRows
+from .base import ComponentFamily, Marginal, Theta
 
 
 @dataclass(frozen=True)
@@ -313,9 +315,47 @@ class Product(ComponentFamily):
         lead = torch.broadcast_shapes(*(part.shape[:-1] for part in parts))
         return torch.cat([part.expand(*lead, part.shape[-1]) for part in parts], dim=-1)
 
+    # --- missing coordinates -------------------------------------------------------------------
+    def check_missing(self, name: str) -> None:
+        for position, block in enumerate(self.blocks):
+            block.family.check_missing(f"{name} {block.describe(position)}")
+
+    def marginal(self, rows, theta, reference=None) -> Marginal:
+        return ProductMarginal(self, rows, theta, reference)
+
     def sample(self, theta, labels, generator) -> torch.Tensor:
         parts = [
             block.family.sample(self.block_theta(theta, position), labels, generator)
             for position, block in enumerate(self.blocks)
         ]
         return self._merge(parts)
+
+
+class ProductMarginal(Marginal):
+    """A product's blocks on rows with missing entries: each block's marginal (of the block's
+    columns of the rows; a row may miss all of them), the densities added, the statistics side
+    by side in the blocks' order."""
+
+    def __init__(self, family: Product, rows: MissingRows, theta: Mapping[str, torch.Tensor],
+                 reference: torch.Tensor | None):
+        self.family, self.rows = family, rows
+        with_nan = rows.X.masked_fill(~rows.observed, math.nan)
+        self.parts = [block.family.marginal(MissingRows.of(with_nan[..., block.index]), family.block_theta(theta, i),
+                                            family._block_shift(reference, block))
+                      for i, block in enumerate(family.blocks)]
+        self.log_prob = sum(part.log_prob for part in self.parts)
+
+    def statistics(self, resp: torch.Tensor, about: torch.Tensor | None) -> torch.Tensor:
+        parts = [part.statistics(resp, None if about is None or not block.has_reference else about[..., block.index])
+                 for block, part in zip(self.family.blocks, self.parts)]
+        lead = torch.broadcast_shapes(*(part.shape[:-1] for part in parts))
+        return torch.cat([part.expand(*lead, part.shape[-1]) for part in parts], dim=-1)
+
+    def conditional_means(self) -> torch.Tensor:
+        return self.family._merge([part.conditional_means() for part in self.parts])
+
+    def imputed(self, resp: torch.Tensor) -> torch.Tensor:
+        return self.family._merge([part.imputed(resp) for part in self.parts])
+
+    def draw(self, components: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        return self.family._merge([part.draw(components, generator) for part in self.parts])

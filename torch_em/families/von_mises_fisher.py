@@ -199,6 +199,11 @@ class VonMisesFisher(ComponentFamily):
         return 1e-2 / torch.finfo(dtype).eps * max(1.0, (n_features - 1) / 2)
 
     # --- data --------------------------------------------------------------------------------
+    def check_missing(self, name: str) -> None:
+        raise ValueError(f"{name} has missing values (NaN), but a coordinate of a von Mises-Fisher observation cannot be "
+                         "missing alone: the unit norm ties it to the observed ones (its conditional distribution is "
+                         "not a von Mises-Fisher one); remove or complete the rows with missing entries")
+
     def check_domain(self, X: torch.Tensor, name: str) -> None:
         _check_dimension(X.shape[-1])
         norms = X.norm(dim=-1)

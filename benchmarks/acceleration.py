@@ -18,22 +18,15 @@ Targets: >= 20x fewer evaluations on 1 and 2, >= 5x on 3, never a worse final ob
 """
 from __future__ import annotations
 
-import argparse
-import os
 import statistics
 import time
 import warnings
-from pathlib import Path
+
+import report
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--output", type=Path, default=None)
-    args = parser.parse_args()
-    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        os.environ[name] = str(args.threads)
+    args = report.arguments(__doc__)
     import torch
 
     import torch_em
@@ -92,10 +85,7 @@ def main() -> None:
              "| | wall time (s, median) | total evaluations | mean lower bound |", "| --- | --- | --- | --- |",
              f"| plain EM | {t0:.2f} | {e0} | {l0:.6f} |", f"| SQUAREM | {t1:.2f} | {e1} | {l1:.6f} |",
              f"| ratio | {t0 / t1:.1f}x | {e0 / e1:.1f}x | |"]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.output is not None:
-        args.output.write_text(text)
+    report.emit(lines, args.output)
 
 
 if __name__ == "__main__":

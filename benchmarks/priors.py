@@ -1,12 +1,12 @@
 """MAP-EM on small data: failures and held-out log-likelihood with and without a prior.
 
-    python benchmarks/priors.py [--output benchmarks/results/priors-cpu.md] [--repeats 20]
+    python benchmarks/priors.py [--output benchmarks/results/priors-cpu.md] [--reps 20]
 
 1. Failures. ``GaussianMixture(10, covariance_type="full")`` on N=50, D=5 standard normal data
    (numpy's generator, one dataset per seed), 10 seeds: how many fits raise IllConditionedError,
    with the default ``reg_covar`` (1e-6) and with ``reg_covar=0``, by maximum likelihood and with
    ``prior="default"``, in float64 and float32.
-2. Held-out log-likelihood. iris and wine (standardised), ``--repeats`` random subsamples of
+2. Held-out log-likelihood. iris and wine (standardised), ``--reps`` random subsamples of
    N = 30 training points, K = 3, each covariance type: the mean and median held-out
    log-likelihood per point of the MLE fit and of the MAP fit (``prior="default"``), the median
    per-subsample gain and in how many subsamples MAP wins. Fits that raise count as failures.
@@ -15,11 +15,10 @@ No timings: quality only. Runs in about a minute on two cores.
 """
 from __future__ import annotations
 
-import argparse
 import warnings
-from pathlib import Path
 
 import numpy as np
+import report
 import torch
 from sklearn import datasets
 
@@ -68,11 +67,8 @@ def held_out(name: str, covariance_type: str, repeats: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--output", type=Path, default=None)
-    parser.add_argument("--repeats", type=int, default=20)
-    args = parser.parse_args()
-    torch.set_num_threads(2)
+    args = report.arguments(__doc__, reps=20)
+    torch.set_num_threads(args.threads)
     lines = ["# MAP-EM on small data (`python benchmarks/priors.py`)", "",
              "## Fits that raise IllConditionedError: GaussianMixture(10, 'full'), N=50, D=5, 10 seeds", "",
              "| dtype | reg_covar | maximum likelihood | prior=\"default\" |", "| --- | --- | --- | --- |"]
@@ -80,19 +76,16 @@ def main() -> None:
         for reg in (1e-6, 0.0):
             lines.append(f"| {str(dtype).removeprefix('torch.')} | {reg:g} | {failure_counts(None, reg, dtype)} / 10 "
                          f"| {failure_counts('default', reg, dtype)} / 10 |")
-    lines += ["", f"## Held-out log-likelihood per point, N = 30 training points, K = 3, {args.repeats} subsamples", "",
+    lines += ["", f"## Held-out log-likelihood per point, N = 30 training points, K = 3, {args.reps} subsamples", "",
               "| data | covariance | MLE mean | MAP mean | MLE median | MAP median | median gain | MAP wins | "
               "failures (MLE, MAP) |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name in ("iris", "wine"):
         for kind in COVARIANCE_TYPES:
-            r = held_out(name, kind, args.repeats)
+            r = held_out(name, kind, args.reps)
             lines.append(f"| {name} | {kind} | {r['mle_mean']:.4g} | {r['map_mean']:.4g} | {r['mle_median']:.4g} | "
                          f"{r['map_median']:.4g} | {r['gain_median']:+.3g} | {r['wins']} / {r['compared']} | "
                          f"{r['failures']} |")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.output is not None:
-        args.output.write_text(text)
+    report.emit(lines, args.output)
 
 
 if __name__ == "__main__":

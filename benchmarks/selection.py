@@ -16,25 +16,18 @@ Target: select at least 5x faster than torch_em one by one.
 """
 from __future__ import annotations
 
-import argparse
-import os
 import statistics
 import time
 import warnings
-from pathlib import Path
+
+import report
 
 GRID = range(1, 11)
 KINDS = ("full", "tied", "diag", "spherical")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--output", type=Path, default=None)
-    args = parser.parse_args()
-    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        os.environ[name] = str(args.threads)
+    args = report.arguments(__doc__)
     import numpy as np
     import torch
     from sklearn.datasets import make_blobs
@@ -85,10 +78,7 @@ def main() -> None:
     for name, median in medians.items():
         kind, k = chosen[name]
         lines.append(f"| {name} | {median:.2f} | {median / base:.1f}x | {kind}, K={k} |")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.output is not None:
-        args.output.write_text(text)
+    report.emit(lines, args.output)
 
 
 if __name__ == "__main__":

@@ -410,3 +410,21 @@ def test_categorical_hmm_and_gmmhmm_take_emission_and_mixture_weight_priors():
         gmmhmm.fit(X)
     steps = gmmhmm.lower_bound_history_[1:] - gmmhmm.lower_bound_history_[:-1]
     assert bool((steps >= -1e-10).all())  # the MAP objective of a GMMHMM never decreases
+
+
+def test_map_em_with_missing_entries_never_decreases_and_squarem_reaches_it():
+    X = blobs(n=300, d=3, seed=11)
+    g = torch.Generator().manual_seed(0)
+    X[torch.rand(X.shape, generator=g, dtype=torch.float64) < 0.15] = float("nan")
+    X[torch.isnan(X).all(-1)] = 0.0
+    options = dict(covariance_type="full", prior="default", missing="marginalize", tol=1e-10, max_iter=2000, seed=0,
+                   dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch_em.ConvergenceWarning)
+        plain = torch_em.GaussianMixture(3, **options).fit(X)
+        fast = torch_em.GaussianMixture(3, accelerate="squarem", **options).fit(X)
+    history = plain.lower_bound_history_
+    assert bool((history[1:] - history[:-1] >= -1e-12).all())
+    assert float(fast.lower_bound_) >= float(plain.lower_bound_) - 1e-9
+    order = plain.means[:, 0].argsort(), fast.means[:, 0].argsort()
+    torch.testing.assert_close(fast.means[order[1]], plain.means[order[0]], rtol=0, atol=1e-3)

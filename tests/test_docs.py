@@ -128,3 +128,15 @@ def test_the_readme_missing_data_block_runs():
     assert completed.shape == X.shape and draws.shape == (5, *X.shape)
     np.testing.assert_array_equal(completed.numpy()[~holes], X[~holes])
     assert namespace["error"] < 0.8 * namespace["mean_error"]  # conditional imputation beats the column means
+
+
+def test_the_readme_standard_errors_block_runs():
+    readme = Path(__file__).resolve().parents[1] / "README.md"
+    block = re.search(r"## Standard errors and confidence intervals\n.*?```python\n(.*?)```", readme.read_text(),
+                      flags=re.S).group(1)
+    namespace: dict = {}
+    exec(compile(block, "README.md (standard errors)", "exec"), namespace)
+    lower, upper, means = namespace["lower"], namespace["upper"], namespace["gmm"].means.detach()
+    assert lower.shape == (3, 2) and bool(((lower < means) & (means < upper)).all())
+    assert namespace["boot"].samples["means"].shape == (200, 3, 2)
+    assert bool(((namespace["ratio"] > 0.75) & (namespace["ratio"] < 1.33)).all())

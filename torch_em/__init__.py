@@ -9,6 +9,7 @@ from .hmm_models import CategoricalHMM, GMMHMM, GaussianHMM, PoissonHMM
 from .kmeans import KMeans, kmeans_plusplus
 from .mixture import Mixture
 from .selection import SelectionResult, select
+from .uncertainty import StandardErrors, UncertaintyWarning, standard_errors
 from . import functional, nn, priors, serialization
 from .functional import EMState, ImplicitGradientWarning
 from .nn import EMLayer
@@ -51,6 +52,9 @@ __all__ = [
     "saved_tensor_bytes",
     "priors",
     "select",
+    "standard_errors",
+    "StandardErrors",
+    "UncertaintyWarning",
     "SelectionResult",
     "serialization",
 ]

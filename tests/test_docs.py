@@ -11,6 +11,15 @@ ARCHITECTURE = Path(__file__).resolve().parents[1] / "docs" / "architecture.md"
 BLOCKS = re.findall(r"```python\n(.*?)```", ARCHITECTURE.read_text(), flags=re.S)
 
 
+
+def run_readme_block(heading: str) -> dict:
+    """Execute the first python block under README's ``heading`` line; its namespace."""
+    readme = Path(__file__).resolve().parents[1] / "README.md"
+    block = re.search(re.escape(heading) + r"\n.*?```python\n(.*?)```", readme.read_text(), flags=re.S).group(1)
+    namespace: dict = {}
+    exec(compile(block, f"README.md ({heading.lstrip('# ')})", "exec"), namespace)
+    return namespace
+
 def test_the_architecture_document_has_its_two_examples():
     assert len(BLOCKS) == 2
 
@@ -70,10 +79,7 @@ def torch_finite(tensor) -> bool:
 
 
 def test_the_readme_hmm_block_runs():
-    readme = Path(__file__).resolve().parents[1] / "README.md"
-    block = re.search(r"## Hidden Markov models\n.*?```python\n(.*?)```", readme.read_text(), flags=re.S).group(1)
-    namespace: dict = {}
-    exec(compile(block, "README.md (hidden Markov models)", "exec"), namespace)
+    namespace = run_readme_block("## Hidden Markov models")
     hmm, states = namespace["hmm"], namespace["states"]
     path, lengths = namespace["path"].numpy(), namespace["lengths"]
     valid = np.arange(200) < lengths[:, None]
@@ -85,11 +91,7 @@ def test_the_readme_hmm_block_runs():
 def test_the_readme_saving_and_exporting_block_runs():
     import torch
 
-    readme = Path(__file__).resolve().parents[1] / "README.md"
-    block = re.search(r"## Saving, loading and exporting a model\n.*?```python\n(.*?)```", readme.read_text(),
-                      flags=re.S).group(1)
-    namespace: dict = {}
-    exec(compile(block, "README.md (saving and exporting)", "exec"), namespace)
+    namespace = run_readme_block("## Saving, loading and exporting a model")
     model, X = namespace["model"], namespace["X"]
     assert torch.equal(namespace["labels"], model.predict(X)) and namespace["log_prob"].shape == (3, 600)
     torch.testing.assert_close(namespace["log_prob"], model.log_prob(X).detach(), rtol=0, atol=1e-5)
@@ -97,20 +99,14 @@ def test_the_readme_saving_and_exporting_block_runs():
 
 
 def test_the_readme_priors_block_runs():
-    readme = Path(__file__).resolve().parents[1] / "README.md"
-    block = re.search(r"## Prior knowledge: MAP-EM\n.*?```python\n(.*?)```", readme.read_text(), flags=re.S).group(1)
-    namespace: dict = {}
-    exec(compile(block, "README.md (priors)", "exec"), namespace)
+    namespace = run_readme_block("## Prior knowledge: MAP-EM")
     assert bool(torch_finite(namespace["small"].covariances)) and namespace["sweep"].means.shape == (4, 3, 5)
     transmat = namespace["sticky"].transmat.detach()
     assert bool((transmat.diagonal() > 0.5).all())
 
 
 def test_the_readme_variational_bayes_block_runs():
-    readme = Path(__file__).resolve().parents[1] / "README.md"
-    block = re.search(r"## Variational Bayesian mixtures\n.*?```python\n(.*?)```", readme.read_text(), flags=re.S).group(1)
-    namespace: dict = {}
-    exec(compile(block, "README.md (variational Bayesian mixtures)", "exec"), namespace)
+    namespace = run_readme_block("## Variational Bayesian mixtures")
     weights = namespace["bgm"].weights_.detach().sort(descending=True).values
     assert bool((weights[:3] > 0.3).all()) and float(weights[3:].max()) < 0.01
     in_use = namespace["sweep"].weights_.detach() > 0.01
@@ -118,11 +114,7 @@ def test_the_readme_variational_bayes_block_runs():
 
 
 def test_the_readme_missing_data_block_runs():
-    readme = Path(__file__).resolve().parents[1] / "README.md"
-    block = re.search(r"## Incomplete data \(missing values\)\n.*?```python\n(.*?)```", readme.read_text(),
-                      flags=re.S).group(1)
-    namespace: dict = {}
-    exec(compile(block, "README.md (incomplete data)", "exec"), namespace)
+    namespace = run_readme_block("## Incomplete data (missing values)")
     X, completed, draws = namespace["X"], namespace["completed"], namespace["draws"]
     holes = np.isnan(X)
     assert completed.shape == X.shape and draws.shape == (5, *X.shape)
@@ -131,11 +123,7 @@ def test_the_readme_missing_data_block_runs():
 
 
 def test_the_readme_standard_errors_block_runs():
-    readme = Path(__file__).resolve().parents[1] / "README.md"
-    block = re.search(r"## Standard errors and confidence intervals\n.*?```python\n(.*?)```", readme.read_text(),
-                      flags=re.S).group(1)
-    namespace: dict = {}
-    exec(compile(block, "README.md (standard errors)", "exec"), namespace)
+    namespace = run_readme_block("## Standard errors and confidence intervals")
     lower, upper, means = namespace["lower"], namespace["upper"], namespace["gmm"].means.detach()
     assert lower.shape == (3, 2) and bool(((lower < means) & (means < upper)).all())
     assert namespace["boot"].samples["means"].shape == (200, 3, 2)

@@ -186,3 +186,14 @@ def test_the_parametric_bootstrap_agrees_with_the_observed_information():
         assert bool(((ratio > 0.8) & (ratio < 1.25)).all()), (name, ratio)
     with pytest.raises(ValueError, match="sample_weight"):
         torch_em.standard_errors(model, X, method="parametric_bootstrap", sample_weight=torch.ones(1500))
+
+
+@pytest.mark.parametrize("method", ["bootstrap", "parametric_bootstrap"])
+def test_an_unseeded_bootstrap_leaves_the_global_generator_alone(method):
+    X = two_normals(n=100)
+    model = fit(X)
+    torch.manual_seed(123)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch_em.standard_errors(model, X, method=method, n_boot=3)
+    assert torch.initial_seed() == 123  # not reseeded: a script's own torch.manual_seed still holds

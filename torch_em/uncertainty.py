@@ -253,7 +253,11 @@ def _bootstrap(model: Any, X: Any, n_boot: int, seed: int | None, sample_weight:
                          f"batch_shape {tuple(model.batch_shape)}")
     X = torch.as_tensor(X, dtype=model.dtype, device=model.device)
     n = X.shape[-2]
-    generator = torch.Generator(device="cpu").manual_seed(seed if seed is not None else torch.seed() % 2**63)
+    generator = torch.Generator(device="cpu")
+    if seed is None:
+        generator.seed()  # a fresh nondeterministic seed, leaving torch's global generator alone
+    else:
+        generator.manual_seed(seed)
     if parametric:
         if sample_weight is not None:
             raise ValueError("sample_weight serves the nonparametric bootstrap, got it with method='parametric_bootstrap'")

@@ -52,6 +52,13 @@ def _triu_pairs(n_features: int) -> list[tuple[int, int]]:
     return [(i, j) for i in range(n_features) for j in range(i, n_features)]
 
 
+def packed_outer(centred: torch.Tensor) -> torch.Tensor:
+    """The packed upper triangle of ``x x^T`` per row: (..., D) -> (..., D (D + 1) / 2), in the
+    order of :func:`_triu_indices`. Row by row of the triangle (D contiguous products, one
+    concatenation): several times faster than gathering both factors by index, same values."""
+    return torch.cat([centred[..., i:i + 1] * centred[..., i:] for i in range(centred.shape[-1])], -1)
+
+
 @cached_unless_traced
 def _packed_positions(n_features: int, device: torch.device) -> torch.Tensor:
     """Positions of the packed upper triangle in a flattened (D, D) matrix."""
@@ -374,8 +381,7 @@ class Gaussian(ComponentFamily):
         elif self.covariance_type == "spherical":
             second = centred.square().sum(-1, keepdim=True)
         else:
-            rows, cols = _triu_indices(X.shape[-1], X.device)
-            second = centred[..., rows] * centred[..., cols]
+            second = packed_outer(centred)
         return torch.cat([centred, second], dim=-1), None
 
     # --- constrained views -------------------------------------------------------------------

@@ -27,11 +27,15 @@ from .priors import ModelPrior
 from .statistics import Statistics
 from .lloyd import (
     accumulator_dtype, broadcast_weights, gather_points, lloyd, nearest, relative_tolerance, row_chunks, squared_distances,
+    weighted_total,
 )
 
 METHODS = ("k-means++", "kmeans", "random", "random_from_data")
 #: Lloyd iterations run after k-means++ seeding by the default initialisation.
 SEEDING_LLOYD_ITERATIONS = 5
+#: k-means++ seedings the default initialisation draws per restart (batched), keeping the one
+#: whose Lloyd iterations leave the least inertia.
+N_SEEDINGS = 8
 
 
 def informative(weights: torch.Tensor | None) -> torch.Tensor | None:
@@ -115,6 +119,41 @@ def kmeans_plusplus_indices(
     return torch.cat(indices, 2)
 
 
+def best_of_seedings(
+    X: torch.Tensor, M: int, K: int, streams: RestartStreams, chunk_size: int, weights: torch.Tensor | None,
+    components: torch.Tensor | None, tol: torch.Tensor, n_seedings: int | None = None,
+) -> torch.Tensor:
+    """Centres (R, M, K, D): per restart and model the best of ``n_seedings`` (default
+    N_SEEDINGS) greedy k-means++ seedings, each followed by SEEDING_LLOYD_ITERATIONS Lloyd
+    iterations, by weighted inertia ``sum_n w_n min_k |x_n - c_k|^2``. (One seeding with 5 Lloyd
+    iterations leaves a heavy tail of poor optima; a full Lloyd run from one seeding does not
+    remove it: the best of several seedings does.)
+
+    The seedings are one batch: models ``(S, M)`` flattened to ``S * M`` on the model axis (data
+    of one model per row ``(M, N, D)`` are repeated S times), so S seedings cost about one where
+    the cost is the per-step dispatch (small data) and S times one where it is the arithmetic.
+    Seeding s of restart r is drawn from restart r's own stream: a restart does not depend on
+    how many restarts run."""
+    S = n_seedings or N_SEEDINGS
+    R = len(streams)
+    many_X = X if X.dim() == 2 else X.repeat(S, 1, 1)  # (N, D) shared, or (S * M, N, D)
+    many_weights = None if weights is None or weights.dim() == 1 else weights.repeat(S, 1)
+    many_weights = weights if many_weights is None else many_weights
+    many_components = None if components is None else components.repeat(1, S, 1)
+    many_tol = tol if tol.dim() == 0 else tol.repeat(S)
+    seeded = kmeans_plusplus(many_X, S * M, K, streams, chunk_size, many_weights)  # (R, S * M, K, D)
+    result = lloyd(many_X, seeded, max_iter=SEEDING_LLOYD_ITERATIONS, tol=many_tol, chunk_size=chunk_size,
+                   weights=many_weights, components=many_components)
+    inertia = weighted_total(result.distances, many_weights).view(R, S, M)
+    # Seedings that reach one partition (often with the clusters in another order) tie up to
+    # rounding, which depends on the chunking: the first within sqrt(eps) of the least wins.
+    least = inertia.amin(1, keepdim=True)
+    near = inertia <= least + math.sqrt(torch.finfo(inertia.dtype).eps) * least.abs()
+    best = near.to(torch.uint8).argmax(1)  # (R, M): the first near-least seeding
+    centres = result.centres.view(R, S, M, K, -1)
+    return centres.gather(1, best[:, None, :, None, None].expand(R, 1, M, K, centres.shape[-1])).squeeze(1)
+
+
 def initial_responsibilities(
     method: str, X: torch.Tensor, M: int, K: int, streams: RestartStreams, chunk_size: int,
     centres: torch.Tensor | None = None, weights: torch.Tensor | None = None, components: torch.Tensor | None = None,
@@ -141,11 +180,13 @@ def initial_responsibilities(
         if method == "random_from_data":
             centres = random_points(X, M, K, streams, weights)
         else:
-            centres = kmeans_plusplus(X, M, K, streams, chunk_size, weights)
-            n_lloyd = SEEDING_LLOYD_ITERATIONS if method == "k-means++" else 300
             tol = relative_tolerance(X, 1e-4)
-            centres = lloyd(X, centres, max_iter=n_lloyd, tol=tol, chunk_size=chunk_size, weights=weights,
-                            components=components).centres
+            if method == "k-means++":
+                centres = best_of_seedings(X, M, K, streams, chunk_size, weights, components, tol)
+            else:
+                centres = kmeans_plusplus(X, M, K, streams, chunk_size, weights)
+                centres = lloyd(X, centres, max_iter=300, tol=tol, chunk_size=chunk_size, weights=weights,
+                                components=components).centres
     labels = nearest(X, centres, chunk_size, components=components)[0]  # (R, M, N)
 
     def hard_resp(start: int, stop: int) -> torch.Tensor:

@@ -45,7 +45,8 @@ class GaussianMixture(TorchModuleMixin, DensityMixin, BaseEstimator):
     Notes on the mapping to :class:`torch_em.GaussianMixture` (reachable as ``module_``):
 
     - ``init_params`` keeps its names. ``"kmeans"``: k-means++ seeding and Lloyd's iterations to
-      convergence, then hard responsibilities. ``"k-means++"``: the seeding and 5 Lloyd iterations.
+      convergence, then hard responsibilities. ``"k-means++"``: of 8 seedings, each with 5 Lloyd
+      iterations (one batch), the one of least inertia.
       ``"random"``: random responsibilities. ``"random_from_data"``: K random points as centres,
       each point assigned to the nearest (scikit-learn puts only those K points in the
       components; here every point counts, so the first M-step has proper covariances).

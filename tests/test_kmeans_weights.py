@@ -217,17 +217,17 @@ def test_weighted_kmeans_plusplus_never_picks_a_zero_weight_point():
 
 def weighted_kmeans_plusplus_reference(X: np.ndarray, weights: np.ndarray, K: int, n_trials: int, seed: int) -> np.ndarray:
     """scikit-learn's weighted greedy k-means++ in numpy, fed the uniforms torch_em draws."""
-    streams = RestartStreams(seed, 1, "cpu")
+    # every uniform drawn at once: the first centre's, then n_trials per further centre
+    uniforms = RestartStreams(seed, 1, "cpu").rand(1, 1 + (K - 1) * n_trials, dtype=torch.float64)[0, 0].numpy()
 
-    def draw(mass: np.ndarray, n: int) -> np.ndarray:
+    def draw(mass: np.ndarray, targets: np.ndarray) -> np.ndarray:
         cumulative = np.cumsum(mass)
-        targets = streams.rand(1, n, dtype=torch.float64)[0, 0].numpy() * cumulative[-1]
-        return np.searchsorted(cumulative, targets, side="right")
+        return np.searchsorted(cumulative, targets * cumulative[-1], side="right")
 
-    indices = [int(draw(weights, 1)[0])]
+    indices = [int(draw(weights, uniforms[:1])[0])]
     closest = ((X - X[indices[0]]) ** 2).sum(1)
-    for _ in range(1, K):
-        candidates = draw(weights * closest, n_trials)
+    for k in range(1, K):
+        candidates = draw(weights * closest, uniforms[1 + (k - 1) * n_trials: 1 + k * n_trials])
         reached = np.minimum(closest, ((X[None] - X[candidates][:, None]) ** 2).sum(-1))  # (t, N)
         best = int(np.argmin(reached @ weights))
         indices.append(int(candidates[best]))

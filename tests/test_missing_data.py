@@ -128,7 +128,9 @@ def test_a_complete_row_scores_as_without_missing_rows_beside_it():
     X = with_missing(blobs(40), 0.3, seed=2)
     model = quiet_fit(torch_em.GaussianMixture(3, missing="marginalize", seed=0, dtype=F64, max_iter=10), X)
     complete = ~np.isnan(X).any(1)
-    torch.testing.assert_close(model.score_samples(X)[complete], model.score_samples(X[complete]), rtol=0, atol=0)
+    # to rounding (as tests/test_row_independence.py): a GEMM over another number of rows may round
+    # its last bit differently
+    torch.testing.assert_close(model.score_samples(X)[complete], model.score_samples(X[complete]), rtol=1e-12, atol=1e-12)
 
 
 # --- the missing-data path without missing values equals the ordinary one ----------------------

@@ -407,7 +407,8 @@ def test_kmeans_plusplus_picks_the_same_points_in_float32_and_float64(batched):
     centres32 = kmeans_plusplus(X32, M, 6, RestartStreams(11, 2, "cpu"), 128)
     # The centres are data points: the same indices give the same (float32-representable) values.
     assert torch.equal(centres64.float(), centres32)
-    assert len(torch.unique(centres32.reshape(-1, 2), dim=0)) == 2 * M * 6
+    # k-means++ never picks a point twice within a seeding (two restarts may share one by chance)
+    assert all(len(torch.unique(seeding, dim=0)) == 6 for seeding in centres32.reshape(2 * M, 6, 2))
 
 
 def test_restart_streams_of_a_range_are_those_restarts():

@@ -36,6 +36,9 @@ SEEDING_LLOYD_ITERATIONS = 5
 #: k-means++ seedings the default initialisation draws per restart (batched), keeping the one
 #: whose Lloyd iterations leave the least inertia.
 N_SEEDINGS = 8
+#: Inertias within this relative gap of the least are a tie, won by the first seeding (so float32
+#: and float64, or two chunkings, keep the same seeding).
+NEAR_TIE = 1e-4
 
 
 def informative(weights: torch.Tensor | None) -> torch.Tensor | None:
@@ -59,14 +62,13 @@ def random_points(
     return gather_points(X, keys.topk(K, dim=-1).indices)
 
 
-def draw_proportional(mass: torch.Tensor, streams: RestartStreams, M: int, n_draws: int) -> torch.Tensor:
-    """Indices (R, M, n_draws) drawn with probability proportional to ``mass`` (R, M, N)
-    (non-negative, in the draws' dtype). An index of zero mass is never drawn, unless a model
-    has no mass at all (then 0)."""
+def draw_proportional(mass: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Indices (R, M, n) drawn with probability proportional to ``mass`` (R, M, N)
+    (non-negative, in the draws' dtype), by ``uniforms`` (R, M, n) in [0, 1). An index of zero
+    mass is never drawn, unless a model has no mass at all (then 0)."""
     cumulative = mass.cumsum(-1)  # non-decreasing: a step up means mass of its own
     total = cumulative[..., -1:].contiguous()
-    targets = streams.rand(M, n_draws, dtype=mass.dtype) * total
-    index = torch.searchsorted(cumulative, targets, right=True)  # first cumulative above the target
+    index = torch.searchsorted(cumulative, uniforms * total, right=True)  # first cumulative above the target
     return torch.minimum(index, torch.searchsorted(cumulative, total))  # a target rounded up to total
 
 
@@ -89,21 +91,25 @@ def kmeans_plusplus_indices(
 
     Returns the centres' row indices (R, M, K) into X.
 
-    The uniforms are drawn, and the distances summed, in float64 whatever X's dtype (float32 on
-    devices without float64), so float32 and float64 data pick the same points for a seed."""
+    Every uniform is drawn at once, ``(R, M, 1 + (K - 1) * n_trials)``: model m's numbers are
+    row m of one draw, so the first model of a batch draws what it draws alone. They are drawn,
+    and the distances summed, in float64 whatever X's dtype (float32 on devices without
+    float64), so float32 and float64 data pick the same points for a seed."""
     R, n_points = len(streams), X.shape[-2]
     n_trials = n_local_trials or 2 + int(math.log(K))
     draw_dtype = accumulator_dtype(X.device)
+    uniforms = streams.rand(M, 1 + (K - 1) * n_trials, dtype=draw_dtype)  # (R, M, 1 + (K - 1) t)
     weights = informative(weights)
     if weights is None:
-        first = streams.randint(n_points, M, 1)
+        first = (uniforms[..., :1] * n_points).long().clamp_max(n_points - 1)
     else:
-        first = draw_proportional(broadcast_weights(weights.to(draw_dtype)).expand(R, M, n_points).contiguous(), streams, M, 1)
+        first = draw_proportional(broadcast_weights(weights.to(draw_dtype)).expand(R, M, n_points).contiguous(),
+                                  uniforms[..., :1])
     indices = [first]
     closest = nearest(X, gather_points(X, first), chunk_size)[1]  # (R, M, N)
-    for _ in range(1, K):
+    for k in range(1, K):
         mass = closest.to(draw_dtype) if weights is None else closest.to(draw_dtype) * broadcast_weights(weights)
-        candidates = draw_proportional(mass, streams, M, n_trials)  # (R, M, t)
+        candidates = draw_proportional(mass, uniforms[..., 1 + (k - 1) * n_trials: 1 + k * n_trials])  # (R, M, t)
         candidate_points = gather_points(X, candidates)  # (R, M, t, D)
         potentials = torch.zeros(R, M, n_trials, dtype=X.dtype, device=X.device)
         for start, stop in row_chunks(n_points, chunk_size):
@@ -129,29 +135,34 @@ def best_of_seedings(
     iterations leaves a heavy tail of poor optima; a full Lloyd run from one seeding does not
     remove it: the best of several seedings does.)
 
-    The seedings are one batch: models ``(S, M)`` flattened to ``S * M`` on the model axis (data
+    The seedings are one batch: models ``(M, S)`` flattened to ``M * S`` on the model axis (data
     of one model per row ``(M, N, D)`` are repeated S times), so S seedings cost about one where
     the cost is the per-step dispatch (small data) and S times one where it is the arithmetic.
-    Seeding s of restart r is drawn from restart r's own stream: a restart does not depend on
-    how many restarts run."""
+    Seeding s of restart r is drawn from restart r's own stream (a restart does not depend on
+    how many restarts run), model-major, so the first model of a batch draws what it draws
+    alone."""
     S = n_seedings or N_SEEDINGS
     R = len(streams)
-    many_X = X if X.dim() == 2 else X.repeat(S, 1, 1)  # (N, D) shared, or (S * M, N, D)
-    many_weights = None if weights is None or weights.dim() == 1 else weights.repeat(S, 1)
-    many_weights = weights if many_weights is None else many_weights
-    many_components = None if components is None else components.repeat(1, S, 1)
-    many_tol = tol if tol.dim() == 0 else tol.repeat(S)
-    seeded = kmeans_plusplus(many_X, S * M, K, streams, chunk_size, many_weights)  # (R, S * M, K, D)
+
+    def per_seeding(value: torch.Tensor | None, dim: int = 0) -> torch.Tensor | None:
+        return None if value is None else value.repeat_interleave(S, dim)
+
+    many_X = X if X.dim() == 2 else per_seeding(X)  # (N, D) shared, or (M * S, N, D)
+    many_weights = weights if weights is None or weights.dim() == 1 else per_seeding(weights)
+    many_tol = tol if tol.dim() == 0 else per_seeding(tol)
+    many_components = per_seeding(components, 1)
+    seeded = kmeans_plusplus(many_X, M * S, K, streams, chunk_size, many_weights)  # (R, M * S, K, D)
     result = lloyd(many_X, seeded, max_iter=SEEDING_LLOYD_ITERATIONS, tol=many_tol, chunk_size=chunk_size,
                    weights=many_weights, components=many_components)
-    inertia = weighted_total(result.distances, many_weights).view(R, S, M)
+    distances = result.distances.to(accumulator_dtype(X.device))
+    inertia = weighted_total(distances, many_weights).view(R, M, S)
     # Seedings that reach one partition (often with the clusters in another order) tie up to
-    # rounding, which depends on the chunking: the first within sqrt(eps) of the least wins.
-    least = inertia.amin(1, keepdim=True)
-    near = inertia <= least + math.sqrt(torch.finfo(inertia.dtype).eps) * least.abs()
-    best = near.to(torch.uint8).argmax(1)  # (R, M): the first near-least seeding
-    centres = result.centres.view(R, S, M, K, -1)
-    return centres.gather(1, best[:, None, :, None, None].expand(R, 1, M, K, centres.shape[-1])).squeeze(1)
+    # rounding, which depends on the chunking and the dtype: the first within NEAR_TIE of the least wins.
+    least = inertia.amin(-1, keepdim=True)
+    near = inertia <= least * (1 + NEAR_TIE)
+    best = near.to(torch.uint8).argmax(-1)  # (R, M): the first near-least seeding
+    centres = result.centres.view(R, M, S, K, -1)
+    return centres.gather(2, best[:, :, None, None, None].expand(R, M, 1, K, centres.shape[-1])).squeeze(2)
 
 
 def initial_responsibilities(

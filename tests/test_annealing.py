@@ -53,7 +53,7 @@ def tempered_reference(model, X, beta, weights):
 def engine_step(model, X, beta, weights=None):
     """One tempered EM step of the engine from the model's parameters."""
     family = model.family
-    data = em.Data(family, X, family.reference(X), 64, weights=weights)  # several chunks
+    data = em.Data(family, X, X.nanmean(-2, keepdim=True), 64, weights=weights)  # several chunks
     em_map = em.EMMap(MIXTURE, family, data, beta=beta, reseed=False)
     with torch.no_grad():
         return em_map(model._working_parameters(), torch.ones(1, 1, dtype=torch.bool))
@@ -243,3 +243,79 @@ def test_annealing_is_saved_with_the_model(tmp_path):
     model = torch_em.GaussianMixture(2, annealing=0.4, seed=0, dtype=F64).fit(torch.randn(100, 2, dtype=F64))
     model.save(tmp_path / "model.pt")
     assert torch_em.load(tmp_path / "model.pt").annealing == 0.4
+
+
+def test_tempered_objective_on_rows_with_missing_entries_is_that_of_the_observed_marginals():
+    g = torch.Generator().manual_seed(5)
+    model = gaussian_model("full", D=3, missing="marginalize")
+    X = torch.randn(200, 3, generator=g, dtype=F64) * 2
+    X[torch.rand(200, 3, generator=g) < 0.3] = math.nan
+    X[X.isnan().all(-1), 0] = 0.5  # every row keeps an observed entry
+    beta = 0.4
+    w, mu, cov = (t.detach() for t in (model.weights, model.means, model.covariances))
+    log_joint = torch.empty(200, 3, dtype=F64)
+    for n, row in enumerate(X):
+        seen = ~row.isnan()
+        for k in range(3):
+            marginal = torch.distributions.MultivariateNormal(mu[k][seen], cov[k][seen][:, seen])
+            log_joint[n, k] = w[k].log() + marginal.log_prob(row[seen])
+    expected = (beta * log_joint).logsumexp(-1).mean() / beta
+    step = engine_step(model, X, beta)
+    torch.testing.assert_close(step.objective[0, 0], expected, rtol=1e-12, atol=0)
+
+
+def test_tempered_e_step_of_another_family_is_the_softmax_of_beta_times_the_log_joint():
+    g = torch.Generator().manual_seed(6)
+    rates = torch.tensor([[1.0, 4.0], [3.0, 1.5], [6.0, 6.0]], dtype=F64)
+    model = torch_em.Mixture(torch_em.Poisson(rates_init=rates), 3, 2, weights_init=[0.2, 0.3, 0.5], dtype=F64)
+    X = torch.poisson(torch.full((300, 2), 3.0, dtype=F64), generator=g)
+    beta = 0.35
+    log_p = torch.distributions.Poisson(rates).log_prob(X[:, None]).sum(-1)  # (N, K)
+    tempered = beta * (torch.tensor([0.2, 0.3, 0.5], dtype=F64).log() + log_p)
+    resp = tempered.softmax(-1)
+    family = model.family
+    data = em.Data(family, X, family.reference(X), 64)
+    with torch.no_grad():
+        step = em.EMMap(MIXTURE, family, data, beta=beta, reseed=False)(model._working_parameters(),
+                                                                      torch.ones(1, 1, dtype=torch.bool))
+    torch.testing.assert_close(step.objective[0, 0], tempered.logsumexp(-1).mean() / beta, rtol=1e-12, atol=0)
+    expected_rates = (resp.T @ X) / resp.sum(0)[:, None]
+    torch.testing.assert_close(family.rates(step.params.emission)[0, 0], expected_rates, rtol=1e-10, atol=0)
+
+
+def test_a_model_that_fails_is_isolated_through_the_stages_and_the_others_finish_as_alone():
+    g = torch.Generator().manual_seed(7)
+    datasets = torch.randn(3, 300, 2, generator=g, dtype=F64) + torch.tensor([0.0, 2.0], dtype=F64)
+    datasets[:, :150] -= 2.0
+    datasets[1, :, 0] = 4.0  # model 1: every covariance singular (reg_covar 0)
+    means = torch.tensor([[-2.0, 0.0], [0.0, 2.0]], dtype=F64)
+    options = dict(reg_covar=0.0, tol=1e-8, max_iter=300, dtype=F64, annealing=0.3, means_init=means)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        batch = torch_em.GaussianMixture(2, batch_shape=(3,), **options).fit(datasets)
+        alone = [torch_em.GaussianMixture(2, **options).fit(datasets[m]) for m in (0, 2)]
+    assert batch.failed_.tolist() == [False, True, False]  # (at initialisation: no stage brings it back)
+    assert int(batch.n_iter_[1]) == 0 and math.isnan(float(batch.lower_bound_[1]))
+    for m, model in zip((0, 2), alone):
+        torch.testing.assert_close(batch.means[m], model.means, rtol=0, atol=1e-10)
+        assert int(batch.n_iter_[m]) == int(model.n_iter_)
+
+
+def test_the_driver_runs_every_stage_then_plain_em_and_joins_the_results():
+    calls = []
+
+    def run(beta, params, max_iter, stage):
+        calls.append((beta, max_iter, stage))
+        n = len(calls)
+        history = torch.full((1, 2, n), -float(n), dtype=F64)  # stage n: n iterations
+        return em.EMResult(params, torch.full((1, 2), -float(n), dtype=F64), torch.full((1, 2), n),
+                           torch.tensor([[n == 4, False]]), history)
+
+    params = em.Params({"log_weights": torch.zeros(1, 2, 3, dtype=F64)}, {})
+    result = annealing.anneal(run, params, 0.3, 77, stage_iter=5, factor=1.5)
+    assert [beta for beta, _, _ in calls] == pytest.approx([0.3, 0.45, 0.675, 1.0])
+    assert [max_iter for _, max_iter, _ in calls] == [5, 5, 5, 77]
+    assert calls[0][2] == "annealing stage beta=0.3, EM iteration" and calls[-1][2] == "EM iteration"
+    assert result.n_iter.tolist() == [[10, 10]]  # 1 + 2 + 3 + 4
+    assert result.history.shape == (1, 2, 10) and result.lower_bound.tolist() == [[-4.0, -4.0]]
+    assert result.converged.tolist() == [[True, False]]  # the plain stage's

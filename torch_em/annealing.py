@@ -36,7 +36,8 @@ at a stationary point of the likelihood and ``converged_`` means what it means f
 the last, with any EM map (SQUAREM's :class:`~torch_em.acceleration.SquaremMap` too: its
 safeguard compares objectives at one beta). Every model of a batch and every restart follows
 the same schedule. ``n_iter_`` counts every iteration (every EM-map evaluation), the annealing
-stages' included, so it may exceed ``max_iter`` by at most ``STAGE_ITER`` per stage;
+stages' included, so it may exceed ``max_iter`` by at most ``STAGE_ITER`` per stage (with SQUAREM
+rounded up to whole cycles of three evaluations);
 ``lower_bound_history_`` holds the stages' objectives F_beta, then the log-likelihood.
 
 Where it helps, and where not. With components whose spread is fitted too (Gaussians with

@@ -437,11 +437,11 @@ class EMMap:
 
     def objective(self, stats: Statistics, params: Params, new: Params | None = None) -> torch.Tensor:
         """(R, M): the mean log-likelihood per (weighted) point of the parameters ``params`` that
-        ``stats`` were taken with (at ``beta`` < 1 the tempered objective of :func:`e_step`), plus their log prior over the points under MAP-EM; or, for a
-        variational model (a latent structure with a :meth:`LatentStructure.variational_bound`),
-        its lower bound, which also depends on the parameters ``new`` of the M-step from
-        ``stats`` (the latent structure's and the family's terms,
-        :meth:`ComponentFamily.variational_bound`, summed)."""
+        ``stats`` were taken with (at ``beta`` < 1 the tempered objective of :func:`e_step`),
+        plus their log prior over the points under MAP-EM; or, for a variational model (a latent
+        structure with a :meth:`LatentStructure.variational_bound`), its lower bound, which also
+        depends on the parameters ``new`` of the M-step from ``stats`` (the latent structure's and
+        the family's terms, :meth:`ComponentFamily.variational_bound`, summed)."""
         bound = None if new is None else self.latent.variational_bound(stats, new.latent)
         if bound is None:
             if self.prior is None:

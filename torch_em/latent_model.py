@@ -325,7 +325,8 @@ class LatentModel(Saveable, CheckedLoad, FollowsDataDtype):
     ) -> em.EMResult:
         """EM for the working batch (len(restarts), M) of the given restarts, or (1, M) from the
         current parameters when ``continued`` (a warm start: its convergence check goes on from
-        the last lower bound, as scikit-learn's does)."""
+        the last lower bound, as scikit-learn's does). With ``annealing`` (and not ``continued``)
+        the annealing stages come first (:func:`torch_em.annealing.anneal`)."""
         previous = None
         failures = em.Failures.none(len(restarts), self.n_models, self.device) if self._isolates_failures() else None
         if continued:

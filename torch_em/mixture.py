@@ -78,7 +78,7 @@ class Mixture(LatentModel):
             ``accelerate``; a ``warm_start`` continuation and ``partial_fit`` run plain EM.
             Whether it helps depends on the data: too small a ``beta_0`` can merge all
             components into one, for good (see :mod:`torch_em.annealing`); compare
-            ``lower_bound_`` with a plain fit's. HMMs and variational mixtures reject it.
+            ``lower_bound_`` with a plain fit's. HMMs reject it (ValueError).
         em_parameters: names of the parameters that ``fit`` and ``partial_fit`` update (default:
             all, ``("logits", *family parameter names)``). The others are held at their current
             values and EM maximises the rest given them (a conditional M-step), so an optimizer can

@@ -105,6 +105,13 @@ def test_the_readme_priors_block_runs():
     assert bool((transmat.diagonal() > 0.5).all())
 
 
+def test_the_readme_annealing_block_runs():
+    namespace = run_readme_block("## Escaping poor local optima: deterministic annealing")
+    plain, annealed = namespace["plain"].lower_bound_, namespace["annealed"].lower_bound_
+    assert float(annealed.median()) > float(plain.median())
+    assert bool(namespace["both"].converged_) and int(namespace["both"].n_iter_) % 3 == 0
+
+
 def test_the_readme_variational_bayes_block_runs():
     namespace = run_readme_block("## Variational Bayesian mixtures")
     weights = namespace["bgm"].weights_.detach().sort(descending=True).values

@@ -127,7 +127,7 @@ class BayesianGaussianMixture(GaussianViews, Mixture):
     def _config(self) -> dict[str, Any]:
         config = LatentModel._config(self)
         for name in ("learning_decay", "learning_offset", "step_size", "averaging_start", "prior_count", "prior", "accelerate",
-                     "em_parameters"):
+                     "annealing", "em_parameters"):
             del config[name]
         return {"n_components": self.n_components, **config, "covariance_type": self.covariance_type,
                 "reg_covar": self.reg_covar, "weight_concentration_prior_type": self.weight_concentration_prior_type,

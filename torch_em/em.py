@@ -111,7 +111,7 @@ def joint_parameters(
 
 def e_step(
     latent: LatentStructure, family: ComponentFamily, params: Params, data: Data | StreamData,
-    own: OwnReference | None = None, pseudo_count: float = 0.0,
+    own: OwnReference | None = None, pseudo_count: float = 0.0, beta: float = 1.0,
 ) -> Statistics:
     """One pass over the data: the statistics and the total (weighted) log-likelihood of ``params``
     (this rank's; :meth:`Statistics.reduced` sums the ranks).
@@ -119,8 +119,15 @@ def e_step(
     ``own``: components evaluated directly and summarised about their own reference point.
     ``pseudo_count``: that many pseudo-points per component, distributed like the data, added to
     the statistics (not to the log-likelihood): a MAP-style smoothing prior.
+    ``beta``: the inverse temperature of a tempered E-step (deterministic annealing,
+    :mod:`torch_em.annealing`; only for a latent structure that :attr:`~LatentStructure.tempers`):
+    posteriors ``softmax_k(beta * log p(x_n, z_n = k))`` and, in place of the log-likelihood, the
+    tempered objective ``(1 / beta) sum_n w_n log sum_k p(x_n, z_n = k) ** beta``. 1: plain EM,
+    the same operations bit for bit. The log joint is formed in units of ``beta *
+    log_joint_scale`` per nat (the emission GEMM's parameters scaled, which costs nothing).
     """
-    scale = latent.log_joint_scale
+    scale = latent.log_joint_scale * beta
+    tempered = {} if beta == 1.0 else {"beta": beta}  # (a structure that does not temper is never asked to)
     eta, const = joint_parameters(latent, family, params, data.reference, scale)
     total = None
     about = None  # the points the statistics of rows with missing entries are taken about
@@ -136,7 +143,8 @@ def e_step(
                 if own is not None:
                     groups = own.groups(chunk.X, log_joint.shape[-2], log_joint.shape[1])
                     own.write_log_prob(groups, log_joint, scale)
-            resp, log_likelihood, latent_stats = latent.posterior(log_joint, params.latent, chunk.weights, chunk.lengths)
+            resp, log_likelihood, latent_stats = latent.posterior(log_joint, params.latent, chunk.weights, chunk.lengths,
+                                                                  **tempered)
             if pseudo_count:
                 resp = resp + _pseudo_responsibility(pseudo_count, chunk, data.total_weight, resp)
             if chunk.missing is not None:
@@ -394,6 +402,8 @@ class EMMap:
     latent, family: the model; data: :class:`Data` or :class:`StreamData`;
     fixed: parameters held at their values (working layout) or None;
     pseudo_count: pseudo-points per component distributed like the data (a smoothing prior);
+    beta: the inverse temperature of the E-step (:func:`e_step`; 1: plain EM, below 1: a stage of
+        deterministic annealing, whose objective is then the tempered one);
     prior: a conjugate prior (MAP-EM: pseudo-statistics in the M-step, log prior in the objective);
     components: (R|1, M, K) bool, the components each model of a mixture has (models with fewer
         components padded to K, e.g. a grid over K fitted as one batch), or None: all;
@@ -407,9 +417,10 @@ class EMMap:
         self, latent: LatentStructure, family: ComponentFamily, data: Data | StreamData, *,
         fixed: Params | None = None, pseudo_count: float = 0.0, reseed: bool = True, own_reference: bool = True,
         reduce: bool = True, prior: ModelPrior | None = None, components: torch.Tensor | None = None,
+        beta: float = 1.0,
     ):
         self.latent, self.family, self.data, self.fixed, self.prior = latent, family, data, fixed, prior
-        self.components = components
+        self.components, self.beta = components, beta
         self.pseudo_count, self.reseed, self.own_reference, self.reduce = pseudo_count, reseed, own_reference, reduce
 
     def own(self, params: Params, summarise: bool = True) -> OwnReference | None:
@@ -421,16 +432,16 @@ class EMMap:
         return own if own is None or summarise else dataclasses.replace(own, summarise=False)
 
     def statistics(self, params: Params, own: OwnReference | None) -> Statistics:
-        stats = e_step(self.latent, self.family, params, self.data, own, self.pseudo_count)
+        stats = e_step(self.latent, self.family, params, self.data, own, self.pseudo_count, self.beta)
         return stats.reduced() if self.reduce else stats
 
     def objective(self, stats: Statistics, params: Params, new: Params | None = None) -> torch.Tensor:
         """(R, M): the mean log-likelihood per (weighted) point of the parameters ``params`` that
-        ``stats`` were taken with, plus their log prior over the points under MAP-EM; or, for a
-        variational model (a latent structure with a :meth:`LatentStructure.variational_bound`),
-        its lower bound, which also depends on the parameters ``new`` of the M-step from
-        ``stats`` (the latent structure's and the family's terms,
-        :meth:`ComponentFamily.variational_bound`, summed)."""
+        ``stats`` were taken with (at ``beta`` < 1 the tempered objective of :func:`e_step`),
+        plus their log prior over the points under MAP-EM; or, for a variational model (a latent
+        structure with a :meth:`LatentStructure.variational_bound`), its lower bound, which also
+        depends on the parameters ``new`` of the M-step from ``stats`` (the latent structure's and
+        the family's terms, :meth:`ComponentFamily.variational_bound`, summed)."""
         bound = None if new is None else self.latent.variational_bound(stats, new.latent)
         if bound is None:
             if self.prior is None:
@@ -574,6 +585,7 @@ class _WorkingBatch:
 def run_em(
     em_map: EMMap, params: Params, *, max_iter: int, tol: float, progress=None,
     previous_lower_bound: torch.Tensor | None = None, failures: Failures | None = None,
+    stage: str = "EM iteration",
 ) -> EMResult:
     """EM until every model has converged (|change of the mean log-likelihood| < tol) or
     ``max_iter`` iterations. A converged model keeps its parameters while the others go on; once
@@ -591,7 +603,7 @@ def run_em(
     hold models that failed at initialisation: they never run) such a model is recorded there
     instead, stops and keeps its last valid parameters, those whose lower bound was last
     computed: the parameters before the failed M-step, or before the update whose log-likelihood
-    was not finite.
+    was not finite. ``stage``: how a failure names the iteration (``f"{stage} {i}"``).
     """
     R, M = params.batch
     like = next(iter(params.emission.values()))
@@ -615,10 +627,10 @@ def run_em(
         if n_active == 0:  # every model failed at initialisation
             break
         step = em_map(params, active)
-        current, stage = step.objective, f"EM iteration {iteration}"
+        current, where = step.objective, f"{stage} {iteration}"
         bad = ~torch.isfinite(current) & active
         if bool(bad.any()):
-            record_failures(failures, bad, lambda r, m: Failure(stage, None, NOT_FINITE_ADVICE), batch.to_full)
+            record_failures(failures, bad, lambda r, m: Failure(where, None, NOT_FINITE_ADVICE), batch.to_full)
             params = last_valid.where(bad, params)
             active = active & ~bad
             n_active = int(active.sum())
@@ -627,7 +639,7 @@ def run_em(
         if step.any_invalid:  # (only models that ran and were finite are reported)
             invalid = step.invalid & active.unsqueeze(-1)  # (R, M, K)
             failed = invalid.any(-1)
-            record_failures(failures, failed, invalid_component_reason(em_map.family, stage, invalid, batch.to_full),
+            record_failures(failures, failed, invalid_component_reason(em_map.family, where, invalid, batch.to_full),
                             batch.to_full)
             active = active & ~failed  # those that failed in the M-step keep their current parameters
             n_active = int(active.sum())

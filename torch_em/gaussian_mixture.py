@@ -110,6 +110,7 @@ class GaussianMixture(GaussianViews, Mixture):
         prior_count: float = 0.0,
         prior: PriorSpec = None,
         accelerate: str | None = None,
+        annealing: float | None = None,
         em_parameters: Sequence[str] | None = None,
         warm_start: bool = False,
         on_error: str | None = None,
@@ -122,7 +123,8 @@ class GaussianMixture(GaussianViews, Mixture):
             family, n_components, n_features, batch_shape=batch_shape, tol=tol, max_iter=max_iter,
             n_init=n_init, init_params=init_params, weights_init=weights_init, seed=seed,
             chunk_size=chunk_size, learning_decay=learning_decay, learning_offset=learning_offset,
-            step_size=step_size, averaging_start=averaging_start, prior_count=prior_count, prior=prior, accelerate=accelerate, em_parameters=em_parameters,
+            step_size=step_size, averaging_start=averaging_start, prior_count=prior_count, prior=prior, accelerate=accelerate,
+            annealing=annealing, em_parameters=em_parameters,
             warm_start=warm_start, on_error=on_error, missing=missing, device=device, dtype=dtype,
         )
 

@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import logging
 import math
+import numbers
 import warnings
 from typing import Any, Callable, Sequence
 
@@ -22,7 +23,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from . import acceleration, distributed, em, priors
+from . import acceleration, annealing, distributed, em, priors
 from ._precision import FollowsDataDtype
 from ._random import resolve_seed, restart_groups
 from ._state import CheckedLoad, check_state, own_entries
@@ -98,6 +99,7 @@ class LatentModel(Saveable, CheckedLoad, FollowsDataDtype):
         prior_count: float = 0.0,
         prior: PriorSpec = None,
         accelerate: str | None = None,
+        annealing: float | None = None,
         em_parameters: Sequence[str] | None = None,
         warm_start: bool = False,
         on_error: str | None = None,
@@ -136,6 +138,7 @@ class LatentModel(Saveable, CheckedLoad, FollowsDataDtype):
         dtype = dtype if dtype is not None else data_dtype(None)
 
         self.latent = latent
+        self.annealing = annealing
         self._latent_names = dict(latent_names)
         self.family = family
         self.n_components = int(n_components)
@@ -198,7 +201,7 @@ class LatentModel(Saveable, CheckedLoad, FollowsDataDtype):
             "chunk_size": self.chunk_size, "learning_decay": self.schedule.learning_decay,
             "learning_offset": self.schedule.learning_offset, "step_size": self.schedule.step_size,
             "averaging_start": self.averaging_start, "prior_count": self.prior_count, "prior": self.prior,
-            "accelerate": self.accelerate,
+            "accelerate": self.accelerate, "annealing": self.annealing,
             "em_parameters": self.em_parameters, "warm_start": self.warm_start, "on_error": self.on_error,
         }
 
@@ -212,6 +215,26 @@ class LatentModel(Saveable, CheckedLoad, FollowsDataDtype):
     @em_parameters.setter
     def em_parameters(self, names: Sequence[str]) -> None:
         self._em_parameters = check_em_parameters(names, self._parameter_names, self.family, tuple(self._latent_names))
+
+    @property
+    def annealing(self) -> float | None:
+        """Deterministic annealing EM (:mod:`torch_em.annealing`): the initial inverse temperature
+        ``beta_0`` in (0, 1) of ``fit``'s tempered E-steps, or None (plain EM). Assignable at any
+        time; a rejected value (ValueError) leaves the current one."""
+        return self._annealing
+
+    @annealing.setter
+    def annealing(self, value: float | None) -> None:
+        if value is not None:
+            is_number = isinstance(value, numbers.Real) and not isinstance(value, bool)
+            if not is_number or not 0.0 < value < 1.0:
+                raise ValueError(f"annealing must be None or an initial inverse temperature in (0, 1), got {value!r}")
+            if not self.latent.tempers:
+                raise ValueError(f"annealing must be None for {type(self).__name__}: deterministic annealing is for "
+                                 f"mixtures (its tempered E-step has no form for {type(self.latent).__name__}), got "
+                                 f"{value!r}")
+            value = float(value)
+        self._annealing = value
 
     @property
     def device(self) -> torch.device:
@@ -302,7 +325,8 @@ class LatentModel(Saveable, CheckedLoad, FollowsDataDtype):
     ) -> em.EMResult:
         """EM for the working batch (len(restarts), M) of the given restarts, or (1, M) from the
         current parameters when ``continued`` (a warm start: its convergence check goes on from
-        the last lower bound, as scikit-learn's does)."""
+        the last lower bound, as scikit-learn's does). With ``annealing`` (and not ``continued``)
+        the annealing stages come first (:func:`torch_em.annealing.anneal`)."""
         previous = None
         failures = em.Failures.none(len(restarts), self.n_models, self.device) if self._isolates_failures() else None
         if continued:
@@ -315,19 +339,28 @@ class LatentModel(Saveable, CheckedLoad, FollowsDataDtype):
             params = self._initial_parameters(data.sample, data.chunk_size, n_features, restarts, failures, sample_prior)
             params = self._same_on_every_rank(params)
         fixed = self._fixed_parameters(params)
-        em_map = self._em_map(data, fixed, prior)
-        if self.accelerate == "squarem":  # max_iter and n_iter_ count evaluations of the EM map
-            cycles = -(-max_iter // acceleration.EVALUATIONS_PER_CYCLE)
-            result = em.run_em(acceleration.SquaremMap(em_map), params.with_fixed(fixed), max_iter=cycles, tol=self.tol,
-                               progress=progress, previous_lower_bound=previous, failures=failures)
-            return dataclasses.replace(result, n_iter=result.n_iter * acceleration.EVALUATIONS_PER_CYCLE)
-        return em.run_em(em_map, params.with_fixed(fixed), max_iter=max_iter, tol=self.tol,
-                         progress=progress, previous_lower_bound=previous, failures=failures)
+
+        def run(beta: float, params: em.Params, max_iter: int, stage: str = "EM iteration",
+                start: torch.Tensor | None = None) -> em.EMResult:
+            em_map = self._em_map(data, fixed, prior, beta)
+            if self.accelerate == "squarem":  # max_iter and n_iter_ count evaluations of the EM map
+                cycles = -(-max_iter // acceleration.EVALUATIONS_PER_CYCLE)
+                result = em.run_em(acceleration.SquaremMap(em_map), params, max_iter=cycles, tol=self.tol,
+                                   progress=progress, previous_lower_bound=start, failures=failures, stage=stage)
+                return dataclasses.replace(result, n_iter=result.n_iter * acceleration.EVALUATIONS_PER_CYCLE)
+            return em.run_em(em_map, params, max_iter=max_iter, tol=self.tol, progress=progress,
+                             previous_lower_bound=start, failures=failures, stage=stage)
+
+        params = params.with_fixed(fixed)
+        if self.annealing is None or continued or max_iter == 0:  # a warm start goes on at beta = 1
+            return run(1.0, params, max_iter, start=previous)
+        return annealing.anneal(run, params, self.annealing, max_iter)
 
     def _em_map(self, data: em.Data | em.StreamData, fixed: em.Params | None,
-                prior: priors.ModelPrior | None = None) -> em.EMMap:
+                prior: priors.ModelPrior | None = None, beta: float = 1.0) -> em.EMMap:
+        """The EM map of ``data``; ``beta``: the inverse temperature of its E-step (annealing)."""
         return em.EMMap(self.latent, self.family, data, fixed=fixed, pseudo_count=self.prior_count, prior=prior,
-                        components=self._working_components())
+                        components=self._working_components(), beta=beta)
 
     def _working_components(self) -> torch.Tensor | None:
         """(1, M, K) bool: the components each model has (a mixture whose models are padded to

@@ -67,6 +67,19 @@ class Mixture(LatentModel):
         accelerate: None (plain EM) or ``"squarem"``: SQUAREM extrapolation of the EM map
             (:mod:`torch_em.acceleration`; monotone, a step length per model); ``max_iter`` and
             ``n_iter_`` then count evaluations of the EM map (three per cycle).
+        annealing: None (plain EM) or the initial inverse temperature ``beta_0`` in (0, 1) of
+            deterministic annealing EM (:mod:`torch_em.annealing`, Ueda & Nakano 1998), a way out
+            of poor local optima beyond restarts: ``fit`` first runs EM with tempered posteriors
+            ``r_nk ∝ (w_k p(x_n | k)) ** beta`` for ``beta = beta_0, 1.5 beta_0, ...`` below 1 (at
+            most 10 iterations each, fewer once the tempered objective changes by less than
+            ``tol``), then ordinary EM at beta = 1 (``tol``, ``max_iter``), so it ends at a
+            stationary point of the likelihood. ``n_iter_`` counts every iteration, the annealing
+            stages' included; ``lower_bound_history_`` holds the stages' tempered objectives
+            first. Composes with ``n_init``, ``batch_shape``, ``sample_weight``, priors and
+            ``accelerate``; a ``warm_start`` continuation and ``partial_fit`` run plain EM.
+            Whether it helps depends on the data: too small a ``beta_0`` can merge all
+            components into one, for good (see :mod:`torch_em.annealing`); compare
+            ``lower_bound_`` with a plain fit's. HMMs reject it (ValueError).
         em_parameters: names of the parameters that ``fit`` and ``partial_fit`` update (default:
             all, ``("logits", *family parameter names)``). The others are held at their current
             values and EM maximises the rest given them (a conditional M-step), so an optimizer can
@@ -141,6 +154,7 @@ class Mixture(LatentModel):
         prior_count: float = 0.0,
         prior: PriorSpec = None,
         accelerate: str | None = None,
+        annealing: float | None = None,
         em_parameters: Sequence[str] | None = None,
         warm_start: bool = False,
         on_error: str | None = None,
@@ -153,7 +167,8 @@ class Mixture(LatentModel):
             MIXTURE, {"logits": "log_weights"}, family, n_components, n_features, batch_shape=batch_shape, tol=tol,
             max_iter=max_iter, n_init=n_init, init_params=init_params, seed=seed, chunk_size=chunk_size,
             learning_decay=learning_decay, learning_offset=learning_offset, step_size=step_size,
-            averaging_start=averaging_start, prior_count=prior_count, prior=prior, accelerate=accelerate, em_parameters=em_parameters,
+            averaging_start=averaging_start, prior_count=prior_count, prior=prior, accelerate=accelerate,
+            annealing=annealing, em_parameters=em_parameters,
             warm_start=warm_start, on_error=on_error, missing=missing, device=device, dtype=dtype,
         )
         self.weights_init = weights_init

@@ -33,6 +33,9 @@ class LatentStructure:
     #: The units (per nat) its :meth:`posterior` takes log-densities in: the E-step scales the
     #: emission GEMM's parameters by it (free), where a pass over the block would cost time.
     log_joint_scale: float = 1.0
+    #: Whether :meth:`posterior` takes an inverse temperature ``beta`` other than 1 (a tempered
+    #: E-step, for deterministic annealing: :mod:`torch_em.annealing`).
+    tempers: bool = False
 
     def log_prior(self, latent: LatentParams) -> torch.Tensor | None:
         """A log-probability per state (R, M, K) that does not depend on the point, added to
@@ -42,7 +45,7 @@ class LatentStructure:
 
     def posterior(
         self, log_joint: torch.Tensor, latent: LatentParams, weights: torch.Tensor | None,
-        lengths: torch.Tensor | None = None,
+        lengths: torch.Tensor | None = None, beta: float = 1.0,
     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """Posterior over the states of every point of a chunk.
 
@@ -54,6 +57,11 @@ class LatentStructure:
         posteriors (R, M, K, n) (``weights`` applied: what the emission statistics sum), the
         weighted log-evidence of the chunk (R, M) and the chunk's own statistics by name
         (additive over chunks).
+
+        ``beta`` (only for a structure that :attr:`tempers`; the E-step passes it only when it is
+        not 1): a tempered posterior. ``log_joint`` is then ``beta`` times the log joint (in units of
+        :attr:`log_joint_scale` per nat), the posteriors are its softmax over the states and the
+        log-evidence is the tempered one, ``(1 / beta) sum_n w_n log sum_k p(x_n, k) ** beta``.
         """
         raise NotImplementedError
 

@@ -5,6 +5,11 @@
 Parameters: ``log_weights (R, M, K)``, normalised. The posterior is the softmax over k of the
 log joint (the responsibilities); the log-evidence of a point is its logsumexp. The mixture has
 no statistics beyond the emission counts, and its M-step is ``log w_k = log N_k - log N``.
+
+Tempered (deterministic annealing, :mod:`torch_em.annealing`): at inverse temperature beta the
+posterior is ``r_nk = softmax_k(beta log p(x_n, k))``, i.e. ``r_nk ∝ (w_k p(x_n | k)) ** beta``,
+and the log-evidence of a point is ``(1 / beta) log sum_k (w_k p(x_n | k)) ** beta``; the E-step
+hands over the log joint already multiplied by beta (the GEMM's parameters scaled).
 """
 from __future__ import annotations
 
@@ -24,16 +29,19 @@ class IndependentCategorical(LatentStructure):
     statistic_names = ()
     parameter_statistics = {"log_weights": "counts"}
     log_joint_scale = BITS  # the normaliser's own units: no pass to change the base
+    tempers = True
 
     def log_prior(self, latent: LatentParams) -> torch.Tensor:
         return latent["log_weights"]
 
     def posterior(
         self, log_joint: torch.Tensor, latent: LatentParams, weights: torch.Tensor | None,
-        lengths: torch.Tensor | None = None,
+        lengths: torch.Tensor | None = None, beta: float = 1.0,
     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         inplace = not log_joint.requires_grad
         resp, log_evidence = log_normalize_total(log_joint, weights, inplace, self.log_joint_scale)  # (R, M, K, n), (R, M)
+        if beta != 1.0:  # log_joint is beta log p(x, k): its log-evidence, per 1 / beta nats
+            log_evidence = log_evidence / beta
         if weights is not None:
             resp = resp.mul_(weights.unsqueeze(-2)) if inplace else resp * weights.unsqueeze(-2)
         return resp, log_evidence, {}

@@ -50,8 +50,10 @@ class MarkovChain(LatentStructure):
 
     def posterior(
         self, log_joint: torch.Tensor, latent: LatentParams, weights: torch.Tensor | None,
-        lengths: torch.Tensor | None = None,
+        lengths: torch.Tensor | None = None, beta: float = 1.0,
     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        if beta != 1.0:
+            raise NotImplementedError(f"the posterior of a Markov chain has no tempered form (beta={beta!r})")
         R, M, n_components, n = log_joint.shape
         C, K = self.n_mix, self.n_states(n_components)
         if lengths is None:  # rows without sequence structure: one sequence, in order

@@ -65,8 +65,10 @@ class VariationalWeights(LatentStructure):
 
     def posterior(
         self, log_joint: torch.Tensor, latent: LatentParams, weights: torch.Tensor | None,
-        lengths: torch.Tensor | None = None,
+        lengths: torch.Tensor | None = None, beta: float = 1.0,
     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        if beta != 1.0:
+            raise NotImplementedError(f"the posterior of variational weights has no tempered form (beta={beta!r})")
         resp, log_evidence, _ = MIXTURE.posterior(log_joint, latent, weights)  # (R, M, K, n) weighted, (R, M)
         # With weighted posteriors w r: sum_k w r log(w r) = w sum_k r log r + w log w.
         neg_entropy = torch.xlogy(resp, resp).sum(-2)  # (R, M, n)

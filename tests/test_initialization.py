@@ -48,13 +48,13 @@ def test_the_kept_seeding_has_the_least_inertia_of_the_seedings(per_model):
     tol = initialization.relative_tolerance(data, 1e-4)
     streams = initialization.RestartStreams(5, 2, "cpu")
     kept = initialization.best_of_seedings(data, M, 10, streams, 64, None, None, tol, n_seedings=6)  # (2, M, 10, 2)
-    # The same draws, the candidates kept apart: models (6, M) flattened, as best_of_seedings lays them out.
-    many = data if not per_model else data.repeat(6, 1, 1)
-    seeded = initialization.kmeans_plusplus(many, 6 * M, 10, initialization.RestartStreams(5, 2, "cpu"), 64)
+    # The same draws, the candidates kept apart: models (M, 6) flattened, as best_of_seedings lays them out.
+    many = data if not per_model else data.repeat_interleave(6, 0)
+    seeded = initialization.kmeans_plusplus(many, M * 6, 10, initialization.RestartStreams(5, 2, "cpu"), 64)
     candidates = initialization.lloyd(many, seeded, max_iter=initialization.SEEDING_LLOYD_ITERATIONS,
-                                      tol=tol if tol.dim() == 0 else tol.repeat(6), chunk_size=64)
-    inertia = candidates.distances.sum(-1).view(2, 6, M)
+                                      tol=tol if tol.dim() == 0 else tol.repeat_interleave(6), chunk_size=64)
+    inertia = candidates.distances.sum(-1).view(2, M, 6)
     kept_inertia = initialization.nearest(data, kept, 64)[1].sum(-1)  # (2, M)
-    torch.testing.assert_close(kept_inertia, inertia.amin(1), rtol=1e-12, atol=0)
-    assert bool((inertia.amax(1) > inertia.amin(1) * 1.01).any())  # the choice mattered somewhere
+    torch.testing.assert_close(kept_inertia, inertia.amin(-1), rtol=1e-12, atol=0)
+    assert bool((inertia.amax(-1) > inertia.amin(-1) * 1.01).any())  # the choice mattered somewhere
 

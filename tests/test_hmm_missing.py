@@ -265,6 +265,26 @@ def test_a_batch_of_hmms_on_ragged_sequences_equals_each_fitted_alone():
                                    atol=1e-9, rtol=0)
 
 
+def test_sequence_weights_equal_repeated_sequences():
+    X = regime_data(5, 30, seed=18)
+    lengths = np.array([30, 11, 30, 6, 25])
+    start = dict(gaussian_start("full", seed=3), dtype=F64, tol=0.0, max_iter=10, missing="marginalize")
+    weighted = quiet(torch_em.GaussianHMM(K, "full", **start).fit, X, lengths, sample_weight=[2, 1, 1, 3, 1])
+    repeat = [0, 0, 1, 2, 3, 3, 3, 4]
+    repeated = quiet(torch_em.GaussianHMM(K, "full", **start).fit, X[repeat], lengths[repeat])
+    assert_same_parameters(parameters(weighted), parameters(repeated), atol=1e-10)
+
+
+def test_float32_fit_follows_the_float64_fit():
+    X = regime_data(8, 60, seed=19)
+    start = dict(gaussian_start("full", seed=4), tol=0.0, max_iter=10, missing="marginalize")
+    f64 = quiet(torch_em.GaussianHMM(K, "full", dtype=F64, **start).fit, X)
+    f32 = quiet(torch_em.GaussianHMM(K, "full", dtype=torch.float32, **start).fit, X.astype(np.float32))
+    assert abs(float(f32.lower_bound_) - float(f64.lower_bound_)) < 1e-5 * abs(float(f64.lower_bound_))
+    torch.testing.assert_close(f32.means.double(), f64.means.detach(), atol=1e-3, rtol=0)
+    torch.testing.assert_close(f32.predict_proba(X.astype(np.float32)).double(), f64.predict_proba(X), atol=1e-3, rtol=0)
+
+
 def test_a_batch_source_fit_equals_the_fit_in_memory():
     X = regime_data(12, 30, seed=13)
     lengths = np.array([30, 7, 30, 19, 1, 30, 30, 22, 30, 3, 30, 30])
@@ -322,13 +342,19 @@ def test_nan_without_the_option_is_rejected_naming_it_and_changes_nothing():
     for call in (model.fit, model.partial_fit, model.score, model.predict, model.predict_proba):
         with pytest.raises(ValueError, match=r"X must be finite, got \d+ NaN value\(s\); .*missing='marginalize'"):
             call(X)
-    marginal = quiet(torch_em.GaussianHMM(K, "diag", seed=0, dtype=F64, max_iter=5, missing="marginalize").fit, X)
-    infinite = X.copy()
-    infinite[1, 3, 0] = np.inf
-    with pytest.raises(ValueError, match=r"finite \(or NaN for a missing entry\)"):
-        marginal.fit(infinite)
     after = model.state_dict()
     assert all(torch.equal(before[key], after[key]) for key in before)
+    marginal = torch_em.GaussianHMM(K, "diag", seed=0, dtype=F64, max_iter=5, missing="marginalize")
+    quiet(marginal.fit, X)
+    marginal.partial_fit(X)
+    before = copy.deepcopy(marginal.state_dict())
+    infinite = X.copy()
+    infinite[1, 3, 0] = np.inf
+    for call in (marginal.fit, marginal.partial_fit, marginal.score):
+        with pytest.raises(ValueError, match=r"finite \(or NaN for a missing entry\)"):
+            call(infinite)
+    after = marginal.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[key], after[key]) for key in before)
     with pytest.raises(ValueError, match="missing must be one of"):
         torch_em.GaussianHMM(2, missing="impute")
     with pytest.raises(ValueError, match="X"):  # the support is checked on the observed entries

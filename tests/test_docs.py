@@ -129,6 +129,19 @@ def test_the_readme_missing_data_block_runs():
     assert namespace["error"] < 0.8 * namespace["mean_error"]  # conditional imputation beats the column means
 
 
+def test_the_readme_incomplete_sequences_block_runs():
+    namespace = run_readme_block("### Incomplete sequences (HMMs)")
+    X, lengths, states, hmm = namespace["X"], namespace["lengths"], namespace["states"], namespace["hmm"]
+    path, posteriors = namespace["path"].numpy(), namespace["posteriors"].numpy()
+    assert np.isnan(X).all(-1).any() and posteriors.shape == (*X.shape[:2], 2)
+    valid = np.arange(X.shape[1]) < lengths[:, None]
+    assert (path[~valid] == -1).all()
+    agreement = (path[valid] == states[valid]).mean()
+    assert max(agreement, 1 - agreement) > 0.95  # the regimes decoded, dropped steps included (up to the labels)
+    means = hmm.means.detach().numpy()
+    np.testing.assert_allclose(means[np.argsort(means[:, 0])], [[0.0, 0.0], [3.0, -2.0]], atol=0.2)
+
+
 def test_the_readme_standard_errors_block_runs():
     namespace = run_readme_block("## Standard errors and confidence intervals")
     lower, upper, means = namespace["lower"], namespace["upper"], namespace["gmm"].means.detach()

@@ -103,6 +103,19 @@ def test_batched_models_converge_on_their_own_and_equal_the_model_fitted_alone()
         assert_same_parameters({k: v[m] for k, v in parameters(batched).items()}, parameters(alone), atol=1e-9)
 
 
+def test_a_batch_of_models_with_its_own_data_takes_ragged_sequences():
+    """Per-model data (M, S, T, D) with ragged lengths shared by the models: the padded steps'
+    zero weights are shared, (S,), and a model's lower bound is that of its data alone."""
+    data = np.stack([regime_sequences(5, 30, seed=s)[0] for s in range(2)])
+    lengths = np.array([30, 12, 30, 4, 21])
+    init = dict(start_values(), dtype=F64, tol=0.0, max_iter=5)
+    batched = quiet(torch_em.GaussianHMM(3, "diag", batch_shape=(2,), **init).fit, data, lengths)
+    for m in range(2):
+        alone = quiet(torch_em.GaussianHMM(3, "diag", **init).fit, data[m], lengths)
+        assert_same_parameters({k: v[m] for k, v in parameters(batched).items()}, parameters(alone), atol=1e-10)
+        torch.testing.assert_close(batched.lower_bound_[m], alone.lower_bound_, atol=1e-12, rtol=0)
+
+
 def test_restarts_pick_the_best_lower_bound():
     X, _ = regime_sequences(10, 40, seed=2)
     model = quiet(torch_em.GaussianHMM(3, "diag", n_init=4, seed=1, dtype=F64, init_params="random").fit, X)

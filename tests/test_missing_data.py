@@ -398,6 +398,19 @@ def test_families_that_cannot_marginalise_say_so():
         vmf.fit(X / np.linalg.norm(np.nan_to_num(X), axis=1, keepdims=True))
 
 
+def test_the_gradient_of_log_prob_with_missing_entries_is_finite_for_every_family():
+    """Gamma components' log-density is -inf at 0: the rows with missing entries must not be
+    evaluated there by the complete rows' path (its values are discarded, its gradient is not)."""
+    rng = np.random.default_rng(17)
+    X = with_missing(rng.gamma(2.0, 1.0, (60, 3)), 0.25, seed=17)
+    for model in (torch_em.Mixture(torch_em.families.Gamma(), 2, missing="marginalize", seed=0, dtype=F64, max_iter=5),
+                  torch_em.HMM(2, torch_em.families.Gamma(), missing="marginalize", seed=0, dtype=F64, max_iter=5)):
+        data = X if isinstance(model, torch_em.Mixture) else X[None]
+        quiet_fit(model, data)
+        model.log_prob(data).sum().backward()
+        assert all(bool(torch.isfinite(p.grad).all()) for p in model.parameters()), type(model).__name__
+
+
 # --- families with independent features -------------------------------------------------------------
 def independent_case(name: str, K: int, D: int, n: int):
     """A family, working parameters (1, 2, K, ...), data (n, D) in its support, and the

@@ -31,6 +31,7 @@ from .families.base import ComponentFamily, Theta
 from .families.categorical import Categorical
 from .latent import MarkovChain
 from .latent_model import LatentModel
+from .missing import check_missing_values, mean_imputed, observed_means, pattern_share, with_observed_values
 from .markov_inference import forward_backward, log_likelihood, sample_states, viterbi
 from .sequences import Sequences, as_sequences
 from .streaming import BatchSource, StreamSample, batch_source
@@ -68,6 +69,21 @@ class HMM(LatentModel):
             ``tol=1e-3`` (on the mean log-likelihood per time step), ``max_iter=100``,
             ``seed=None``, ``chunk_size``, ``em_parameters`` (names above), ``warm_start``,
             ``on_error``, the online-EM step sizes, ``prior_count``, ``device=None``, ``dtype=None``.
+        missing: what NaN at a valid step of X means. ``"reject"`` (default): an error that names
+            this option. ``"marginalize"``: a missing entry, integrated out exactly (Baum-Welch
+            for incomplete data): every state's emission density of a step is that of its
+            observed entries (the missing ones marginalised, as for :class:`torch_em.Mixture`),
+            forward-backward runs on these densities, and the emission statistics add the
+            expected statistics of the missing entries given the observed ones under each state,
+            weighted by the state posteriors. A step with nothing observed is allowed (a dropped
+            observation): its emission density is 1 under every state, so the chain carries the
+            state through it, and its statistics are the states' own moments. ``fit``,
+            ``partial_fit``, ``initialize``, batch sources, ``log_prob``, ``score_samples``,
+            ``score``, ``predict_proba``, ``predict``, ``decode``, ``bic`` and ``aic`` then take
+            such sequences; the emissions are initialised on the steps with every missing entry
+            at its coordinate's mean. Supported by Gaussian emissions (every covariance type),
+            the families with independent features and ``Product`` blocks; others (von
+            Mises-Fisher) say so.
 
     Data (``X``): padded ``(S, T, D)`` for every model of the batch or ``(*batch_shape, S, T, D)``,
     with ``lengths (S,)`` or a prefix ``mask (S, T)``; or hmmlearn's concatenated ``(N, D)`` with
@@ -81,6 +97,7 @@ class HMM(LatentModel):
     """
 
     _initial_softening = INITIAL_SOFTENING
+    _marginalises_missing = True
 
     def __init__(
         self,
@@ -113,7 +130,7 @@ class HMM(LatentModel):
     def _config(self) -> dict[str, Any]:
         return {"n_states": self.n_states, "family": self.family, "startprob_init": self.startprob_init,
                 "transmat_init": self.transmat_init, "n_mix": self.n_mix, "mix_weights_init": self.mix_weights_init,
-                **super()._config()}
+                **super()._config(), "missing": self.missing}
 
     # --- basic properties -----------------------------------------------------------------
     @property
@@ -179,7 +196,8 @@ class HMM(LatentModel):
 
         def data(reference: torch.Tensor | None, chunk: int) -> SequenceData:
             return SequenceData(self.family, sequences.rows, sequences.lengths, sequences.n_steps, reference,
-                                self._hmm_chunk_size(sequences.rows.shape[-1]), weights=weights)
+                                self._hmm_chunk_size(sequences.rows.shape[-1], pattern_share(sequences.rows)),
+                                weights=weights)
 
         with distributed.using(process_group, f"{type(self).__name__}.partial_fit"):
             return self._partial_fit(sequences.rows, data)
@@ -199,21 +217,26 @@ class HMM(LatentModel):
         """First pass over a source of batches of sequences: validated, counted, the reference
         point of their steps and a uniform sample of steps for initialisation."""
         sample = StreamSample(self._sample_size(), self._generator())
-        n_points, n_rows, total, n_features = 0, 0, None, self.n_features
+        n_points, n_rows, total, n_observed, n_features, missing = 0, 0, None, None, self.n_features, False
         for raw in source():
             sequences, _ = self._batch(raw, n_features)
             n_features = sequences.rows.shape[-1]
             n_rows += sequences.rows.shape[-2]
             steps = sequences.valid_rows()
             n_points += steps.shape[-2]
-            if self.family.uses_reference:
-                batch_sum = steps.sum(-2, keepdim=True)
+            missing = missing or bool(torch.isnan(steps).any())
+            if self.family.uses_reference:  # sums and counts of the observed entries
+                seen = ~torch.isnan(steps)
+                batch_sum = torch.where(seen, steps, 0.0).sum(-2, keepdim=True)
+                batch_count = seen.sum(-2, keepdim=True)
                 total = batch_sum if total is None else total + batch_sum
+                n_observed = batch_count if n_observed is None else n_observed + batch_count
             sample.add(steps)
         if n_points == 0:
             raise ValueError("X (the batch source) yielded no batch")
-        reference = distributed.combined_reference(None if total is None else total / n_points, n_points)
-        chunk = self._hmm_chunk_size(n_features)
+        mean = None if total is None else torch.where(n_observed > 0, total / n_observed.clamp_min(1), 0.0)
+        reference = distributed.combined_reference(mean, n_points)
+        chunk = self._hmm_chunk_size(n_features, 1.0 if missing else 0.0)  # at worst, every step its own pattern
         n_total = distributed.total_points(n_points, self.device)
         if n_total < self.n_components:
             raise ValueError(f"X must have at least {self.n_components} time step(s) in all (one per component), "
@@ -224,7 +247,10 @@ class HMM(LatentModel):
                 sequences, weights = self._batch(raw, n_features)
                 yield sequences.rows, weights, sequences.lengths
 
-        sample_data = em.Data(self.family, sample.points, reference, chunk)
+        points = sample.points
+        if missing:  # initialisation works on the sample with missing entries at the coordinates' means
+            points = mean_imputed(points, observed_means(points) if reference is None else reference)
+        sample_data = em.Data(self.family, points, reference, self._hmm_chunk_size(n_features))
         return em.StreamData(self.family, batches, reference, distributed.total_weight(float(n_points), self.device),
                              chunk, sample_data, n_local=n_rows, name="X (the batch source)")
 
@@ -236,41 +262,50 @@ class HMM(LatentModel):
 
     def _data(self, X: Any, lengths: Any, mask: Any, sample_weight: Any) -> SequenceData:
         """The engine's data of ``fit``'s arguments, with the reference point of the valid steps
-        and a uniform sample of steps for initialisation when the data are large."""
+        and a uniform sample of steps for initialisation when the data are large. With missing
+        entries the reference is the mean of the observed ones, and initialisation works on the
+        steps with every missing entry at its coordinate's mean."""
         sequences = self._sequences(X, lengths, mask, min_points=self.n_components)
         weights = self._row_weights(sequences, sample_weight)
         rows = sequences.rows
         valid = sequences.valid.flatten()
-        observed = rows[..., valid, :]
-        reference = distributed.combined_reference(self.family.reference(observed), observed.shape[-2])
-        chunk = self._hmm_chunk_size(rows.shape[-1])
+        steps = rows[..., valid, :]
+        share = pattern_share(steps)
+        complete = mean_imputed(steps) if share else steps
+        reference = distributed.combined_reference(self.family.reference(complete), steps.shape[-2])
+        chunk = self._hmm_chunk_size(rows.shape[-1], share)
         data = SequenceData(self.family, rows, sequences.lengths, sequences.n_steps, reference, chunk, weights=weights)
         data.total_weight = distributed.total_weight(data.total_weight, rows.device)
         step_weights = None if weights is None else weights[..., valid]
-        if observed.shape[-2] > self._sample_size() or not bool(valid.all()):
-            keep = torch.arange(observed.shape[-2], device=rows.device)
-            if observed.shape[-2] > self._sample_size():
+        if steps.shape[-2] > self._sample_size() or not bool(valid.all()) or share:
+            keep = torch.arange(steps.shape[-2], device=rows.device)
+            if steps.shape[-2] > self._sample_size():
                 generator = torch.Generator().manual_seed(resolve_seed(self.seed))
-                keep = torch.randperm(observed.shape[-2], generator=generator)[: self._sample_size()].sort().values
+                keep = torch.randperm(steps.shape[-2], generator=generator)[: self._sample_size()].sort().values
                 keep = keep.to(rows.device)
-            data.sample = em.Data(self.family, observed[..., keep, :], reference, chunk,
+            data.sample = em.Data(self.family, complete[..., keep, :], reference, self._hmm_chunk_size(rows.shape[-1]),
                                   weights=None if step_weights is None else step_weights[..., keep])
         return data
 
     def _sequences(self, X: Any, lengths: Any, mask: Any, min_points: int = 1, n_features: int | None = None) -> Sequences:
         """Validated sequences in the model's dtype (a model without parameters that follows its
-        data's dtype adopts X's)."""
+        data's dtype adopts X's). NaN at a valid step marks a missing entry with
+        ``missing="marginalize"`` (a step may have nothing observed), else it is an error."""
         adopts = self._dtype_follows_data and not self.is_initialized
         dtype = data_dtype(X) if adopts else self.dtype
         X = as_float_tensor(X, "X", device=self.device, dtype=dtype, allow_bool=self.family.accepts_bool)
         sequences = as_sequences(X, lengths, mask, name="X", n_features=n_features or self.n_features,
-                                 batch_shape=tuple(self.batch_shape), codes=self._takes_codes())
+                                 batch_shape=tuple(self.batch_shape), codes=self._takes_codes(), finite=False)
         if is_traced(X):  # no values to check (see torch_em._tracing.is_traced)
             return sequences
+        steps = sequences.valid_rows()
+        if check_missing_values(steps, "X", self.missing, self._marginalises_missing, allow_empty=True):
+            self.family.check_missing("X")
+            steps = with_observed_values(steps)  # the support is checked on the observed entries
         if sequences.n_points < min_points:
             raise ValueError(f"X must have at least {min_points} time step(s) in all (one per component), "
                              f"got {sequences.n_points}")
-        self.family.check_domain(sequences.valid_rows(), "X")
+        self.family.check_domain(steps, "X")
         if adopts and dtype != self.dtype:
             self._anchor = self._anchor.to(dtype)
         return sequences
@@ -292,9 +327,17 @@ class HMM(LatentModel):
             return None
         return sequence_row_weights(sequences.lengths, sequences.n_steps, weights, sequences.rows.dtype)
 
-    def _hmm_chunk_size(self, n_features: int) -> int:
-        return self.chunk_size or max(1, HMM_CHUNK_ELEMENTS // max(1, self.n_models * self.n_components
-                                                                    + self.family.n_statistics(n_features)))
+    def _hmm_chunk_size(self, n_features: int, pattern_share: float = 0.0) -> int:
+        """Rows per E-step chunk: ``chunk_size``, or HMM_CHUNK_ELEMENTS emission log-densities.
+        Steps with missing entries in ``pattern_share`` distinct patterns per step also hold a
+        few offsets per step and component and three matrices per pattern and component
+        (:mod:`torch_em.missing`), in the same budget."""
+        if self.chunk_size:
+            return self.chunk_size
+        per_row = self.n_models * self.n_components
+        if pattern_share:
+            per_row = per_row * (4 * n_features + 3 * n_features ** 2 * pattern_share)
+        return max(1, HMM_CHUNK_ELEMENTS // max(1, int(per_row) + self.family.n_statistics(n_features)))
 
     # --- evaluation ---------------------------------------------------------------------------
     def _log_emission(self, sequences: Sequences) -> torch.Tensor:

@@ -580,9 +580,11 @@ class LatentModel(Saveable, CheckedLoad, FollowsDataDtype):
     def _marginal_log_joint(self, X: torch.Tensor) -> torch.Tensor:
         """:meth:`_emission_log_joint` of rows X (N, D) or (M, N, D) some of which have missing
         entries (NaN): their densities marginal over them, (1, M, K, N); a complete row's as
-        without missing entries (so a row's value depends on that row alone)."""
+        without missing entries (so a row's value depends on that row alone). The complete rows'
+        densities are taken of X with its missing entries at observed values of their
+        coordinates, values in the support whose (discarded) densities keep the gradient finite."""
         incomplete = torch.isnan(X).any(-1, keepdim=True)  # (..., N, 1)
-        complete = self._emission_log_joint(X.masked_fill(incomplete, 0.0))
+        complete = self._emission_log_joint(with_observed_values(X))
         params = self._working_parameters()
         marginal = self.family.marginal(MissingRows.of(X), params.emission)
         log_joint = em.marginal_log_joint(self.latent, params, marginal.log_prob)

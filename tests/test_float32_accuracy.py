@@ -76,13 +76,7 @@ def test_five_iris_rows_with_five_components_fit_in_float32(covariance_type):
 
 @pytest.mark.parametrize("standardise", [False, True])
 @pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
-def test_digits_with_ten_components_fit_in_float32(covariance_type, standardise, request):
-    if covariance_type == "full" and standardise:
-        # Known defect: on some CPUs (BLAS kernels rounding differently) component 7's float32
-        # covariance is not positive definite at iteration 8 with reg_covar 1e-6 and the fit raises
-        # IllConditionedError; it passes on others. Tracked in the float32-robustness work.
-        request.applymarker(pytest.mark.xfail(raises=torch_em.IllConditionedError, strict=False,
-                                              reason="float32 full covariance on standardised digits is CPU-dependent"))
+def test_digits_with_ten_components_fit_in_float32(covariance_type, standardise):
     X = accuracy.load("digits", standardise)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", torch_em.ConvergenceWarning)
@@ -95,6 +89,44 @@ def test_digits_with_ten_components_fit_in_float32(covariance_type, standardise,
     score = float(model.score(torch.as_tensor(X, dtype=torch.float32)))
     exact = float(copy.deepcopy(model).double().score(torch.as_tensor(X)))
     assert abs(score - exact) <= 1e-5 * abs(exact)
+
+
+@pytest.mark.parametrize("seed", [0, 2])
+def test_a_float32_covariance_indefinite_by_its_rounding_is_lifted_not_an_error(seed):
+    # Standardised digits, full covariances: from these seeds a component's float32 covariance was
+    # indefinite even in float64 after statistics about its own mean (IllConditionedError).
+    X = accuracy.load("digits", True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch_em.ConvergenceWarning)
+        model = torch_em.GaussianMixture(10, covariance_type="full", seed=seed, dtype=torch.float32, max_iter=30).fit(X)
+    import copy
+
+    score = float(model.score(torch.as_tensor(X, dtype=torch.float32)))
+    exact = float(copy.deepcopy(model).double().score(torch.as_tensor(X)))
+    assert abs(score - exact) <= 1e-5 * abs(exact)
+
+
+def test_the_lift_raises_only_what_float64_cannot_factorise_and_by_its_rounding_level():
+    from torch_em.families.gaussian import precision_cholesky_from_covariance
+
+    g = torch.Generator().manual_seed(0)
+    D = 40
+    basis = torch.linalg.qr(torch.randn(D, D, generator=g, dtype=torch.float64))[0]
+    spectrum = torch.logspace(1, -7, D, dtype=torch.float64)  # down to below float32's rounding of 10
+    good = (basis * torch.logspace(1, -1, D, dtype=torch.float64)) @ basis.T
+    bad = (basis * spectrum) @ basis.T - 2e-6 * torch.eye(D, dtype=torch.float64)  # slightly indefinite
+    covariance = torch.stack([good, bad]).float()
+    plain, plain_info = precision_cholesky_from_covariance(covariance)
+    lifted, lifted_info = precision_cholesky_from_covariance(covariance, lift=True)
+    assert plain_info.tolist()[0] == 0 and plain_info.tolist()[1] > 0
+    assert lifted_info.tolist() == [0, 0]
+    assert torch.equal(lifted[0], plain[0])  # a matrix that factorises is left as it is
+    # the lifted matrix: the covariance plus at most 16 rounding levels D * eps * mean variance
+    precision = (lifted[1].double() @ lifted[1].double().T)
+    implied = torch.linalg.inv(precision)
+    level = D * torch.finfo(torch.float32).eps * float(covariance[1].double().diagonal().mean())
+    lift = (implied - covariance[1].double()).diagonal()
+    assert float(lift.min()) > 0 and float(lift.max()) <= 16 * level * 1.01
 
 
 # --- the mechanism: own-reference components against the plain expansion (float64) ------------

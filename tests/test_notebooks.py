@@ -23,6 +23,7 @@ pytest.importorskip("sklearn")
 
 from jupyter_client.kernelspec import KernelSpecManager  # noqa: E402
 from jupyter_client.manager import AsyncKernelManager  # noqa: E402
+from jupyter_core.utils import run_sync  # noqa: E402
 
 NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
@@ -65,7 +66,11 @@ def test_notebook_executes(path: Path, kernel_dir: Path):
         resources={"metadata": {"path": str(NOTEBOOK_DIR)}},  # the kernel's working directory
     )
     # Raises nbclient.exceptions.CellExecutionError (with the cell and its traceback) on an error.
-    client.execute()
+    try:
+        client.execute()
+    finally:  # the kernel (and the memory it holds) goes now, not when pytest exits
+        if kernel_manager.has_kernel:
+            run_sync(kernel_manager.shutdown_kernel)(now=True)
     errors = [
         output
         for cell in notebook.cells

@@ -337,6 +337,14 @@ def m_step(
         refined = refine(invalid, theta)
         if refined is not None:
             return m_step(latent, family, refined, reference, active, fixed, prior=prior, components=components)
+    if family.lifts_rounding and not fixed_emission and bool(invalid.any()):
+        # The last resort, after statistics about the components' own means: a lower-precision
+        # covariance indefinite by its rounding alone is raised by it (the valid ones are unchanged).
+        theta, valid = family.m_step(counts, sums, every, lift=True)
+        new = Params(new.latent, theta)
+        if components is not None:
+            new, valid = masked_components(family, new, components), valid | ~components
+        invalid = ~valid & active.unsqueeze(-1)
     return new, invalid
 
 

@@ -34,8 +34,11 @@ METHODS = ("k-means++", "kmeans", "random", "random_from_data")
 #: Lloyd iterations run after k-means++ seeding by the default initialisation.
 SEEDING_LLOYD_ITERATIONS = 5
 #: k-means++ seedings the default initialisation draws per restart (batched), keeping the one
-#: whose Lloyd iterations leave the least inertia.
-N_SEEDINGS = 8
+#: whose Lloyd iterations leave the least inertia, for data shared by the models (one dataset:
+#: the seedings' cost is the per-step dispatch, so several cost about one). With a dataset per
+#: model (many small problems at once) the seedings' arithmetic is the cost of the whole fit, and
+#: every model takes one seeding.
+N_SEEDINGS = 4
 #: Inertias within this relative gap of the least are a tie, won by the first seeding (so float32
 #: and float64, or two chunkings, keep the same seeding).
 NEAR_TIE = 1e-4
@@ -130,7 +133,7 @@ def best_of_seedings(
     components: torch.Tensor | None, tol: torch.Tensor, n_seedings: int | None = None,
 ) -> torch.Tensor:
     """Centres (R, M, K, D): per restart and model the best of ``n_seedings`` (default
-    N_SEEDINGS) greedy k-means++ seedings, each followed by SEEDING_LLOYD_ITERATIONS Lloyd
+    N_SEEDINGS for data shared by the models, X (N, D); 1 for a dataset per model) greedy k-means++ seedings, each followed by SEEDING_LLOYD_ITERATIONS Lloyd
     iterations, by weighted inertia ``sum_n w_n min_k |x_n - c_k|^2``. (One seeding with 5 Lloyd
     iterations leaves a heavy tail of poor optima; a full Lloyd run from one seeding does not
     remove it: the best of several seedings does.)
@@ -141,7 +144,7 @@ def best_of_seedings(
     Seeding s of restart r is drawn from restart r's own stream (a restart does not depend on
     how many restarts run), model-major, so the first model of a batch draws what it draws
     alone."""
-    S = n_seedings or N_SEEDINGS
+    S = n_seedings or (N_SEEDINGS if X.dim() == 2 else 1)
     R = len(streams)
 
     def per_seeding(value: torch.Tensor | None, dim: int = 0) -> torch.Tensor | None:

@@ -111,6 +111,10 @@ class ComponentFamily:
     #: Whether components can be evaluated and summarised about their own reference point
     #: (:meth:`expansion_error` and the methods after it).
     has_own_reference: bool = False
+    #: Whether :meth:`m_step` takes ``lift=True``: the last resort for components that come out
+    #: invalid by their own rounding in a precision below float64 (a Gaussian's float32
+    #: covariance that float64 finds indefinite), after statistics about their own means.
+    lifts_rounding: bool = False
 
     def config(self) -> dict[str, Any]:
         """The constructor's arguments that rebuild this family, ``type(self)(**config())``

@@ -218,23 +218,53 @@ def _dot(a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
     return total
 
 
-def precision_cholesky_from_covariance(covariance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def precision_cholesky_from_covariance(covariance: torch.Tensor, lift: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Upper ``P = L^{-T}`` for ``covariance = L L^T`` (..., D, D), and the cholesky_ex info.
 
     Below float64, a matrix that fails to factorise (positive definite, but with a condition
     number beyond 1 / eps: reg_covar-sized variances beside large ones) is factorised again in
-    float64 and its factor rounded back. Where it still fails, the identity is inverted (no NaN)."""
+    float64 and its factor rounded back. With ``lift``, one that float64 finds indefinite too is
+    taken to be so by its own rounding: a covariance summed in float32 is known to about D * eps
+    of its scale (the mean of its diagonal), so its smallest eigenvalues may lie that far below 0.
+    Its diagonal is raised by that rounding level, then by 4 and 16 times it
+    (:func:`_lifted_factors`). Where it still fails, the identity is inverted (no NaN) and the
+    component is reported invalid."""
     lower, info = torch.linalg.cholesky_ex(covariance)
     failed = info > 0
     if not bool(failed.any()):
         return lower_triangular_inverse(lower).mT, info
     upper = _inverse_factor_or_identity(lower, failed)
     if covariance.dtype != torch.float64:
-        retry, retry_info = torch.linalg.cholesky_ex(covariance[failed].double())
+        retry = covariance[failed].double()
+        eps = torch.finfo(covariance.dtype).eps
+        retry, retry_info = _lifted_factors(retry, eps) if lift else torch.linalg.cholesky_ex(retry)
         upper, info = upper.clone(), info.clone()
         upper[failed] = _inverse_factor_or_identity(retry, retry_info > 0).to(covariance.dtype)
         info[failed] = retry_info
     return upper, info
+
+
+#: The rounding levels (multiples of D * eps * mean variance) by which the diagonal of a
+#: lower-precision covariance that float64 finds indefinite is raised in turn.
+ROUNDING_LIFTS = (1.0, 4.0, 16.0)
+
+
+def _lifted_factors(covariance: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """float64 Cholesky factors of ``covariance`` (F, D, D) (computed in a precision of machine
+    epsilon ``eps``), each raised on its diagonal by the least of ROUNDING_LIFTS times its
+    rounding level ``D * eps * mean(diag)`` that makes it factorise (none where it does as it
+    is): factors and cholesky_ex info (> 0 where every lift failed)."""
+    lower, info = torch.linalg.cholesky_ex(covariance)
+    D = covariance.shape[-1]
+    level = D * eps * covariance.diagonal(dim1=-2, dim2=-1).mean(-1).abs()  # (F,)
+    eye = torch.eye(D, dtype=covariance.dtype, device=covariance.device)
+    for lift in ROUNDING_LIFTS:
+        still = info > 0
+        if not bool(still.any()):
+            break
+        lifted = covariance[still] + (lift * level[still])[:, None, None] * eye
+        lower[still], info[still] = torch.linalg.cholesky_ex(lifted)
+    return lower, info
 
 
 def _inverse_factor_or_identity(lower: torch.Tensor, failed: torch.Tensor) -> torch.Tensor:
@@ -436,7 +466,11 @@ class Gaussian(ComponentFamily):
         const = half_logdet - 0.5 * mahalanobis_mean - log_2pi_term
         return torch.cat([linear, quadratic], dim=-1), const
 
-    def m_step(self, counts, stats, reference) -> tuple[Theta, torch.Tensor]:
+    lifts_rounding = True
+
+    def m_step(self, counts, stats, reference, lift: bool = False) -> tuple[Theta, torch.Tensor]:
+        # ``lift``: full and tied covariances that float64 finds indefinite below float64 are
+        # raised by their rounding level (precision_cholesky_from_covariance).
         # With a prior (counts per statistic), the means divide by n + kappa and the second
         # moments by the covariance's own count c: Sigma = S2 / c - (n + kappa) / c * m m^T
         # (torch_em.priors); without one both are n and ``shrink`` is None.
@@ -466,7 +500,7 @@ class Gaussian(ComponentFamily):
             resolved = self._variance_resolved(covariance.diagonal(dim1=-2, dim2=-1),
                                                second_moment.diagonal(dim1=-2, dim2=-1))
             covariance = covariance + self.reg_covar * torch.eye(n_features, dtype=stats.dtype, device=stats.device)
-            upper, info = precision_cholesky_from_covariance(covariance)
+            upper, info = precision_cholesky_from_covariance(covariance, lift)
             valid = (info == 0) & resolved
             if self.covariance_type == "tied":
                 valid = valid.unsqueeze(-1).expand_as(counts)

@@ -83,6 +83,8 @@ class VariationalGaussian(Gaussian):
     distribution; ``prior`` (a :class:`GaussianWishartPrior`) is needed by the M-step only (a
     model built without it evaluates, but cannot be fitted)."""
 
+    lifts_rounding = False  # (its M-step is the variational one, which takes no lift)
+
     #: Never re-seeded: variational Bayes lets an unused component's weight vanish.
     min_count = 0.0
 

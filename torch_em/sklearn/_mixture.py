@@ -45,7 +45,7 @@ class GaussianMixture(TorchModuleMixin, DensityMixin, BaseEstimator):
     Notes on the mapping to :class:`torch_em.GaussianMixture` (reachable as ``module_``):
 
     - ``init_params`` keeps its names. ``"kmeans"``: k-means++ seeding and Lloyd's iterations to
-      convergence, then hard responsibilities. ``"k-means++"``: of 8 seedings, each with 5 Lloyd
+      convergence, then hard responsibilities. ``"k-means++"``: of 4 seedings, each with 5 Lloyd
       iterations (one batch), the one of least inertia.
       ``"random"``: random responsibilities. ``"random_from_data"``: K random points as centres,
       each point assigned to the nearest (scikit-learn puts only those K points in the

@@ -7,7 +7,7 @@ and only then let torch copy it.
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import torch
 
@@ -80,10 +80,14 @@ class CheckedLoad:
 
     _strict_load: bool = False
 
+    if TYPE_CHECKING:
+        def _check_state(self, state: dict[str, Any], prefix: str, strict: bool) -> object: ...
+
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
         self._check_state(own_entries(state_dict, ""), "", strict)
         self._strict_load = strict
         try:
-            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+            return super().load_state_dict(  # type: ignore[misc]  # mixin: nn.Module, later in the MRO, defines it
+                state_dict, strict=strict, assign=assign)
         finally:
             del self._strict_load

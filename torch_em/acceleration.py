@@ -24,6 +24,8 @@ composes it unchanged (per-model convergence, failure isolation, compaction).
 """
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 
 from .em import EMMap, EMStep, Params
@@ -63,10 +65,11 @@ class SquaremMap:
         return values.view(shape)
 
     def _store(self, values: torch.Tensor) -> None:
+        step_max = cast(torch.Tensor, self.step_max)  # created by _limits, earlier in the cycle
         if self.index is None:
-            self.step_max.copy_(values.flatten())
+            step_max.copy_(values.flatten())
         else:
-            self.step_max[self.index] = values.flatten()
+            step_max[self.index] = values.flatten()
 
     def __call__(self, params: Params, active: torch.Tensor) -> EMStep:
         first = self.em_map(params, active)  # theta_1 and the objective of theta_0
@@ -119,7 +122,7 @@ def _norm(params: Params) -> torch.Tensor:
     for value in (*params.latent.values(), *params.emission.values()):
         part = value.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0).square().flatten(2).sum(-1)
         total = part if total is None else total + part
-    return total.sqrt()
+    return cast(torch.Tensor, total).sqrt()  # params hold at least one tensor
 
 
 def _rounding(objective: torch.Tensor) -> torch.Tensor:

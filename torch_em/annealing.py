@@ -58,7 +58,7 @@ published.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, cast
 
 import torch
 
@@ -112,6 +112,6 @@ def joined(results: list[EMResult]) -> EMResult:
     convergence and failures; iterations (R, M) summed; histories (R, M, n_i) joined along the
     last axis (each stage's run masks a failed model's entries from its failure on)."""
     final = results[-1]
-    n_iter = sum(result.n_iter for result in results)
+    n_iter = cast(torch.Tensor, sum(result.n_iter for result in results))  # (results is non-empty)
     history = torch.cat([result.history for result in results], -1)
     return EMResult(final.params, final.lower_bound, n_iter, final.converged, history, final.failures)

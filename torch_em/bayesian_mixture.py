@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence, cast
 
 import numpy as np
 import torch
@@ -142,7 +142,8 @@ class BayesianGaussianMixture(GaussianViews, Mixture):
     # --- fitting ----------------------------------------------------------------------------
     @without_autocast
     @torch.no_grad()
-    def fit(self, X: Any, y: Any = None, sample_weight: Any = None, verbose: bool = False, *,
+    def fit(  # type: ignore[override]  # resp_init (scikit-learn's) in place of process_group: data in memory only
+            self, X: Any, y: Any = None, sample_weight: Any = None, verbose: bool = False, *,
             resp_init: Any = None) -> "BayesianGaussianMixture":
         """Fit every model of the batch by variational Bayes (restarts as an extra batch
         dimension; the best lower bound wins), as scikit-learn's ``fit``.
@@ -160,8 +161,9 @@ class BayesianGaussianMixture(GaussianViews, Mixture):
 
     @without_autocast
     @torch.no_grad()
-    def initialize(self, X: Any, y: Any = None, sample_weight: Any = None, *,
-                   resp_init: Any = None) -> "BayesianGaussianMixture":
+    def initialize(  # type: ignore[override]  # resp_init in place of process_group: data in memory only
+            self, X: Any, y: Any = None, sample_weight: Any = None, *,
+            resp_init: Any = None) -> "BayesianGaussianMixture":
         """The initial parameters of :meth:`fit` (the variational M-step from the initial
         responsibilities) without iterations: ``n_iter_`` 0, ``lower_bound_`` -inf."""
         with self._priors_of(X, sample_weight, resp_init) as data:
@@ -180,7 +182,7 @@ class BayesianGaussianMixture(GaussianViews, Mixture):
             if batch_source(X) is not None:
                 raise ValueError(f"X must be an array or tensor in memory for {type(self).__name__}.fit "
                                  f"(the hyperparameters' defaults are data statistics), got {type(X).__name__}")
-            data = self._data(X, sample_weight)
+            data = cast(em.Data, self._data(X, sample_weight))  # (not a batch source: data in memory)
             latent, family = self._with_priors(data)
             given = None if resp_init is None else self._checked_resp_init(resp_init, data)
             saved = self.latent, self.family
@@ -220,8 +222,9 @@ class BayesianGaussianMixture(GaussianViews, Mixture):
             value = getattr(self, name)
             values[name] = None if value is None else self._per_model(value, name, ())
         for name in ("weight_concentration_prior", "mean_precision_prior"):
-            if values[name] is not None:
-                check_positive_tensor(values[name], name)
+            given = values[name]
+            if given is not None:
+                check_positive_tensor(given, name)
         dof = values["degrees_of_freedom_prior"]
         if dof is not None and n_features is not None and not bool((dof > n_features - 1).all()):
             raise ValueError(f"degrees_of_freedom_prior must be greater than n_features - 1 = {n_features - 1}, "
@@ -251,18 +254,20 @@ class BayesianGaussianMixture(GaussianViews, Mixture):
         if self.mean_prior is not None:
             mean = self._per_model(self.mean_prior, "mean_prior", (n_features,))
         dof = scalar("degrees_of_freedom_prior", float(n_features))
+        mean = cast(torch.Tensor, mean)  # the given mean_prior or the data's
         prior = GaussianWishartPrior(scalar("mean_precision_prior", 1.0), mean.unsqueeze(-2),
                                      dof.squeeze(-1) if self.covariance_type == "tied" else dof,
                                      self._covariance_prior(covariance, n_features))
         return self.latent.with_prior(scalar("weight_concentration_prior", 1.0 / K)), self.family.with_prior(prior)
 
-    def _covariance_prior(self, covariance: torch.Tensor, n_features: int) -> torch.Tensor:
+    def _covariance_prior(self, covariance: torch.Tensor | None, n_features: int) -> torch.Tensor:
         """Psi_0 in the prior's layout (see :class:`GaussianWishartPrior`): the given one,
-        validated, or the data's ``covariance`` (M, D, D) reduced to the covariance type."""
+        validated, or the data's ``covariance`` (M, D, D) reduced to the covariance type
+        (None when ``covariance_prior`` is given)."""
         kind, given, name = self.covariance_type, self.covariance_prior, f"{self.covariance_type} covariance_prior"
         if kind in ("full", "tied"):
             if given is None:
-                value = covariance
+                value = cast(torch.Tensor, covariance)
             else:
                 value = self._per_model(given, "covariance_prior", (n_features, n_features))
                 asymmetry = float((value - value.mT).abs().max())
@@ -274,7 +279,7 @@ class BayesianGaussianMixture(GaussianViews, Mixture):
         if given is not None:
             value = self._per_model(given, "covariance_prior", (n_features,) if kind == "diag" else ())
         else:
-            variances = covariance.diagonal(dim1=-2, dim2=-1)  # (M, D)
+            variances = cast(torch.Tensor, covariance).diagonal(dim1=-2, dim2=-1)  # (M, D)
             value = variances if kind == "diag" else variances.mean(-1)
         check_positive_tensor(value, name)
         return value.unsqueeze(-2) if kind == "diag" else value.unsqueeze(-1)
@@ -328,7 +333,9 @@ class BayesianGaussianMixture(GaussianViews, Mixture):
         """alpha ``(*b, K)`` of the Dirichlet distribution, or the Beta parameters (a, b),
         ``(*b, K)`` each, of the stick-breaking process."""
         concentration = self._require_parameters().exp()
-        return tuple(concentration.unbind(-2)) if self.latent.stick_breaking else concentration
+        if self.latent.stick_breaking:
+            return cast(tuple[torch.Tensor, torch.Tensor], tuple(concentration.unbind(-2)))  # (a, b)
+        return concentration
 
     @property
     def mean_precision(self) -> torch.Tensor:
@@ -362,7 +369,7 @@ class BayesianGaussianMixture(GaussianViews, Mixture):
     @property
     def weight_concentration_prior_(self) -> torch.Tensor:
         self._prior()
-        return self._module_prior(self.latent.weight_concentration_prior, 0)
+        return self._module_prior(cast(torch.Tensor, self.latent.weight_concentration_prior), 0)  # (resolved)
 
     @property
     def mean_precision_prior_(self) -> torch.Tensor:

@@ -20,7 +20,7 @@ import csv
 import sys
 import warnings
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -137,7 +137,7 @@ def fit(args: argparse.Namespace) -> int:
 
 
 def predict(args: argparse.Namespace) -> int:
-    model = load(args.model)
+    model: Any = load(args.model)  # a saved model: predict, dtype and device
     X = torch.as_tensor(read_data(args.data), dtype=model.dtype, device=model.device)
     labels = model.predict(X).cpu().numpy()
     if args.out:
@@ -149,7 +149,7 @@ def predict(args: argparse.Namespace) -> int:
 
 
 def score(args: argparse.Namespace) -> int:
-    model = load(args.model)
+    model: Any = load(args.model)  # a saved model: score, dtype and device
     X = torch.as_tensor(read_data(args.data), dtype=model.dtype, device=model.device)
     print(f"{float(model.score(X)):.6f}")
     return 0

@@ -203,6 +203,7 @@ class StreamData:
     def parts(self) -> Iterator[Data]:
         """One :class:`Data` per batch of a pass (features not cached), checking the pass's size."""
         seen = 0
+        lengths: list[torch.Tensor]  # (B,) of a batch of padded sequences, if the source yields them
         for X, weights, *lengths in self.batches():
             seen += X.shape[-2]
             if self.n_local is not None and seen > self.n_local:  # stop before summing points of another dataset

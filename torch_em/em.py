@@ -28,7 +28,7 @@ import dataclasses
 import logging
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Any, Callable, TypeVar, cast
 
 import torch
 
@@ -45,6 +45,13 @@ from .own_reference import OwnReference
 from .params import Params, where_models  # noqa: F401  (the engine's parameter tree)
 from .priors import ModelPrior
 from .statistics import Statistics, floored_counts
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+    from .acceleration import SquaremMap
+
+ResultT = TypeVar("ResultT", bound="DataclassInstance")  # a result dataclass (EMResult, LloydResult, ...)
 
 logger = logging.getLogger(__name__)
 
@@ -138,8 +145,9 @@ def e_step(
                 marginal = family.marginal(chunk.missing, params.emission, data.reference if own is None else None)
                 log_joint = marginal_log_joint(latent, params, marginal.log_prob, scale)
             else:
+                T = cast(torch.Tensor, chunk.T)  # rows without missing entries have their features
                 h = chunk.h if chunk.h is None or scale == 1.0 else chunk.h * scale
-                log_joint = emission_log_prob(chunk.T, h, eta, const)  # (R, M, K, n)
+                log_joint = emission_log_prob(T, h, eta, const)  # (R, M, K, n)
                 if own is not None:
                     groups = own.groups(chunk.X, log_joint.shape[-2], log_joint.shape[1])
                     own.write_log_prob(groups, log_joint, scale)
@@ -152,14 +160,15 @@ def e_step(
                     about = statistics_reference(family, own, data.reference, params.emission)
                 sums = marginal.statistics(resp, about)
             else:
-                sums = weighted_statistics(chunk.T, resp)
+                sums = weighted_statistics(T, resp)
                 if own is not None:
                     own.write_statistics(groups, resp, sums)
             stats = Statistics(resp.sum(-1), sums, log_likelihood, latent_stats)
             total = stats if total is None else total + stats
+    result = cast(Statistics, total)  # the data have at least one chunk
     if own is not None:
-        own.attach_reference(total, data.reference)
-    return total
+        own.attach_reference(result, data.reference)
+    return result
 
 
 def marginal_log_joint(latent: LatentStructure, params: Params, log_prob: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
@@ -200,9 +209,10 @@ def posterior(latent: LatentStructure, family: ComponentFamily, params: Params, 
     without statistics (e.g. a differentiable layer's output)."""
     scale = latent.log_joint_scale
     eta, const = joint_parameters(latent, family, params, data.reference, scale)
-    parts = [latent.posterior(emission_log_prob(c.T, None if c.h is None else c.h * scale, eta, const),
+    # (complete rows: every chunk has its features; the data have at least one chunk)
+    parts = [latent.posterior(emission_log_prob(cast(torch.Tensor, c.T), None if c.h is None else c.h * scale, eta, const),
                               params.latent, c.weights, c.lengths) for c in data.chunks()]
-    return torch.cat([p[0] for p in parts], -1), sum(p[1] for p in parts)
+    return torch.cat([p[0] for p in parts], -1), cast(torch.Tensor, sum(p[1] for p in parts))
 
 
 def statistics_from_responsibilities(
@@ -216,14 +226,15 @@ def statistics_from_responsibilities(
         if chunk.weights is not None:
             resp = resp * chunk.weights.unsqueeze(-2)
         unknown = torch.full(resp.shape[:2], math.nan, dtype=resp.dtype, device=resp.device)  # no likelihood
-        sums = weighted_statistics(chunk.T, resp)
+        sums = weighted_statistics(cast(torch.Tensor, chunk.T), resp)  # (complete rows: features computed)
         if own is not None:
             own.write_statistics(own.groups(chunk.X, resp.shape[-2], resp.shape[1]), resp, sums)
         stats = Statistics(resp.sum(-1), sums, unknown)
         total = stats if total is None else total + stats
+    result = cast(Statistics, total)  # the data have at least one chunk
     if own is not None:
-        own.attach_reference(total, data.reference)
-    return total
+        own.attach_reference(result, data.reference)
+    return result
 
 
 def worst_point_features(
@@ -232,8 +243,10 @@ def worst_point_features(
     """Features (R, M, k, F) of the k points with the lowest log-likelihood per model, worst
     first (points of weight 0 are not candidates)."""
     eta, const = joint_parameters(latent, family, params, data.reference)
-    best_values = best_features = None
-    for T, h, weights in ((c.T, c.h, c.weights) for c in data.chunks()):
+    best_values: torch.Tensor | None = None
+    best_features: torch.Tensor | None = None
+    # (complete rows: every chunk has its features)
+    for T, h, weights in ((cast(torch.Tensor, c.T), c.h, c.weights) for c in data.chunks()):
         _, ll = log_normalize(emission_log_prob(T, h, eta, const), dim=-2, inplace=True)  # ll (R, M, n)
         if weights is not None:
             ll = ll.masked_fill(weights == 0, math.inf)
@@ -243,16 +256,17 @@ def worst_point_features(
         else:
             expanded = T.expand(ll.shape[0], *T.shape)
             feats = expanded.gather(2, index.unsqueeze(-1).expand(*index.shape, T.shape[-1]))
-        if best_values is not None:
+        if best_values is not None and best_features is not None:  # (set together)
             values = torch.cat([best_values, values], -1)
             feats = torch.cat([best_features, feats], -2)
             values, keep = values.topk(min(k, values.shape[-1]), dim=-1, largest=False)
             feats = feats.gather(2, keep.unsqueeze(-1).expand(*keep.shape, feats.shape[-1]))
         best_values, best_features = values, feats
-    if best_features.shape[2] < k:  # fewer points than components: repeat the worst ones
-        repeats = math.ceil(k / best_features.shape[2])
-        best_features = best_features.repeat(1, 1, repeats, 1)[:, :, :k]
-    return best_features
+    worst = cast(torch.Tensor, best_features)  # the data have at least one chunk
+    if worst.shape[2] < k:  # fewer points than components: repeat the worst ones
+        repeats = math.ceil(k / worst.shape[2])
+        worst = worst.repeat(1, 1, repeats, 1)[:, :, :k]
+    return worst
 
 
 def worst_points(latent: LatentStructure, family: ComponentFamily, params: Params, data: Data | StreamData,
@@ -458,7 +472,7 @@ class EMMap:
             if self.prior is None:
                 return stats.log_likelihood / self.data.total_weight
             return (stats.log_likelihood + self.prior.log_prob(params)) / self.data.total_weight
-        emission_bound = self.family.variational_bound(new.emission)
+        emission_bound = self.family.variational_bound(cast(Params, new).emission)  # (a bound needs new)
         return bound if emission_bound is None else bound + emission_bound
 
     def maximise(self, params: Params, stats: Statistics, active: torch.Tensor, own: OwnReference | None,
@@ -528,7 +542,7 @@ class EMResult:
         return self.params.emission
 
 
-def cat_restarts(results: list) -> "EMResult":
+def cat_restarts(results: list[ResultT]) -> ResultT:
     """Results of batches of restarts (R_i, M, ...) joined along the restart axis, in order.
     Works for any result dataclass whose fields are tensors, dicts of tensors or :class:`Params`;
     a per-iteration history (last axis) is padded with its last value to the longest one."""
@@ -541,7 +555,7 @@ def cat_restarts(results: list) -> "EMResult":
             values = [_pad_with_last(value, length) for value in values]
         return torch.cat(values, 0)
 
-    joined = {}
+    joined: dict[str, Any] = {}
     for field in dataclasses.fields(results[0]):
         values = [getattr(result, field.name) for result in results]
         if field.name == "failures":
@@ -584,8 +598,8 @@ class _WorkingBatch:
         full.view(-1, *values.shape[2:])[self.index] = values[0]
         return full
 
-    def flushed(self, full: dict, params: Params, n_iter: torch.Tensor, converged: torch.Tensor,
-                lower_bound: torch.Tensor) -> dict:
+    def flushed(self, full: dict[str, Any], params: Params, n_iter: torch.Tensor, converged: torch.Tensor,
+                lower_bound: torch.Tensor) -> dict[str, Any]:
         """The full-batch results ``full`` with the working batch's current values written in."""
         if self.index is None:
             return {"params": params, "n_iter": n_iter, "converged": converged, "lower_bound": lower_bound}
@@ -595,7 +609,7 @@ class _WorkingBatch:
 
 
 def run_em(
-    em_map: EMMap, params: Params, *, max_iter: int, tol: float, progress=None,
+    em_map: EMMap | SquaremMap, params: Params, *, max_iter: int, tol: float, progress=None,
     previous_lower_bound: torch.Tensor | None = None, failures: Failures | None = None,
     stage: str = "EM iteration",
 ) -> EMResult:
@@ -631,7 +645,7 @@ def run_em(
         previous = previous_lower_bound.to(previous).expand(R, M)
     lower_bound = torch.full_like(previous, math.nan)
     # Per-model results in the full batch: exact for the models the working batch no longer holds.
-    full = {"params": params, "n_iter": n_iter, "converged": converged, "lower_bound": lower_bound}
+    full: dict[str, Any] = {"params": params, "n_iter": n_iter, "converged": converged, "lower_bound": lower_bound}
     history = []
     n_active = int(active.sum())
     last_valid = params  # the parameters whose lower bound was last computed

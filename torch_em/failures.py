@@ -8,7 +8,7 @@ raises :class:`ModelFailed`, which the module turns into an ``IllConditionedErro
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, cast
 
 import torch
 
@@ -66,7 +66,9 @@ class Failures:
         if all(part is None for part in parts):
             return None
         failed, reasons, offset = [], {}, 0
-        for part in parts:
+        for maybe_part in parts:
+            # a fit records the failures of all its batches of restarts or of none
+            part = cast(Failures, maybe_part)
             failed.append(part.failed)
             reasons.update({(r + offset, m): reason for (r, m), reason in part.reasons.items()})
             offset += part.failed.shape[0]

@@ -31,7 +31,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence, cast
 
 import torch
 
@@ -42,6 +42,9 @@ from ._validation import (
 from .families.base import ComponentFamily, IllConditionedError, Theta
 from .latent import MIXTURE
 from .layout import Layout
+
+if TYPE_CHECKING:
+    from .families.gaussian import Gaussian
 
 GRADIENT_MODES = ("unrolled", "last", "implicit", "none")
 #: The adjoint iteration has diverged once an update exceeds the incoming gradient by this factor.
@@ -83,7 +86,7 @@ class EMState:
     def covariances(self) -> torch.Tensor:
         """Covariances in scikit-learn's per-type shapes with the batch in front (Gaussian families)."""
         self._require_gaussian("covariances")
-        return self.family.covariance(self.theta)
+        return cast("Gaussian", self.family).covariance(self.theta)  # (checked: a Gaussian family)
 
     def parameters(self) -> Theta:
         """``{"logits": ..., **theta}``: usable as ``init`` of another call (a warm start)."""

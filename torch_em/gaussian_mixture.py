@@ -1,11 +1,12 @@
 """``GaussianMixture``: the mixture with the Gaussian family and scikit-learn's API."""
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
 from ._validation import check_positive
+from .families.base import Theta
 from .families.gaussian import Gaussian
 from .mixture import Mixture
 from .priors import PriorSpec
@@ -17,6 +18,9 @@ class GaussianViews:
     initial values (on the family) and the constrained parameters."""
 
     family: Gaussian
+
+    if TYPE_CHECKING:  # the model's (LatentModel.theta)
+        def theta(self) -> Theta: ...
 
     @property
     def covariance_type(self) -> str:

@@ -14,7 +14,7 @@ Parameters (unconstrained, ``(*batch_shape, ...)``): ``start_logits (*b, K)``,
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -234,9 +234,12 @@ class HMM(LatentModel):
             sample.add(steps)
         if n_points == 0:
             raise ValueError("X (the batch source) yielded no batch")
-        mean = None if total is None else torch.where(n_observed > 0, total / n_observed.clamp_min(1), 0.0)
+        # (total and n_observed are set together; a batch was seen: its number of features, its steps in the sample)
+        mean = None if total is None or n_observed is None else torch.where(
+            n_observed > 0, total / n_observed.clamp_min(1), 0.0)
         reference = distributed.combined_reference(mean, n_points)
-        chunk = self._hmm_chunk_size(n_features, 1.0 if missing else 0.0)  # at worst, every step its own pattern
+        seen_features = cast(int, n_features)
+        chunk = self._hmm_chunk_size(seen_features, 1.0 if missing else 0.0)  # at worst, every step its own pattern
         n_total = distributed.total_points(n_points, self.device)
         if n_total < self.n_components:
             raise ValueError(f"X must have at least {self.n_components} time step(s) in all (one per component), "
@@ -247,10 +250,10 @@ class HMM(LatentModel):
                 sequences, weights = self._batch(raw, n_features)
                 yield sequences.rows, weights, sequences.lengths
 
-        points = sample.points
+        points = cast(torch.Tensor, sample.points)
         if missing:  # initialisation works on the sample with missing entries at the coordinates' means
             points = mean_imputed(points, observed_means(points) if reference is None else reference)
-        sample_data = em.Data(self.family, points, reference, self._hmm_chunk_size(n_features))
+        sample_data = em.Data(self.family, points, reference, self._hmm_chunk_size(seen_features))
         return em.StreamData(self.family, batches, reference, distributed.total_weight(float(n_points), self.device),
                              chunk, sample_data, n_local=n_rows, name="X (the batch source)")
 
@@ -334,7 +337,7 @@ class HMM(LatentModel):
         (:mod:`torch_em.missing`), in the same budget."""
         if self.chunk_size:
             return self.chunk_size
-        per_row = self.n_models * self.n_components
+        per_row: float = self.n_models * self.n_components
         if pattern_share:
             per_row = per_row * (4 * n_features + 3 * n_features ** 2 * pattern_share)
         return max(1, HMM_CHUNK_ELEMENTS // max(1, int(per_row) + self.family.n_statistics(n_features)))

@@ -29,6 +29,8 @@ class GaussianHMM(GaussianViews, HMM):
     batch dims allowed.
     """
 
+    family: Gaussian
+
     def __init__(self, n_components: int = 1, covariance_type: str = "diag", n_features: int | None = None, *,
                  reg_covar: float = 1e-6, means_init: Any = None, precisions_init: Any = None, **options: Any) -> None:
         family = Gaussian(covariance_type, reg_covar, means_init=means_init, precisions_init=precisions_init)
@@ -60,6 +62,8 @@ class GMMHMM(GaussianViews, HMM):
         weights ``(*b, K, n_mix)``; means ``(*b, K, n_mix, D)``; covariances full
         ``(*b, K, n_mix, D, D)``, diag ``(*b, K, n_mix, D)``, spherical ``(*b, K, n_mix)``.
     """
+
+    family: Gaussian
 
     def __init__(self, n_components: int = 1, n_mix: int = 1, covariance_type: str = "diag",
                  n_features: int | None = None, *, reg_covar: float = 1e-6, weights_init: Any = None,
@@ -156,6 +160,8 @@ class CategoricalHMM(HMM):
         super().__init__(n_components, Categorical(n_features, probs_init=probs), 1, **options)
         self.n_symbols = int(n_features)
 
+    family: Categorical
+
     def _config(self) -> dict[str, Any]:
         probs = self.family.probs_init
         return {**_hmm_options(super()._config(), self.n_states), "n_features": self.n_symbols,
@@ -174,6 +180,8 @@ class PoissonHMM(HMM):
     def __init__(self, n_components: int = 1, n_features: int | None = None, *, lambdas_init: Any = None,
                  **options: Any) -> None:
         super().__init__(n_components, Poisson(rates_init=lambdas_init), n_features, **options)
+
+    family: Poisson
 
     def _config(self) -> dict[str, Any]:
         return {**_hmm_options(super()._config(), self.n_states), "lambdas_init": self.family.rates_init}

@@ -9,7 +9,7 @@ many restarts run. Sample weights, where a function takes them, are ``(N,)`` or 
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
@@ -29,6 +29,9 @@ from .lloyd import (
     accumulator_dtype, broadcast_weights, gather_points, lloyd, nearest, relative_tolerance, row_chunks, squared_distances,
     weighted_total,
 )
+
+if TYPE_CHECKING:
+    from .kmeans import DrawsSharedByModels
 
 METHODS = ("k-means++", "kmeans", "random", "random_from_data")
 #: Lloyd iterations run after k-means++ seeding by the default initialisation.
@@ -83,7 +86,7 @@ def kmeans_plusplus(
 
 
 def kmeans_plusplus_indices(
-    X: torch.Tensor, M: int, K: int, streams: RestartStreams, chunk_size: int,
+    X: torch.Tensor, M: int, K: int, streams: RestartStreams | DrawsSharedByModels, chunk_size: int,
     weights: torch.Tensor | None = None, n_local_trials: int | None = None,
 ) -> torch.Tensor:
     """Greedy k-means++ seeding (as scikit-learn): each new centre is the best of
@@ -147,13 +150,13 @@ def best_of_seedings(
     S = n_seedings or (N_SEEDINGS if X.dim() == 2 else 1)
     R = len(streams)
 
-    def per_seeding(value: torch.Tensor | None, dim: int = 0) -> torch.Tensor | None:
-        return None if value is None else value.repeat_interleave(S, dim)
+    def per_seeding(value: torch.Tensor, dim: int = 0) -> torch.Tensor:
+        return value.repeat_interleave(S, dim)
 
     many_X = X if X.dim() == 2 else per_seeding(X)  # (N, D) shared, or (M * S, N, D)
     many_weights = weights if weights is None or weights.dim() == 1 else per_seeding(weights)
     many_tol = tol if tol.dim() == 0 else per_seeding(tol)
-    many_components = per_seeding(components, 1)
+    many_components = None if components is None else per_seeding(components, 1)
     seeded = kmeans_plusplus(many_X, M * S, K, streams, chunk_size, many_weights)  # (R, M * S, K, D)
     result = lloyd(many_X, seeded, max_iter=SEEDING_LLOYD_ITERATIONS, tol=many_tol, chunk_size=chunk_size,
                    weights=many_weights, components=many_components)
@@ -239,6 +242,7 @@ def initial_parameters(
     streams = RestartStreams(seed, restarts, X.device)
     if user_centres is not None:
         user_centres = family.embedding(layout.restarts(user_centres, R), reference)
+    resp: Callable[[int, int], torch.Tensor]
     if responsibilities is not None:
         def resp(start: int, stop: int) -> torch.Tensor:
             return responsibilities(start, stop).expand(R, M, K, stop - start)

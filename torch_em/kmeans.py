@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, cast, overload
 
 import numpy as np
 import torch
@@ -38,6 +38,12 @@ def default_chunk(n_centres: int) -> int:
     return max(256, CHUNK_ELEMENTS // n_centres)
 
 
+@overload
+def per_model(value: torch.Tensor, n_models: int, event_dims: int) -> torch.Tensor: ...
+@overload
+def per_model(value: None, n_models: int, event_dims: int) -> None: ...
+@overload
+def per_model(value: torch.Tensor | None, n_models: int, event_dims: int) -> torch.Tensor | None: ...
 def per_model(value: torch.Tensor | None, n_models: int, event_dims: int) -> torch.Tensor | None:
     """Data (N, D) (``event_dims=2``) or weights (N,) (``event_dims=1``) as they are, shared by
     every model; with batch dimensions in front flattened to (M, N, D) or (M, N)."""
@@ -120,6 +126,11 @@ class KMeans(Saveable, CheckedLoad, FollowsDataDtype):
     """
 
     _dtype_buffer = "cluster_centers_"
+    # buffers registered in __init__ (the stream's None until partial_fit sets them)
+    cluster_centers_: torch.Tensor
+    stream_counts: torch.Tensor | None
+    stream_sums: torch.Tensor | None
+    stream_steps: torch.Tensor | None
 
     def __init__(
         self,
@@ -248,6 +259,7 @@ class KMeans(Saveable, CheckedLoad, FollowsDataDtype):
             X: ``(N, D)`` or ``(*batch_shape, N, D)``; sample_weight: ``(N,)`` or ``(*batch_shape, N)``.
         """
         started = self.stream_steps is not None
+        steps_so_far = 0 if self.stream_steps is None else int(self.stream_steps)
         X, weights = self._validated_input(X, fitting=self.n_features is None, sample_weight=sample_weight)
         M, K, D = self.n_models, self.n_clusters, X.shape[-1]
         X, weights = per_model(X, M, 2), per_model(weights, M, 1)
@@ -264,22 +276,24 @@ class KMeans(Saveable, CheckedLoad, FollowsDataDtype):
         total = (X.new_tensor(X.shape[-2]) if weights is None else weights.sum(-1)).expand(1, M)  # the batch's weight
         batch = Statistics(counts, sums, -inertia).scaled(1 / total)  # per (weighted) point
         if started:  # the stepwise rule of online EM, with the same schedule
-            running = Statistics(self.stream_counts.reshape(1, M, K), self.stream_sums.reshape(1, M, K, D), -inertia)
-            batch = running.lerp(batch, self.schedule.rho(int(self.stream_steps)))
+            # (mid-stream: the running statistics are set)
+            counts_so_far, sums_so_far = cast(torch.Tensor, self.stream_counts), cast(torch.Tensor, self.stream_sums)
+            running = Statistics(counts_so_far.reshape(1, M, K), sums_so_far.reshape(1, M, K, D), -inertia)
+            batch = running.lerp(batch, self.schedule.rho(steps_so_far))
         counts, sums = batch.counts, batch.sums
         reached = counts > 0
         centres = torch.where(reached.unsqueeze(-1), sums / counts.clamp_min(torch.finfo(X.dtype).tiny).unsqueeze(-1), centres)
         self.cluster_centers_ = centres[0].reshape(*self.batch_shape, K, D)
         self.stream_counts = counts[0].reshape(*self.batch_shape, K)
         self.stream_sums = sums[0].reshape(*self.batch_shape, K, D)
-        self.stream_steps = torch.tensor(int(self.stream_steps) + 1 if started else 1, device=X.device)
+        self.stream_steps = torch.tensor(steps_so_far + 1, device=X.device)
         self.inertia_ = inertia[0].reshape(self.batch_shape)
         return self
 
     @torch.no_grad()
     def fit_predict(self, X: Any, y: Any = None, sample_weight: Any = None) -> torch.Tensor:
         """:meth:`fit`, then the labels ``(*batch_shape, N)``; ``y`` is ignored."""
-        return self.fit(X, sample_weight=sample_weight).labels_
+        return cast(torch.Tensor, self.fit(X, sample_weight=sample_weight).labels_)  # set by fit
 
     @without_autocast
     @torch.no_grad()
@@ -376,10 +390,11 @@ class KMeans(Saveable, CheckedLoad, FollowsDataDtype):
         name = "init(X, n_clusters, random_state)"
         data = X.detach().cpu().numpy()
         random_state = np.random.RandomState(np.random.MT19937(resolve_seed(self.seed)))
+        init = cast(Callable[..., Any], self.init)  # (called for a callable init)
         centres = []
         for _ in range(n_restarts):
             for m in range(M):
-                returned = self.init(np.array(data if X.dim() == 2 else data[m]), K, random_state=random_state)
+                returned = init(np.array(data if X.dim() == 2 else data[m]), K, random_state=random_state)
                 tensor = as_float_tensor(returned, name, device=X.device, dtype=X.dtype)
                 if tuple(tensor.shape) != (K, D):
                     raise ValueError(f"{name} must return centres of shape ({K}, {D}), got {tuple(tensor.shape)}")
@@ -424,7 +439,8 @@ class KMeans(Saveable, CheckedLoad, FollowsDataDtype):
         stream = any(name in state for name in STREAM_BUFFERS)
         if stream and not fitted:
             raise ValueError(f"state_dict has mini-batch state {[prefix + n for n in STREAM_BUFFERS]} but no centres for {owner}")
-        shapes = {
+        # (D is None only when nothing is fitted: then no stream entry is accepted)
+        shapes: dict[str, Any] = {
             "cluster_centers_": fitted if stream or self.n_features is not None else [*fitted, (0,)],
             "stream_counts": [(*batch, K)], "stream_sums": [(*batch, K, D)], "stream_steps": [()],
         }

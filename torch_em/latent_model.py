@@ -17,7 +17,7 @@ import logging
 import math
 import numbers
 import warnings
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, TypeVar, cast
 
 import torch
 from torch import nn
@@ -57,6 +57,8 @@ ACCELERATIONS = ("squarem",)
 #: A FitFailedWarning quotes the reasons of at most this many failed models.
 QUOTED_FAILURES = 3
 
+ModelT = TypeVar("ModelT", bound="LatentModel")  # the model class, which _fit etc. return
+
 
 class LatentModel(Saveable, CheckedLoad, FollowsDataDtype):
     """A batch of models with hidden states of ``latent`` and emissions of ``n_components``
@@ -76,6 +78,13 @@ class LatentModel(Saveable, CheckedLoad, FollowsDataDtype):
     _initial_softening: float = 0.0
     #: Whether the model marginalises missing entries (NaN) with ``missing="marginalize"``.
     _marginalises_missing: bool = False
+    # buffers registered in __init__ (None until set)
+    _anchor: torch.Tensor
+    stream_counts: torch.Tensor | None
+    stream_sums: torch.Tensor | None
+    stream_steps: torch.Tensor | None
+    stream_shift: torch.Tensor | None
+    stream_weight: torch.Tensor | None
 
     def __init__(
         self,
@@ -260,7 +269,8 @@ class LatentModel(Saveable, CheckedLoad, FollowsDataDtype):
     def n_parameters(self) -> int:
         """Free parameters of one model (for BIC/AIC)."""
         self._require_parameters()
-        return self.family.n_free_parameters(self.n_components, self.n_features) + self.latent.n_free_parameters(self.n_components)
+        n_features = cast(int, self.n_features)  # set: the module has parameters
+        return self.family.n_free_parameters(self.n_components, n_features) + self.latent.n_free_parameters(self.n_components)
 
     def __getattr__(self, name: str) -> Any:
         # A property that raised AttributeError (NotFittedError before a fit) lands here: raise
@@ -271,15 +281,17 @@ class LatentModel(Saveable, CheckedLoad, FollowsDataDtype):
         return super().__getattr__(name)
 
     # --- fitting ----------------------------------------------------------------------------
-    def _initialize(self, data: em.Data | em.StreamData) -> "LatentModel":
+    def _initialize(self: ModelT, data: em.Data | em.StreamData) -> ModelT:
         """The initial parameters of :meth:`fit` (``init_params``, the user's initial values and
         the first M-step), without EM: ``n_iter_`` 0, ``lower_bound_`` -inf, not converged
         (what scikit-learn's ``max_iter=0`` returns). Every restart is drawn; restart 0 is kept."""
         self._fit(data, False, 0)
-        self.lower_bound_ = torch.full_like(self.lower_bound_, -math.inf).masked_fill(self.failed_, math.nan)
+        # (both set by _fit)
+        self.lower_bound_ = torch.full_like(cast(torch.Tensor, self.lower_bound_), -math.inf).masked_fill(
+            cast(torch.Tensor, self.failed_), math.nan)
         return self
 
-    def _fit(self, data: em.Data | em.StreamData, verbose: bool, max_iter: int) -> "LatentModel":
+    def _fit(self: ModelT, data: em.Data | em.StreamData, verbose: bool, max_iter: int) -> ModelT:
         """``fit`` of prepared ``data`` with at most ``max_iter`` EM iterations (0: the
         initialisation alone)."""
         M, layout = self.n_models, self._layout
@@ -303,12 +315,13 @@ class LatentModel(Saveable, CheckedLoad, FollowsDataDtype):
         self.lower_bound_history_ = layout.pick(result.history, best)
         self._clear_stream()  # a later partial_fit starts a new stream from these parameters
         self._record_failures(result.failures, best)
-        not_converged = ~self.converged_ & ~self.failed_
+        failed = cast(torch.Tensor, self.failed_)  # set by _record_failures
+        not_converged = ~self.converged_ & ~failed
         if logger.isEnabledFor(logging.INFO) and max_iter > 0:
             logger.info("%s.fit: %d model(s) x %d restart group(s): %d converged, %d failed, %d-%d iterations, "
                         "mean lower bound %.6g", type(self).__name__, M, len(groups), int(self.converged_.sum()),
-                        int(self.failed_.sum()), int(self.n_iter_.min()), int(self.n_iter_.max()),
-                        float(self.lower_bound_[~self.failed_].double().mean()) if bool((~self.failed_).any())
+                        int(failed.sum()), int(self.n_iter_.min()), int(self.n_iter_.max()),
+                        float(self.lower_bound_[~failed].double().mean()) if bool((~failed).any())
                         else math.nan)
         if bool(not_converged.any()) and max_iter > 0:
             warnings.warn(
@@ -467,11 +480,12 @@ class LatentModel(Saveable, CheckedLoad, FollowsDataDtype):
         -> (1, M, K, stop - start)``, or None (the default)."""
         return None
 
-    def _partial_fit(self, X: torch.Tensor, make_data: Callable[[torch.Tensor | None, int], em.Data]) -> "LatentModel":
+    def _partial_fit(self: ModelT, X: torch.Tensor, make_data: Callable[[torch.Tensor | None, int], em.Data]) -> ModelT:
         """The stepwise EM update of ``partial_fit`` from a validated batch ``X`` (working layout)
         whose engine data ``make_data(reference, chunk_size)`` builds (with its weights)."""
         M, layout = self.n_models, self._layout
         started = self.stream_steps is not None
+        steps_so_far = 0 if self.stream_steps is None else int(self.stream_steps)
         n_features = X.shape[-1]
         chunk = self._default_chunk_size(n_features, pattern_share(X))
         every_model = torch.ones(1, M, dtype=torch.bool, device=X.device)
@@ -490,12 +504,12 @@ class LatentModel(Saveable, CheckedLoad, FollowsDataDtype):
         seen = layout.working(self.stream_weight)[0] if started and self.stream_weight is not None else None
         batch_weight = torch.as_tensor(data.total_weight, dtype=X.dtype, device=X.device).expand(M)
         if seen is None:  # (a stream begun before its weight was recorded: as many points per batch as this one)
-            seen = batch_weight * (int(self.stream_steps) if started else 0)
+            seen = batch_weight * steps_so_far
         with self._naming_failures():
             if started:
                 params = self._working_parameters()
                 if self.averaging_start is not None:  # the parameters hold the average: the iterate is the running M-step
-                    params, invalid = em.m_step(self.latent, self.family, running, reference, every_model,
+                    params, invalid = em.m_step(self.latent, self.family, cast(em.Statistics, running), reference, every_model,
                                                 self._fixed_parameters(None),
                                                 prior=None if prior is None else prior.scaled(1 / seen))
                     em.record_failures(failures, invalid.any(-1),
@@ -508,7 +522,7 @@ class LatentModel(Saveable, CheckedLoad, FollowsDataDtype):
             updating = every_model if failures is None else ~failures.failed
             step_prior = None if prior is None else prior.scaled(batch_weight / (seen + batch_weight))
             step = em.online_step(self._em_map(data, fixed, step_prior), params, running,
-                                  self.schedule.rho(int(self.stream_steps) if started else 0), updating)
+                                  self.schedule.rho(steps_so_far), updating)
             infinite = ~torch.isfinite(step.batch_log_likelihood) & updating  # (1, M)
             em.record_failures(failures, infinite, lambda r, m: em.Failure(
                 "partial_fit", None, "use float64 or scale the data", likelihood="batch log-likelihood"))
@@ -524,7 +538,7 @@ class LatentModel(Saveable, CheckedLoad, FollowsDataDtype):
             new_theta = {name: em.where_models(skipped, held[name], value) for name, value in new_theta.items()}
             new_running = {name: em.where_models(skipped, getattr(self, name) if started else 0.0, value)
                            for name, value in new_running.items()}
-        steps = 1 if not started else int(self.stream_steps) + 1
+        steps = steps_so_far + 1
         averaged = 0 if self.averaging_start is None else steps - self.averaging_start  # iterates in the average
         if averaged > 1:  # Polyak-Ruppert: running mean of the unconstrained parameters
             new_theta = {name: old + (new_theta[name] - old) / averaged
@@ -541,15 +555,16 @@ class LatentModel(Saveable, CheckedLoad, FollowsDataDtype):
         logger.debug("%s.partial_fit: step %d, step size %.4g", type(self).__name__, steps,
                      self.schedule.rho(steps - 1))
         mean = step.batch_log_likelihood[0] / data.total_weight
-        self.lower_bound_ = layout.module(mean).masked_fill(self.failed_, math.nan)
+        self.lower_bound_ = layout.module(mean).masked_fill(cast(torch.Tensor, self.failed_), math.nan)  # (set by _record_failures)
         return self
 
     def _running_statistics(self) -> em.Statistics:
         """The running statistics of online EM (per point; working layout (1, M, ...))."""
         layout = self._layout
-        counts = layout.working(self.stream_counts)
+        # (called mid-stream, when the running statistics are set)
+        counts = layout.working(cast(torch.Tensor, self.stream_counts))
         latent = {name: layout.working(getattr(self, f"stream_{name}")) for name in self.latent.statistic_names}
-        return em.Statistics(counts, layout.working(self.stream_sums), counts.new_zeros(counts.shape[:2]), latent)
+        return em.Statistics(counts, layout.working(cast(torch.Tensor, self.stream_sums)), counts.new_zeros(counts.shape[:2]), latent)
 
     def _module_values(self) -> Theta:
         """Every parameter (the live ``nn.Parameter`` s), latent logits first, by module name."""
@@ -738,8 +753,9 @@ class LatentModel(Saveable, CheckedLoad, FollowsDataDtype):
         held_latent = [self._latent_names[name] for name in names if name in self._latent_names]
         held_emission = [name for name in names if name not in self._latent_names]
         if not self.is_initialized:
-            return em.Params({name: params.latent[name] for name in held_latent},
-                             {name: params.emission[name] for name in held_emission})
+            initial = cast(em.Params, params)  # a module without parameters is given its initial ones
+            return em.Params({name: initial.latent[name] for name in held_latent},
+                             {name: initial.emission[name] for name in held_emission})
         n_restarts = 1 if params is None else params.batch[0]
         current = self._working_parameters()
         held = em.Params({name: current.latent[name] for name in held_latent},
@@ -812,7 +828,7 @@ class LatentModel(Saveable, CheckedLoad, FollowsDataDtype):
                   **self.family.event_shapes(K, D),
                   "stream_counts": (K,), "stream_sums": (K, self.family.n_statistics(D)),
                   **{f"stream_{name}": shape for name, shape in self.latent.statistic_shapes(K).items()}}
-        shapes = {name: [(*batch, *event)] for name, event in events.items()}
+        shapes: dict[str, list[tuple[int, ...]] | None] = {name: [(*batch, *event)] for name, event in events.items()}
         shapes["stream_steps"] = [()]
         shapes["stream_weight"] = [batch]
         shapes["stream_shift"] = [(1, D), (self.n_models, 1, D)]  # reference of shared or per-model data

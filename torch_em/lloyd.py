@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 
@@ -193,7 +194,8 @@ def _move_points(
         mass = weights.reshape(-1).index_select(0, weight_rows).to(sums.dtype)
         points = points * mass.unsqueeze(-1)
         positive = (mass > 0).long()
-        members.view(-1).index_add_(0, into, positive).index_add_(0, out_of, positive, alpha=-1)
+        # (members is given with weights)
+        cast(torch.Tensor, members).view(-1).index_add_(0, into, positive).index_add_(0, out_of, positive, alpha=-1)
     sums.view(-1, D).index_add_(0, into, points).index_add_(0, out_of, points, alpha=-1)
     counts.view(-1).index_add_(0, into, mass).index_add_(0, out_of, mass, alpha=-1)
 
@@ -297,7 +299,8 @@ def lloyd(
             components = None if components is None else running(components)
             models = batch.index % M  # the data of the running models, from the whole batch's
             X, norms = (X, norms) if X.dim() == 2 else (every_X[models], every_norms[models])
-            weights = weights if weights is None or weights.dim() == 1 else every_weights[models]
+            # (weights per model: every_weights is the whole batch's, not None)
+            weights = weights if weights is None or weights.dim() == 1 else cast(torch.Tensor, every_weights)[models]
     results = dict(centres=centres, labels=labels, dist=dist, n_iter=n_iter, active=active)
     done = {name: batch.to_full(value, full.get(name, False)) for name, value in results.items()}
     return LloydResult(done["centres"], done["labels"], done["dist"], done["n_iter"], ~done["active"])

@@ -11,7 +11,7 @@ not depend on the latent structure (restarts, failures, online EM, state) is
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any, Sequence, cast
 
 import torch
 
@@ -316,8 +316,9 @@ class Mixture(LatentModel):
         log_prob = self._evaluated(X, self.log_prob, -1)
         if sample_weight is None:
             return self._reported(log_prob.mean(-1), "score")
-        weights = check_sample_weight(sample_weight, "sample_weight", n_points=log_prob.shape[-1],
-                                      batch_shape=self.batch_shape, device=log_prob.device, dtype=log_prob.dtype)
+        weights = cast(torch.Tensor, check_sample_weight(  # (given: a tensor)
+            sample_weight, "sample_weight", n_points=log_prob.shape[-1], batch_shape=self.batch_shape,
+            device=log_prob.device, dtype=log_prob.dtype))
         return self._reported((log_prob * weights).sum(-1) / weights.sum(-1), "score")
 
     @torch.no_grad()

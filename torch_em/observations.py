@@ -10,7 +10,7 @@ a uniform sample of bounded size for initialisation.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 import torch
 
@@ -43,7 +43,7 @@ class Observations:
     n_components: int
     n_features: int | None
     validate: Callable[..., torch.Tensor]
-    chunk_size: Callable[[int], int]
+    chunk_size: Callable[..., int]  # (n_features, pattern_share=0.0) -> rows per chunk
     sample_size: int
     seed: int | None
     generator: Callable[[], torch.Generator]
@@ -85,6 +85,7 @@ class Observations:
         ``(x, w, ...)``)."""
         weighted = _weights_in_batches(sample_weight)
         sample = StreamSample(self.sample_size, self.generator())
+        total_weight: float | torch.Tensor
         n_points, total, n_features, shared, total_weight = 0, None, self.n_features, None, 0.0
         n_observed, missing = None, False
         for raw in source():
@@ -102,22 +103,26 @@ class Observations:
                 total = batch_sum if total is None else total + batch_sum
                 n_observed = batch_count if n_observed is None else n_observed + batch_count
             sample.add(batch, weights)
-        mean = None if total is None else torch.where(n_observed > 0, total / n_observed.clamp_min(1), 0.0)
+        # (total and n_observed are set together)
+        mean = None if total is None or n_observed is None else torch.where(
+            n_observed > 0, total / n_observed.clamp_min(1), 0.0)
         reference = distributed.combined_reference(mean, n_points)
         n_local, n_points = n_points, distributed.total_points(n_points, self.device)
         if n_points < self.n_components:
             raise ValueError(f"X must have at least {self.n_components} sample(s) (one per component), "
                              f"got N={n_points} in all batches")
-        chunk = self.chunk_size(n_features, pattern_share=1.0 if missing else 0.0)  # at worst, every row its own pattern
+        # (at least one batch was seen: its number of features, its points in the sample)
+        seen_features = cast(int, n_features)
+        chunk = self.chunk_size(seen_features, pattern_share=1.0 if missing else 0.0)  # at worst, every row its own pattern
 
         def batches():
             for raw in source():
                 yield self._batch(raw, n_features, weighted)
 
-        points = sample.points
+        points = cast(torch.Tensor, sample.points)
         if missing:  # initialisation works on the sample with missing entries at the coordinates' means
             points = mean_imputed(points, observed_means(points) if reference is None else reference)
-        sample_data = Data(self.family, points, reference, self.chunk_size(n_features), weights=sample.weights)
+        sample_data = Data(self.family, points, reference, self.chunk_size(seen_features), weights=sample.weights)
         return StreamData(self.family, batches, reference, distributed.total_weight(total_weight, self.device), chunk,
                           sample_data, n_local=n_local, name="X (the batch source)")
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, cast
 
 import torch
 
@@ -21,7 +21,7 @@ class Params:
     @property
     def batch(self) -> tuple[int, int]:
         """(R, M)."""
-        return tuple(next(iter({**self.latent, **self.emission}.values())).shape[:2])
+        return cast(tuple[int, int], tuple(next(iter({**self.latent, **self.emission}.values())).shape[:2]))
 
     def map(self, function: Callable[[torch.Tensor], torch.Tensor]) -> "Params":
         return Params({n: function(v) for n, v in self.latent.items()}, {n: function(v) for n, v in self.emission.items()})

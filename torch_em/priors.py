@@ -51,7 +51,7 @@ M-steps take counts per statistic for this. The flat limit ``kappa = 0, Psi = 0`
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence, TypeVar, cast
 
 import torch
 
@@ -237,10 +237,13 @@ def _at_least(tensor: torch.Tensor, bound: float, name: str, why: str) -> None:
         raise ValueError(f"{name} must be at least {bound:g} ({why}), got minimum {float(tensor.min()):.4g}")
 
 
+PriorT = TypeVar("PriorT", bound="ResolvedPrior")
+
+
 class ResolvedPrior:
     """A prior's hyperparameters as tensors (1, M, ...), and what the engine asks of them."""
 
-    def models(self, index: torch.Tensor) -> "ResolvedPrior":
+    def models(self: PriorT, index: torch.Tensor) -> PriorT:
         """The prior of the models at positions ``index`` (A,) of M."""
         selected = type(self).__new__(type(self))
         selected.__dict__.update({name: value.index_select(1, index) if isinstance(value, torch.Tensor) else value
@@ -552,16 +555,17 @@ def emission_prior(spec: Any, context: Context) -> EmissionPrior | None:
         return None if all(part is None for part in parts) else ProductPrior(family, parts)
     if isinstance(spec, (list, tuple)):
         raise ValueError(f"a list of priors is for a Product family's blocks, got one for {type(family).__name__}")
-    builders = {Gaussian: (_gaussian_prior, NormalInverseWishart), Bernoulli: (_bernoulli_prior, Beta),
-                Categorical: (_categorical_prior, Dirichlet), Poisson: (_rate_prior, Gamma),
-                Exponential: (_rate_prior, Gamma)}
+    builders: dict[type, tuple[Callable[[Any, Context], EmissionPrior], type]] = {
+        Gaussian: (_gaussian_prior, NormalInverseWishart), Bernoulli: (_bernoulli_prior, Beta),
+        Categorical: (_categorical_prior, Dirichlet), Poisson: (_rate_prior, Gamma),
+        Exponential: (_rate_prior, Gamma)}
     kind = next((k for k in builders if isinstance(family, k)), None)
     if kind is None:
         raise ValueError(f"{type(family).__name__} components have no conjugate prior (" + _why_none(family)
                          + "); fit them by maximum likelihood (prior=None)")
     build, expected = builders[kind]
     if spec == DEFAULT:
-        spec = (NormalInverseGamma() if family.covariance_type in ("diag", "spherical") else NormalInverseWishart()) \
+        spec = (NormalInverseGamma() if cast(Gaussian, family).covariance_type in ("diag", "spherical") else NormalInverseWishart()) \
             if kind is Gaussian else (Dirichlet(None) if kind is Categorical else expected())
     if not isinstance(spec, expected):
         raise ValueError(f"{type(family).__name__} components take a {expected.__name__} prior, got {spec!r}")
@@ -648,7 +652,7 @@ class ModelPrior:
         total = sum(prior.log_prob(params.latent[name]) for name, prior in self.latent.items())
         if self.emission is not None:
             total = total + self.emission.log_prob(params.emission)
-        return total
+        return cast(torch.Tensor, total)  # a resolved prior has a latent or an emission part (resolve)
 
 
 def resolve(spec: PriorSpec, latent_groups: Mapping[str, str], sticky: Sequence[str], context: Context,

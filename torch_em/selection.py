@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Sequence, cast
 
 import numpy as np
 import torch
@@ -151,18 +151,20 @@ def _fit_grid(X: torch.Tensor, grid: list[int], kind: str, n_init: int, seed: in
         resp = (log_joint - log_prob.unsqueeze(-1)).exp()
     log_likelihood = log_prob.double().sum(-1)  # (B,)
     entropy = -torch.special.xlogy(resp, resp).double().sum((-1, -2))
+    # (set by the fit)
+    failed_, converged_, n_iter_ = (cast(torch.Tensor, value) for value in (model.failed_, model.converged_, model.n_iter_))
     rows = []
     for i, k in enumerate(grid):
         ll = float(log_likelihood[i])
         p = model.family.n_free_parameters(k, D) + (k - 1)
-        failed = bool(model.failed_[i]) or not math.isfinite(ll)
+        failed = bool(failed_[i]) or not math.isfinite(ll)
         bic = -2 * ll + p * math.log(N)
         rows.append({
             "covariance_type": kind, "n_components": k, "bic": math.nan if failed else bic,
             "aic": math.nan if failed else -2 * ll + 2 * p,
             "icl": math.nan if failed else bic + 2 * float(entropy[i]),
-            "log_likelihood": math.nan if failed else ll, "converged": bool(model.converged_[i]),
-            "n_iter": int(model.n_iter_[i]), "model": _extractor(model, i, k, kind, seed, options),
+            "log_likelihood": math.nan if failed else ll, "converged": bool(converged_[i]),
+            "n_iter": int(n_iter_[i]), "model": _extractor(model, i, k, kind, seed, options),
         })
     return rows
 
@@ -179,11 +181,12 @@ def _extractor(batch: GaussianMixture, i: int, k: int, kind: str, seed: int | No
             value = getattr(batch, name)[i]
             values[name] = value[:k] if name in per_component else value
         model._assign({name: value.detach() for name, value in values.items()}, create=False)
-        model.lower_bound_ = batch.lower_bound_[i].clone()
-        model.n_iter_ = batch.n_iter_[i].clone()
-        model.converged_ = batch.converged_[i].clone()
-        model.lower_bound_history_ = batch.lower_bound_history_[i].clone()
-        model.failed_ = batch.failed_[i].clone()
+        # (the batch is fitted: its results are set)
+        model.lower_bound_ = cast(torch.Tensor, batch.lower_bound_)[i].clone()
+        model.n_iter_ = cast(torch.Tensor, batch.n_iter_)[i].clone()
+        model.converged_ = cast(torch.Tensor, batch.converged_)[i].clone()
+        model.lower_bound_history_ = cast(torch.Tensor, batch.lower_bound_history_)[i].clone()
+        model.failed_ = cast(torch.Tensor, batch.failed_)[i].clone()
         model.failure_reasons_ = {}
         return model
 

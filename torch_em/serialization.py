@@ -30,7 +30,7 @@ from __future__ import annotations
 import copy
 import os
 import pickle
-from typing import IO, Any, Callable, Union
+from typing import IO, Any, Callable, SupportsIndex, TypeGuard, Union
 
 import numpy as np
 import torch
@@ -100,9 +100,10 @@ def _name_of(cls: type) -> str | None:
 
 
 # --- writing --------------------------------------------------------------------------------------
-def payload(model: torch.nn.Module) -> dict[str, Any]:
+def payload(model: Any) -> dict[str, Any]:
     """The model as format 1's dict of plain values and tensors (see the module doc); raises
-    ValueError when the format cannot hold it (an unregistered class, a callable option)."""
+    ValueError when the format cannot hold it (an unregistered class, a callable option).
+    (``model``: an ``nn.Module`` of a registered class, with ``_config()`` and ``_dtype_buffer``.)"""
     name = _name_of(type(model))
     if name is None:
         raise ValueError(f"{type(model).__name__} is not a registered model class; register it with "
@@ -131,7 +132,7 @@ def _attributes(cls: type) -> tuple[str, ...]:
     return KMEANS_ATTRIBUTES if issubclass(cls, KMeans) else LATENT_MODEL_ATTRIBUTES
 
 
-def save(model: torch.nn.Module, path: Path) -> None:
+def save(model: Any, path: Path) -> None:  # (a model as payload takes)
     """Write ``model`` to ``path`` (a file name or a binary file object) in format 1."""
     torch.save(payload(model), path)
 
@@ -234,7 +235,7 @@ def _check_payload(content: Any) -> None:
         raise ValueError(f"the model file's 'module' must hold 'anchor', a floating-point tensor, got {anchor!r}")
 
 
-def _is_family(cls: type | None) -> bool:
+def _is_family(cls: type | None) -> TypeGuard[type[ComponentFamily]]:
     return isinstance(cls, type) and issubclass(cls, ComponentFamily)
 
 
@@ -271,17 +272,17 @@ class Saveable:
         ``torch.load(path, weights_only=True)`` reads; :func:`torch_em.load` rebuilds the model."""
         save(self, path)
 
-    def __reduce_ex__(self, protocol: int) -> tuple[Callable[..., Any], tuple[Any, ...]] | Any:
+    def __reduce_ex__(self, protocol: SupportsIndex) -> tuple[Callable[..., Any], tuple[Any, ...]] | Any:
         try:
             return from_payload, (payload(self),)
         except ValueError:  # not representable: pickled attribute by attribute (weights_only=False to load)
             return object.__reduce_ex__(self, protocol)
 
     def __copy__(self) -> Any:
-        return copy._reconstruct(self, None, *object.__reduce_ex__(self, 4))
+        return copy._reconstruct(self, None, *object.__reduce_ex__(self, 4))  # type: ignore[attr-defined]  # private; not in typeshed
 
     def __deepcopy__(self, memo: dict[int, Any]) -> Any:
-        return copy._reconstruct(self, memo, *object.__reduce_ex__(self, 4))
+        return copy._reconstruct(self, memo, *object.__reduce_ex__(self, 4))  # type: ignore[attr-defined]  # private; not in typeshed
 
 
 torch.serialization.add_safe_globals([from_payload])

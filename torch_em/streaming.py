@@ -8,7 +8,7 @@ whose first element is one (``(x, y)`` from a labelled DataLoader), or a dict ho
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, cast
 
 import numpy as np
 import torch
@@ -92,10 +92,10 @@ class StreamSample:
         every batch of a stream weighted, or none)."""
         keys = torch.rand(batch.shape[-2], generator=self.generator, device=batch.device)
         if self.points is not None:
-            keys = torch.cat([self.keys, keys])
+            keys = torch.cat([cast(torch.Tensor, self.keys), keys])  # kept with the points
             batch = torch.cat([self.points, batch], dim=-2)
-            if weights is not None:
-                weights = _cat_weights(self.weights, weights)
+            if weights is not None:  # every batch of the stream is weighted: so were the kept points
+                weights = _cat_weights(cast(torch.Tensor, self.weights), weights)
         if keys.numel() > self.size:
             keep = keys.topk(self.size, largest=False).indices.sort().values
             keys, batch = keys[keep], batch[..., keep, :]

@@ -31,7 +31,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 import torch
 
@@ -122,6 +122,7 @@ def standard_errors(model: Any, X: Any, *args: Any, method: str = "observed", n_
     if method == "opg":
         covariance = _pseudo_inverse(outer)
     else:
+        information = cast(torch.Tensor, information)  # (computed for "observed" and "sandwich")
         covariance = _pseudo_inverse(0.5 * (information + information.mT))
         if method == "sandwich":
             covariance = covariance @ outer @ covariance
@@ -288,8 +289,8 @@ def _resample_counts(n: int, n_boot: int, sample_weight: Any, generator: torch.G
     if sample_weight is None:
         base = torch.ones(n, dtype=torch.float64)
     else:
-        base = check_sample_weight(sample_weight, "sample_weight", n_points=n, batch_shape=(), device=torch.device("cpu"),
-                                   dtype=torch.float64)
+        base = cast(torch.Tensor, check_sample_weight(  # (given: a tensor)
+            sample_weight, "sample_weight", n_points=n, batch_shape=(), device=torch.device("cpu"), dtype=torch.float64))
     rows = torch.multinomial(base.expand(n_boot, n), n, replacement=True, generator=generator)  # (B, N)
     counts = torch.zeros(n_boot, n, dtype=torch.float64).scatter_add_(1, rows, torch.ones(n_boot, n, dtype=torch.float64))
     return counts if sample_weight is None else counts * (float(base.sum()) / n)

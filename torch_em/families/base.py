@@ -27,7 +27,7 @@ tensors are the module's ``nn.Parameter`` s, so autograd and EM share one storag
 from __future__ import annotations
 
 import inspect
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 
@@ -171,6 +171,9 @@ class ComponentFamily:
     #: Families with independent features: a value in the support where every coordinate's base
     #: measure is 0, which a missing entry is read as before its features are masked out.
     missing_fill: float = 0.0
+
+    if TYPE_CHECKING:  # defined by the families with independent features that have a mean
+        def mean(self, theta: Mapping[str, torch.Tensor]) -> torch.Tensor: ...
 
     def check_missing(self, name: str) -> None:
         """Raise ValueError unless rows of this family may have missing coordinates (NaN)

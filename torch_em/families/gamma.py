@@ -98,7 +98,7 @@ def standard_gamma(shape: torch.Tensor, generator: torch.Generator) -> torch.Ten
     stay in the support (tiny shapes can underflow).
     """
     flat = shape.reshape(-1)
-    options = {"generator": generator, "device": flat.device, "dtype": flat.dtype}
+    options: dict[str, Any] = {"generator": generator, "device": flat.device, "dtype": flat.dtype}
     boost = flat < 1
     d = torch.where(boost, flat + 1, flat) - 1 / 3
     c = (9 * d).rsqrt()

@@ -28,7 +28,7 @@ inaccurate.
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from typing import Any, Mapping, cast
 
 import torch
 
@@ -136,7 +136,7 @@ def small_raw_precision_cholesky(covariance: list[list[torch.Tensor]]) -> tuple[
             for k in range(j):
                 entry = entry - lower[i][k] * lower[j][k]
             lower[i][j] = entry / lower[j][j]
-    pivots = torch.stack(pivots, -1)  # (..., D)
+    pivot_values = torch.stack(pivots, -1)  # (..., D)
     # X = L^{-1} by forward substitution: X[i][i] = 1 / L[i][i], X[i][j] = -sum_k L[i][k] X[k][j] / L[i][i].
     inverse: list[list[torch.Tensor]] = [[None] * n for _ in range(n)]  # type: ignore[list-item]
     for i in range(n):
@@ -147,7 +147,7 @@ def small_raw_precision_cholesky(covariance: list[list[torch.Tensor]]) -> tuple[
                 entry = entry + lower[i][k] * inverse[k][j]
             inverse[i][j] = -entry * inverse[i][i]
     # P = X^T (upper); log P[i][i] = -log L[i][i] = -log(pivot_i) / 2.
-    log_diagonal = pivots.log().mul_(-0.5).unbind(-1)
+    log_diagonal = pivot_values.log().mul_(-0.5).unbind(-1)
     zero = torch.zeros_like(log_diagonal[0])
     entries = [log_diagonal[i] if i == j else (inverse[j][i] if j > i else zero) for i in range(n) for j in range(n)]
     return torch.stack(entries, -1).unflatten(-1, (n, n)), torch.stack(positive, -1).all(-1)
@@ -205,8 +205,9 @@ def small_expansion_error(
     spread = [centred[..., i].abs() + sigma[i] for i in range(n)]
     offset = [loc[..., i].abs() + sigma[i] for i in range(n)]
     scale = [[upper[i][k].abs() for k in range(n)] for i in range(n)]  # |P|, upper triangular
-    expanded = sum(_dot(spread[: k + 1], [scale[i][k] for i in range(k + 1)]).square() for k in range(n))
-    direct = sum(_dot(offset[: k + 1], [scale[i][k] for i in range(k + 1)]).square() for k in range(n)).sqrt()
+    # sums of n >= 1 tensors
+    expanded = cast(torch.Tensor, sum(_dot(spread[: k + 1], [scale[i][k] for i in range(k + 1)]).square() for k in range(n)))
+    direct = cast(torch.Tensor, sum(_dot(offset[: k + 1], [scale[i][k] for i in range(k + 1)]).square() for k in range(n))).sqrt()
     return expanded, direct
 
 
@@ -354,7 +355,7 @@ class Gaussian(ComponentFamily):
     def user_initial_parameters(self, batch_shape, n_components, n_features, device, dtype) -> Theta:
         theta: Theta = {}
         if self.means_init is not None:
-            theta["loc"] = self.initial_centres(batch_shape, n_components, n_features, device, dtype)
+            theta["loc"] = cast(torch.Tensor, self.initial_centres(batch_shape, n_components, n_features, device, dtype))  # set: means_init is
         if self.precisions_init is not None:
             shape = self.precision_shape(n_components, n_features)
             precision = initial_tensor(self.precisions_init, "precisions_init", shape, batch_shape, device, dtype)

@@ -30,7 +30,7 @@ with the offsets evaluated directly about the means (no expansion that could can
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Mapping
+from typing import TYPE_CHECKING, Mapping, cast
 
 import torch
 
@@ -129,7 +129,7 @@ class GaussianMarginal(Marginal):
 
     def _centred_means(self) -> torch.Tensor:
         """The means about the reference point, mu~ = mu - s: (R, M, K, D)."""
-        return self.loc - self.reference
+        return self.loc - cast(torch.Tensor, self.reference)  # called on the expanded paths only, which have one
 
     def _expanded_log_prob(self) -> torch.Tensor:
         """Full and tied covariances expanded about the reference point s as the complete rows'

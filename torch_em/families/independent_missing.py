@@ -16,7 +16,7 @@ and :meth:`~ComponentFamily.expected_features`.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Mapping
+from typing import TYPE_CHECKING, Mapping, cast
 
 import torch
 
@@ -40,7 +40,8 @@ class IndependentMarginal(Marginal):
         observed = rows.observed.to(dtype)
         filled = torch.where(rows.observed, rows.X, family.missing_fill).to(dtype)
         features, base = family.features(filled, None)  # (..., n, F), (..., n) or None
-        self.columns = family.coordinate_of_statistics(rows.X.shape[-1]).to(rows.X.device)  # (F,)
+        # a family with independent features has a coordinate per statistic (not None)
+        self.columns = cast(torch.Tensor, family.coordinate_of_statistics(rows.X.shape[-1])).to(rows.X.device)  # (F,)
         self.missing = 1 - observed  # (..., n, D)
         self.masked = features * observed[..., self.columns]
         eta, _ = family.natural_parameters(theta, None)  # (R, M, K, F)

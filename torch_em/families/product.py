@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from numbers import Integral
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Sequence, cast
 
 import numpy as np
 import torch
@@ -86,7 +86,7 @@ def _resolve_columns(columns: Any, position: int) -> tuple[int, ...]:
             values = list(np.asarray(columns).reshape(-1).tolist()) if not isinstance(columns, range) else list(columns)
         except (TypeError, ValueError) as err:
             raise ValueError(f"{where} must be a slice or a sequence of integers, got {columns!r}") from err
-        if not all(isinstance(v, Integral) and not isinstance(v, bool) and v >= 0 for v in values):
+        if not all(isinstance(v, Integral) and not isinstance(v, bool) and int(v) >= 0 for v in values):
             raise ValueError(f"{where} must be non-negative integers, got {columns!r}")
         resolved = tuple(int(v) for v in values)
     if not resolved:
@@ -134,7 +134,7 @@ class Product(ComponentFamily):
         order = [c for block in resolved for c in block.columns]
         if len(set(order)) != len(order):
             seen: set[int] = set()
-            repeated = sorted({c for c in order if c in seen or seen.add(c)})
+            repeated = sorted({c for c in order if c in seen or seen.add(c)})  # type: ignore[func-returns-value]  # add() is None: it records c
             raise ValueError(f"blocks must not share columns, got column(s) {repeated} in more than one block")
         if set(order) != set(range(len(order))):
             missing = sorted(set(range(max(order) + 1)) - set(order))
@@ -275,7 +275,8 @@ class Product(ComponentFamily):
             etas.append(eta)
             const = c if const is None else const + c
         lead = torch.broadcast_shapes(*(eta.shape[:-1] for eta in etas))
-        return torch.cat([eta.expand(*lead, eta.shape[-1]) for eta in etas], dim=-1), const
+        # blocks is non-empty (checked in __init__), so const is a tensor
+        return torch.cat([eta.expand(*lead, eta.shape[-1]) for eta in etas], dim=-1), cast(torch.Tensor, const)
 
     def m_step(self, counts, stats, reference) -> tuple[Theta, torch.Tensor]:
         return self.conditional_m_step(counts, stats, reference, {})
@@ -300,7 +301,7 @@ class Product(ComponentFamily):
             )
             theta.update({block.prefix + name: value for name, value in block_theta.items()})
             valid = block_valid if valid is None else valid & block_valid
-        return theta, valid
+        return theta, cast(torch.Tensor, valid)  # blocks is non-empty (checked in __init__)
 
     def invalid_component_advice(self) -> str:
         return "; or ".join(
@@ -343,7 +344,7 @@ class ProductMarginal(Marginal):
         self.parts = [block.family.marginal(MissingRows.of(with_nan[..., block.index]), family.block_theta(theta, i),
                                             family._block_shift(reference, block))
                       for i, block in enumerate(family.blocks)]
-        self.log_prob = sum(part.log_prob for part in self.parts)
+        self.log_prob = cast(torch.Tensor, sum(part.log_prob for part in self.parts))  # one part per block, >= 1
 
     def statistics(self, resp: torch.Tensor, about: torch.Tensor | None) -> torch.Tensor:
         parts = [part.statistics(resp, None if about is None or not block.has_reference else about[..., block.index])

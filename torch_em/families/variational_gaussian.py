@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
-from typing import Mapping
+from typing import Mapping, cast
 
 import torch
 
@@ -229,7 +229,8 @@ class VariationalGaussian(Gaussian):
         return raw, valid.all(-1) if self.covariance_type == "diag" else valid
 
     def _prior_like(self, like: torch.Tensor) -> GaussianWishartPrior:
-        return GaussianWishartPrior(*(getattr(self.prior, f.name).to(like) for f in fields(self.prior)))
+        prior = cast(GaussianWishartPrior, self.prior)  # m_step, its one caller, raises when it is None
+        return GaussianWishartPrior(*(getattr(prior, f.name).to(like) for f in fields(prior)))
 
     # --- lower bound --------------------------------------------------------------------------
     def variational_bound(self, theta: Mapping[str, torch.Tensor]) -> torch.Tensor:

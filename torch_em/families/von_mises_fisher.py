@@ -43,7 +43,7 @@ reflection's special case at ``mu = e_1``.
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from typing import Any, Mapping, cast
 
 import torch
 import torch.nn.functional as F
@@ -101,7 +101,7 @@ def wood_sample(kappa: torch.Tensor, n_features: int, generator: torch.Generator
     so very large kappa keep their accuracy. Returns ``w`` and ``1 - w``, both shaped like kappa.
     """
     flat = kappa.reshape(-1)
-    options = {"generator": generator, "device": flat.device, "dtype": flat.dtype}
+    options: dict[str, Any] = {"generator": generator, "device": flat.device, "dtype": flat.dtype}
     m = n_features - 1
     b = m / (2 * flat + torch.sqrt(4 * flat * flat + m * m))  # (-2k + sqrt(4k^2 + m^2)) / m, stable
     x0 = (1 - b) / (1 + b)
@@ -175,7 +175,8 @@ class VonMisesFisher(ComponentFamily):
     def user_initial_parameters(self, batch_shape, n_components, n_features, device, dtype) -> Theta:
         theta: Theta = {}
         if self.directions_init is not None:
-            theta["direction"] = self.initial_centres(batch_shape, n_components, n_features, device, dtype)
+            theta["direction"] = cast(torch.Tensor, self.initial_centres(  # set: directions_init is
+                batch_shape, n_components, n_features, device, dtype))
         if self.concentrations_init is not None:
             kappa = initial_tensor(self.concentrations_init, "concentrations_init", (n_components,), batch_shape, device, dtype)
             check_positive_tensor(kappa, "concentrations_init")

@@ -20,6 +20,7 @@ row instead of 0/0).
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
@@ -106,7 +107,7 @@ class MarkovChain(LatentStructure):
 
     def default_parameters(self, shape: tuple[int, ...], n_states: int, like: torch.Tensor) -> LatentParams:
         K, C = self.n_states(n_states), self.n_mix
-        options = {"dtype": like.dtype, "device": like.device}
+        options: dict[str, Any] = {"dtype": like.dtype, "device": like.device}
         params = {"log_startprob": torch.full((*shape, K), -math.log(K), **options),
                   "log_transmat": torch.full((*shape, K, K), -math.log(K), **options)}
         if C > 1:

@@ -11,6 +11,7 @@ scikit-learn is an optional dependency: ``pip install "torch-expectation-maximiz
 ``import torch_em`` does not import it; ``import torch_em.sklearn`` does.
 """
 import re
+from typing import cast
 
 INSTALL = 'pip install "torch-expectation-maximization[sklearn]"'
 #: The oldest scikit-learn with the estimator API used here (``__sklearn_tags__``, ``validate_data``).
@@ -20,7 +21,7 @@ try:
     import sklearn
 except ImportError as error:  # pragma: no cover - exercised only without scikit-learn
     raise ImportError(f"torch_em.sklearn needs scikit-learn: {INSTALL}") from error
-if tuple(int(part) for part in re.match(r"(\d+)\.(\d+)", sklearn.__version__).groups()) < MINIMUM_VERSION:
+if tuple(int(part) for part in cast(re.Match[str], re.match(r"(\d+)\.(\d+)", sklearn.__version__)).groups()) < MINIMUM_VERSION:
     raise ImportError(f"torch_em.sklearn needs scikit-learn >= 1.6, found {sklearn.__version__}: {INSTALL}")
 
 from ._kmeans import KMeans, MiniBatchKMeans

@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 import warnings
 from numbers import Integral, Real
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -23,7 +23,7 @@ from ._base import (
 
 #: Step sizes of the mini-batch stream, ``rho_t = 1 / (t + 1)``: every centre is the mean of all
 #: the points assigned to it so far (scikit-learn's per-centre learning rate), for equal batches.
-RUNNING_MEAN = {"learning_decay": 1.0, "learning_offset": 1.0}
+RUNNING_MEAN: dict[str, Any] = {"learning_decay": 1.0, "learning_offset": 1.0}
 
 
 class _KMeansEstimator(TorchModuleMixin, ClassNamePrefixFeaturesOutMixin, TransformerMixin, ClusterMixin, BaseEstimator):
@@ -208,13 +208,14 @@ class KMeans(_KMeansEstimator):
         data = as_tensor(X)
         if callable(self.init):  # one run per drawn set of centres; the lowest inertia wins
             runs = [self._lloyd(data, self._initial_centres(X, random_state), 1, sample_weight) for _ in range(self._n_init)]
-            module = min(runs, key=lambda run: float(run.inertia_))
+            module = min(runs, key=lambda run: float(cast(torch.Tensor, run.inertia_)))  # (fitted)
         else:
             module = self._lloyd(data, self._initial_centres(X, random_state), self._n_init, sample_weight)
         self._set_centres(module)
-        self.labels_ = module.labels_.cpu().numpy().astype(np.int32)
-        self.inertia_ = float(module.inertia_)
-        self.n_iter_ = int(module.n_iter_)
+        # (the module is fitted: its results are set)
+        self.labels_ = cast(torch.Tensor, module.labels_).cpu().numpy().astype(np.int32)
+        self.inertia_ = float(cast(torch.Tensor, module.inertia_))
+        self.n_iter_ = int(cast(torch.Tensor, module.n_iter_))
         warn_if_fewer_distinct_clusters(self.labels_, self.n_clusters)
         return self
 
@@ -318,7 +319,7 @@ class MiniBatchKMeans(_KMeansEstimator):
             self._step(module, data[torch.as_tensor(indices, device=data.device)], None, random_state)
             previous, centres = centres, module.cluster_centers_.clone()
             change = 0.0 if previous is None or stopping.tol == 0 else float(((centres - previous) ** 2).sum())
-            if stopping.converged(step, change, float(module.inertia_)):
+            if stopping.converged(step, change, float(cast(torch.Tensor, module.inertia_))):  # (set by the step)
                 break
         self._set_centres(module)
         self.n_steps_ = step + 1
@@ -399,7 +400,7 @@ class MiniBatchKMeans(_KMeansEstimator):
             inertia = float((pairwise_distances_argmin_min(validation, centres)[1] ** 2).sum())
             if best is None or inertia < best_inertia:
                 best, best_inertia = centres, inertia
-        return best
+        return cast(np.ndarray, best)  # (n_init >= 1)
 
     def _seeded_centres(self, X: np.ndarray, sample_weight: np.ndarray | None, random_state: np.random.RandomState) -> np.ndarray:
         """Initial centres ``(K, D)`` on the samples X: given, drawn by the callable ``init``, or
@@ -437,7 +438,8 @@ def reassign_small_clusters(module: torch_em.KMeans, batch: torch.Tensor, ratio:
     the batch size of them, the smallest) to distinct random points of ``batch`` ``(n, D)``, with
     the smallest count of the others (so they are not moved again at once), as scikit-learn does.
     Writes the module's centres and running statistics (``stream_counts``, ``stream_sums``)."""
-    counts = module.stream_counts  # (K,) running fraction of the points per centre
+    # (K,) running fraction of the points per centre, and the running sums: set by the steps so far
+    counts, sums = cast(torch.Tensor, module.stream_counts), cast(torch.Tensor, module.stream_sums)
     small = counts < ratio * counts.max()
     most = int(0.5 * batch.shape[0])
     if int(small.sum()) > most:
@@ -450,8 +452,8 @@ def reassign_small_clusters(module: torch_em.KMeans, batch: torch.Tensor, ratio:
     with torch.no_grad():
         floor = counts[~small].min()
         module.cluster_centers_[small] = points
-        module.stream_counts[small] = floor
-        module.stream_sums[small] = points * floor
+        counts[small] = floor
+        sums[small] = points * floor
 
 
 def _tolerance(X: np.ndarray, tol: float) -> float:

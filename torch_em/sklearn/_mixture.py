@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import warnings
 from numbers import Integral, Real
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -174,7 +174,7 @@ class GaussianMixture(TorchModuleMixin, DensityMixin, BaseEstimator):
         module = getattr(self, "module_", None)
         same_model = module is not None and (module.n_components, module.covariance_type, module.n_features) == (
             self.n_components, self.covariance_type, n_features)
-        if self.warm_start and same_model:
+        if self.warm_start and same_model and module is not None:  # (same_model: it is not None)
             module.tol, module.max_iter, module.reg_covar = float(self.tol), max(1, int(self.max_iter)), float(self.reg_covar)
             module.warm_start = True  # also when warm_start was set after the first fit
             return module
@@ -195,10 +195,11 @@ class GaussianMixture(TorchModuleMixin, DensityMixin, BaseEstimator):
         self.precisions_ = self._numpy(module.precisions)
         self.precisions_cholesky_ = self._numpy(module.precisions_cholesky)
         self.converged_ = bool(module.converged_)
-        self.n_iter_ = int(module.n_iter_)
-        self.lower_bound_ = float(module.lower_bound_)
+        # (the module is fitted: its results are set)
+        self.n_iter_ = int(cast(torch.Tensor, module.n_iter_))
+        self.lower_bound_ = float(cast(torch.Tensor, module.lower_bound_))
         # The history is padded to the longest restart: the best one's own iterations come first.
-        self.lower_bounds_ = module.lower_bound_history_[: self.n_iter_].tolist()
+        self.lower_bounds_ = cast(torch.Tensor, module.lower_bound_history_)[: self.n_iter_].tolist()
 
     # --- evaluation ---------------------------------------------------------------------------
     def score_samples(self, X: Any) -> np.ndarray:

@@ -354,7 +354,7 @@ def m_step(
     if family.lifts_rounding and not fixed_emission and bool(invalid.any()):
         # The last resort, after statistics about the components' own means: a lower-precision
         # covariance indefinite by its rounding alone is raised by it (the valid ones are unchanged).
-        theta, valid = family.m_step(counts, sums, every, lift=True)
+        theta, valid = family.lifted_m_step(counts, sums, every)
         new = Params(new.latent, theta)
         if components is not None:
             new, valid = masked_components(family, new, components), valid | ~components

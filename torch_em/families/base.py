@@ -111,7 +111,7 @@ class ComponentFamily:
     #: Whether components can be evaluated and summarised about their own reference point
     #: (:meth:`expansion_error` and the methods after it).
     has_own_reference: bool = False
-    #: Whether :meth:`m_step` takes ``lift=True``: the last resort for components that come out
+    #: Whether it has a :meth:`lifted_m_step`: the last resort for components that come out
     #: invalid by their own rounding in a precision below float64 (a Gaussian's float32
     #: covariance that float64 finds indefinite), after statistics about their own means.
     lifts_rounding: bool = False
@@ -251,6 +251,13 @@ class ComponentFamily:
         """Closed-form maximiser. ``counts`` (*batch, K), or (*batch, K, F) per statistic (with a
         prior's pseudo-counts, :func:`per_statistic`). Returns theta and a (*batch, K) bool mask of
         components whose parameters are valid (False: e.g. a failed Cholesky factorisation)."""
+        raise NotImplementedError
+
+    def lifted_m_step(
+        self, counts: torch.Tensor, stats: torch.Tensor, reference: torch.Tensor | None
+    ) -> tuple[Theta, torch.Tensor]:
+        """:meth:`m_step` with components that are invalid by their own rounding raised by it (only
+        for a family that :attr:`lifts_rounding`)."""
         raise NotImplementedError
 
     def conditional_m_step(

@@ -469,7 +469,13 @@ class Gaussian(ComponentFamily):
 
     lifts_rounding = True
 
-    def m_step(self, counts, stats, reference, lift: bool = False) -> tuple[Theta, torch.Tensor]:
+    def m_step(self, counts, stats, reference) -> tuple[Theta, torch.Tensor]:
+        return self._m_step(counts, stats, reference, lift=False)
+
+    def lifted_m_step(self, counts, stats, reference) -> tuple[Theta, torch.Tensor]:
+        return self._m_step(counts, stats, reference, lift=True)
+
+    def _m_step(self, counts, stats, reference, lift: bool) -> tuple[Theta, torch.Tensor]:
         # ``lift``: full and tied covariances that float64 finds indefinite below float64 are
         # raised by their rounding level (precision_cholesky_from_covariance).
         # With a prior (counts per statistic), the means divide by n + kappa and the second

@@ -304,8 +304,10 @@ def test_wine_bootstrap_float32_full():
     """The issue's case: 20 bootstrap resamples of wine, full covariances, float32. Resample 16
     draws from three distinct rows only and there is no regularisation (reg_covar=0: each of
     its components collapses onto a point, a singular covariance), and any other resample that
-    fails on its own must fail alone: the rest are bit for bit those of the batch in which
-    resample 16 is an ordinary one."""
+    fails on its own must fail alone: the rest are those of the batch in which resample 16 is an
+    ordinary one, bit for bit but for the working batch's compaction (with resample 16 failed
+    from the start, the running models are computed apart at another iteration, and a float32
+    GEMM over another number of models may round its last bit otherwise)."""
     X = load_wine().data
     healthy = bootstrap(X, 20, seed=0)
     degenerate = healthy.copy()
@@ -316,19 +318,24 @@ def test_wine_bootstrap_float32_full():
     assert bool(model.failed_[16]) and "model (16,)" in messages(caught, torch_em.FitFailedWarning)[0]
     assert re.search(r"component \d of model \(16,\) is invalid", model.failure_reasons_[(16,)])
     assert torch.equal(model.failed_ & ~reference.failed_, torch.arange(20) == 16)
-    assert_identical_except(model, reference, 16)
+    assert_identical_except(model, reference, 16, rounding=16 * torch.finfo(torch.float32).eps)
     with pytest.raises(torch_em.IllConditionedError, match=r"model \(16,\)"):
         torch_em.GaussianMixture(3, **options, on_error="raise").fit(degenerate)
 
 
-def assert_identical_except(model: torch_em.GaussianMixture, reference: torch_em.GaussianMixture, b: int) -> None:
+def assert_identical_except(model: torch_em.GaussianMixture, reference: torch_em.GaussianMixture, b: int,
+                            rounding: float = 0.0) -> None:
     """Every model but ``b`` of two batched fits has the same parameters and fit attributes,
-    bit for bit."""
+    bit for bit (floating-point values to ``rounding`` of their largest entry, norm-wise, where given)."""
     keep = torch.arange(model.n_models) != b
     for name in (*FITTED, "lower_bound_", "n_iter_", "converged_", "failed_"):
         mine, theirs = getattr(model, name).detach()[keep], getattr(reference, name).detach()[keep]
         assert torch.equal(mine.isnan(), theirs.isnan()) if mine.is_floating_point() else True, name
-        assert torch.equal(mine.nan_to_num(), theirs.nan_to_num()) if mine.is_floating_point() else torch.equal(mine, theirs), name
+        if mine.is_floating_point() and rounding:  # norm-wise: the largest difference against the largest entry
+            gap = float((mine.nan_to_num() - theirs.nan_to_num()).abs().max())
+            assert gap <= rounding * float(theirs.nan_to_num().abs().max()), (name, gap)
+        else:
+            assert torch.equal(mine.nan_to_num(), theirs.nan_to_num()) if mine.is_floating_point() else torch.equal(mine, theirs), name
 
 
 @pytest.mark.parametrize("n_features", [2, 13], ids=["entrywise", "lapack"])

@@ -467,7 +467,11 @@ class Gaussian(ComponentFamily):
         const = half_logdet - 0.5 * mahalanobis_mean - log_2pi_term
         return torch.cat([linear, quadratic], dim=-1), const
 
-    lifts_rounding = True
+    @property
+    def lifts_rounding(self) -> bool:  # type: ignore[override]  # a property over the protocol's flag
+        """With ``reg_covar > 0`` every true covariance is positive definite, so one that its
+        rounding makes indefinite may be lifted; with 0 a collapse onto a point is real."""
+        return self.reg_covar > 0
 
     def m_step(self, counts, stats, reference) -> tuple[Theta, torch.Tensor]:
         return self._m_step(counts, stats, reference, lift=False)

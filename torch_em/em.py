@@ -351,7 +351,7 @@ def m_step(
         refined = refine(invalid, theta)
         if refined is not None:
             return m_step(latent, family, refined, reference, active, fixed, prior=prior, components=components)
-    if family.lifts_rounding and not fixed_emission and bool(invalid.any()):
+    if family.lifts_rounding and sums.dtype != torch.float64 and not fixed_emission and bool(invalid.any()):
         # The last resort, after statistics about the components' own means: a lower-precision
         # covariance indefinite by its rounding alone is raised by it (the valid ones are unchanged).
         theta, valid = family.lifted_m_step(counts, sums, every)

@@ -151,7 +151,7 @@ def best_of_seedings(
     R = len(streams)
 
     def per_seeding(value: torch.Tensor, dim: int = 0) -> torch.Tensor:
-        return value.repeat_interleave(S, dim)
+        return value if S == 1 else value.repeat_interleave(S, dim)  # (one seeding: no copy)
 
     many_X = X if X.dim() == 2 else per_seeding(X)  # (N, D) shared, or (M * S, N, D)
     many_weights = weights if weights is None or weights.dim() == 1 else per_seeding(weights)

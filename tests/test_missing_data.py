@@ -15,6 +15,7 @@ import torch
 import torch_em
 from torch_em import em
 from torch_em.data import Chunk, Data
+from torch_em.families import gaussian_missing_precision
 from torch_em.missing import MissingRows
 
 from conftest import COVARIANCE_TYPES, blobs
@@ -61,11 +62,20 @@ def random_theta(covariance_type: str, batch: tuple[int, ...], K: int, D: int, s
     return family, theta
 
 
+@pytest.fixture(params=["by pattern", "by precision"])
+def gaussian_path(request, monkeypatch):
+    """Full and tied Gaussian components on rows with missing entries through either path: one
+    D x D factorisation per pattern, or the q x q missing block of the precision matrix."""
+    rows_per_pattern = 0.0 if request.param == "by pattern" else math.inf
+    monkeypatch.setattr(gaussian_missing_precision, "ROWS_PER_PATTERN_PER_FEATURE", rows_per_pattern)
+    return request.param
+
+
 # --- the marginal densities and statistics against references ----------------------------------
 @pytest.mark.parametrize("expanded", [False, True], ids=["direct", "expanded"])
 @pytest.mark.parametrize("per_model", [False, True], ids=["shared", "per-model"])
 @pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
-def test_marginal_density_and_statistics_equal_the_conditional_gaussian(covariance_type, per_model, expanded):
+def test_marginal_density_and_statistics_equal_the_conditional_gaussian(covariance_type, per_model, expanded, gaussian_path):
     K, D, n = 3, 4, 40
     family, theta = random_theta(covariance_type, (1, 2), K, D)
     rng = np.random.default_rng(3)
@@ -105,7 +115,7 @@ def test_marginal_density_and_statistics_equal_the_conditional_gaussian(covarian
 
 
 @pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
-def test_score_samples_are_the_mixture_of_the_observed_coordinates(covariance_type):
+def test_score_samples_are_the_mixture_of_the_observed_coordinates(covariance_type, gaussian_path):
     X = with_missing(blobs(60), 0.3, seed=1)
     model = quiet_fit(torch_em.GaussianMixture(3, covariance_type=covariance_type, missing="marginalize", seed=0,
                                                dtype=F64, max_iter=20), X)
@@ -170,7 +180,7 @@ def test_missing_marginalize_on_complete_data_fits_as_the_default():
 
 # --- EM on incomplete data ---------------------------------------------------------------------
 @pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
-def test_the_observed_data_log_likelihood_never_decreases(covariance_type):
+def test_the_observed_data_log_likelihood_never_decreases(covariance_type, gaussian_path):
     X = with_missing(blobs(80), 0.4, seed=3)
     model = quiet_fit(torch_em.GaussianMixture(3, covariance_type=covariance_type, missing="marginalize",
                                                init_params="random", seed=1, dtype=F64, tol=0.0, max_iter=40), X)
@@ -195,7 +205,7 @@ def observed_log_likelihood(X: torch.Tensor, logits, loc, raw) -> torch.Tensor:
     return total
 
 
-def test_em_reaches_a_maximum_of_the_observed_data_likelihood():
+def test_em_reaches_a_maximum_of_the_observed_data_likelihood(gaussian_path):
     X = with_missing(blobs(12, centres=((0.0, 0.0, 0.0), (4.0, 4.0, 0.0))), 0.3, seed=4)
     model = quiet_fit(torch_em.GaussianMixture(2, missing="marginalize", seed=0, dtype=F64, tol=1e-14,
                                                max_iter=5000, reg_covar=0.0), X)
@@ -246,7 +256,7 @@ def correlated_data(n: int, seed: int) -> np.ndarray:
     return np.concatenate([rng.normal(size=(n, 4)) @ mixing + c for c in centres])
 
 
-def test_conditional_imputation_beats_mean_imputation():
+def test_conditional_imputation_beats_mean_imputation(gaussian_path):
     truth = correlated_data(400, seed=6)
     X = with_missing(truth, 0.25, seed=7)
     holes = np.isnan(X)
@@ -259,7 +269,7 @@ def test_conditional_imputation_beats_mean_imputation():
     assert error < 0.6 * mean_error, (error, mean_error)
 
 
-def test_impute_mixes_the_components_conditional_means():
+def test_impute_mixes_the_components_conditional_means(gaussian_path):
     X = with_missing(correlated_data(100, seed=8), 0.3, seed=9)
     model = quiet_fit(torch_em.GaussianMixture(2, missing="marginalize", seed=0, dtype=F64), X)
     covariance, data = model.covariances.detach(), torch.as_tensor(X)
@@ -277,7 +287,7 @@ def test_impute_mixes_the_components_conditional_means():
 
 
 @pytest.mark.parametrize("covariance_type", ["full", "diag"])
-def test_multiple_imputation_draws_from_the_conditional_distribution(covariance_type):
+def test_multiple_imputation_draws_from_the_conditional_distribution(covariance_type, gaussian_path):
     model = torch_em.GaussianMixture(1, 3, covariance_type=covariance_type, dtype=F64, seed=0)
     covariance = torch.tensor([[2.0, 0.8, 0.3], [0.8, 1.0, 0.2], [0.3, 0.2, 0.5]], dtype=F64)
     if covariance_type == "diag":
@@ -304,7 +314,24 @@ def test_multiple_imputation_draws_from_the_conditional_distribution(covariance_
 
 
 # --- training modes ------------------------------------------------------------------------------
-def test_chunked_and_streamed_fits_equal_the_full_batch_fit():
+@pytest.mark.parametrize("covariance_type", ["full", "tied"])
+def test_rows_with_their_own_patterns_take_the_precision_path_and_fit_as_the_pattern_path(covariance_type, monkeypatch):
+    X = with_missing(np.random.default_rng(4).normal(size=(150, 12)) + np.repeat(3.0 * np.eye(3, 12), 50, 0), 0.3, seed=5)
+    rows = MissingRows.of(torch.as_tensor(X))
+    assert rows.patterns.shape[0] > 100  # almost every row its own pattern
+    family, theta = random_theta(covariance_type, (1, 1), 3, 12)
+    assert isinstance(family.marginal(rows, theta), gaussian_missing_precision.PrecisionGaussianMarginal)
+    kwargs = dict(covariance_type=covariance_type, missing="marginalize", seed=0, dtype=F64, tol=0.0, max_iter=10)
+    automatic = quiet_fit(torch_em.GaussianMixture(3, **kwargs), X)
+    monkeypatch.setattr(gaussian_missing_precision, "ROWS_PER_PATTERN_PER_FEATURE", 0.0)
+    assert not isinstance(family.marginal(rows, theta), gaussian_missing_precision.PrecisionGaussianMarginal)
+    by_pattern = quiet_fit(torch_em.GaussianMixture(3, **kwargs), X)
+    torch.testing.assert_close(automatic.lower_bound_history_, by_pattern.lower_bound_history_, rtol=0, atol=1e-10)
+    for key, value in by_pattern.state_dict().items():
+        torch.testing.assert_close(automatic.state_dict()[key], value, rtol=0, atol=1e-8)
+
+
+def test_chunked_and_streamed_fits_equal_the_full_batch_fit(gaussian_path):
     X = with_missing(blobs(100), 0.3, seed=10)
     kwargs = dict(missing="marginalize", seed=0, dtype=F64, tol=0.0, max_iter=15)
     whole = quiet_fit(torch_em.GaussianMixture(3, **kwargs), X)
@@ -319,7 +346,7 @@ def test_chunked_and_streamed_fits_equal_the_full_batch_fit():
             torch.testing.assert_close(other.state_dict()[key], value, rtol=0, atol=1e-9)
 
 
-def test_a_batch_of_models_equals_the_models_fitted_alone():
+def test_a_batch_of_models_equals_the_models_fitted_alone(gaussian_path):
     datasets = [with_missing(blobs(60, seed=s), 0.3, seed=s) for s in range(3)]
     kwargs = dict(missing="marginalize", seed=0, dtype=F64, tol=0.0, max_iter=12)
     starts = np.stack([np.nan_to_num(X[[0, 70, 140]]) for X in datasets])  # (3, K, D)
@@ -353,7 +380,7 @@ def test_partial_fit_on_batches_with_missing_entries():
         torch.testing.assert_close(getattr(online, name), getattr(fitted, name), rtol=0, atol=1e-9)
 
 
-def test_float32_fit_follows_the_float64_fit():
+def test_float32_fit_follows_the_float64_fit(gaussian_path):
     X = with_missing(blobs(200), 0.3, seed=12)
     kwargs = dict(missing="marginalize", seed=0, tol=0.0, max_iter=20)
     double = quiet_fit(torch_em.GaussianMixture(3, dtype=F64, **kwargs), X)

@@ -36,6 +36,7 @@ from .._tracing import cached_unless_traced
 from .._validation import check_magnitude, check_positive, initial_tensor
 from .base import ComponentFamily, Marginal, Theta
 from .gaussian_missing import GaussianMarginal
+from .gaussian_missing_precision import PrecisionGaussianMarginal, takes_precision_path
 
 COVARIANCE_TYPES = ("full", "tied", "diag", "spherical")
 
@@ -392,6 +393,8 @@ class Gaussian(ComponentFamily):
         pass  # every covariance type marginalises missing coordinates
 
     def marginal(self, rows, theta, reference=None) -> Marginal:
+        if takes_precision_path(self, rows):
+            return PrecisionGaussianMarginal(self, rows, theta, reference)
         return GaussianMarginal(self, rows, theta, reference)
 
     def parameter_reference(self, theta, weights) -> torch.Tensor:

@@ -74,6 +74,24 @@ def pattern_conditionals(covariance: torch.Tensor, patterns: torch.Tensor
     return half_logdet.to(dtype), precision.to(dtype), completion.to(dtype), conditional.to(dtype)
 
 
+def statistics_about(family: "Gaussian", first: torch.Tensor, second: torch.Tensor, counts: torch.Tensor,
+                     shift: torch.Tensor) -> torch.Tensor:
+    """The family's statistics (R, M, K, F) about a point a, from the sums of the offsets about
+    the means ``first`` (R, M, K, D) and their second moments ``second`` (full and tied: (R, M, K,
+    D, D); else the diagonal (R, M, K, D)), counts (R, M, K) and ``shift = mu - a``."""
+    n = counts.unsqueeze(-1)
+    linear = first + n * shift
+    if family.covariance_type in ("full", "tied"):
+        cross = shift.unsqueeze(-1) * first.unsqueeze(-2)
+        moment = second + cross + cross.mT + n.unsqueeze(-1) * shift.unsqueeze(-1) * shift.unsqueeze(-2)
+        rows, cols = torch.triu_indices(shift.shape[-1], shift.shape[-1], device=shift.device)
+        return torch.cat([linear, moment[..., rows, cols]], -1)
+    moment = second + 2 * shift * first + n * shift.square()
+    if family.covariance_type == "spherical":
+        moment = moment.sum(-1, keepdim=True)
+    return torch.cat([linear, moment], -1)
+
+
 def _per_block(values: torch.Tensor, rows: MissingRows) -> torch.Tensor:
     """Per-pattern values (R, M, K', P, ...) -> per block (R, M, K', nb, ...) (each block's pattern)."""
     if rows.X.dim() == 2:
@@ -202,7 +220,7 @@ class GaussianMarginal(Marginal):
         rows = self.rows
         if self.reference is not None:  # expanded about the reference: the statistics are about it
             first, second = self._expanded_moments(resp)
-            return self._about(first, second, resp.sum(-1), torch.zeros_like(self.loc))
+            return statistics_about(self.family, first, second, resp.sum(-1), torch.zeros_like(self.loc))
         if self.full:
             first, second = self._pattern_moments(rows.blocked(resp))
         else:
@@ -211,7 +229,7 @@ class GaussianMarginal(Marginal):
             second = second + self.variance * (resp @ (1 - rows.observed.to(resp.dtype)))
         counts = resp.sum(-1)
         shift = self.loc if about is None else self.loc - about  # (R, M, K, D)
-        return self._about(first, second, counts, shift)
+        return statistics_about(self.family, first, second, counts, shift)
 
     def _pattern_moments(self, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``sum_n r e`` (R, M, K, D) and ``sum_n r (e e^T + C)`` (R, M, K, D, D) from the
@@ -238,23 +256,6 @@ class GaussianMarginal(Marginal):
         total = flat.new_zeros(*flat.shape[:3], rows.patterns.shape[0], flat.shape[-1])
         total.scatter_add_(3, index.expand_as(flat), flat)
         return total.view(*total.shape[:4], *values.shape[4:])
-
-    def _about(self, first: torch.Tensor, second: torch.Tensor, counts: torch.Tensor, shift: torch.Tensor
-               ) -> torch.Tensor:
-        """The family's statistics (R, M, K, F) about a point a, from the sums of the offsets
-        about the means ``first`` (R, M, K, D) and their second moments ``second`` (full:
-        (R, M, K, D, D); else the diagonal (R, M, K, D)), counts (R, M, K) and ``shift = mu - a``."""
-        n = counts.unsqueeze(-1)
-        linear = first + n * shift
-        if self.full:
-            cross = shift.unsqueeze(-1) * first.unsqueeze(-2)
-            moment = second + cross + cross.mT + n.unsqueeze(-1) * shift.unsqueeze(-1) * shift.unsqueeze(-2)
-            rows, cols = torch.triu_indices(shift.shape[-1], shift.shape[-1], device=shift.device)
-            return torch.cat([linear, moment[..., rows, cols]], -1)
-        moment = second + 2 * shift * first + n * shift.square()
-        if self.family.covariance_type == "spherical":
-            moment = moment.sum(-1, keepdim=True)
-        return torch.cat([linear, moment], -1)
 
     def conditional_means(self) -> torch.Tensor:
         """``E[x_n | x_o, component k]`` (R, M, K, n, D), the observed coordinates as they are."""

@@ -56,7 +56,9 @@ class HMM(LatentModel):
         family: the emission family (any of :mod:`torch_em.families`), e.g.
             ``torch_em.Gaussian("diag")``; with ``n_mix > 1`` every state emits from a mixture of
             ``n_mix`` components of it.
-        n_features: D. When given, parameters exist at construction. (``n_components``, as for
+        n_features: D. When given, parameters exist at construction; otherwise they are
+            ``UninitializedParameter`` s materialised in place by the first fit (as for
+            :class:`torch_em.Mixture`). (``n_components``, as for
             every model, is the family's number of components, ``n_states * n_mix``.)
         startprob_init: initial state probabilities ``(K,)`` or ``(*batch_shape, K)``.
         transmat_init: initial transition matrix ``(K, K)`` or ``(*batch_shape, K, K)``, rows

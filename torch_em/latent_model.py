@@ -20,7 +20,7 @@ import warnings
 from typing import Any, Callable, Sequence, TypeVar, cast
 
 import torch
-from torch import nn
+from torch.nn.parameter import UninitializedParameter, is_lazy
 from tqdm import tqdm
 
 from . import acceleration, annealing, distributed, em, priors
@@ -169,8 +169,11 @@ class LatentModel(Saveable, CheckedLoad, FollowsDataDtype):
         self.warm_start = warm_start
         self.on_error = on_error
         self.missing = missing
+        # torch's lazy-module convention (as nn.LazyLinear): until n_features is known every parameter
+        # is an UninitializedParameter, already in parameters() (an optimizer built now trains it);
+        # the first fit, partial_fit or load_state_dict materialises it in place (_assign).
         for name in self._parameter_names:
-            self.register_parameter(name, None)
+            self.register_parameter(name, _uninitialized_parameter(device, dtype))
         # Running state of online EM (partial_fit): statistics per point, step count, and the stream's
         # reference point (its state_dict key keeps the name stream_shift).
         self._stream_buffers = (*STREAM_BUFFERS, *(f"stream_{name}" for name in latent.statistic_names))
@@ -255,7 +258,9 @@ class LatentModel(Saveable, CheckedLoad, FollowsDataDtype):
 
     @property
     def is_initialized(self) -> bool:
-        return getattr(self, self._parameter_names[0]) is not None
+        """Whether the parameters exist (False while they are ``UninitializedParameter`` s)."""
+        # (isinstance, not torch's is_lazy: torch.compile traces the former, not the latter)
+        return not isinstance(getattr(self, self._parameter_names[0]), UninitializedParameter)
 
     @property
     def n_models(self) -> int:
@@ -770,13 +775,15 @@ class LatentModel(Saveable, CheckedLoad, FollowsDataDtype):
         self._assign(theta, create=not self.is_initialized)
 
     def _assign(self, theta: Theta, *, create: bool) -> None:
-        """Write parameters in place (EM update) or create them (first fit / construction)."""
+        """Write parameters in place (EM update) or create them (first fit / construction): an
+        ``UninitializedParameter`` is materialised in place, so the ``Parameter`` objects (those
+        an optimizer built before the first fit holds) stay the same."""
         with torch.no_grad():
             for name, value in theta.items():
+                parameter = getattr(self, name)
                 if create:
-                    setattr(self, name, nn.Parameter(value.detach().clone()))
-                else:
-                    getattr(self, name).copy_(value)
+                    parameter.materialize(value.shape, device=value.device, dtype=value.dtype)
+                parameter.copy_(value)
 
     def _create_parameters_before_load(self, state_dict, prefix, local_metadata, strict, *args) -> None:
         """Check the whole incoming state against this module's configuration, then make room
@@ -794,9 +801,38 @@ class LatentModel(Saveable, CheckedLoad, FollowsDataDtype):
                 dtype = saved.dtype if not saved.is_floating_point() else self.dtype
                 setattr(self, name, torch.empty(saved.shape, dtype=dtype, device=self.device))
         if not self.is_initialized and all(name in state for name in self._parameter_names):
-            for name in self._parameter_names:
-                setattr(self, name, nn.Parameter(torch.empty(state[name].shape, device=self.device, dtype=self.dtype)))
+            for name in self._parameter_names:  # in place: the Parameter objects stay the same
+                getattr(self, name).materialize(state[name].shape, device=self.device, dtype=self.dtype)
             self.n_features = n_features
+        elif not self.is_initialized:  # (a partial state, not strict) torch would copy into the uninitialized parameters
+            unexpected_keys = args[1]
+            for name in self._parameter_names:
+                if prefix + name in state_dict:
+                    del state_dict[prefix + name]  # (the copy of the state this load_state_dict call made)
+                    unexpected_keys.append(prefix + name)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        """nn.Module's, without the uninitialized parameters: the state of a module before its first
+        fit has no parameters (nn.LazyLinear would save ``UninitializedParameter`` s, which a
+        ``weights_only`` load and torch_em's model files do not hold)."""
+        lazy = {prefix + name for name, value in self._parameters.items() if value is not None and is_lazy(value)}
+        if not lazy:
+            super()._save_to_state_dict(destination, prefix, keep_vars)
+            return
+        saved: dict[str, Any] = {}
+        super()._save_to_state_dict(saved, prefix, True)  # (keep_vars: an uninitialized parameter has no detach)
+        for key, value in saved.items():
+            if key not in lazy:
+                destination[key] = value.detach() if isinstance(value, torch.Tensor) and not keep_vars else value
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        """nn.Module's; parameters still uninitialized after the load (a state without parameters)
+        are not missing: such a state (see :meth:`_save_to_state_dict`) has none to give."""
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        lazy = {prefix + name for name, value in self._parameters.items() if value is not None and is_lazy(value)}
+        missing_keys[:] = [key for key in missing_keys if key not in lazy]
 
     def _check_state(self, state: dict[str, Any], prefix: str, strict: bool) -> int | None:
         """Raise ValueError/TypeError unless ``state`` (this module's entries) loads whole;
@@ -842,13 +878,21 @@ class LatentModel(Saveable, CheckedLoad, FollowsDataDtype):
         if not self._dtype_follows_data or any(value is None for value in saved.values()):
             return
         current = {name: getattr(self, name) for name in self._parameter_names}
-        fits = all(value is not None and value.shape == saved[name].shape for name, value in current.items())
+        fits = all(not is_lazy(value) and value.shape == saved[name].shape for name, value in current.items())
         first = saved[self._parameter_names[0]]
         if fits and first.is_floating_point() and first.dtype != self.dtype:
             self.to(first.dtype)  # in place: the Parameter objects stay the same
 
     def _describe_model(self, restart: int, model: int) -> str:
         return self._layout.describe(restart, model, self.n_init)
+
+
+def _uninitialized_parameter(device: torch.device | None, dtype: torch.dtype) -> torch.nn.Parameter:
+    """An ``UninitializedParameter`` that materialises on ``device`` in ``dtype``, requiring grad as
+    the ``Parameter`` it becomes. (torch's stub types the class as a Tensor built from data; it is
+    a Parameter built from ``requires_grad``, ``device`` and ``dtype``.)"""
+    return cast(torch.nn.Parameter, UninitializedParameter(  # type: ignore[call-arg]  # (see above)
+        requires_grad=True, device=device, dtype=dtype))
 
 
 def _share(part: float | torch.Tensor, whole: float | torch.Tensor) -> float | torch.Tensor:

@@ -37,8 +37,10 @@ class Mixture(LatentModel):
     Args:
         family: the component family (e.g. ``torch_em.families.Gaussian("diag")``).
         n_components: K, components per mixture.
-        n_features: D. When given, parameters exist at construction; otherwise the first
-            ``fit`` creates them.
+        n_features: D. When given, parameters exist at construction; otherwise they are
+            ``UninitializedParameter`` s (torch's lazy modules' convention, as ``nn.LazyLinear``),
+            already in ``parameters()``, that the first ``fit``, ``partial_fit`` or
+            ``load_state_dict`` materialises in place.
         batch_shape: shape of the batch of independent models fitted together.
         tol: a model has converged when its mean log-likelihood changes by less than ``tol``.
         max_iter: EM iterations at most.

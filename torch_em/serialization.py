@@ -205,7 +205,7 @@ def from_payload(content: Any) -> torch.nn.Module:
         if key not in parameters:
             raise ValueError(f"the model file lists {key!r} among the parameters without gradients, but "
                              f"{cls.__name__} has only {sorted(parameters)}")
-        parameters[key].requires_grad_(False)
+        parameters[key].requires_grad = False  # (requires_grad_ is refused by an UninitializedParameter)
     return model
 
 

@@ -92,12 +92,18 @@ def statistics_about(family: "Gaussian", first: torch.Tensor, second: torch.Tens
     return torch.cat([linear, moment], -1)
 
 
+def gathered_per_pattern(values: torch.Tensor, pattern: torch.Tensor) -> torch.Tensor:
+    """Per-pattern values (R, M, K', P, ...) -> those of the patterns ``pattern`` (L,) (shared
+    rows) or (M, L) (each model's own): (R, M, K', L, ...)."""
+    if pattern.dim() == 1:
+        return values.index_select(3, pattern)
+    models = torch.arange(values.shape[1], device=values.device).unsqueeze(-1)
+    return values.transpose(2, 3)[:, models, pattern].transpose(2, 3)
+
+
 def _per_block(values: torch.Tensor, rows: MissingRows) -> torch.Tensor:
     """Per-pattern values (R, M, K', P, ...) -> per block (R, M, K', nb, ...) (each block's pattern)."""
-    if rows.X.dim() == 2:
-        return values.index_select(3, rows.block_pattern[0])
-    models = torch.arange(values.shape[1], device=values.device).unsqueeze(-1)
-    return values.transpose(2, 3)[:, models, rows.block_pattern].transpose(2, 3)
+    return gathered_per_pattern(values, rows.block_pattern[0] if rows.X.dim() == 2 else rows.block_pattern)
 
 
 class GaussianMarginal(Marginal):

@@ -30,7 +30,7 @@ import torch
 
 from ..missing import MissingRows
 from .base import Marginal
-from .gaussian_missing import statistics_about
+from .gaussian_missing import gathered_per_pattern, statistics_about
 
 if TYPE_CHECKING:
     from .gaussian import Gaussian
@@ -110,11 +110,7 @@ class PrecisionGaussianMarginal(Marginal):
 
     def _per_row(self, values: torch.Tensor) -> torch.Tensor:
         """Per-pattern values (R, M, K', P, ...) -> each row's pattern's (R, M, K', n, ...)."""
-        pattern = self.rows.row_pattern
-        if pattern.dim() == 1:
-            return values.index_select(3, pattern)
-        models = torch.arange(values.shape[1], device=values.device).unsqueeze(-1)
-        return values.transpose(2, 3)[:, models, pattern].transpose(2, 3)
+        return gathered_per_pattern(values, self.rows.row_pattern)
 
     # --- what EM and imputation need --------------------------------------------------------
     def statistics(self, resp: torch.Tensor, about: torch.Tensor | None) -> torch.Tensor:

@@ -152,12 +152,14 @@ class MissingRows:
 
     def centred_features(self, family: Any, reference: torch.Tensor) -> torch.Tensor:
         """The family's features of ``O (x - s)`` (the rows about the reference s, 0 at their
-        missing coordinates) in the block layout, (M', nb, b, F); kept for the next call with
-        the same reference (the rest of a fit)."""
+        missing coordinates) in the block layout followed by a 1 (so that one product gives a
+        linear form plus a constant, or sums and counts), (M', nb, b, F + 1); kept for the next
+        call with the same reference (the rest of a fit)."""
         if self._features is None or self._features[0] is not reference:
             shift = reference if reference.dim() < 3 else reference.unsqueeze(-2)  # (1, D) or (M, 1, 1, D)
             centred = (self.block_points - shift) * self.block_observed.to(self.block_points.dtype)
-            self._features = (reference, family.features(centred, None)[0])
+            features = family.features(centred, None)[0]
+            self._features = (reference, torch.cat([features, features.new_ones(*features.shape[:-1], 1)], -1))
         return self._features[1]
 
     def blocked(self, values: torch.Tensor) -> torch.Tensor:

@@ -68,6 +68,16 @@ def _packed_positions(n_features: int, device: torch.device) -> torch.Tensor:
 
 
 @cached_unless_traced
+def _symmetric_positions(n_features: int, device: torch.device) -> torch.Tensor:
+    """For every entry (i, j) of a flattened (D, D) matrix, the position of (min, max) in the
+    packed upper triangle: a gather with it unpacks a symmetric matrix."""
+    index = torch.arange(n_features, device=device)
+    low, high = torch.minimum(index[:, None], index), torch.maximum(index[:, None], index)
+    # Row i of the packed triangle starts after the rows above it: i D - i (i - 1) / 2 entries.
+    return (low * n_features - low * (low - 1) // 2 + high - low).flatten()
+
+
+@cached_unless_traced
 def _packed_weights(n_features: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """-1/2 on the diagonal, -1 off it: the weights of the packed upper triangle of Lambda."""
     rows, cols = _triu_indices(n_features, device)

@@ -159,7 +159,8 @@ class GaussianMarginal(Marginal):
         """Full and tied covariances expanded about the reference point s as the complete rows'
         GEMM is: ``log N(x_o | mu_o, Sigma_oo) = T(x~) . eta_p + c_p`` with the ordinary features
         T of ``x~ = O (x - s)`` and the natural parameters of the pattern's marginal (built from
-        ``Lambda_o``), one small product per block: (R, M, K, n)."""
+        ``Lambda_o``), one small product per block (the features' trailing 1 takes ``c_p``):
+        (R, M, K, n)."""
         from .gaussian import _packed_positions, _packed_weights  # (that module imports this one)
 
         rows, dtype = self.rows, self.loc.dtype
@@ -171,37 +172,34 @@ class GaussianMarginal(Marginal):
         quadratic = (packed * _packed_weights(D, precision.device, dtype)).expand(*linear.shape[:-1], -1)
         observed = rows.patterns.to(dtype).sum(-1)  # (P,)
         const = self.half_logdet - 0.5 * (linear * centred).sum(-1) - (0.5 * math.log(2 * math.pi)) * observed
-        eta = torch.cat([linear, quadratic], -1)  # (R, M, K, P, F)
-        features = rows.centred_features(self.family, self.reference)  # (M', nb, b, F)
-        eta, const = _per_block(eta, rows).transpose(2, 3), _per_block(const, rows).transpose(2, 3)  # (R, M, nb, K, ...)
-        log_prob = features @ eta.mT + const.unsqueeze(-2)  # (R, M, nb, b, K)
+        eta = torch.cat([linear, quadratic, const.unsqueeze(-1)], -1)  # (R, M, K, P, F + 1)
+        features = rows.centred_features(self.family, self.reference)  # (M', nb, b, F + 1)
+        log_prob = features @ _per_block(eta, rows).permute(0, 1, 3, 4, 2)  # (R, M, nb, b, K)
         return rows.unblocked(log_prob.permute(0, 1, 4, 2, 3).flatten(-2))
 
     def _expanded_moments(self, resp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``sum_n r x^_~`` (R, M, K, D) and ``sum_n r (x^_~ x^_~^T + C)`` (R, M, K, D, D) about the
         reference, from the responsibilities' sums of the features per pattern: for a pattern
         ``x^_~ = A x~ + h`` with ``h = (I - A) mu~``, so its sums are ``A S1 + n h`` and
-        ``A S2 A^T + A S1 h^T + h S1^T A^T + n (h h^T + C)``."""
+        ``A S2 A^T + A S1 h^T + h S1^T A^T + n (h h^T + C)``; the terms linear in the pattern's
+        values are summed over the patterns as one product each."""
+        from .gaussian import _symmetric_positions  # (that module imports this one)
+
         rows = self.rows
         D = self.loc.shape[-1]
         weights = rows.blocked(resp).unflatten(-1, (rows.n_blocks, rows.block_size))  # (R, M, K, nb, b)
-        features = rows.centred_features(self.family, self.reference)  # (M', nb, b, F)
-        sums = self._per_pattern((weights.transpose(2, 3) @ features).transpose(2, 3))  # (R, M, K, P, F)
-        counts = self._per_pattern(weights.sum(-1))  # (R, M, K, P)
-        first = sums[..., :D]  # (R, M, K, P, D)
-        upper_rows, upper_cols = torch.triu_indices(D, D, device=sums.device)
-        second = sums.new_zeros(*sums.shape[:-1], D, D)
-        second[..., upper_rows, upper_cols] = sums[..., D:]
-        second[..., upper_cols, upper_rows] = sums[..., D:]
+        features = rows.centred_features(self.family, self.reference)  # (M', nb, b, F + 1)
+        sums = self._per_pattern((weights.transpose(2, 3) @ features).transpose(2, 3))  # (R, M, K, P, F + 1)
+        first, counts = sums[..., :D], sums[..., -1]  # (R, M, K, P, D), (R, M, K, P)
+        second = sums[..., D:-1].index_select(-1, _symmetric_positions(D, sums.device)).unflatten(-1, (D, D))
         completion = self.completion  # (R, M, K', P, D, D)
         eye = torch.eye(D, dtype=completion.dtype, device=completion.device)
         h = ((eye - completion) @ self._centred_means().unsqueeze(-2).unsqueeze(-1)).squeeze(-1)  # (R, M, K, P, D)
         mapped = (completion @ first.unsqueeze(-1)).squeeze(-1)  # A S1
-        n = counts.unsqueeze(-1)
-        cross = mapped.unsqueeze(-1) * h.unsqueeze(-2)
-        moment = completion @ second @ completion.mT + cross + cross.mT + n.unsqueeze(-1) * (
-            h.unsqueeze(-1) * h.unsqueeze(-2) + self.conditional)
-        return (mapped + n * h).sum(3), moment.sum(3)
+        cross = mapped.mT @ h  # sum_p A S1 h^T, (R, M, K, D, D)
+        spread = (h * counts.unsqueeze(-1)).mT @ h + (counts.unsqueeze(-2) @ self.conditional.flatten(-2)).view_as(cross)
+        moment = (completion @ second @ completion.mT).sum(3) + cross + cross.mT + spread
+        return mapped.sum(3) + (counts.unsqueeze(-2) @ h).squeeze(-2), moment
 
     def _completed_offsets(self) -> torch.Tensor:
         """Full and tied covariances: e = A d (R, M, K, n, D) per row."""

@@ -313,3 +313,30 @@ def test_load_state_dict_of_another_configuration_is_rejected(case):
     assert not target.is_initialized and target.n_features is None  # nothing half-loaded
 
 
+
+
+REJECTED_FIRST_CALLS = {
+    "GaussianMixture.fit": (lambda: torch_em.GaussianMixture(2), "fit", {"sample_weight": np.ones(7)}),
+    "GaussianMixture.partial_fit": (lambda: torch_em.GaussianMixture(2), "partial_fit", {"sample_weight": np.ones(7)}),
+    "GaussianMixture.initialize": (lambda: torch_em.GaussianMixture(2), "initialize", {"sample_weight": -np.ones(60)}),
+    "GaussianMixture.fit, bad means_init": (lambda: torch_em.GaussianMixture(2, means_init=np.zeros((2, 3))), "fit", {}),
+    "BayesianGaussianMixture.fit": (lambda: torch_em.BayesianGaussianMixture(2), "fit", {"sample_weight": np.ones(7)}),
+    "GaussianHMM.fit": (lambda: torch_em.GaussianHMM(2), "fit", {"lengths": [30, 31]}),
+    "GaussianHMM.partial_fit": (lambda: torch_em.GaussianHMM(2), "partial_fit", {"lengths": [30, 31]}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REJECTED_FIRST_CALLS))
+def test_a_rejected_first_call_keeps_the_dtype_the_model_follows(case):
+    # X is float64; the model follows its data's dtype (no dtype= given) and is float32 until a
+    # fit succeeds. Checking X adopts float64 before the weights, lengths or initial values are
+    # checked: the rejected call must leave the model as it was.
+    make, method, kwargs = REJECTED_FIRST_CALLS[case]
+    model = make()
+    before = model.dtype
+    with pytest.raises(ValueError):
+        getattr(model, method)(np.random.default_rng(0).normal(size=(60, 2)), **kwargs)
+    assert model.dtype == before == torch.float32 and not model.is_initialized
+    if "bad" not in case:  # still follows: the next (valid) fit adopts float64
+        model.fit(np.random.default_rng(1).normal(size=(60, 2)))
+        assert model.dtype == F64

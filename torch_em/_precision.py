@@ -32,6 +32,25 @@ def without_autocast(method: Method) -> Method:
     return wrapper  # type: ignore[return-value]
 
 
+def keeps_dtype_when_rejected(method: Method) -> Method:
+    """A fitting method of a :class:`FollowsDataDtype` module: where it raises and the module
+    still has no parameters, the module keeps the dtype it had. (Checking X adopts X's dtype,
+    which the checks after it, of sample weights and initial values, work in; a call they
+    reject must change nothing.)"""
+    @functools.wraps(method)
+    def wrapper(self, *args: Any, **kwargs: Any) -> Any:
+        anchor = getattr(self, self._dtype_buffer)
+        follows = self._dtype_follows_data
+        try:
+            return method(self, *args, **kwargs)
+        except BaseException:
+            if not self.is_initialized:
+                setattr(self, self._dtype_buffer, anchor)
+                self._dtype_follows_data = follows
+            raise
+    return wrapper  # type: ignore[return-value]
+
+
 def _device_type(owner: Any) -> str:
     """The device type of a module's first buffer, or of a function's first argument when it is
     a tensor (the data); "cpu" otherwise."""

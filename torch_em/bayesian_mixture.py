@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from . import distributed, em
-from ._precision import without_autocast
+from ._precision import keeps_dtype_when_rejected, without_autocast
 from ._validation import as_float_tensor, check_finite, check_positive_tensor, check_shape
 from .families.base import NotFittedError, Theta
 from .families.variational_gaussian import GaussianWishartPrior, VariationalGaussian
@@ -140,6 +140,7 @@ class BayesianGaussianMixture(GaussianViews, Mixture):
                                        f"weight_concentration_prior_type={self.weight_concentration_prior_type!r}")
 
     # --- fitting ----------------------------------------------------------------------------
+    @keeps_dtype_when_rejected
     @without_autocast
     @torch.no_grad()
     def fit(  # type: ignore[override]  # resp_init (scikit-learn's) in place of process_group: data in memory only
@@ -159,6 +160,7 @@ class BayesianGaussianMixture(GaussianViews, Mixture):
         with self._priors_of(X, sample_weight, resp_init) as data:
             return self._fit(data, verbose, self.max_iter)
 
+    @keeps_dtype_when_rejected
     @without_autocast
     @torch.no_grad()
     def initialize(  # type: ignore[override]  # resp_init in place of process_group: data in memory only

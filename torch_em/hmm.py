@@ -20,7 +20,7 @@ import torch
 
 from . import em
 from ._random import resolve_seed
-from ._precision import without_autocast
+from ._precision import keeps_dtype_when_rejected, without_autocast
 from ._tracing import is_traced
 from . import distributed
 from ._validation import (
@@ -161,6 +161,7 @@ class HMM(LatentModel):
         return f"n_states={self.n_states}{mix}, n_features={self.n_features}{batch}"
 
     # --- fitting ----------------------------------------------------------------------------
+    @keeps_dtype_when_rejected
     @without_autocast
     @torch.no_grad()
     def fit(self, X: Any, lengths: Any = None, sample_weight: Any = None, *, mask: Any = None,
@@ -176,6 +177,7 @@ class HMM(LatentModel):
         with distributed.using(process_group, f"{type(self).__name__}.fit"):
             return self._fit(self._fit_data(X, lengths, mask, sample_weight), verbose, self.max_iter)
 
+    @keeps_dtype_when_rejected
     @without_autocast
     @torch.no_grad()
     def initialize(self, X: Any, lengths: Any = None, sample_weight: Any = None, *, mask: Any = None,
@@ -184,6 +186,7 @@ class HMM(LatentModel):
         with distributed.using(process_group, f"{type(self).__name__}.initialize"):
             return self._initialize(self._fit_data(X, lengths, mask, sample_weight))
 
+    @keeps_dtype_when_rejected
     @without_autocast
     @torch.no_grad()
     def partial_fit(self, X: Any, lengths: Any = None, sample_weight: Any = None, *, mask: Any = None,

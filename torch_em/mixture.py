@@ -16,7 +16,7 @@ from typing import Any, Sequence, cast
 import torch
 
 from . import distributed, em
-from ._precision import without_autocast
+from ._precision import keeps_dtype_when_rejected, without_autocast
 from ._validation import check_family, check_int, check_sample_weight
 from .families.base import ComponentFamily, Theta
 from .latent import MIXTURE
@@ -191,6 +191,7 @@ class Mixture(LatentModel):
         return f"n_components={self.n_components}, n_features={self.n_features}{batch}"
 
     # --- fitting ----------------------------------------------------------------------------
+    @keeps_dtype_when_rejected
     @without_autocast
     @torch.no_grad()
     def fit(self, X: Any, y: Any = None, sample_weight: Any = None, verbose: bool = False, *,
@@ -218,6 +219,7 @@ class Mixture(LatentModel):
         with distributed.using(process_group, f"{type(self).__name__}.fit"):
             return self._fit(self._data(X, sample_weight), verbose, self.max_iter)
 
+    @keeps_dtype_when_rejected
     @without_autocast
     @torch.no_grad()
     def initialize(self, X: Any, y: Any = None, sample_weight: Any = None, *, process_group: Any = None) -> "Mixture":
@@ -234,6 +236,7 @@ class Mixture(LatentModel):
         observations = self._observations()
         return observations.tensor(X, sample_weight) if source is None else observations.stream(source, sample_weight)
 
+    @keeps_dtype_when_rejected
     @without_autocast
     @torch.no_grad()
     def partial_fit(self, X: Any, y: Any = None, sample_weight: Any = None, *, process_group: Any = None) -> "Mixture":

@@ -264,9 +264,10 @@ def _bootstrap(model: Any, X: Any, n_boot: int, seed: int | None, sample_weight:
         if sample_weight is not None:
             raise ValueError("sample_weight serves the nonparametric bootstrap, got it with method='parametric_bootstrap'")
         data = model.sample(n_boot * n, seed=int(torch.randint(2**62, (), generator=generator)))[0]
-        data, weights = data.reshape(n_boot, n, -1), None  # (B, N, D)
+        data, weights, drawn = data.reshape(n_boot, n, -1), None, None  # (B, N, D), the refits' data
     else:
         weights = _resample_counts(n, n_boot, sample_weight, generator).to(model.dtype).to(model.device)
+        data, drawn = _drawn_rows(X, weights)  # the refits' data: the rows drawn, with their counts
     config = {**model._config(), "batch_shape": (n_boot,), "warm_start": True, "n_init": 1, "on_error": "isolate"}
     config.pop("n_features", None)
     refits = type(model)(**config, n_features=model.n_features, device=model.device, dtype=model.dtype)
@@ -274,11 +275,7 @@ def _bootstrap(model: Any, X: Any, n_boot: int, seed: int | None, sample_weight:
                     for name in model._parameter_names}, create=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        if parametric:
-            refits.fit(data, sample_weight=None)
-        else:
-            rows, counts = _drawn_rows(X, weights)
-            refits.fit(rows, sample_weight=counts)
+        refits.fit(data, sample_weight=drawn)
     layout = _Flat(model)
     estimates = {name: value.detach() for name, value in layout.reported(layout.flatten()).items()}
     kept = ~refits.failed_ if refits.failed_ is not None else torch.ones(n_boot, dtype=torch.bool)

@@ -573,3 +573,17 @@ def test_float32_components_far_from_the_reference_take_their_own_in_a_fit_with_
     torch.testing.assert_close(single.means.double(), double.means, rtol=0, atol=1e-3)
     torch.testing.assert_close(single.covariances.double(), double.covariances, rtol=2e-3, atol=1e-4)
     torch.testing.assert_close(single.lower_bound_.double(), double.lower_bound_, rtol=0, atol=1e-5)
+
+
+def test_blocks_factorised_by_width_equal_their_inverses_and_log_determinants():
+    # Matrices (P, q, q) that are the identity past their leading n_missing rows and columns,
+    # with every count 0..q present, against torch.linalg.inv and slogdet of each.
+    q, generator = 9, torch.Generator().manual_seed(3)
+    n_missing = torch.cat([torch.arange(q + 1), torch.randint(0, q + 1, (30,), generator=generator)])
+    x = torch.randn(2, n_missing.numel(), q, q, generator=generator, dtype=F64)
+    leading = torch.arange(q) < n_missing[:, None]  # (P, q)
+    inside = leading[:, :, None] & leading[:, None, :]
+    block = torch.where(inside, x @ x.mT + q * torch.eye(q, dtype=F64), torch.eye(q, dtype=F64))
+    inverse, log_det = gaussian_missing_precision._inverse_by_width(block, n_missing)
+    torch.testing.assert_close(inverse, torch.linalg.inv(block), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(log_det, torch.linalg.slogdet(block)[1], rtol=1e-12, atol=1e-12)

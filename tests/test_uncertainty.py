@@ -8,6 +8,7 @@ import torch
 from torch import distributions as dist
 
 import torch_em
+from torch_em import uncertainty
 
 F64 = torch.float64
 
@@ -197,3 +198,20 @@ def test_an_unseeded_bootstrap_leaves_the_global_generator_alone(method):
         warnings.simplefilter("ignore")
         torch_em.standard_errors(model, X, method=method, n_boot=3)
     assert torch.initial_seed() == 123  # not reseeded: a script's own torch.manual_seed still holds
+
+
+def test_the_bootstrap_on_the_drawn_rows_equals_the_bootstrap_on_all_rows(monkeypatch):
+    # Refits evaluate only the rows their resample drew while those rows' features fit in the
+    # feature cache, else the shared rows with the counts: the same refits either way.
+    X = two_normals(n=300, seed=4)
+    model = fit(X)
+    counts = torch.zeros(2, 300, dtype=F64).scatter_add_(1, torch.randint(0, 300, (2, 300)), torch.ones(2, 300, dtype=F64))
+    rows, row_counts = uncertainty._drawn_rows(model, torch.as_tensor(X), counts)
+    assert rows.shape == (2, int((counts > 0).sum(-1).max()), 1) and bool((row_counts.sum(-1) == 300).all())
+    drawn = torch_em.standard_errors(model, X, method="bootstrap", n_boot=6, seed=5)
+    monkeypatch.setattr(torch_em.data, "FEATURE_CACHE_BYTES", 0)
+    assert uncertainty._drawn_rows(model, torch.as_tensor(X), counts)[0].shape == (300, 1)
+    shared = torch_em.standard_errors(model, X, method="bootstrap", n_boot=6, seed=5)
+    assert torch.equal(drawn.resample_weights, shared.resample_weights)
+    for name in ("weights", "means", "covariances"):
+        torch.testing.assert_close(drawn.samples[name], shared.samples[name], rtol=1e-9, atol=1e-11)

@@ -24,6 +24,12 @@ FEATURE_CACHE_BYTES = 256 << 20
 Weights = torch.Tensor  # (n,) shared by every model or (M, n) one set per model
 
 
+def features_fit_in_cache(n_rows: int, n_stats: int, element_size: int) -> bool:
+    """Whether the features of ``n_rows`` rows (over every model), ``n_stats`` numbers each, are
+    small enough to be kept for a whole fit (``FEATURE_CACHE_BYTES``)."""
+    return n_rows * n_stats * element_size <= FEATURE_CACHE_BYTES
+
+
 def default_chunk_size(n_models: int, n_components: int, n_stats: int) -> int:
     return max(256, CHUNK_ELEMENTS // max(1, n_models * n_components + n_stats))
 
@@ -77,7 +83,7 @@ class Data:
         self._cache: list[tuple[torch.Tensor | None, torch.Tensor | None, MissingRows | None]] | None = None
         self.has_missing = bool(torch.isnan(X).any()) if X.is_floating_point() else False
         n_stats = family.n_statistics(X.shape[-1])
-        small = X.numel() // X.shape[-1] * n_stats * X.element_size() <= FEATURE_CACHE_BYTES
+        small = features_fit_in_cache(X.numel() // X.shape[-1], n_stats, X.element_size())
         if cache == "always" or (cache and small):
             self._cache = [self._layout(*self._features(start, stop)) for start, stop in self.bounds]
 

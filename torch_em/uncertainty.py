@@ -37,6 +37,7 @@ from typing import Any, Callable, cast
 import torch
 
 from ._validation import check_choice, check_int, check_sample_weight
+from .data import features_fit_in_cache
 from .families.base import ComponentFamily, NotFittedError, Theta
 from .families.bernoulli import Bernoulli
 from .families.categorical import Categorical
@@ -267,7 +268,7 @@ def _bootstrap(model: Any, X: Any, n_boot: int, seed: int | None, sample_weight:
         data, weights, drawn = data.reshape(n_boot, n, -1), None, None  # (B, N, D), the refits' data
     else:
         weights = _resample_counts(n, n_boot, sample_weight, generator).to(model.dtype).to(model.device)
-        data, drawn = _drawn_rows(X, weights)  # the refits' data: the rows drawn, with their counts
+        data, drawn = _drawn_rows(model, X, weights)  # the refits' data and weights
     config = {**model._config(), "batch_shape": (n_boot,), "warm_start": True, "n_init": 1, "on_error": "isolate"}
     config.pop("n_features", None)
     refits = type(model)(**config, n_features=model.n_features, device=model.device, dtype=model.dtype)
@@ -285,12 +286,17 @@ def _bootstrap(model: Any, X: Any, n_boot: int, seed: int | None, sample_weight:
     return StandardErrors(estimates, errors, method, samples, None if weights is None else weights[kept])
 
 
-def _drawn_rows(X: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each resample's drawn rows only (about 63 % of them), as per-model data: X (N, D) and
-    counts (B, N) -> rows (B, L, D) and their counts (B, L), L the most rows any resample draws
-    (a resample with fewer ends in rows of count 0). The same weighted sums, a third less work."""
+def _drawn_rows(model: Mixture, X: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The refits' data: each resample's drawn rows only (about 63 % of them) as per-model data,
+    X (N, D) and counts (B, N) -> rows (B, L, D) and their counts (B, L), L the most rows any
+    resample draws (a resample with fewer ends in rows of count 0): the same weighted sums, a
+    third less work. Where those rows' features would not fit in the feature cache (large N, B
+    or D: B copies of the data), the shared X (N, D) and the counts as they are."""
     drawn = counts > 0
     length = int(drawn.sum(-1).max())
+    n_stats = model.family.n_statistics(X.shape[-1])
+    if not features_fit_in_cache(counts.shape[0] * length, n_stats, X.element_size()):
+        return X, counts
     order = torch.sort((~drawn).to(torch.uint8), dim=-1, stable=True).indices[:, :length]  # drawn rows first
     return X[order], counts.gather(-1, order)
 

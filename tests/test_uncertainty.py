@@ -215,3 +215,9 @@ def test_the_bootstrap_on_the_drawn_rows_equals_the_bootstrap_on_all_rows(monkey
     assert torch.equal(drawn.resample_weights, shared.resample_weights)
     for name in ("weights", "means", "covariances"):
         torch.testing.assert_close(drawn.samples[name], shared.samples[name], rtol=1e-9, atol=1e-11)
+
+
+def test_standard_errors_of_a_model_without_a_likelihood_are_refused_by_name():
+    X = two_normals(n=50, seed=6)
+    with pytest.raises(ValueError, match="mixture or HMM, got a KMeans"):
+        torch_em.standard_errors(torch_em.KMeans(2).fit(X), X)

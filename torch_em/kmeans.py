@@ -8,7 +8,7 @@ from typing import Any, Callable, Sequence, cast, overload
 import numpy as np
 import torch
 
-from ._precision import FollowsDataDtype, without_autocast
+from ._precision import FollowsDataDtype, keeps_dtype_when_rejected, without_autocast
 from ._validation import (
     MAGNITUDE_HEADROOM, as_float_tensor, check_common_options, check_data, check_device, check_dtype, check_finite,
     check_int, check_magnitude, check_positive, check_sample_weight, check_shape, data_dtype,
@@ -193,6 +193,12 @@ class KMeans(Saveable, CheckedLoad, FollowsDataDtype):
     def n_features(self) -> int | None:
         return self.cluster_centers_.shape[-1] if self.cluster_centers_.numel() else None
 
+    @property
+    def is_initialized(self) -> bool:
+        """Whether the centres exist (after a first fit, partial_fit or load)."""
+        return self.n_features is not None
+
+    @keeps_dtype_when_rejected
     @without_autocast
     @torch.no_grad()
     def fit(self, X: Any, y: Any = None, sample_weight: Any = None) -> "KMeans":
@@ -244,6 +250,7 @@ class KMeans(Saveable, CheckedLoad, FollowsDataDtype):
             return random_points(X, M, K, streams, weights)
         return initialization.kmeans_plusplus(X, M, K, streams, chunk, weights)
 
+    @keeps_dtype_when_rejected
     @without_autocast
     @torch.no_grad()
     def partial_fit(self, X: Any, y: Any = None, sample_weight: Any = None) -> "KMeans":

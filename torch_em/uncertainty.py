@@ -45,6 +45,7 @@ from .families.exponential import Exponential
 from .families.gaussian import Gaussian
 from .families.poisson import Poisson
 from .families.product import Product
+from .latent_model import LatentModel
 from .mixture import Mixture
 
 METHODS = ("observed", "opg", "sandwich", "bootstrap", "parametric_bootstrap")
@@ -95,7 +96,9 @@ def standard_errors(model: Any, X: Any, *args: Any, method: str = "observed", n_
     doc for the methods. ``n_boot``, ``seed`` and ``sample_weight`` (the data's own weights)
     serve the bootstrap, which is for a mixture of one model (``batch_shape == ()``)."""
     check_choice(method, "method", METHODS)
-    if not getattr(model, "is_initialized", False) or model.n_iter_ is None:
+    if not isinstance(model, LatentModel):
+        raise ValueError(f"standard_errors takes a fitted mixture or HMM, got a {type(model).__name__}")
+    if not model.is_initialized or model.n_iter_ is None:
         raise NotFittedError(f"{type(model).__name__} is not fitted yet; call fit before standard_errors")
     if model.converged_ is not None and not bool(model.converged_.all()):
         warnings.warn("the fit has not converged: standard errors assume an interior optimum", UncertaintyWarning,

@@ -71,10 +71,12 @@ def _packed_positions(n_features: int, device: torch.device) -> torch.Tensor:
 def _symmetric_positions(n_features: int, device: torch.device) -> torch.Tensor:
     """For every entry (i, j) of a flattened (D, D) matrix, the position of (min, max) in the
     packed upper triangle: a gather with it unpacks a symmetric matrix."""
-    index = torch.arange(n_features, device=device)
-    low, high = torch.minimum(index[:, None], index), torch.maximum(index[:, None], index)
-    # Row i of the packed triangle starts after the rows above it: i D - i (i - 1) / 2 entries.
-    return (low * n_features - low * (low - 1) // 2 + high - low).flatten()
+    rows, cols = _triu_indices(n_features, device)
+    packed = torch.arange(rows.numel(), device=device)
+    positions = torch.empty(n_features, n_features, dtype=torch.long, device=device)
+    positions[rows, cols] = packed
+    positions[cols, rows] = packed
+    return positions.flatten()
 
 
 @cached_unless_traced

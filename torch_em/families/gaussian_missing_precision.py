@@ -81,9 +81,8 @@ def _inverse_by_width(block: torch.Tensor, n_missing: torch.Tensor) -> tuple[tor
     low = 0
     while low < q:
         width = min(q, max(low + 1, math.ceil(WIDTH_GROWTH * low)))
-        chosen = ((n_missing > low) & (n_missing <= width)).nonzero().squeeze(-1)
-        if low == 0:  # patterns with nothing missing (a complete row) are the identity too
-            chosen = (n_missing <= width).nonzero().squeeze(-1)
+        # (the first group also holds patterns with nothing missing: their block is the identity)
+        chosen = (((n_missing > low) | (low == 0)) & (n_missing <= width)).nonzero().squeeze(-1)
         if chosen.numel():
             part = block[..., :width, :width].index_select(-3, chosen)
             lower, _ = torch.linalg.cholesky_ex(part)

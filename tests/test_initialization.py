@@ -12,6 +12,7 @@ from sklearn.metrics import adjusted_rand_score
 
 import torch_em
 from torch_em import initialization
+from torch_em.lloyd import first_argmax_
 
 F64 = torch.float64
 
@@ -58,3 +59,41 @@ def test_the_kept_seeding_has_the_least_inertia_of_the_seedings(per_model):
     torch.testing.assert_close(kept_inertia, inertia.amin(-1), rtol=1e-12, atol=0)
     assert bool((inertia.amax(-1) > inertia.amin(-1) * 1.01).any())  # the choice mattered somewhere
 
+
+
+def test_a_grid_over_the_number_of_components_shares_nested_seedings():
+    """With ``components`` (a grid over K padded to the largest, as select builds it) every model
+    starts from the first k centres of the first model's seedings of the largest K, each followed
+    by its own Lloyd iterations with k centres, and keeps the one of least inertia."""
+    X, _ = grid_of_blobs(n_per=20, seed=2)
+    X = X - X.mean(0)
+    grid, K, S = [2, 5, 10], 10, 3
+    components = (torch.arange(K) < torch.tensor(grid)[:, None]).unsqueeze(0)  # (1, M, K)
+    tol = initialization.relative_tolerance(X, 1e-4)
+    kept = initialization.best_of_seedings(X, len(grid), K, initialization.RestartStreams(4, 1, "cpu"), 64, None,
+                                           components, tol, n_seedings=S)  # (1, M, K, 2)
+    seeded = initialization.kmeans_plusplus(X, S, K, initialization.RestartStreams(4, 1, "cpu"), 64)  # (1, S, K, 2)
+    for m, k in enumerate(grid):
+        alone = initialization.lloyd(X, seeded[:, :, :k], max_iter=initialization.SEEDING_LLOYD_ITERATIONS, tol=tol,
+                                     chunk_size=64)
+        best = int(alone.distances.sum(-1)[0].argmin())
+        torch.testing.assert_close(kept[0, m, :k], alone.centres[0, best], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("n_centres", [4, 40])  # points last in memory, and centres last
+def test_nearest_centre_is_the_first_of_equal_scores(dtype, n_centres):
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 3, (2, 3, 5, 40), generator=g).to(dtype)  # (R, M, K, n): many ties
+    expected = torch.from_numpy(scores.numpy().argmax(-2))  # numpy's argmax: the first of the maxima
+    for layout in (scores.clone(), scores.permute(3, 0, 1, 2).contiguous().permute(1, 2, 3, 0)):
+        best, index = first_argmax_(layout)
+        assert torch.equal(index, expected) and torch.equal(best, scores.amax(-2))
+    # against brute force on points and centres: labels and squared distances
+    X = torch.randn(50, 3, generator=g, dtype=dtype)
+    centres = torch.randn(2, 3, n_centres, 3, generator=g, dtype=dtype)
+    for data in (X, X.expand(3, 50, 3) * torch.tensor([1.0, 2.0, -1.0], dtype=dtype)[:, None, None]):
+        labels, dist = initialization.nearest(data, centres, 16)
+        brute = ((data.unsqueeze(-3).unsqueeze(0) - centres.unsqueeze(-2)) ** 2).sum(-1)  # (R, M, K, n)
+        assert torch.equal(labels, brute.argmin(-2))
+        torch.testing.assert_close(dist, brute.amin(-2), rtol=1e-4 if dtype == torch.float32 else 1e-10, atol=1e-5)

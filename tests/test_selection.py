@@ -121,3 +121,23 @@ def test_select_plot_draws_one_line_per_covariance_type():
     result = torch_em.select(blobs(n=120), n_components=range(1, 4), covariance_type=("full", "spherical"), seed=0)
     ax = result.plot()
     assert len(ax.get_lines()) == 3  # two curves and the chosen K
+
+
+def test_covariance_types_share_one_clustering_without_changing_a_fit():
+    """select clusters once for all covariance types (each restart group's clustering kept by
+    the first type): every type's rows are those of its grid fitted with a clustering of its own."""
+    from torch_em.initialization import SharedClustering
+    from torch_em.selection import _fit_grid
+
+    X = blobs(seed=4)
+    kinds, grid = ("full", "diag", "spherical"), [1, 2, 3, 4]
+    clustering = SharedClustering()
+    shared = [_fit_grid(X, grid, kind, 2, 3, {}, clustering) for kind in kinds]
+    assert set(clustering.clusterings) == {range(1), range(1, 2)}  # restart 0, then the others
+    table = torch_em.select(X, n_components=grid, covariance_type=kinds, n_init=2, seed=3).table.as_dict()
+    assert table["log_likelihood"] == [row["log_likelihood"] for rows in shared for row in rows]
+    for kind, rows in zip(kinds, shared):
+        alone = _fit_grid(X, grid, kind, 2, 3, {}, SharedClustering())
+        assert [row["n_iter"] for row in rows] == [row["n_iter"] for row in alone]
+        for row, single in zip(rows, alone):
+            assert row["log_likelihood"] == pytest.approx(single["log_likelihood"], rel=1e-12)

@@ -119,15 +119,19 @@ def kmeans_plusplus_indices(
         candidate_points = gather_points(X, candidates)  # (R, M, t, D)
         potentials = torch.zeros(R, M, n_trials, dtype=X.dtype, device=X.device)
         for start, stop in row_chunks(n_points, chunk_size):
-            d = squared_distances(X[..., start:stop, :], candidate_points)  # (R, M, t, n)
-            reached = torch.minimum(d, closest[..., None, start:stop])
-            if weights is not None:
-                reached = reached * broadcast_weights(weights[..., start:stop]).unsqueeze(-2)
-            potentials += reached.sum(-1)
+            reached = squared_distances(X[..., start:stop, :], candidate_points)  # (R, M, t, n)
+            torch.minimum(reached, closest[..., None, start:stop], out=reached)
+            if weights is None:
+                potentials += reached.sum(-1)
+            else:
+                potentials += (reached * broadcast_weights(weights[..., start:stop]).unsqueeze(-2)).sum(-1)
         best = potentials.argmin(-1, keepdim=True)  # (R, M, 1)
         indices.append(candidates.gather(2, best))
-        chosen = candidate_points.gather(2, best.unsqueeze(-1).expand(R, M, 1, X.shape[-1]))
-        closest = torch.minimum(closest, nearest(X, chosen, chunk_size)[1])
+        if n_points <= chunk_size:  # one chunk: the chosen candidate's distances are at hand
+            closest = reached.gather(2, best.unsqueeze(-1).expand(R, M, 1, n_points)).squeeze(2)
+        else:
+            chosen = candidate_points.gather(2, best.unsqueeze(-1).expand(R, M, 1, X.shape[-1]))
+            closest = torch.minimum(closest, nearest(X, chosen, chunk_size)[1])
     return torch.cat(indices, 2)
 
 
@@ -157,7 +161,14 @@ def best_of_seedings(
     many_weights = weights if weights is None or weights.dim() == 1 else per_seeding(weights)
     many_tol = tol if tol.dim() == 0 else per_seeding(tol)
     many_components = None if components is None else per_seeding(components, 1)
-    seeded = kmeans_plusplus(many_X, M * S, K, streams, chunk_size, many_weights)  # (R, M * S, K, D)
+    if components is not None and X.dim() == 2 and (weights is None or weights.dim() == 1):
+        # A grid over the number of components of one dataset (select): greedy k-means++ is
+        # nested (the first k centres of a seeding of K are a seeding of k), so every model of
+        # the grid takes the first model's S seedings of the largest K.
+        shared = kmeans_plusplus(X, S, K, streams, chunk_size, weights)  # (R, S, K, D)
+        seeded = shared.unsqueeze(1).expand(R, M, S, K, X.shape[-1]).reshape(R, M * S, K, X.shape[-1])
+    else:
+        seeded = kmeans_plusplus(many_X, M * S, K, streams, chunk_size, many_weights)  # (R, M * S, K, D)
     result = lloyd(many_X, seeded, max_iter=SEEDING_LLOYD_ITERATIONS, tol=many_tol, chunk_size=chunk_size,
                    weights=many_weights, components=many_components)
     distances = result.distances.to(accumulator_dtype(X.device))
@@ -214,12 +225,32 @@ def initial_responsibilities(
 
 
 
+class SharedClustering:
+    """The initial clustering of one fit kept for other fits whose clustering inputs are the
+    same (the data, its weights, the number of components and the components each model has,
+    ``init_params``, the seed and the restarts; e.g. :func:`torch_em.select`'s covariance
+    types): each restart group's responsibilities and its generators' states after the
+    clustering, so a later fit draws on (re-seeding) as if it had clustered itself."""
+
+    def __init__(self) -> None:
+        self.clusterings: dict[range, tuple[Callable[[int, int], torch.Tensor], list[torch.Tensor]]] = {}
+
+    def keep(self, restarts: range, resp: Callable[[int, int], torch.Tensor], streams: RestartStreams) -> None:
+        self.clusterings[restarts] = (resp, [g.get_state() for g in streams.generators])
+
+    def reuse(self, restarts: range, streams: RestartStreams) -> Callable[[int, int], torch.Tensor]:
+        resp, states = self.clusterings[restarts]
+        for generator, state in zip(streams.generators, states):
+            generator.set_state(state)
+        return resp
+
+
 def initial_parameters(
     latent: LatentStructure, family: ComponentFamily, data: Data, *, method: str, n_components: int, layout: Layout,
     restarts: range, seed: int | None, chunk_size: int, user_parameters: Theta, user_centres: torch.Tensor | None,
     failures: Failures | None, generator: Callable[[], torch.Generator], softening: float = 0.0,
     prior: ModelPrior | None = None, components: torch.Tensor | None = None,
-    responsibilities: Callable[[int, int], torch.Tensor] | None = None,
+    responsibilities: Callable[[int, int], torch.Tensor] | None = None, shared: SharedClustering | None = None,
 ) -> Params:
     """Working initial parameters (R, M, ...) of the given R ``restarts``: an M-step from the
     initial responsibilities of ``method`` (weighted by the data's weights), then overridden by
@@ -233,7 +264,8 @@ def initial_parameters(
     ``prior``: the first M-step is MAP-EM's (:mod:`torch_em.priors`). ``components`` (1, M, K):
     the components each model has (:class:`torch_em.em.EMMap`'s), or None: all.
     ``responsibilities``: given initial responsibilities ``resp(start, stop) -> (1 or R, M, K,
-    stop - start)`` of the data's points, which replace those of ``method``."""
+    stop - start)`` of the data's points, which replace those of ``method``. ``shared``: the
+    clustering of fits whose clustering inputs are the same (:class:`SharedClustering`)."""
     R, M, K = len(restarts), layout.n_models, n_components
     X, reference = data.X, data.reference
     latent_names = set(latent.parameter_names)
@@ -246,9 +278,13 @@ def initial_parameters(
     if responsibilities is not None:
         def resp(start: int, stop: int) -> torch.Tensor:
             return responsibilities(start, stop).expand(R, M, K, stop - start)
+    elif shared is not None and restarts in shared.clusterings:
+        resp = shared.reuse(restarts, streams)
     else:
         resp = initial_responsibilities(method, family.embedding(X, reference), M, K, streams, chunk_size,
                                         user_centres, data.weights, components)
+        if shared is not None:
+            shared.keep(restarts, resp, streams)
     if softening:
         hard = resp
 

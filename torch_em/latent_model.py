@@ -34,7 +34,7 @@ from ._validation import (
 )
 from .data import CHUNK_ELEMENTS
 from .families.base import ComponentFamily, IllConditionedError, NotFittedError, Theta
-from .initialization import METHODS, initial_parameters
+from .initialization import METHODS, SharedClustering, initial_parameters
 from .latent import LatentStructure
 from .layout import Layout
 from .missing import (
@@ -76,6 +76,8 @@ class LatentModel(Saveable, CheckedLoad, FollowsDataDtype):
     _dtype_buffer = "_anchor"
     #: ``softening`` of the initial responsibilities (:func:`torch_em.initialization.initial_parameters`).
     _initial_softening: float = 0.0
+    #: The initial clustering shared with other fits of the same data (:func:`torch_em.select`), or None.
+    _shared_clustering: SharedClustering | None = None
     #: Whether the model marginalises missing entries (NaN) with ``missing="marginalize"``.
     _marginalises_missing: bool = False
     # buffers registered in __init__ (None until set)
@@ -478,6 +480,7 @@ class LatentModel(Saveable, CheckedLoad, FollowsDataDtype):
             user_centres=self.family.initial_centres(tuple(self.batch_shape), K, n_features, self.device, self.dtype),
             failures=failures, generator=self._generator, softening=self._initial_softening, prior=prior,
             components=self._working_components(), responsibilities=self._given_responsibilities(),
+            shared=self._shared_clustering,
         )
 
     def _given_responsibilities(self) -> Callable[[int, int], torch.Tensor] | None:

@@ -28,6 +28,7 @@ from ._validation import as_float_tensor, check_choice, check_int
 from .em import ConvergenceWarning, FitFailedWarning
 from .families.base import IllConditionedError
 from .gaussian_mixture import GaussianMixture
+from .initialization import SharedClustering
 
 CRITERIA = ("bic", "aic", "icl")
 COLUMNS = ("covariance_type", "n_components", "bic", "aic", "icl", "log_likelihood", "converged", "n_iter")
@@ -119,8 +120,11 @@ def select(
         raise ValueError(f"X must be (N, D) rows of features, got shape {tuple(X.shape)}")
     columns: dict[str, list] = {name: [] for name in COLUMNS}
     fitted = []
+    # k-means++ and Lloyd see neither the covariance type nor its parameters: every type of the
+    # grid starts from one clustering (the seed fixes it; with seed=None it is drawn once).
+    clustering = SharedClustering()
     for kind in kinds:
-        for row in _fit_grid(X, grid, kind, n_init, seed, options, verbose):
+        for row in _fit_grid(X, grid, kind, n_init, seed, options, clustering, verbose):
             for name in COLUMNS:
                 columns[name].append(row[name])
             fitted.append(row)
@@ -132,19 +136,21 @@ def select(
 
 
 def _fit_grid(X: torch.Tensor, grid: list[int], kind: str, n_init: int, seed: int | None,
-              options: dict[str, Any], verbose: bool = False) -> list[dict]:
+              options: dict[str, Any], clustering: SharedClustering, verbose: bool = False) -> list[dict]:
     """The grid's models of one covariance type as one batch (B numbers of components, each
-    with ``n_init`` restarts): its rows of the table, each with a ``model()`` that builds the
-    fitted mixture."""
+    with ``n_init`` restarts), initialised from ``clustering`` (the first type to run fills
+    it): its rows of the table, each with a ``model()`` that builds the fitted mixture."""
     N, D = X.shape
     K = max(grid)
     model = GaussianMixture(K, covariance_type=kind, batch_shape=(len(grid),), n_init=n_init, on_error="isolate",
                             seed=seed, **options)
     model._components = torch.arange(K, device=X.device) < torch.tensor(grid, device=X.device)[:, None]  # (B, K)
+    model._shared_clustering = clustering
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         warnings.simplefilter("ignore", FitFailedWarning)
         model.fit(X, verbose=verbose)
+    model._shared_clustering = None
     with torch.no_grad():
         log_joint = model.log_joint(X)  # (B, N, K): -inf at masked components
         log_prob = log_joint.logsumexp(-1)

@@ -23,20 +23,13 @@ from .statistics import Statistics
 from .streaming import StepSchedule
 from . import initialization
 from .initialization import random_points
-from .lloyd import cluster_sums, gather_points, lloyd, nearest, relative_tolerance, squared_distances, weighted_total
+from .lloyd import (
+    cluster_sums, default_chunk, gather_points, lloyd, nearest, relative_tolerance, squared_distances, weighted_total,
+)
 
 logger = logging.getLogger(__name__)
 
 STREAM_BUFFERS = ("stream_counts", "stream_sums", "stream_steps")
-
-#: Rows per chunk keep one chunk's (R*M*K, n) distance block near this many elements.
-CHUNK_ELEMENTS = 1 << 19
-
-
-def default_chunk(n_centres: int) -> int:
-    """Rows per chunk for ``n_centres`` centres over all models of a working batch."""
-    return max(256, CHUNK_ELEMENTS // n_centres)
-
 
 @overload
 def per_model(value: torch.Tensor, n_models: int, event_dims: int) -> torch.Tensor: ...

@@ -18,6 +18,16 @@ import torch
 from .em import _WorkingBatch, emission_log_prob
 
 
+#: Rows per chunk keep one chunk's (R*M*K, n) score block near this many elements: the passes
+#: over it (max, index) then run in cache, 1.2-3x faster than over a block of all the points.
+SCORES_PER_CHUNK = 1 << 19
+
+
+def default_chunk(n_centres: int) -> int:
+    """Rows per chunk for ``n_centres`` centres over all models of a working batch."""
+    return max(256, SCORES_PER_CHUNK // n_centres)
+
+
 def row_chunks(n_points: int, chunk_size: int) -> list[tuple[int, int]]:
     return [(start, min(start + chunk_size, n_points)) for start in range(0, n_points, chunk_size)]
 
@@ -85,7 +95,8 @@ def first_argmax_(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     (reducing a permuted view is several times slower); the results come back in axis order.
     """
     centre_axis = scores.dim() - 2
-    order = sorted(range(scores.dim()), key=lambda axis: -scores.stride(axis))
+    strides = scores.stride()
+    order = sorted(range(scores.dim()), key=lambda axis: -strides[axis])
     in_memory, axis = scores.permute(order), order.index(centre_axis)
     kept = [a for a in order if a != centre_axis]  # the results' axes, in memory order
     back = [kept.index(a) for a in sorted(kept)]
@@ -102,13 +113,14 @@ def nearest(
     X: torch.Tensor, centres: torch.Tensor, chunk_size: int, point_norms: torch.Tensor | None = None,
     components: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Index of and squared distance to the nearest centre: labels (R, M, N), dist (R, M, N).
-    ``point_norms`` (N,) or (M, N): precomputed ``|x|^2``; ``components`` (R|1, M, K): the
-    centres each model has (None: all)."""
-    R, M = centres.shape[:2]
+    """Index of and squared distance to the nearest centre: labels (R, M, N), dist (R, M, N),
+    in chunks of at most ``chunk_size`` rows (and of :func:`default_chunk` rows for the
+    centres). ``point_norms`` (N,) or (M, N): precomputed ``|x|^2``; ``components`` (R|1, M,
+    K): the centres each model has (None: all)."""
+    R, M, K = centres.shape[:3]
     labels = torch.empty(R, M, X.shape[-2], dtype=torch.long, device=X.device)
     dists = torch.empty(R, M, X.shape[-2], dtype=X.dtype, device=X.device)
-    for start, stop in row_chunks(X.shape[-2], chunk_size):
+    for start, stop in row_chunks(X.shape[-2], min(chunk_size, default_chunk(R * M * K))):
         chunk = X[..., start:stop, :]
         best, labels[..., start:stop] = first_argmax_(point_scores(chunk, centres, components))  # (R, M, n)
         norms = chunk.square().sum(-1) if point_norms is None else point_norms[..., start:stop]

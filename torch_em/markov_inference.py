@@ -56,6 +56,8 @@ from typing import Literal, NamedTuple
 import torch
 from torch import Tensor
 
+from ._tracing import is_traced
+
 Method = Literal["auto", "sequential", "blocked"]
 
 
@@ -259,7 +261,7 @@ class _Steps(NamedTuple):
         valid: (G, T_pad, S) bool: ``t < len``.
         last: (G, S) int64: ``len - 1``.
         length: T, the unpadded number of steps.
-        masked: whether any step is invalid (lengths given, or padding beyond T).
+        masked: whether any step is invalid (a length below T, or padding beyond T).
     """
 
     emission: Tensor
@@ -280,10 +282,12 @@ def _prepare(log_emission: Tensor, lengths: Tensor | None, padded_length: int, l
         last = (lengths.to(device=device, dtype=torch.int64) - 1).expand(G, S)
     time = torch.arange(padded_length, device=device)
     valid = time[None, :, None] <= last[:, None, :]  # (G, T_pad, S)
-    masked = lengths is not None or padded_length > T
+    # Sequences all of length T need no mask (traced, where that is data-dependent, they keep it).
+    short = lengths is not None and (is_traced(lengths) or bool((last < T - 1).any()))
+    masked = short or padded_length > T
     emission = log_emission.new_empty(G, padded_length, S, K)
     emission[:, T:] = 0.0
-    if lengths is None:
+    if not short:
         emission[:, :T].copy_(log_emission.transpose(1, 2))
     else:
         torch.where(valid[:, :T, :, None], log_emission.transpose(1, 2), emission.new_zeros(()), out=emission[:, :T])

@@ -4,10 +4,12 @@ covariance type fitted as one batch of Gaussian mixtures.
 Models with fewer components than the largest of the grid are padded with masked components
 (log-weight -inf, no statistics, never re-seeded, excluded from the criteria): K becomes a batch
 dimension (:class:`torch_em.em.EMMap`'s ``components``). Every number of components starts from
-its own initialisation (``init_params`` with that many components, the seed of a fit with that
-K), so each model of the grid is the fit ``GaussianMixture(k, ...)`` would give. The batch
-converges model by model and is compacted as models converge, so its cost follows the models
-still running.
+an initialisation of its own with that many components (``init_params``; the default's k-means++
+seedings are nested: the grid's models take the first k centres of one set of seedings of the
+largest K, each followed by its own Lloyd iterations with k centres), and the covariance types
+share that clustering, which sees neither their type nor their parameters. The batch converges
+model by model and is compacted as models converge, so its cost follows the models still
+running.
 
     result = torch_em.select(X, n_components=range(1, 11), covariance_type=("full", "diag"))
     print(result.table)          # BIC, AIC, ICL, log-likelihood, converged per (type, K)

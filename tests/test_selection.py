@@ -141,3 +141,10 @@ def test_covariance_types_share_one_clustering_without_changing_a_fit():
         assert [row["n_iter"] for row in rows] == [row["n_iter"] for row in alone]
         for row, single in zip(rows, alone):
             assert row["log_likelihood"] == pytest.approx(single["log_likelihood"], rel=1e-12)
+    # random responsibilities are drawn per fit, not shared
+    random = {"init_params": "random"}
+    clustering = SharedClustering()
+    first, second = (_fit_grid(X, grid, kind, 1, 3, random, clustering) for kind in ("full", "diag"))
+    assert not clustering.clusterings
+    alone = _fit_grid(X, grid, "diag", 1, 3, random, SharedClustering())
+    assert [row["log_likelihood"] for row in second] == [row["log_likelihood"] for row in alone]

@@ -230,7 +230,8 @@ class SharedClustering:
     same (the data, its weights, the number of components and the components each model has,
     ``init_params``, the seed and the restarts; e.g. :func:`torch_em.select`'s covariance
     types): each restart group's responsibilities and its generators' states after the
-    clustering, so a later fit draws on (re-seeding) as if it had clustered itself."""
+    clustering, so a later fit draws on (re-seeding) as if it had clustered itself. Random
+    responsibilities (``init_params="random"``) are no clustering and are not kept."""
 
     def __init__(self) -> None:
         self.clusterings: dict[range, tuple[Callable[[int, int], torch.Tensor], list[torch.Tensor]]] = {}
@@ -275,15 +276,16 @@ def initial_parameters(
     if user_centres is not None:
         user_centres = family.embedding(layout.restarts(user_centres, R), reference)
     resp: Callable[[int, int], torch.Tensor]
+    clustered = method != "random" or user_centres is not None  # (random responsibilities are drawn as used)
     if responsibilities is not None:
         def resp(start: int, stop: int) -> torch.Tensor:
             return responsibilities(start, stop).expand(R, M, K, stop - start)
-    elif shared is not None and restarts in shared.clusterings:
+    elif shared is not None and clustered and restarts in shared.clusterings:
         resp = shared.reuse(restarts, streams)
     else:
         resp = initial_responsibilities(method, family.embedding(X, reference), M, K, streams, chunk_size,
                                         user_centres, data.weights, components)
-        if shared is not None:
+        if shared is not None and clustered:
             shared.keep(restarts, resp, streams)
     if softening:
         hard = resp

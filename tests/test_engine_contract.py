@@ -345,3 +345,20 @@ def test_initialize_gives_the_initial_parameters_of_fit():
         warnings.simplefilter("ignore", torch_em.ConvergenceWarning)
         continued.fit(X)
     torch.testing.assert_close(continued.means, one_step.means, rtol=1e-12, atol=1e-12)  # fit = initialize + EM
+
+
+@pytest.mark.parametrize("n_points", [em.BLOCKED_MIN_POINTS + 1234, 2 * em.STATISTICS_BLOCK * 16])
+def test_statistics_of_many_points_in_blocks_are_the_plain_sums(n_points, monkeypatch):
+    """The float64 statistics GEMM over a long sum runs in blocks of points (with a remainder):
+    the sums are those of one product, for shared data, data of one model and either layout."""
+    calls = []
+    blocked = em._blocked_product
+    monkeypatch.setattr(em, "_blocked_product", lambda A, B: calls.append(1) or blocked(A, B))
+    g = torch.Generator().manual_seed(0)
+    T = torch.randn(n_points, em.BLOCKED_MIN_FEATURES + 4, generator=g, dtype=torch.float64)
+    resp = torch.rand(2, 1, 3, n_points, generator=g, dtype=torch.float64)
+    expected = torch.einsum("rmkn,nf->rmkf", resp, T)
+    for data in (T, T.unsqueeze(0), T.T.contiguous().T):
+        for r in (resp, resp.transpose(-1, -2).contiguous().transpose(-1, -2)):
+            torch.testing.assert_close(em.weighted_statistics(data, r), expected, rtol=1e-12, atol=1e-9)
+    assert len(calls) == 6

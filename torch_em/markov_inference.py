@@ -317,14 +317,15 @@ def _identity_where_invalid(new: Tensor, old: Tensor, keep: Tensor, out: Tensor 
     return torch.lerp(old, new, keep, out=out)
 
 
-def _row_sums(x: Tensor) -> Tensor:
-    """``x.sum(-1, keepdim=True)`` as a product with a ones column (much faster for small K on CPU)."""
-    return torch.matmul(x, x.new_ones(x.shape[-1], 1))
+def _row_sums(x: Tensor, ones: Tensor | None = None) -> Tensor:
+    """``x.sum(-1, keepdim=True)`` as a product with a ones column (much faster for small K on CPU);
+    ``ones``: that column (K, 1), made once by a loop that sums rows at every step."""
+    return torch.matmul(x, x.new_ones(x.shape[-1], 1) if ones is None else ones)
 
 
-def _normalise_rows(x: Tensor) -> Tensor:
+def _normalise_rows(x: Tensor, ones: Tensor | None = None) -> Tensor:
     """``x / x.sum(-1)`` in place; returns the sums (..., 1)."""
-    total = _row_sums(x)
+    total = _row_sums(x, ones)
     x.div_(total)
     return total
 
@@ -435,14 +436,15 @@ def _smooth_sequential(steps: _Steps, transmat: Tensor) -> Tensor:
     beta[:, T - 1] = 1.0
     backward = transmat.transpose(1, 2)
     keep = steps.valid.to(e.dtype)
+    ones = e.new_ones(e.shape[-1], 1)
     for t in range(T - 1, 0, -1):
         previous = beta[:, t - 1]
         if steps.masked:
             step = torch.bmm(e[:, t] * beta[:, t], backward)  # (G, S, K)
-            _normalise_rows(step)
+            _normalise_rows(step, ones)
             _identity_where_invalid(step, beta[:, t], keep[:, t, :, None], out=previous)
         else:
-            _normalise_rows(torch.bmm(e[:, t] * beta[:, t], backward, out=previous))
+            _normalise_rows(torch.bmm(e[:, t] * beta[:, t], backward, out=previous), ones)
     return beta
 
 
@@ -585,10 +587,11 @@ def _smooth_blocked(steps: _Steps, transmat: Tensor, blocks: _Blocks) -> Tensor:
     inside = e.new_empty(L, G, B, S, K)  # beta at time b L + j
     keep = steps.valid.to(e.dtype)
     previous = _start_vectors(vectors[:, :B], e.dtype)
+    ones = e.new_ones(K, 1)
     for j in range(L - 1, -1, -1):
         t = 1 + j  # the transition at time 1 + b L + j of every block
         torch.bmm((e[:, t::L] * previous).view(G, B * S, K), backward, out=inside[j].view(G, B * S, K))
-        _normalise_rows(inside[j])
+        _normalise_rows(inside[j], ones)
         if steps.masked:
             _identity_where_invalid(inside[j], previous, keep[:, t::L, :, None], out=inside[j])
         previous = inside[j]

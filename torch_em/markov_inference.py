@@ -104,7 +104,7 @@ def forward_backward(
         beta = _smooth(forward.steps, forward.transmat, forward.blocks)
         G, S = log_emission.shape[:2]
         seq_weights = _per_sequence(weights, G, S, log_emission)
-        posteriors, start, transitions = _statistics(forward, beta, seq_weights)
+        posteriors, start, transitions = _statistics(forward, beta, seq_weights, in_place=True)
         return ForwardBackward(posteriors, start, transitions, forward.filtered.log_evidence.to(log_emission.dtype))
 
 
@@ -448,8 +448,12 @@ def _smooth_sequential(steps: _Steps, transmat: Tensor) -> Tensor:
     return beta
 
 
-def _statistics(forward: _ForwardPass, beta: Tensor, seq_weights: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def _statistics(
+    forward: _ForwardPass, beta: Tensor, seq_weights: Tensor, in_place: bool = False
+) -> tuple[Tensor, Tensor, Tensor]:
     """Posteriors (G, S, T, K), weighted start counts (G, K) and transition counts (G, K, K).
+    ``in_place``: the products go into ``beta`` and ``forward.steps.emission`` (their last use:
+    a fresh buffer of that size costs more in page faults than the product itself).
 
     ``beta`` is only known up to a factor per step; ``alpha`` is normalised, so that
     ``n_t = (alpha_hat_{t-1} A) . (e_t beta_t) = c_t (alpha_hat_t . beta_t)``.
@@ -459,7 +463,11 @@ def _statistics(forward: _ForwardPass, beta: Tensor, seq_weights: Tensor) -> tup
     G, _, S, K = alpha.shape
     T = steps.length
     valid = steps.valid[:, :T, :, None]  # (G, T, S, 1)
-    joint = alpha[:, :T] * beta[:, :T]  # (G, T, S, K)
+    if in_place:  # (arriving first: it reads beta)
+        arriving = steps.emission[:, 1:T].mul_(beta[:, 1:T])  # e_t * beta_t, (G, T-1, S, K)
+        joint = beta[:, :T].mul_(alpha[:, :T])  # (G, T, S, K)
+    else:
+        arriving, joint = steps.emission[:, 1:T] * beta[:, 1:T], alpha[:, :T] * beta[:, :T]
     overlap = _row_sums(joint)  # alpha_hat_t . beta_t, (G, T, S, 1)
     joint.div_(overlap)
     posteriors = alpha.new_empty(G, S, T, K)
@@ -471,7 +479,6 @@ def _statistics(forward: _ForwardPass, beta: Tensor, seq_weights: Tensor) -> tup
     if T == 1:
         return posteriors, start, torch.zeros_like(transmat)
     previous = alpha[:, : T - 1].reshape(G, (T - 1) * S, K)  # a view
-    arriving = steps.emission[:, 1:T] * beta[:, 1:T]  # e_t * beta_t, (G, T-1, S, K)
     # the weight and the mask of every step go into 1 / n_t
     factor = seq_weights[:, None, :, None] / (filtered.norms[:, 1:T] * overlap[:, 1:])
     if steps.masked:

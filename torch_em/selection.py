@@ -148,11 +148,13 @@ def _fit_grid(X: torch.Tensor, grid: list[int], kind: str, n_init: int, seed: in
                             seed=seed, **options)
     model._components = torch.arange(K, device=X.device) < torch.tensor(grid, device=X.device)[:, None]  # (B, K)
     model._shared_clustering = clustering
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        warnings.simplefilter("ignore", FitFailedWarning)
-        model.fit(X, verbose=verbose)
-    model._shared_clustering = None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            warnings.simplefilter("ignore", FitFailedWarning)
+            model.fit(X, verbose=verbose)
+    finally:  # (the rows' model builders keep the batch: not the clustering's labels)
+        model._shared_clustering = None
     with torch.no_grad():
         log_joint = model.log_joint(X)  # (B, N, K): -inf at masked components
         log_prob = log_joint.logsumexp(-1)

@@ -29,17 +29,20 @@ Two schedules compute the recursions, with the same results (to rounding):
 
 * ``"sequential"``: one step per time step, batched over (G, S).
 * ``"blocked"`` (a two-level scan for long sequences): the ``T - 1`` transitions are cut into
-  ``B`` blocks of ``L ~ sqrt(T)`` steps. (1) Within all blocks at once, the running product of the
-  step matrices ``A diag(e_t)``, ``L`` steps, every row normalised by its sum each step with its
-  log-scale kept (per row, so that a starting state whose row is ~1e-300 of another's is not
-  lost: a left-to-right chain stuck in its last state needs exactly that row). The product of a
-  block serves the filter (row vector times it) and the smoother (it times a column vector).
-  (2) A ``B``-step pass over the block boundaries, for each direction, in log space (float64:
-  one ``logsumexp`` per block). (3) The filter and the smoother inside all blocks at once,
-  restarted from the exact boundary vectors: ``L`` vector steps each. That is
-  ``3 L + 2 B ~ 5 sqrt(T)`` loop steps instead of ``2 T``, for ``K`` times more arithmetic in (1).
-  Viterbi is the same in the max-plus semiring, with a backpointer matrix per step inside the
-  blocks, a ``B``-step pass over the boundaries, and backtracking inside all blocks at once.
+  ``B`` blocks of ``L`` steps (``L`` chosen by a cost model, from a few to a few hundred). (1)
+  Within all blocks at once, the running product of the step matrices ``A diag(e_t)``, ``L``
+  steps, every row normalised by its sum each step with its log-scale kept (per row, so that a
+  starting state whose row is ~1e-300 of another's is not lost: a left-to-right chain stuck in its
+  last state needs exactly that row). The product of a block serves the filter (row vector times
+  it) and the smoother (it times a column vector). (2) The products of all runs of consecutive
+  blocks from the first (for the filter) and to the last (for the smoother) by a work-efficient
+  parallel scan in float64 (about ``2 B`` products of K x K matrices in ``2 log2 B`` levels), which
+  give the exact filter and smoother at every block boundary. (3) The filter and the smoother
+  inside all blocks at once, restarted from those boundary vectors: ``L`` vector steps each. That
+  is ``3 L`` loop steps and ``4 log2 B`` scan levels instead of ``2 T`` steps, for ``K`` times
+  more arithmetic in (1). Viterbi is the same in the max-plus semiring with ``L ~ sqrt(T)``, a
+  backpointer matrix per step inside the blocks, a ``B``-step pass over the boundaries, and
+  backtracking inside all blocks at once.
 
 Padded steps (``t >= len``) are masked on entry (their emissions may be anything, NaN included)
 and act as the identity wherever a recursion runs through them towards the start (the smoother,
@@ -50,8 +53,9 @@ all sequences is a slice and the expected-transition GEMM reads the filter as ``
 """
 from __future__ import annotations
 
+import functools
 import math
-from typing import Literal, NamedTuple
+from typing import Callable, Literal, NamedTuple
 
 import torch
 from torch import Tensor
@@ -152,9 +156,10 @@ def viterbi(
         schedule = _resolve_method(method, G, S, T, K, VITERBI_PRODUCT_FACTOR)
         if method == "auto" and G * S * T * K * K > VITERBI_BLOCKED_MAX_POINTERS:
             schedule = "sequential"  # blocked keeps a K x K backpointer matrix per step
-        steps = _prepare(log_emission, lengths, _padded_length(schedule, T), log_space=True)
-        if schedule == "blocked":
-            path, log_prob = _viterbi_blocked(steps, log_startprob, log_transmat, _block_length(T))
+        L = _block_length(T) if schedule == "blocked" else None
+        steps = _prepare(log_emission, lengths, _padded_length(T, L), log_space=True)
+        if L is not None:
+            path, log_prob = _viterbi_blocked(steps, log_startprob, log_transmat, L)
         else:
             path, log_prob = _viterbi_sequential(steps, log_startprob, log_transmat)
         states = torch.where(steps.valid[:, :T], path[:, :T], -1).transpose(1, 2)  # (G, S, T)
@@ -200,6 +205,8 @@ def sample_states(
 #: ~4 us dispatch each) and per element touched by one kernel (GEMM multiply-adds included).
 STEP_OVERHEAD_S = 20e-6
 ELEMENT_COST_S = 0.5e-9
+#: Seconds per level of the log-depth scan over the block boundaries (about a dozen kernels).
+SCAN_LEVEL_OVERHEAD_S = 60e-6
 #: Viterbi's block products (a K^3 broadcast sum, a max with indices, three selections per step)
 #: against those of the forward-backward pass, as measured.
 VITERBI_PRODUCT_FACTOR = 4.0
@@ -209,16 +216,44 @@ VITERBI_BLOCKED_MAX_POINTERS = 2**27
 
 
 def _block_length(T: int) -> int:
-    """Block length L ~ sqrt(T - 1), balancing the L within-block and B = ceil((T-1)/L) boundary steps."""
+    """Viterbi's block length L ~ sqrt(T - 1), balancing the L within-block and B = ceil((T-1)/L)
+    boundary steps."""
     return max(1, math.isqrt(max(T - 1, 1)))
 
 
-def _padded_length(schedule: str, T: int) -> int:
-    """Time steps of the working buffers: T, or 1 + B L for the blocked schedule."""
-    if schedule != "blocked":
+def _padded_length(T: int, L: int | None) -> int:
+    """Time steps of the working buffers: T (sequential schedule, ``L`` None), or 1 + B L (blocked)."""
+    if L is None or T <= 1:
         return T
-    L = _block_length(T)
-    return 1 + L * math.ceil((T - 1) / L) if T > 1 else 1
+    return 1 + L * math.ceil((T - 1) / L)
+
+
+def _vector_passes(G: int, S: int, T: int, K: int) -> float:
+    """Elements touched by the filter and the smoother (a vector-matrix product and a
+    normalisation per step, either schedule)."""
+    return 2.0 * G * S * T * K * (K + 4)
+
+
+def _blocked_time(G: int, S: int, T: int, K: int, L: int) -> float:
+    """Predicted seconds of the blocked forward-backward with blocks of L steps: 3 L loop steps
+    (block products, filter and smoother inside the blocks), the block products over
+    N K^2 (K + 5) elements (N = G S T), and two scans of ceil(log2 B) levels, each composing up to
+    G S B pairs of K x K products over K^2 (K + 12) elements apiece."""
+    B = math.ceil((T - 1) / L)
+    levels = math.ceil(math.log2(B)) if B > 1 else 0
+    products = G * S * T * K * K * (K + 5)
+    scans = 2.0 * G * S * B * levels * K * K * (K + 12)
+    loop = 3 * L * STEP_OVERHEAD_S + 2 * levels * SCAN_LEVEL_OVERHEAD_S
+    return loop + (products + scans + _vector_passes(G, S, T, K)) * ELEMENT_COST_S
+
+
+@functools.lru_cache(maxsize=256)
+def _forward_backward_block_length(G: int, S: int, T: int, K: int) -> int:
+    """The block length of the smallest :func:`_blocked_time`, over a geometric grid of lengths
+    (ratio 2^(1/4)) from 1 to T - 1."""
+    candidates = sorted({max(1, round(2 ** (i / 4))) for i in range(4 * max(1, (T - 1).bit_length()) + 1)})
+    candidates = [L for L in candidates if L <= max(T - 1, 1)]
+    return min(candidates, key=lambda L: _blocked_time(G, S, T, K, L))
 
 
 def _resolve_method(method: str, G: int, S: int, T: int, K: int, product_factor: float = 1.0) -> str:
@@ -227,23 +262,26 @@ def _resolve_method(method: str, G: int, S: int, T: int, K: int, product_factor:
     time ~ loop_steps * STEP_OVERHEAD_S + elements * ELEMENT_COST_S, with (N = G S T)
 
     * sequential: 2 T steps; two vector passes over N K (K + 4) elements;
-    * blocked: 3 L + 2 B steps; the block products over N K^2 (K + 5) elements plus the same two
-      vector passes.
+    * blocked forward-backward (``product_factor`` 1): :func:`_blocked_time` at the best block
+      length, a few times sqrt(T) or fewer loop steps;
+    * blocked Viterbi (``product_factor`` ``VITERBI_PRODUCT_FACTOR``: its max-plus block products
+      cost that much more): 3 L + 2 B steps with L ~ sqrt(T) (its pass over the boundaries is
+      sequential), the block products weighted by the factor, the same two vector passes.
 
-    ``product_factor`` weighs the block products (Viterbi's max-plus products cost about
-    ``VITERBI_PRODUCT_FACTOR`` times more). One sequence of T = 100,000 (K = 8) -> blocked;
-    10,000 sequences of T = 50 -> sequential.
+    One sequence of T = 100,000 (K = 8) -> blocked; 10,000 sequences of T = 50 -> sequential.
     """
     if method != "auto":
         return method
     if T <= 2:
         return "sequential"
-    L = _block_length(T)
-    B = math.ceil((T - 1) / L)
-    vector_passes = 2.0 * G * S * T * K * (K + 4)
-    sequential = 2 * T * STEP_OVERHEAD_S + vector_passes * ELEMENT_COST_S
-    products = product_factor * G * S * T * K * K * (K + 5)
-    blocked = (3 * L + 2 * B) * STEP_OVERHEAD_S + (products + vector_passes) * ELEMENT_COST_S
+    sequential = 2 * T * STEP_OVERHEAD_S + _vector_passes(G, S, T, K) * ELEMENT_COST_S
+    if product_factor == 1.0:
+        blocked = _blocked_time(G, S, T, K, _forward_backward_block_length(G, S, T, K))
+    else:
+        L = _block_length(T)
+        B = math.ceil((T - 1) / L)
+        products = product_factor * G * S * T * K * K * (K + 5)
+        blocked = (3 * L + 2 * B) * STEP_OVERHEAD_S + (products + _vector_passes(G, S, T, K)) * ELEMENT_COST_S
     return "blocked" if blocked < sequential else "sequential"
 
 
@@ -261,7 +299,8 @@ class _Steps(NamedTuple):
         valid: (G, T_pad, S) bool: ``t < len``.
         last: (G, S) int64: ``len - 1``.
         length: T, the unpadded number of steps.
-        masked: whether any step is invalid (a length below T, or padding beyond T).
+        masked: whether a sequence is shorter than T (the padding of the blocked schedule beyond T
+            alone does not count: the blocked forward-backward handles it by itself).
     """
 
     emission: Tensor
@@ -284,7 +323,6 @@ def _prepare(log_emission: Tensor, lengths: Tensor | None, padded_length: int, l
     valid = time[None, :, None] <= last[:, None, :]  # (G, T_pad, S)
     # Sequences all of length T need no mask (traced, where that is data-dependent, they keep it).
     short = lengths is not None and (is_traced(lengths) or bool((last < T - 1).any()))
-    masked = short or padded_length > T
     emission = log_emission.new_empty(G, padded_length, S, K)
     emission[:, T:] = 0.0
     if not short:
@@ -293,11 +331,11 @@ def _prepare(log_emission: Tensor, lengths: Tensor | None, padded_length: int, l
         torch.where(valid[:, :T, :, None], log_emission.transpose(1, 2), emission.new_zeros(()), out=emission[:, :T])
     if log_space:
         no_scale = torch.zeros(G, padded_length, S, dtype=torch.float64, device=device)
-        return _Steps(emission, no_scale, valid, last, T, masked)
+        return _Steps(emission, no_scale, valid, last, T, short)
     log_scale = emission.amax(-1, keepdim=True)  # (G, T_pad, S, 1); 0 at padded steps
     log_scale.clamp_min_(torch.finfo(log_scale.dtype).min)  # a step impossible in every state: e = 0, c_t = 0
     emission.sub_(log_scale).exp_()
-    return _Steps(emission, log_scale.squeeze(-1).double(), valid, last, T, masked)
+    return _Steps(emission, log_scale.squeeze(-1).double(), valid, last, T, short)
 
 
 def _per_sequence(weights: Tensor | None, G: int, S: int, like: Tensor) -> Tensor:
@@ -335,25 +373,41 @@ def _normalise_rows(x: Tensor, ones: Tensor | None = None) -> Tensor:
 
 
 class _Blocks(NamedTuple):
-    """The product of the step matrices of every block, shared by the filter and the smoother.
+    """The steps of the blocked schedule in block-major, state-first order and the product of the
+    step matrices of every block, shared by the filter and the smoother.
 
     Shape:
-        totals: (G, B, S, K, K) ``A diag(e_{1+bL}) ... A diag(e_{bL+L})`` (invalid steps: identity),
-            every row normalised to sum 1; log_scales: (G, B, S, K) float64 their log row scales.
+        emission: (G, L, K, B, S) ``e`` at time ``1 + b L + j`` as entry ``[:, j, :, b]``: one
+            contiguous slice per position in the blocks, states first, so that the recursions
+            inside all blocks are products of ``A`` (or its transpose) with a wide (K, B S) matrix.
+        keep: (G, L, B, S) 1.0 at valid steps, 0.0 after a sequence's end; None when no sequence
+            is shorter than T.
+        tail: the valid steps of the last block when no sequence is shorter than T (1 .. L: the
+            padding beyond T sits at the end of the last block); L otherwise.
+        totals: (G, B, S, K, K) ``A diag(e_{1+bL}) ... A diag(e_{bL+L})`` (invalid steps: the
+            identity), every row normalised to sum 1 (or 0); log_scales: (G, B, S, K) float64
+            their log row scales.
     """
 
+    emission: Tensor
+    keep: Tensor | None
+    tail: int
     totals: Tensor
     log_scales: Tensor
-    length: int
 
 
-def _blocks(steps: _Steps, transmat: Tensor, schedule: str) -> _Blocks | None:
-    """The block products for the blocked schedule (None for the sequential one)."""
-    if schedule != "blocked" or steps.emission.shape[1] == 1:
+def _blocks(steps: _Steps, transmat: Tensor, L: int | None) -> _Blocks | None:
+    """The block-major steps and block products for blocks of L steps (None: sequential schedule)."""
+    e = steps.emission
+    if L is None or e.shape[1] == 1:
         return None
-    L = _block_length(steps.length)
-    valid = _in_blocks(steps.valid, L) if steps.masked else None
-    return _Blocks(*_block_totals(_in_blocks(steps.emission, L), transmat, valid), L)
+    G, T_pad, S, K = e.shape
+    B = (T_pad - 1) // L
+    emission = _in_blocks(e, L).permute(0, 2, 4, 1, 3).contiguous()  # (G, L, K, B, S)
+    keep = _in_blocks(steps.valid, L).transpose(1, 2).to(e.dtype).contiguous() if steps.masked else None
+    tail = L if steps.masked else steps.length - 1 - (B - 1) * L
+    totals, log_scales = _block_totals(emission, transmat, keep, tail)
+    return _Blocks(emission, keep, tail, totals, log_scales)
 
 
 class _Filtered(NamedTuple):
@@ -415,9 +469,10 @@ def _forward_pass(
     """Choose the schedule, prepare the steps, and run the filter (and the block products)."""
     G, S, T, K = log_emission.shape
     schedule = _resolve_method(method, G, S, T, K)
-    steps = _prepare(log_emission, lengths, _padded_length(schedule, T))
+    L = _forward_backward_block_length(G, S, T, K) if schedule == "blocked" and T > 1 else None
+    steps = _prepare(log_emission, lengths, _padded_length(T, L))
     transmat = log_transmat.exp()
-    blocks = _blocks(steps, transmat, schedule)
+    blocks = _blocks(steps, transmat, L)
     return _ForwardPass(steps, transmat, blocks, _filter(steps, log_startprob.exp(), transmat, blocks))
 
 
@@ -498,53 +553,94 @@ def _in_blocks(x: Tensor, L: int) -> Tensor:
     return x[:, 1:].view(G, (T_pad - 1) // L, L, *x.shape[2:])
 
 
-def _block_totals(e_blocks: Tensor, transmat: Tensor, valid_blocks: Tensor | None) -> tuple[Tensor, Tensor]:
+def _block_totals(emission: Tensor, transmat: Tensor, keep: Tensor | None, tail: int) -> tuple[Tensor, Tensor]:
     """Running product ``P_j = P_{j-1} A diag(e_j)`` over the L steps of all blocks at once, every
-    row normalised by its sum each step (its log-scale kept per row); an invalid step is the identity.
+    row normalised by its sum each step (its log-scale kept per row); an invalid step is the
+    identity (``keep`` 0, or past the ``tail`` valid steps of the last block).
+
+    The products are held transposed, ``Q[k, b, s, i] = P_{b,s}[i, k]``, so that a step is one
+    product ``A^T Q`` with Q as a (K, B S K) matrix, the emission scales rows of Q and the row
+    sums of P are sums over Q's first axis (on CPU about twice as fast as the row-major layout).
 
     Shape:
-        e_blocks: (G, B, L, S, K); transmat: (G, K, K); valid_blocks: (G, B, L, S) or None.
+        emission: (G, L, K, B, S); transmat: (G, K, K); keep: (G, L, B, S) or None.
         Returns the row-normalised totals (G, B, S, K, K) and their log row scales (G, B, S, K) float64.
     """
-    G, B, L, S, K = e_blocks.shape
-    sums = e_blocks.new_empty(L, G, B, S, K, 1)
-    keep = None if valid_blocks is None else valid_blocks.to(e_blocks.dtype)
-    tiny = torch.finfo(e_blocks.dtype).tiny  # a row that is all zero stays zero (scale log tiny)
-    ones = e_blocks.new_ones(K, 1)
-    product = torch.eye(K, dtype=e_blocks.dtype, device=e_blocks.device).expand(G, B, S, K, K)
+    G, L, K, B, S = emission.shape
+    sums = emission.new_empty(L, G, 1, B, S, K)
+    tiny = torch.finfo(emission.dtype).tiny  # a row that is all zero stays zero (scale log tiny)
+    ones = emission.new_ones(G, 1, K)
+    forward = transmat.transpose(1, 2)  # (G, K, K): A^T
+    transposed = torch.eye(K, dtype=emission.dtype, device=emission.device)[:, None, None, :].expand(G, K, B, S, K)
+    last_total = None
     for j in range(L):
-        step = torch.bmm(product.reshape(G, B * S * K, K), transmat).view(G, B, S, K, K)
-        step.mul_(e_blocks[:, :, j, :, None, :])
-        torch.matmul(step, ones, out=sums[j]).clamp_min_(tiny)
-        step.mul_(sums[j].reciprocal())  # a division of the whole matrix costs twice a product
-        product = step if keep is None else _identity_where_invalid(step, product, keep[:, :, j, :, None, None])
+        if j == 0:  # A diag(e) itself
+            step = forward[:, :, None, None, :] * emission[:, 0, :, :, :, None]  # (G, K, B, S, K)
+        else:
+            step = torch.bmm(forward, transposed.view(G, K, B * S * K)).view(G, K, B, S, K)
+            step.mul_(emission[:, j, :, :, :, None])
+        torch.bmm(ones, step.view(G, K, B * S * K), out=sums[j].view(G, 1, B * S * K)).clamp_min_(tiny)
+        step.mul_(sums[j].reciprocal())
+        transposed = step if keep is None else _identity_where_invalid(step, transposed, keep[:, j, None, :, :, None])
+        if j == tail - 1 and tail < L:  # the last block ends here: later steps are padding
+            last_total = transposed[:, :, B - 1].clone()
+    if last_total is not None:
+        transposed[:, :, B - 1] = last_total
+        sums[tail:, :, :, B - 1] = 1.0
     if keep is not None:  # an invalid step has scale 1
-        sums = _identity_where_invalid(sums, torch.ones_like(sums), keep.permute(2, 0, 1, 3)[..., None, None])
-    return product, sums.squeeze(-1).log().double().sum(0)
+        sums = _identity_where_invalid(sums, torch.ones_like(sums), keep.transpose(0, 1)[:, :, None, :, :, None])
+    return transposed.permute(0, 2, 3, 4, 1), sums.squeeze(2).log().double().sum(0)
 
 
-def _boundary_pass(initial: Tensor, blocks: _Blocks, reverse: bool) -> Tensor:
-    """Carry a log-vector across whole blocks in log space (float64, so no row of a block is lost
-    however small its scale): forward ``a_{b+1} = a_b P_b`` (row vector), backward
-    ``beta_{bL} = P_b beta_{(b+1)L}`` (column vector), ``log P_b = log Pn_b + r_b`` (rows).
+Scaled = tuple[Tensor, Tensor]  # row-scaled matrices (..., K, K) and their log row scales (..., K), float64
 
-    Shape:
-        initial: (G, S, K) float64. Returns (G, B + 1, S, K) float64: forward, entry b is the filter
-        at time b L (entry B after the last block); backward, entry b the smoother at time (b+1) L
-        (entry B is not used), as log-vectors.
+
+def _compose(first: Tensor, first_scales: Tensor, second: Tensor, second_scales: Tensor) -> Scaled:
+    """The product of two row-scaled matrices, ``P = diag(exp r) Pn`` (rows of ``Pn`` sum to 1 or
+    are 0), again row-scaled, in float64:
+
+        (P1 P2)[i, :] = exp(r1_i + m_i) sum_k exp(log Pn1[i, k] + r2_k - m_i) Pn2[k, :],
+
+    with ``m_i`` the largest exponent of row i, so that each row's weights peak at 1 (no row is
+    lost however small its scale; only terms below 1e-308 of their row's largest vanish).
+
+    Shape: first, second (..., K, K) float64; their scales (..., K) float64. Returns the same.
     """
-    log_totals = torch.log(blocks.totals.double()).add_(blocks.log_scales.unsqueeze(-1))  # (G, B, S, K, K)
-    G, B, S, K = blocks.log_scales.shape
-    vectors = initial.new_empty(G, B + 1, S, K)
-    if reverse:  # vectors[:, b] = log beta at time (b + 1) L, b = B-1 .. 0; vectors[:, B] unused
-        vectors[:, B - 1] = initial
-        for b in range(B - 1, 0, -1):
-            torch.logsumexp(log_totals[:, b] + vectors[:, b, :, None, :], -1, out=vectors[:, b - 1])
-    else:  # vectors[:, b] = log alpha at time b L
-        vectors[:, 0] = initial
-        for b in range(B):
-            torch.logsumexp(vectors[:, b, :, :, None] + log_totals[:, b], -2, out=vectors[:, b + 1])
-    return vectors
+    exponents = first.log().add_(second_scales.unsqueeze(-2))  # (..., K, K)
+    top = exponents.amax(-1, keepdim=True)
+    top.masked_fill_(top == -math.inf, 0.0)  # a zero row stays zero
+    product = torch.matmul(exponents.sub_(top).exp_(), second)
+    sums = _row_sums(product).clamp_min_(torch.finfo(torch.float64).tiny)
+    return product.div_(sums), first_scales + top.squeeze(-1) + sums.log().squeeze(-1)
+
+
+def _scan(products: Tensor, scales: Tensor, reverse: bool) -> Scaled:
+    """Products of consecutive row-scaled matrices along axis 1 (G, B, ...), every one ending at
+    its entry (forward: ``X_0 ... X_b``) or starting there (reverse: ``X_b ... X_{B-1}``)."""
+    if not reverse:
+        return _prefix(products, scales, lambda earlier, later: _compose(*earlier, *later))
+    flipped = _prefix(products.flip(1), scales.flip(1), lambda earlier, later: _compose(*later, *earlier))
+    return flipped[0].flip(1), flipped[1].flip(1)
+
+
+def _prefix(products: Tensor, scales: Tensor, combine: Callable[[Scaled, Scaled], Scaled]) -> Scaled:
+    """Inclusive prefix ``Y_b = combine(Y_{b-1}, X_b)`` along axis 1 by the work-efficient
+    recursion: combine neighbouring pairs, scan the B // 2 pair products, then fill in the even
+    entries; about 2 B combinations in 2 log2(B) levels."""
+    B = products.shape[1]
+    if B == 1:
+        return products, scales
+    pairs = combine((products[:, 0 : B - 1 : 2], scales[:, 0 : B - 1 : 2]), (products[:, 1::2], scales[:, 1::2]))
+    odd_products, odd_scales = _prefix(pairs[0], pairs[1], combine)  # entry i: X_0 .. X_{2i+1}
+    out_products, out_scales = torch.empty_like(products), torch.empty_like(scales)
+    out_products[:, 1::2], out_scales[:, 1::2] = odd_products, odd_scales
+    out_products[:, 0], out_scales[:, 0] = products[:, 0], scales[:, 0]
+    if B > 2:  # entry 2i: (X_0 .. X_{2i-1}) X_{2i}
+        head = (B - 1) // 2
+        out_products[:, 2::2], out_scales[:, 2::2] = combine(
+            (odd_products[:, :head], odd_scales[:, :head]), (products[:, 2::2], scales[:, 2::2])
+        )
+    return out_products, out_scales
 
 
 def _start_vectors(log_vectors: Tensor, dtype: torch.dtype) -> Tensor:
@@ -554,56 +650,70 @@ def _start_vectors(log_vectors: Tensor, dtype: torch.dtype) -> Tensor:
     return vectors
 
 
+def _scanned_blocks(blocks: _Blocks, reverse: bool) -> Scaled:
+    """The products of the blocks up to every block (forward) or from it on (reverse), float64:
+    (G, B, S, K, K) and their log row scales (G, B, S, K)."""
+    return _scan(blocks.totals.double().contiguous(), blocks.log_scales, reverse)
+
+
+def _state_first(vectors: Tensor) -> Tensor:
+    """(G, B, S, K) -> (G, K, B S), the layout of the recursions inside the blocks."""
+    G, B, S, K = vectors.shape
+    return vectors.permute(0, 3, 1, 2).reshape(G, K, B * S)
+
+
 def _filter_blocked(
     steps: _Steps, alpha: Tensor, log_norm0: Tensor, transmat: Tensor, blocks: _Blocks
 ) -> tuple[Tensor, Tensor]:
     """The filter by the two-level scan, writing ``alpha`` in place; returns the normalisers ``c_t``
     (G, T_pad, S, 1) and the log-evidence without the emission scales (G, S) float64 (from the
-    boundary vector after the last block: invalid steps are the identity in the block products)."""
-    e = steps.emission
-    G, T_pad, S, K = e.shape
-    L = blocks.length
-    B = (T_pad - 1) // L
+    filter after the last block: invalid steps are the identity in the block products)."""
+    e = blocks.emission
+    G, L, K, B, S = e.shape
     initial = alpha[:, 0].log().double().add_(log_norm0.unsqueeze(-1))  # log(pi e_0), (G, S, K)
-    vectors = _boundary_pass(initial, blocks, reverse=False)
-    inside = e.new_empty(L, G, B, S, K)  # alpha at time 1 + b L + j
-    norms = e.new_ones(L, G, B, S, 1)
-    ones = e.new_ones(K, 1)
-    previous = _start_vectors(vectors[:, :B], e.dtype)  # the exact filter at time b L
-    for j in range(L):
-        torch.bmm(previous.view(G, B * S, K), transmat, out=inside[j].view(G, B * S, K))
-        inside[j].mul_(e[:, 1 + j :: L])
-        torch.matmul(inside[j], ones, out=norms[j])
+    products, scales = _scanned_blocks(blocks, reverse=False)
+    # log of the filter after block b: logsumexp_k initial_k + r_bk + log Pn_b[k, :]
+    ends = torch.logsumexp((initial.unsqueeze(1) + scales).unsqueeze(-1) + products.log(), -2)  # (G, B, S, K)
+    starts = torch.cat([initial.unsqueeze(1), ends[:, : B - 1]], 1)  # at time b L
+    previous = _state_first(_start_vectors(starts, e.dtype))  # (G, K, B S)
+    forward = transmat.transpose(1, 2)
+    inside = e.new_empty(L, G, K, B * S)  # alpha at time 1 + b L + j, transposed
+    norms = e.new_empty(L, G, 1, B * S)
+    ones = e.new_ones(G, 1, K)
+    for j in range(L):  # alpha_t^T = normalise(e_t * (A^T alpha_{t-1}^T))
+        torch.bmm(forward, previous, out=inside[j])
+        inside[j].mul_(e[:, j].view(G, K, B * S))
+        torch.bmm(ones, inside[j], out=norms[j])
         inside[j].div_(norms[j])
         previous = inside[j]
-    _in_blocks(alpha, L).copy_(inside.permute(1, 2, 0, 3, 4))
-    all_norms = e.new_ones(G, T_pad, S, 1)
-    _in_blocks(all_norms, L).copy_(norms.permute(1, 2, 0, 3, 4))
-    return all_norms, torch.logsumexp(vectors[:, B], -1)
+    _in_blocks(alpha, L).copy_(inside.view(L, G, K, B, S).permute(1, 3, 0, 4, 2))
+    all_norms = e.new_ones(G, 1 + B * L, S, 1)
+    _in_blocks(all_norms, L).copy_(norms.view(L, G, 1, B, S).permute(1, 3, 0, 4, 2))
+    return all_norms, torch.logsumexp(ends[:, B - 1], -1)
 
 
 def _smooth_blocked(steps: _Steps, transmat: Tensor, blocks: _Blocks) -> Tensor:
     """The smoother by the two-level scan (invalid steps are the identity)."""
-    e = steps.emission
-    G, T_pad, S, K = e.shape
-    L = blocks.length
-    B = (T_pad - 1) // L
-    initial = torch.zeros(G, S, K, dtype=torch.float64, device=e.device)  # log beta_{B L} = log 1
-    vectors = _boundary_pass(initial, blocks, reverse=True)
-    backward = transmat.transpose(1, 2)
-    inside = e.new_empty(L, G, B, S, K)  # beta at time b L + j
-    keep = steps.valid.to(e.dtype)
-    previous = _start_vectors(vectors[:, :B], e.dtype)
-    ones = e.new_ones(K, 1)
-    for j in range(L - 1, -1, -1):
-        t = 1 + j  # the transition at time 1 + b L + j of every block
-        torch.bmm((e[:, t::L] * previous).view(G, B * S, K), backward, out=inside[j].view(G, B * S, K))
-        _normalise_rows(inside[j], ones)
-        if steps.masked:
-            _identity_where_invalid(inside[j], previous, keep[:, t::L, :, None], out=inside[j])
+    e = blocks.emission
+    G, L, K, B, S = e.shape
+    products, scales = _scanned_blocks(blocks, reverse=True)
+    # log of the smoother at time (b + 1) L: P_{b+1} ... P_{B-1} times ones, and log 1 after the last block
+    ends = scales[:, 1:] + _row_sums(products[:, 1:]).squeeze(-1).log()  # (G, B - 1, S, K)
+    starts = _state_first(_start_vectors(torch.cat([ends, ends.new_zeros(G, 1, S, K)], 1), e.dtype))
+    previous = starts
+    inside = e.new_empty(L, G, K, B * S)  # beta at time b L + j, transposed
+    sums = e.new_empty(G, 1, B * S)
+    ones = e.new_ones(G, 1, K)
+    for j in range(L - 1, -1, -1):  # the transition at time 1 + b L + j of every block
+        torch.bmm(transmat, e[:, j].view(G, K, B * S) * previous, out=inside[j])  # A (e_t * beta_t)
+        inside[j].div_(torch.bmm(ones, inside[j], out=sums))
+        if blocks.keep is not None:
+            _identity_where_invalid(inside[j], previous, blocks.keep[:, j].view(G, 1, B * S), out=inside[j])
+        elif j == blocks.tail:  # time T - 1 = (B - 1) L + tail: the smoother restarts at 1
+            inside[j].view(G, K, B, S)[:, :, B - 1] = starts.view(G, K, B, S)[:, :, B - 1]
         previous = inside[j]
-    beta = torch.empty_like(e)
-    beta[:, :-1].view(G, B, L, S, K).copy_(inside.permute(1, 2, 0, 3, 4))
+    beta = e.new_empty(G, 1 + B * L, S, K)
+    beta[:, :-1].view(G, B, L, S, K).copy_(inside.view(L, G, K, B, S).permute(1, 3, 0, 4, 2))
     beta[:, -1] = 1.0
     return beta
 

@@ -15,8 +15,10 @@ one of them 1), the filter ``alpha_hat_t`` is kept normalised every step,
 
 the normalisers ``c_t`` (and ``m_t``) giving ``log p(x_{0:t}) = sum_{u<=t} m_u + log c_u``,
 summed in float64 whatever the input dtype; the smoother ``beta_hat_t`` (``beta_{t-1} =
-A (e_t * beta_t)``, ``beta_{len-1} = 1``) is normalised every step too. Only relative values of
-``alpha_hat_t`` and ``beta_hat_t`` are needed:
+A (e_t * beta_t)``, ``beta_{len-1} = 1``) is divided by the same ``c_t`` every step (Rabiner's
+scaling: ``alpha_hat_t . beta_hat_t = 1``, so the states that carry posterior mass stay near 1
+however far below the others their backward values fall), every entry capped at
+``finfo.max ** 0.8``. Only relative values of ``alpha_hat_t`` and ``beta_hat_t`` are needed:
 
     gamma_t = normalise(alpha_hat_t * beta_hat_t)
     sum_t xi_t = A * (sum_t alpha_hat_{t-1}^T (e_t * beta_hat_t / n_t)),
@@ -105,7 +107,7 @@ def forward_backward(
     """
     with torch.no_grad():
         forward = _forward_pass(log_emission, log_startprob, log_transmat, lengths, method)
-        beta = _smooth(forward.steps, forward.transmat, forward.blocks)
+        beta = _smooth(forward)
         G, S = log_emission.shape[:2]
         seq_weights = _per_sequence(weights, G, S, log_emission)
         posteriors, start, transitions = _statistics(forward, beta, seq_weights, in_place=True)
@@ -416,11 +418,16 @@ class _Filtered(NamedTuple):
     Shape:
         alpha: (G, T_pad, S, K) ``alpha_hat_t``, normalised; norms: (G, T_pad, S, 1) ``c_t =
         sum((alpha_hat_{t-1} A) * e_t)`` for t >= 1 (entry 0 not used); log_evidence: (G, S) float64.
+        inside, inside_norms: blocked schedule only (else None), the filter and its normalisers in
+        the layout of the recursions inside the blocks: (L + 1, G, K, B S), entry j ``alpha_hat``
+        at time ``b L + j``; (L, G, 1, B S), entry j ``c_t`` at time ``1 + b L + j``.
     """
 
     alpha: Tensor
     norms: Tensor
     log_evidence: Tensor
+    inside: Tensor | None = None
+    inside_norms: Tensor | None = None
 
 
 def _filter(steps: _Steps, startprob: Tensor, transmat: Tensor, blocks: _Blocks | None) -> _Filtered:
@@ -431,9 +438,9 @@ def _filter(steps: _Steps, startprob: Tensor, transmat: Tensor, blocks: _Blocks 
     log_norm0 = _normalise_rows(alpha[:, 0]).squeeze(-1).log().double()  # (G, S)
     if blocks is None:
         norms, log_evidence = _filter_sequential(steps, alpha, log_norm0, transmat)
-    else:
-        norms, log_evidence = _filter_blocked(steps, alpha, log_norm0, transmat, blocks)
-    return _Filtered(alpha, norms, log_evidence + steps.log_scale.sum(1))
+        return _Filtered(alpha, norms, log_evidence + steps.log_scale.sum(1))
+    norms, log_evidence, inside, inside_norms = _filter_blocked(steps, alpha, log_norm0, transmat, blocks)
+    return _Filtered(alpha, norms, log_evidence + steps.log_scale.sum(1), inside, inside_norms)
 
 
 def _filter_sequential(steps: _Steps, alpha: Tensor, log_norm0: Tensor, transmat: Tensor) -> tuple[Tensor, Tensor]:
@@ -476,30 +483,50 @@ def _forward_pass(
     return _ForwardPass(steps, transmat, blocks, _filter(steps, log_startprob.exp(), transmat, blocks))
 
 
-def _smooth(steps: _Steps, transmat: Tensor, blocks: _Blocks | None) -> Tensor:
-    """Normalised smoother ``beta_hat`` (G, T_pad, S, K): constant at ``t >= len - 1``."""
-    if blocks is None:
-        return _smooth_sequential(steps, transmat)
-    return _smooth_blocked(steps, transmat, blocks)
+def _smooth(forward: _ForwardPass) -> Tensor:
+    """Scaled smoother ``beta_hat`` (G, T_pad, S, K): constant at ``t >= len - 1``."""
+    if forward.blocks is None:
+        return _smooth_sequential(forward.steps, forward.transmat, forward.filtered.norms)
+    return _smooth_blocked(forward.steps, forward.transmat, forward.blocks, forward.filtered)
 
 
-def _smooth_sequential(steps: _Steps, transmat: Tensor) -> Tensor:
-    """``beta_{t-1} = normalise(A (e_t * beta_t))`` at valid ``t``, ``beta_{t-1} = beta_t`` (= 1) after the end."""
+def _smoother_cap(dtype: torch.dtype) -> float:
+    """The largest smoother entry kept, ``finfo.max ** 0.8`` (about 1e246 in float64, 1e31 in float32)."""
+    return torch.finfo(dtype).max ** 0.8
+
+
+def _scale_smoother(step: Tensor, norm: Tensor, cap: float) -> Tensor:
+    """Rabiner's scaling: ``beta_hat_{t-1} = A (e_t * beta_hat_t) / c_t`` with the filter's
+    normaliser, which keeps ``alpha_hat_t . beta_hat_t = 1`` (up to rounding) at every step; every
+    entry capped at ``cap``. In place on ``step``.
+
+    Normalising by the smoother's own sum would lose a state whose backward value falls below
+    1e-308 (float32: 1e-38) of the others' however much filter mass it holds (a chain stuck in an
+    absorbing state the data disfavour): the posteriors become 0 / 0. With the filter's scale, the
+    entries that carry posterior mass stay near 1. An entry the filter rules out can grow without
+    bound instead; the cap keeps it finite (it changes a result only where the filter gives a
+    state less than 1 / cap and the smoother makes it likely: a surprise of more than 560 nats in
+    float64, 70 in float32).
+    """
+    return step.div_(norm).clamp_max_(cap)
+
+
+def _smooth_sequential(steps: _Steps, transmat: Tensor, norms: Tensor) -> Tensor:
+    """``beta_{t-1} = A (e_t * beta_t)``, scaled by :func:`_scale_smoother`, at valid ``t``;
+    ``beta_{t-1} = beta_t`` (= 1) after the end."""
     e = steps.emission
     T = e.shape[1]
     beta = torch.empty_like(e)
     beta[:, T - 1] = 1.0
     backward = transmat.transpose(1, 2)
     keep = steps.valid.to(e.dtype)
-    ones = e.new_ones(e.shape[-1], 1)
+    cap = _smoother_cap(e.dtype)
     for t in range(T - 1, 0, -1):
         previous = beta[:, t - 1]
+        step = torch.bmm(e[:, t] * beta[:, t], backward, out=None if steps.masked else previous)  # (G, S, K)
+        _scale_smoother(step, norms[:, t], cap)
         if steps.masked:
-            step = torch.bmm(e[:, t] * beta[:, t], backward)  # (G, S, K)
-            _normalise_rows(step, ones)
             _identity_where_invalid(step, beta[:, t], keep[:, t, :, None], out=previous)
-        else:
-            _normalise_rows(torch.bmm(e[:, t] * beta[:, t], backward, out=previous), ones)
     return beta
 
 
@@ -538,7 +565,7 @@ def _statistics(
     factor = seq_weights[:, None, :, None] / (filtered.norms[:, 1:T] * overlap[:, 1:])
     if steps.masked:
         factor = torch.where(valid[:, 1:], factor, 0.0)
-    arriving.mul_(factor)
+    arriving.mul_(factor).clamp_max_(_smoother_cap(alpha.dtype))  # an entry the filter rules out: finite (0 x inf would be NaN)
     transitions = torch.bmm(previous.transpose(1, 2), arriving.view(G, (T - 1) * S, K)).mul_(transmat)
     return posteriors, start, transitions
 
@@ -664,10 +691,11 @@ def _state_first(vectors: Tensor) -> Tensor:
 
 def _filter_blocked(
     steps: _Steps, alpha: Tensor, log_norm0: Tensor, transmat: Tensor, blocks: _Blocks
-) -> tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The filter by the two-level scan, writing ``alpha`` in place; returns the normalisers ``c_t``
-    (G, T_pad, S, 1) and the log-evidence without the emission scales (G, S) float64 (from the
-    filter after the last block: invalid steps are the identity in the block products)."""
+    (G, T_pad, S, 1), the log-evidence without the emission scales (G, S) float64 (from the
+    filter after the last block: invalid steps are the identity in the block products), and the
+    filter and its normalisers in the layout of the blocks (see :class:`_Filtered`)."""
     e = blocks.emission
     G, L, K, B, S = e.shape
     initial = alpha[:, 0].log().double().add_(log_norm0.unsqueeze(-1))  # log(pi e_0), (G, S, K)
@@ -675,38 +703,42 @@ def _filter_blocked(
     # log of the filter after block b: logsumexp_k initial_k + r_bk + log Pn_b[k, :]
     ends = torch.logsumexp((initial.unsqueeze(1) + scales).unsqueeze(-1) + products.log(), -2)  # (G, B, S, K)
     starts = torch.cat([initial.unsqueeze(1), ends[:, : B - 1]], 1)  # at time b L
-    previous = _state_first(_start_vectors(starts, e.dtype))  # (G, K, B S)
+    inside = e.new_empty(L + 1, G, K, B * S)  # alpha at time b L + j, transposed
+    inside[0] = _state_first(_start_vectors(starts, e.dtype))
     forward = transmat.transpose(1, 2)
-    inside = e.new_empty(L, G, K, B * S)  # alpha at time 1 + b L + j, transposed
     norms = e.new_empty(L, G, 1, B * S)
     ones = e.new_ones(G, 1, K)
-    for j in range(L):  # alpha_t^T = normalise(e_t * (A^T alpha_{t-1}^T))
-        torch.bmm(forward, previous, out=inside[j])
-        inside[j].mul_(e[:, j].view(G, K, B * S))
-        torch.bmm(ones, inside[j], out=norms[j])
-        inside[j].div_(norms[j])
-        previous = inside[j]
-    _in_blocks(alpha, L).copy_(inside.view(L, G, K, B, S).permute(1, 3, 0, 4, 2))
+    for j in range(L):  # alpha_t^T = normalise(e_t * (A^T alpha_{t-1}^T)), t = 1 + b L + j
+        torch.bmm(forward, inside[j], out=inside[j + 1])
+        inside[j + 1].mul_(e[:, j].view(G, K, B * S))
+        torch.bmm(ones, inside[j + 1], out=norms[j])
+        inside[j + 1].div_(norms[j])
+    _in_blocks(alpha, L).copy_(inside[1:].view(L, G, K, B, S).permute(1, 3, 0, 4, 2))
     all_norms = e.new_ones(G, 1 + B * L, S, 1)
     _in_blocks(all_norms, L).copy_(norms.view(L, G, 1, B, S).permute(1, 3, 0, 4, 2))
-    return all_norms, torch.logsumexp(ends[:, B - 1], -1)
+    return all_norms, torch.logsumexp(ends[:, B - 1], -1), inside, norms
 
 
-def _smooth_blocked(steps: _Steps, transmat: Tensor, blocks: _Blocks) -> Tensor:
-    """The smoother by the two-level scan (invalid steps are the identity)."""
+def _smooth_blocked(steps: _Steps, transmat: Tensor, blocks: _Blocks, filtered: _Filtered) -> Tensor:
+    """The smoother by the two-level scan (invalid steps are the identity), scaled as in
+    :func:`_scale_smoother`."""
     e = blocks.emission
     G, L, K, B, S = e.shape
+    assert filtered.inside is not None and filtered.inside_norms is not None
+    alpha, norms = filtered.inside, filtered.inside_norms  # (L + 1, G, K, B S), (L, G, 1, B S)
+    cap = _smoother_cap(e.dtype)
     products, scales = _scanned_blocks(blocks, reverse=True)
     # log of the smoother at time (b + 1) L: P_{b+1} ... P_{B-1} times ones, and log 1 after the last block
     ends = scales[:, 1:] + _row_sums(products[:, 1:]).squeeze(-1).log()  # (G, B - 1, S, K)
-    starts = _state_first(_start_vectors(torch.cat([ends, ends.new_zeros(G, 1, S, K)], 1), e.dtype))
+    log_starts = _state_first(torch.cat([ends, ends.new_zeros(G, 1, S, K)], 1))  # (G, K, B S)
+    # scaled as inside the blocks: exp(log beta - log(alpha . beta)), capped
+    shift = torch.logsumexp(log_starts + alpha[L].double().log(), 1, keepdim=True)
+    starts = (log_starts - shift).exp_().to(e.dtype).clamp_max_(cap)
     previous = starts
     inside = e.new_empty(L, G, K, B * S)  # beta at time b L + j, transposed
-    sums = e.new_empty(G, 1, B * S)
-    ones = e.new_ones(G, 1, K)
     for j in range(L - 1, -1, -1):  # the transition at time 1 + b L + j of every block
         torch.bmm(transmat, e[:, j].view(G, K, B * S) * previous, out=inside[j])  # A (e_t * beta_t)
-        inside[j].div_(torch.bmm(ones, inside[j], out=sums))
+        _scale_smoother(inside[j], norms[j], cap)
         if blocks.keep is not None:
             _identity_where_invalid(inside[j], previous, blocks.keep[:, j].view(G, 1, B * S), out=inside[j])
         elif j == blocks.tail:  # time T - 1 = (B - 1) L + tail: the smoother restarts at 1
@@ -836,7 +868,7 @@ class _LogLikelihood(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_evidence):  # type: ignore[override]
         forward = ctx.forward_pass
-        beta = _smooth(forward.steps, forward.transmat, forward.blocks)
+        beta = _smooth(forward)
         posteriors, start, transitions = _statistics(forward, beta, grad_evidence)
         grad_emission = posteriors * grad_evidence[:, :, None, None]
         return grad_emission, start, transitions, None, None

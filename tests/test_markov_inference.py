@@ -363,3 +363,23 @@ def test_sample_states_transition_frequencies_match_transmat():
     assert ((first - startprob).abs() <= 5 * start_error + 1e-12).all()
     again = mi.sample_states(startprob.log(), transmat.log(), 400, 60, torch.Generator().manual_seed(0))
     assert torch.equal(states, again)
+
+
+def test_transition_counts_by_blocked_product_equal_the_plain_product(monkeypatch):
+    """Over more than BLOCKED_MIN_POINTS steps and sequences with 16 states (float64, CPU) the
+    expected transitions are summed block by block; they equal the one-GEMM sum."""
+    from torch_em import _products
+
+    G, S, T, K = 1, 40, 1700, _products.BLOCKED_MIN_FEATURES
+    assert S * (T - 1) >= _products.BLOCKED_MIN_POINTS
+    log_emission, log_startprob, log_transmat = random_problem(G, S, T, K, seed=7)
+    calls = []
+    blocked = mi.blocked_product
+    monkeypatch.setattr(mi, "blocked_product", lambda A, B: calls.append(1) or blocked(A, B))
+    result = mi.forward_backward(log_emission, log_startprob, log_transmat, method="sequential")
+    assert calls == [1]
+    monkeypatch.setattr(mi, "uses_blocks", lambda B: False)
+    plain = mi.forward_backward(log_emission, log_startprob, log_transmat, method="sequential")
+    assert calls == [1]
+    assert_close(result.transitions, plain.transitions, atol=1e-9, rtol=1e-12)
+    assert_close(result.transitions.sum(), torch.tensor(S * (T - 1), dtype=DTYPE))

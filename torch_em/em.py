@@ -33,6 +33,8 @@ from typing import TYPE_CHECKING, Any, Callable, TypeVar, cast
 import torch
 
 from . import distributed
+from ._products import BLOCKED_MIN_FEATURES, BLOCKED_MIN_POINTS, STATISTICS_BLOCK, uses_blocks  # noqa: F401
+from ._products import blocked_product as _blocked_product
 from .data import Chunk, Data, StreamData, default_chunk_size  # noqa: F401  (the engine's data types)
 from .failures import (  # noqa: F401  (the engine's failure records)
     NOT_FINITE_ADVICE, Failure, Failures, ModelFailed, invalid_component_reason, record_failures,
@@ -94,13 +96,6 @@ def _per_model_log_prob(T: torch.Tensor, eta: torch.Tensor, const: torch.Tensor)
     return lp.view(R, M, K, T.shape[1])
 
 
-#: Points per block of the statistics GEMM in float64 on the CPU (:func:`weighted_statistics`),
-#: for sums over at least BLOCKED_MIN_POINTS points of at least BLOCKED_MIN_FEATURES features.
-STATISTICS_BLOCK = 4096
-BLOCKED_MIN_POINTS = 1 << 16
-BLOCKED_MIN_FEATURES = 16
-
-
 def weighted_statistics(T: torch.Tensor, resp: torch.Tensor) -> torch.Tensor:
     """``S[r, m, k] = sum_n resp[r, m, k, n] T(x_n)``: (R, M, K, F) from resp (R, M, K, n) and
     T (n, F) or (M, n, F)."""
@@ -108,26 +103,12 @@ def weighted_statistics(T: torch.Tensor, resp: torch.Tensor) -> torch.Tensor:
         T = T[0]
     if T.dim() == 2:
         flat = resp.reshape(-1, resp.shape[-1])  # (R*M*K, n)
-        if (T.dtype == torch.float64 and T.device.type == "cpu" and T.shape[1] >= BLOCKED_MIN_FEATURES
-                and T.shape[0] >= BLOCKED_MIN_POINTS):
+        if uses_blocks(T):
             sums = _blocked_product(flat, T)
         else:
             sums = flat @ T
         return sums.view(*resp.shape[:-1], T.shape[-1])
     return resp @ T
-
-
-def _blocked_product(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-    """``A @ B`` for A (C, n) and B (n, F) over a long n, as one batched GEMM over blocks of
-    STATISTICS_BLOCK points and a sum over the blocks. On 10^5 points MKL's float64 GEMM with 16 to
-    150 features runs up to 7x slower than on the blocks (2 threads; 8 rows x 33 features 25 ms
-    against 4.6 ms), as fast at best; on 10^4 points, or with fewer features, it is the faster."""
-    L = STATISTICS_BLOCK
-    P = B.shape[0] // L
-    head = P * L
-    blocks = torch.bmm(A[:, :head].unflatten(1, (P, L)).transpose(0, 1), B[:head].unflatten(0, (P, L)))  # (P, C, F)
-    total = blocks.sum(0)
-    return total if head == B.shape[0] else total.addmm_(A[:, head:], B[head:])
 
 
 def joint_parameters(

@@ -62,6 +62,7 @@ from typing import Callable, Literal, NamedTuple
 import torch
 from torch import Tensor
 
+from ._products import blocked_product, uses_blocks
 from ._tracing import is_traced
 
 Method = Literal["auto", "sequential", "blocked"]
@@ -566,7 +567,11 @@ def _statistics(
     if steps.masked:
         factor = torch.where(valid[:, 1:], factor, 0.0)
     arriving.mul_(factor).clamp_max_(_smoother_cap(alpha.dtype))  # an entry the filter rules out: finite (0 x inf would be NaN)
-    transitions = torch.bmm(previous.transpose(1, 2), arriving.view(G, (T - 1) * S, K)).mul_(transmat)
+    arriving = arriving.view(G, (T - 1) * S, K)
+    if G == 1 and uses_blocks(arriving):
+        transitions = blocked_product(previous[0].T, arriving[0]).unsqueeze(0).mul_(transmat)
+    else:
+        transitions = torch.bmm(previous.transpose(1, 2), arriving).mul_(transmat)
     return posteriors, start, transitions
 
 

@@ -566,7 +566,8 @@ def _statistics(
     factor = seq_weights[:, None, :, None] / (filtered.norms[:, 1:T] * overlap[:, 1:])
     if steps.masked:
         factor = torch.where(valid[:, 1:], factor, 0.0)
-    arriving.mul_(factor).clamp_max_(_smoother_cap(alpha.dtype))  # an entry the filter rules out: finite (0 x inf would be NaN)
+    # capped: an entry the filter rules out stays finite (0 x inf would be NaN in the product below)
+    arriving.mul_(factor).clamp_max_(_smoother_cap(alpha.dtype))
     arriving = arriving.view(G, (T - 1) * S, K)
     if G == 1 and uses_blocks(arriving):
         transitions = blocked_product(previous[0].T, arriving[0]).unsqueeze(0).mul_(transmat)

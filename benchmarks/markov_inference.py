@@ -6,13 +6,22 @@ every schedule; ``viterbi`` too with ``--viterbi``. Prints a markdown table of t
 milliseconds per call and the schedule ``"auto"`` picks.
 
     python benchmarks/markov_inference.py [--threads 2] [--reps 7] [--dtype float32] [--device cpu] [--viterbi]
+    python benchmarks/markov_inference.py --before /tmp/old_tree   # also another revision's "auto"
+
+``--before`` takes a source tree of torch_em at another revision (``git worktree add /tmp/old_tree
+<rev>``); its ``forward_backward`` (schedule ``"auto"``) is timed too, alternating call by call
+with this tree's in the same process, for a before/after ratio under the same machine state.
 """
 from __future__ import annotations
 
 import argparse
 import functools
+import importlib
+import importlib.util
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -57,6 +66,34 @@ def median_ms(call, reps: int, device: str) -> float:
     return 1e3 * statistics.median(times)
 
 
+def paired_median_ms(first, second, reps: int, device: str) -> tuple[float, float]:
+    """Median wall times (ms) of ``first()`` and ``second()`` called alternately (one warm-up each)."""
+    first(), second()
+    times: tuple[list[float], list[float]] = ([], [])
+    for _ in range(reps):
+        for call, record in zip((first, second), times):
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            call()
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            record.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times[0]), 1e3 * statistics.median(times[1])
+
+
+def inference_module_of(tree: str):
+    """``markov_inference`` of the torch_em package under ``tree``, imported as ``torch_em_before``."""
+    init = Path(tree) / "torch_em" / "__init__.py"
+    spec = importlib.util.spec_from_file_location("torch_em_before", init, submodule_search_locations=[str(init.parent)])
+    if spec is None or spec.loader is None:
+        raise SystemExit(f"--before: no torch_em package under {tree}")
+    package = importlib.util.module_from_spec(spec)
+    sys.modules["torch_em_before"] = package
+    spec.loader.exec_module(package)
+    return importlib.import_module("torch_em_before.markov_inference")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2)
@@ -65,15 +102,18 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--viterbi", action="store_true", help="time viterbi as well")
     parser.add_argument("--only", nargs="*", default=None, help="workload names to run (default all)")
+    parser.add_argument("--before", default=None, help="a torch_em source tree at another revision (see above)")
     args = parser.parse_args()
+    before = inference_module_of(args.before) if args.before else None
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     functions = {"forward_backward": mi.forward_backward}
     if args.viterbi:
         functions["viterbi"] = mi.viterbi
     print(f"threads={args.threads} dtype={args.dtype} device={args.device} reps={args.reps} (median ms per call)\n")
-    print("| workload | G | S | T | K | function | " + " | ".join(METHODS) + " | auto picks |")
-    print("| --- " * (7 + len(METHODS)) + "|")
+    extra = " | before: auto | after / before" if before else ""
+    print("| workload | G | S | T | K | function | " + " | ".join(METHODS) + " | auto picks" + extra + " |")
+    print("| --- " * (7 + len(METHODS) + (2 if before else 0)) + "|")
     for name, G, S, T, K in WORKLOADS:
         if args.only and name not in args.only:
             continue
@@ -85,6 +125,11 @@ def main() -> None:
                 cells.append(f"{median_ms(call, args.reps, args.device):.1f}")
             factor = mi.VITERBI_PRODUCT_FACTOR if label == "viterbi" else 1.0
             picked = mi._resolve_method("auto", G, S, T, K, factor)
+            if before is not None:
+                old = functools.partial(getattr(before, label), log_emission, log_startprob, log_transmat, lengths)
+                new = functools.partial(function, log_emission, log_startprob, log_transmat, lengths)
+                after_ms, before_ms = paired_median_ms(new, old, args.reps, args.device)
+                picked += f" | {before_ms:.1f} | {after_ms / before_ms:.2f} (after {after_ms:.1f})"
             print(f"| {name} | {G} | {S} | {T} | {K} | {label} | " + " | ".join(cells) + f" | {picked} |")
 
 

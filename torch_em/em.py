@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Callable, TypeVar, cast
 import torch
 
 from . import distributed
-from ._products import BLOCKED_MIN_FEATURES, BLOCKED_MIN_POINTS, STATISTICS_BLOCK, uses_blocks  # noqa: F401
+from ._products import BLOCKED_MIN_FEATURES, BLOCKED_MIN_POINTS, STATISTICS_BLOCK, uses_blocks  # noqa: F401  (the engine's names for its blocked statistics)
 from ._products import blocked_product as _blocked_product
 from .data import Chunk, Data, StreamData, default_chunk_size  # noqa: F401  (the engine's data types)
 from .failures import (  # noqa: F401  (the engine's failure records)

@@ -51,27 +51,14 @@ def problem(G: int, S: int, T: int, K: int, dtype: torch.dtype, device: str) -> 
                  for t in (log_emission, log_startprob, log_transmat, lengths))
 
 
-def median_ms(call, reps: int, device: str) -> float:
-    """Median wall time of ``call()`` in milliseconds (one warm-up call first)."""
-    call()
-    times = []
-    for _ in range(reps):
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        start = time.perf_counter()
+def medians_ms(calls: list, reps: int, device: str) -> list[float]:
+    """Median wall time in milliseconds of each of ``calls``, called alternately ``reps`` times
+    (one warm-up call each first), CUDA synchronised around every call."""
+    for call in calls:
         call()
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
-
-
-def paired_median_ms(first, second, reps: int, device: str) -> tuple[float, float]:
-    """Median wall times (ms) of ``first()`` and ``second()`` called alternately (one warm-up each)."""
-    first(), second()
-    times: tuple[list[float], list[float]] = ([], [])
+    times: list[list[float]] = [[] for _ in calls]
     for _ in range(reps):
-        for call, record in zip((first, second), times):
+        for call, record in zip(calls, times):
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
             start = time.perf_counter()
@@ -79,7 +66,12 @@ def paired_median_ms(first, second, reps: int, device: str) -> tuple[float, floa
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
             record.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times[0]), 1e3 * statistics.median(times[1])
+    return [1e3 * statistics.median(record) for record in times]
+
+
+def median_ms(call, reps: int, device: str) -> float:
+    """Median wall time of ``call()`` in milliseconds (one warm-up call first)."""
+    return medians_ms([call], reps, device)[0]
 
 
 def inference_module_of(tree: str):
@@ -128,7 +120,7 @@ def main() -> None:
             if before is not None:
                 old = functools.partial(getattr(before, label), log_emission, log_startprob, log_transmat, lengths)
                 new = functools.partial(function, log_emission, log_startprob, log_transmat, lengths)
-                after_ms, before_ms = paired_median_ms(new, old, args.reps, args.device)
+                after_ms, before_ms = medians_ms([new, old], args.reps, args.device)
                 picked += f" | {before_ms:.1f} | {after_ms / before_ms:.2f} (after {after_ms:.1f})"
             print(f"| {name} | {G} | {S} | {T} | {K} | {label} | " + " | ".join(cells) + f" | {picked} |")
 

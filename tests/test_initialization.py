@@ -48,7 +48,7 @@ def test_the_kept_seeding_has_the_least_inertia_of_the_seedings(per_model):
     data = torch.stack([X, X.flip(0), 2 * X]) if per_model else X
     tol = initialization.relative_tolerance(data, 1e-4)
     streams = initialization.RestartStreams(5, 2, "cpu")
-    kept = initialization.best_of_seedings(data, M, 10, streams, 64, None, None, tol, n_seedings=6)  # (2, M, 10, 2)
+    kept = initialization.best_of_seedings(data, M, 10, streams, 64, None, None, tol, n_seedings=6)[0]  # (2, M, 10, 2)
     # The same draws, the candidates kept apart: models (M, 6) flattened, as best_of_seedings lays them out.
     many = data if not per_model else data.repeat_interleave(6, 0)
     seeded = initialization.kmeans_plusplus(many, M * 6, 10, initialization.RestartStreams(5, 2, "cpu"), 64)
@@ -61,6 +61,19 @@ def test_the_kept_seeding_has_the_least_inertia_of_the_seedings(per_model):
 
 
 
+@pytest.mark.parametrize("per_model", [False, True])
+def test_the_kept_seeding_comes_with_the_labels_of_its_nearest_centres(per_model):
+    X, _ = grid_of_blobs(n_per=20, seed=3)
+    X = X - X.mean(0)
+    data = torch.stack([X, X.flip(0)]) if per_model else X
+    M = 2 if per_model else 1
+    tol = initialization.relative_tolerance(data, 1e-4)
+    centres, labels = initialization.best_of_seedings(data, M, 6, initialization.RestartStreams(2, 2, "cpu"), 64,
+                                                      None, None, tol, n_seedings=3)
+    assert labels.shape == (2, M, X.shape[0])
+    torch.testing.assert_close(labels, initialization.nearest(data, centres, 64)[0], rtol=0, atol=0)
+
+
 def test_a_grid_over_the_number_of_components_shares_nested_seedings():
     """With ``components`` (a grid over K padded to the largest, as select builds it) every model
     starts from the first k centres of the first model's seedings of the largest K, each followed
@@ -71,7 +84,7 @@ def test_a_grid_over_the_number_of_components_shares_nested_seedings():
     components = (torch.arange(K) < torch.tensor(grid)[:, None]).unsqueeze(0)  # (1, M, K)
     tol = initialization.relative_tolerance(X, 1e-4)
     kept = initialization.best_of_seedings(X, len(grid), K, initialization.RestartStreams(4, 1, "cpu"), 64, None,
-                                           components, tol, n_seedings=S)  # (1, M, K, 2)
+                                           components, tol, n_seedings=S)[0]  # (1, M, K, 2)
     seeded = initialization.kmeans_plusplus(X, S, K, initialization.RestartStreams(4, 1, "cpu"), 64)  # (1, S, K, 2)
     for m, k in enumerate(grid):
         alone = initialization.lloyd(X, seeded[:, :, :k], max_iter=initialization.SEEDING_LLOYD_ITERATIONS, tol=tol,

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import torch_em
-from torch_em.lloyd import lloyd
+from torch_em.lloyd import lloyd, nearest, nested_nearest
 
 
 def blobs(n=600, seed=0, d=2):
@@ -66,6 +66,20 @@ def test_lloyd_leaves_masked_centres_alone():
     torch.testing.assert_close(result.centres[0, 0, 2:], centres[0, 0, 2:])
     alone = lloyd(X, centres[:, :1, :2], max_iter=20, tol=0.0, chunk_size=256)
     torch.testing.assert_close(result.centres[0, 0, :2], alone.centres[0, 0])
+
+
+@pytest.mark.parametrize("n_centres", [6, 40])  # points last in memory, and centres last
+def test_nearest_among_nested_centres_is_nearest_among_the_first_k(n_centres):
+    X = blobs(n=700, seed=5)
+    g = torch.Generator().manual_seed(2)
+    centres = X[torch.randint(0, len(X), (2, 3, n_centres), generator=g)]  # (R, S, K, D)
+    centres[:, :, -1] = centres[:, :, 0]  # a tie: the first of equal centres wins
+    sizes = [1, n_centres, 3, n_centres - 1, 3]
+    labels, dists = nested_nearest(X, centres, sizes, chunk_size=256)  # (R, M, S, N)
+    for m, k in enumerate(sizes):
+        expected_labels, expected_dists = nearest(X, centres[:, :, :k], 10**6)
+        assert torch.equal(labels[:, m], expected_labels)
+        torch.testing.assert_close(dists[:, m], expected_dists, rtol=1e-12, atol=1e-12)
 
 
 def test_select_fits_the_grid_and_chooses_the_lowest_bic():

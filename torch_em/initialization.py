@@ -26,8 +26,8 @@ from .own_reference import OwnReference
 from .priors import ModelPrior
 from .statistics import Statistics
 from .lloyd import (
-    accumulator_dtype, broadcast_weights, gather_points, lloyd, nearest, relative_tolerance, row_chunks, squared_distances,
-    weighted_total,
+    accumulator_dtype, broadcast_weights, gather_points, lloyd, nearest, nested_nearest, relative_tolerance, row_chunks,
+    squared_distances, weighted_total,
 )
 
 if TYPE_CHECKING:
@@ -138,8 +138,9 @@ def kmeans_plusplus_indices(
 def best_of_seedings(
     X: torch.Tensor, M: int, K: int, streams: RestartStreams, chunk_size: int, weights: torch.Tensor | None,
     components: torch.Tensor | None, tol: torch.Tensor, n_seedings: int | None = None,
-) -> torch.Tensor:
-    """Centres (R, M, K, D): per restart and model the best of ``n_seedings`` (default
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Centres (R, M, K, D) and the labels (R, M, N) of the points' nearest centres: per restart
+    and model the best of ``n_seedings`` (default
     N_SEEDINGS for data shared by the models, X (N, D); 1 for a dataset per model) greedy k-means++ seedings, each followed by SEEDING_LLOYD_ITERATIONS Lloyd
     iterations, by weighted inertia ``sum_n w_n min_k |x_n - c_k|^2``. (One seeding with 5 Lloyd
     iterations leaves a heavy tail of poor optima; a full Lloyd run from one seeding does not
@@ -167,10 +168,16 @@ def best_of_seedings(
         # the grid takes the first model's S seedings of the largest K.
         shared = kmeans_plusplus(X, S, K, streams, chunk_size, weights)  # (R, S, K, D)
         seeded = shared.unsqueeze(1).expand(R, M, S, K, X.shape[-1]).reshape(R, M * S, K, X.shape[-1])
+        sizes = components[0].sum(-1)  # (M,)
+        start = None
+        if torch.equal(components[0], torch.arange(K, device=X.device) < sizes.unsqueeze(-1)):  # the first k each
+            labels, dists = nested_nearest(X, shared, sizes.tolist(), chunk_size)  # (R, M, S, N) each
+            start = labels.flatten(1, 2), dists.flatten(1, 2)
     else:
         seeded = kmeans_plusplus(many_X, M * S, K, streams, chunk_size, many_weights)  # (R, M * S, K, D)
+        start = None
     result = lloyd(many_X, seeded, max_iter=SEEDING_LLOYD_ITERATIONS, tol=many_tol, chunk_size=chunk_size,
-                   weights=many_weights, components=many_components)
+                   weights=many_weights, components=many_components, nearest_start=start)
     distances = result.distances.to(accumulator_dtype(X.device))
     inertia = weighted_total(distances, many_weights).view(R, M, S)
     # Seedings that reach one partition (often with the clusters in another order) tie up to
@@ -179,7 +186,9 @@ def best_of_seedings(
     near = inertia <= least * (1 + NEAR_TIE)
     best = near.to(torch.uint8).argmax(-1)  # (R, M): the first near-least seeding
     centres = result.centres.view(R, M, S, K, -1)
-    return centres.gather(2, best[:, :, None, None, None].expand(R, M, 1, K, centres.shape[-1])).squeeze(2)
+    labels = result.labels.view(R, M, S, -1)
+    return (centres.gather(2, best[:, :, None, None, None].expand(R, M, 1, K, centres.shape[-1])).squeeze(2),
+            labels.gather(2, best[:, :, None, None].expand(R, M, 1, labels.shape[-1])).squeeze(2))
 
 
 def initial_responsibilities(
@@ -204,21 +213,26 @@ def initial_responsibilities(
             return resp / resp.sum(-2, keepdim=True)
 
         return random_resp
+    labels: torch.Tensor | None = None  # (R, M, N), where the clustering gives them
     if centres is None:
         if method == "random_from_data":
             centres = random_points(X, M, K, streams, weights)
         else:
             tol = relative_tolerance(X, 1e-4)
             if method == "k-means++":
-                centres = best_of_seedings(X, M, K, streams, chunk_size, weights, components, tol)
+                centres, labels = best_of_seedings(X, M, K, streams, chunk_size, weights, components, tol)
             else:
                 centres = kmeans_plusplus(X, M, K, streams, chunk_size, weights)
-                centres = lloyd(X, centres, max_iter=300, tol=tol, chunk_size=chunk_size, weights=weights,
-                                components=components).centres
-    labels = nearest(X, centres, chunk_size, components=components)[0]  # (R, M, N)
+                result = lloyd(X, centres, max_iter=300, tol=tol, chunk_size=chunk_size, weights=weights,
+                               components=components)
+                centres, labels = result.centres, result.labels
+    if labels is None:
+        labels = nearest(X, centres, chunk_size, components=components)[0]
+    chosen = labels
 
-    def hard_resp(start: int, stop: int) -> torch.Tensor:
-        return torch.nn.functional.one_hot(labels[..., start:stop], K).to(X.dtype).mT
+    def hard_resp(start: int, stop: int) -> torch.Tensor:  # one-hot (R, M, K, n), points last in memory
+        index = chosen[..., start:stop].unsqueeze(2)  # (R, M, 1, n)
+        return X.new_zeros(*index.shape[:2], K, index.shape[-1]).scatter_(2, index, 1.0)
 
     return hard_resp
 

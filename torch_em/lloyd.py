@@ -128,6 +128,34 @@ def nearest(
     return labels, dists
 
 
+def nested_nearest(
+    X: torch.Tensor, centres: torch.Tensor, sizes: list[int], chunk_size: int, point_norms: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`nearest` among the first k of ``centres`` (R, S, K, D), for every k of ``sizes``
+    (M numbers) at once: labels and squared distances (R, M, S, N), the first of equal scores
+    winning as there. One score block of the K centres; the maxima over each prefix follow
+    one centre at a time (a grid over the number of components whose centres are nested)."""
+    R, S, K = centres.shape[:3]
+    N = X.shape[-2]
+    labels = torch.empty(R, len(sizes), S, N, dtype=torch.long, device=X.device)
+    dists = torch.empty(R, len(sizes), S, N, dtype=X.dtype, device=X.device)
+    wanted = {k: [m for m, size in enumerate(sizes) if size == k] for k in set(sizes)}
+    for start, stop in row_chunks(N, min(chunk_size, default_chunk(R * S * K))):
+        chunk = X[start:stop]
+        scores = point_scores(chunk, centres)  # (R, S, K, n)
+        norms = chunk.square().sum(-1) if point_norms is None else point_norms[start:stop]
+        best, index = scores[:, :, 0], torch.zeros(R, S, stop - start, dtype=torch.long, device=X.device)
+        for k in range(1, K + 1):
+            if k > 1:
+                better = scores[:, :, k - 1] > best
+                best = torch.maximum(best, scores[:, :, k - 1])
+                index = index.masked_fill(better, k - 1)
+            for m in wanted.get(k, ()):
+                labels[:, m, :, start:stop] = index
+                dists[:, m, :, start:stop] = (norms - 2 * best).clamp_min_(0)
+    return labels, dists
+
+
 def accumulator_dtype(device: torch.device) -> torch.dtype:
     """float64 for running sums, float32 on devices without float64."""
     return torch.float32 if device.type == "mps" else torch.float64
@@ -145,23 +173,26 @@ def cluster_sums(
     weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-cluster sums of points (R, M, K, D) and counts (R, M, K) for labels (R, M, N), by
-    scatter-add (linear in N, no N x K one-hot), accumulated in ``dtype`` (default X's). With
-    ``weights`` (N,) or (M, N) they are the sums of ``w x`` and of ``w``."""
+    scatter-add (linear in N, no N x K one-hot; the points broadcast over the models, never
+    copied per model), accumulated in ``dtype`` (default X's). With ``weights`` (N,) or (M, N)
+    they are the sums of ``w x`` and of ``w``."""
     R, M = labels.shape[:2]
     D, dtype = X.shape[-1], dtype or X.dtype
-    sums = X.new_zeros(R * M * n_clusters, D, dtype=dtype)
+    sums = X.new_zeros(R, M, n_clusters, D, dtype=dtype)
     counts = X.new_zeros(R * M * n_clusters, dtype=dtype)
     for start, stop in row_chunks(X.shape[-2], chunk_size):
-        flat = flat_cluster_index(labels[..., start:stop], n_clusters)  # (R*M*n,)
-        points = broadcast_points(X[..., start:stop, :].to(dtype)).expand(R, M, stop - start, D)
+        chunk = labels[..., start:stop]  # (R, M, n)
+        flat = flat_cluster_index(chunk, n_clusters)  # (R*M*n,)
+        points = broadcast_points(X[..., start:stop, :].to(dtype))  # (1, 1|M, n, D)
         if weights is None:
-            sums.index_add_(0, flat, points.reshape(-1, D))
             counts += torch.bincount(flat, minlength=R * M * n_clusters).to(dtype)
         else:
-            w = broadcast_weights(weights[..., start:stop].to(dtype)).expand(R, M, stop - start)
-            sums.index_add_(0, flat, (points * w.unsqueeze(-1)).reshape(-1, D))
-            counts.index_add_(0, flat, w.reshape(-1))
-    return sums.view(R, M, n_clusters, D), counts.view(R, M, n_clusters)
+            w = broadcast_weights(weights[..., start:stop].to(dtype))  # (1, 1|M, n)
+            points = points * w.unsqueeze(-1)
+            counts.index_add_(0, flat, w.expand(R, M, stop - start).reshape(-1))
+        shape = (R, M, stop - start, D)
+        sums.scatter_add_(2, chunk.unsqueeze(-1).expand(shape), points.expand(shape))
+    return sums, counts.view(R, M, n_clusters)
 
 
 def positive_members(labels: torch.Tensor, weights: torch.Tensor, n_clusters: int) -> torch.Tensor:
@@ -259,10 +290,13 @@ def _cluster_means(sums: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
 def lloyd(
     X: torch.Tensor, centres: torch.Tensor, *, max_iter: int, tol: float | torch.Tensor, chunk_size: int,
     weights: torch.Tensor | None = None, components: torch.Tensor | None = None,
+    nearest_start: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> LloydResult:
     """Lloyd iterations from ``centres`` (R, M, K, D); each model stops on its own once its
     squared centre shift is at most ``tol`` (absolute; broadcastable to (R, M)). ``weights``
-    (N,) or (M, N): sample weights (centres are weighted means), or None.
+    (N,) or (M, N): sample weights (centres are weighted means), or None. ``nearest_start``:
+    the labels and squared distances (R, M, N) of the points' nearest starting centres, when
+    known (else computed).
 
     As in scikit-learn, an empty cluster (one without weight) takes the point farthest from its
     centre (the j-th empty cluster the j-th farthest point), which leaves its former cluster. The
@@ -278,7 +312,7 @@ def lloyd(
     n_iter = torch.zeros(R, M, dtype=torch.long, device=X.device)
     tol = torch.as_tensor(tol, dtype=X.dtype, device=X.device).expand(R, M)
     norms = X.square().sum(-1)  # (N,) or (M, N)
-    labels, dist = nearest(X, centres, chunk_size, norms, components)
+    labels, dist = nearest_start if nearest_start is not None else nearest(X, centres, chunk_size, norms, components)
     running_sums, running_counts = cluster_sums(X, labels, K, chunk_size, accumulator_dtype(X.device), weights)
     members = None if weights is None else positive_members(labels, weights, K)
     batch = _WorkingBatch((R, M))  # the models computed, as in run_em

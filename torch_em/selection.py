@@ -31,6 +31,7 @@ from .em import ConvergenceWarning, FitFailedWarning
 from .families.base import IllConditionedError
 from .gaussian_mixture import GaussianMixture
 from .initialization import SharedClustering
+from .normalize import log_normalize_total
 
 CRITERIA = ("bic", "aic", "icl")
 COLUMNS = ("covariance_type", "n_components", "bic", "aic", "icl", "log_likelihood", "converged", "n_iter")
@@ -156,11 +157,7 @@ def _fit_grid(X: torch.Tensor, grid: list[int], kind: str, n_init: int, seed: in
     finally:  # (the rows' model builders keep the batch: not the clustering's labels)
         model._shared_clustering = None
     with torch.no_grad():
-        log_joint = model.log_joint(X)  # (B, N, K): -inf at masked components
-        log_prob = log_joint.logsumexp(-1)
-        resp = (log_joint - log_prob.unsqueeze(-1)).exp()
-    log_likelihood = log_prob.double().sum(-1)  # (B,)
-    entropy = -torch.special.xlogy(resp, resp).double().sum((-1, -2))
+        log_likelihood, entropy = _evidence_and_entropy(model._emission_log_joint(model._layout.data(X)))  # (B,) each
     # (set by the fit)
     failed_, converged_, n_iter_ = (cast(torch.Tensor, value) for value in (model.failed_, model.converged_, model.n_iter_))
     rows = []
@@ -177,6 +174,18 @@ def _fit_grid(X: torch.Tensor, grid: list[int], kind: str, n_init: int, seed: in
             "n_iter": int(n_iter_[i]), "model": _extractor(model, i, k, kind, seed, options),
         })
     return rows
+
+
+def _evidence_and_entropy(log_joint: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The log-likelihood and the entropy of the posteriors, each summed over the points, in
+    float64: (M,) each, from log joint densities (1, M, K, N) (-inf at masked components), which
+    are overwritten. The entropy is ``sum_n log p(x_n) - sum_nk r_nk log p(x_n, k)`` (the
+    posteriors of a point sum to 1): one product with the log joint instead of a log per entry,
+    which costs several times more."""
+    work = log_joint if log_joint.dtype == torch.float64 else log_joint.double()
+    resp, log_likelihood = log_normalize_total(work.clone(), inplace=True)  # (1, M, K, N), (1, M)
+    expected = torch.linalg.vecdot(resp.flatten(-2), work.nan_to_num_(neginf=0.0).flatten(-2))  # (1, M)
+    return log_likelihood[0], (log_likelihood - expected)[0]
 
 
 def _extractor(batch: GaussianMixture, i: int, k: int, kind: str, seed: int | None, options: dict):

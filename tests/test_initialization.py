@@ -110,3 +110,21 @@ def test_nearest_centre_is_the_first_of_equal_scores(dtype, n_centres):
         brute = ((data.unsqueeze(-3).unsqueeze(0) - centres.unsqueeze(-2)) ** 2).sum(-1)  # (R, M, K, n)
         assert torch.equal(labels, brute.argmin(-2))
         torch.testing.assert_close(dist, brute.amin(-2), rtol=1e-4 if dtype == torch.float32 else 1e-10, atol=1e-5)
+
+
+def test_random_responsibilities_are_a_function_of_the_rows():
+    """A second pass over the chunks (statistics taken again) draws what the first drew, and the
+    streams then go on as after one pass."""
+    X = torch.randn(10, 2, dtype=F64)
+
+    def passes(n_passes):
+        streams = initialization.RestartStreams(3, 2, "cpu")
+        resp = initialization.initial_responsibilities("random", X, 2, 3, streams, 4)
+        drawn = [[resp(start, min(start + 4, 10)) for start in range(0, 10, 4)] for _ in range(n_passes)]
+        return drawn, streams.rand(5)
+
+    (once,), next_once = passes(1)
+    twice, next_twice = passes(2)
+    for first, second, alone in zip(*twice, once):
+        assert torch.equal(first, second) and torch.equal(first, alone)
+    assert torch.equal(next_once, next_twice)

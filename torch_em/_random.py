@@ -40,6 +40,14 @@ class RestartStreams:
         """Uniform [0, 1) numbers ``(R, *shape)``."""
         return torch.stack([torch.rand(shape, generator=g, device=self.device, dtype=dtype) for g in self.generators])
 
+    def states(self) -> list[torch.Tensor]:
+        """The generators' states (for :meth:`restore`)."""
+        return [g.get_state() for g in self.generators]
+
+    def restore(self, states: list[torch.Tensor]) -> None:
+        for generator, state in zip(self.generators, states):
+            generator.set_state(state)
+
     def randint(self, high: int, *shape: int) -> torch.Tensor:
         """Integers in [0, high) ``(R, *shape)``."""
         return torch.stack([torch.randint(high, shape, generator=g, device=self.device) for g in self.generators])

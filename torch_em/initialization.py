@@ -206,8 +206,23 @@ def initial_responsibilities(
     are one of k), or None: all.
     """
     if method == "random" and centres is None:
+        # The rows' draws are a function of the rows: a pass over the chunks again (the
+        # statistics taken again) redraws what the first drew, and the streams go on from
+        # where the first pass left them.
+        began: dict[int, list[torch.Tensor]] = {}  # the streams' states where each chunk's draw began
+        furthest: list[torch.Tensor] = []  # their states after the last new draw
+
         def random_resp(start: int, stop: int) -> torch.Tensor:
+            fresh = start not in began
+            if fresh:
+                began[start] = streams.states()
+            else:
+                streams.restore(began[start])
             resp = streams.rand(M, K, stop - start, dtype=X.dtype)
+            if fresh:
+                furthest[:] = streams.states()
+            else:
+                streams.restore(furthest)
             if components is not None:
                 resp = resp * components.unsqueeze(-1)
             return resp / resp.sum(-2, keepdim=True)

@@ -55,7 +55,8 @@ def pattern_conditionals(covariance: torch.Tensor, patterns: torch.Tensor
     """
     dtype = covariance.dtype
     work = torch.promote_types(dtype, torch.float64)
-    cov = covariance.to(work).unsqueeze(-3)  # (R, M, K', 1, D, D)
+    shared = covariance.to(work)  # (R, M, K', D, D)
+    cov = shared.unsqueeze(-3)  # (R, M, K', 1, D, D)
     observed = patterns.to(work)  # (P, D)
     missing = 1 - observed
     both_observed = observed.unsqueeze(-1) * observed.unsqueeze(-2)  # (P, D, D)
@@ -65,13 +66,22 @@ def pattern_conditionals(covariance: torch.Tensor, patterns: torch.Tensor
     eye = torch.eye(lower.shape[-1], dtype=work, device=lower.device)
     inverse = torch.linalg.solve_triangular(lower, eye.expand_as(lower), upper=False)  # L^-1
     precision = (inverse.mT @ inverse).mul_(both_observed)  # Lambda_o, (R, M, K', P, D, D)
-    half_logdet = -lower.diagonal(dim1=-2, dim2=-1).log().sum(-1)
-    gain = cov @ precision  # identity on the observed block, the regression Sigma_mo Sigma_oo^-1 below it
-    completion = gain * missing.unsqueeze(-1)
+    half_logdet = -lower.diagonal(dim1=-2, dim2=-1).contiguous().log_().sum(-1)
+    # Sigma Lambda_o is the identity on the observed block and the regression Sigma_mo Sigma_oo^-1
+    # below it; as Lambda_o Sigma (its transpose) every product has Sigma on the right.
+    completion = _times_component(precision, shared).mT.contiguous().mul_(missing.unsqueeze(-1))
     completion.diagonal(dim1=-2, dim2=-1).add_(observed)  # e = A d
-    conditional = (cov - gain @ cov).mul_(missing.unsqueeze(-1) * missing.unsqueeze(-2))
+    # On the missing block Sigma - A Sigma = Sigma_mm - Sigma_mo Sigma_oo^-1 Sigma_om.
+    conditional = (cov - _times_component(completion, shared)).mul_(missing.unsqueeze(-1) * missing.unsqueeze(-2))
     conditional = 0.5 * (conditional + conditional.mT)
     return half_logdet.to(dtype), precision.to(dtype), completion.to(dtype), conditional.to(dtype)
+
+
+def _times_component(per_pattern: torch.Tensor, shared: torch.Tensor) -> torch.Tensor:
+    """``X_p S`` for every pattern's matrix ``X_p`` (R, M, K', P, D, D) and the component's ``S``
+    (R, M, K', D, D): one (P D) x D by D x D product per component, not P small ones."""
+    stacked = per_pattern.flatten(-3, -2)  # (R, M, K', P * D, D)
+    return (stacked @ shared).view_as(per_pattern)
 
 
 def statistics_about(family: "Gaussian", first: torch.Tensor, second: torch.Tensor, counts: torch.Tensor,
@@ -174,8 +184,9 @@ class GaussianMarginal(Marginal):
         const = self.half_logdet - 0.5 * (linear * centred).sum(-1) - (0.5 * math.log(2 * math.pi)) * observed
         eta = torch.cat([linear, quadratic, const.unsqueeze(-1)], -1)  # (R, M, K, P, F + 1)
         features = rows.centred_features(self.family, self.reference)  # (M', nb, b, F + 1)
-        log_prob = features @ _per_block(eta, rows).permute(0, 1, 3, 4, 2)  # (R, M, nb, b, K)
-        return rows.unblocked(log_prob.permute(0, 1, 4, 2, 3).flatten(-2))
+        # (K, F + 1) by (F + 1, b) per block: the orientation BLAS runs fastest for these shapes.
+        log_prob = _per_block(eta, rows).transpose(2, 3) @ features.mT  # (R, M, nb, K, b)
+        return rows.unblocked(log_prob.transpose(2, 3).flatten(-2))
 
     def _expanded_moments(self, resp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``sum_n r x^_~`` (R, M, K, D) and ``sum_n r (x^_~ x^_~^T + C)`` (R, M, K, D, D) about the
@@ -255,10 +266,13 @@ class GaussianMarginal(Marginal):
     def _per_pattern(self, values: torch.Tensor) -> torch.Tensor:
         """Per-block values (R, M, K, nb, ...) summed per pattern: (R, M, K, P, ...)."""
         rows = self.rows
+        n_patterns = rows.patterns.shape[0]
+        if rows.X.dim() == 2:  # one layout for every model (index_add_ is much faster than scatter_add_)
+            return values.new_zeros(*values.shape[:3], n_patterns, *values.shape[4:]).index_add_(
+                3, rows.block_pattern[0], values)
         flat = values.flatten(4) if values.dim() > 4 else values.unsqueeze(-1)  # (R, M, K, nb, E)
-        index = rows.block_pattern[0].view(1, 1, 1, -1, 1) if rows.X.dim() == 2 else rows.block_pattern[None, :, None, :, None]
-        total = flat.new_zeros(*flat.shape[:3], rows.patterns.shape[0], flat.shape[-1])
-        total.scatter_add_(3, index.expand_as(flat), flat)
+        total = flat.new_zeros(*flat.shape[:3], n_patterns, flat.shape[-1])
+        total.scatter_add_(3, rows.block_pattern[None, :, None, :, None].expand_as(flat), flat)
         return total.view(*total.shape[:4], *values.shape[4:])
 
     def conditional_means(self) -> torch.Tensor:

@@ -65,15 +65,18 @@ def pattern_conditionals(covariance: torch.Tensor, patterns: torch.Tensor
     lower, _ = torch.linalg.cholesky_ex(padded)
     eye = torch.eye(lower.shape[-1], dtype=work, device=lower.device)
     inverse = torch.linalg.solve_triangular(lower, eye.expand_as(lower), upper=False)  # L^-1
-    precision = (inverse.mT @ inverse).mul_(both_observed)  # Lambda_o, (R, M, K', P, D, D)
+    # L^-1 is exactly the identity on the missing block and 0 between the blocks, so is
+    # L^-T L^-1 but for the identity in the missing block, which is taken off.
+    precision = inverse.mT @ inverse
+    precision.diagonal(dim1=-2, dim2=-1).sub_(missing)  # Lambda_o, (R, M, K', P, D, D)
     half_logdet = -lower.diagonal(dim1=-2, dim2=-1).contiguous().log_().sum(-1)
     # Sigma Lambda_o is the identity on the observed block and the regression Sigma_mo Sigma_oo^-1
     # below it; as Lambda_o Sigma (its transpose) every product has Sigma on the right.
-    completion = _times_component(precision, shared).mT.contiguous().mul_(missing.unsqueeze(-1))
+    completion = torch.mul(_times_component(precision, shared).mT, missing.unsqueeze(-1), out=torch.empty_like(precision))
     completion.diagonal(dim1=-2, dim2=-1).add_(observed)  # e = A d
-    # On the missing block Sigma - A Sigma = Sigma_mm - Sigma_mo Sigma_oo^-1 Sigma_om.
-    conditional = (cov - _times_component(completion, shared)).mul_(missing.unsqueeze(-1) * missing.unsqueeze(-2))
-    conditional = 0.5 * (conditional + conditional.mT)
+    # On the missing block Sigma - A Sigma = Sigma_mm - Sigma_mo Sigma_oo^-1 Sigma_om (symmetric up to
+    # rounding: its users read one triangle, the Cholesky factor of a draw and the packed statistics).
+    conditional = _times_component(completion, shared).neg_().add_(cov).mul_(missing.unsqueeze(-1) * missing.unsqueeze(-2))
     return half_logdet.to(dtype), precision.to(dtype), completion.to(dtype), conditional.to(dtype)
 
 
@@ -184,9 +187,8 @@ class GaussianMarginal(Marginal):
         const = self.half_logdet - 0.5 * (linear * centred).sum(-1) - (0.5 * math.log(2 * math.pi)) * observed
         eta = torch.cat([linear, quadratic, const.unsqueeze(-1)], -1)  # (R, M, K, P, F + 1)
         features = rows.centred_features(self.family, self.reference)  # (M', nb, b, F + 1)
-        # (K, F + 1) by (F + 1, b) per block: the orientation BLAS runs fastest for these shapes.
-        log_prob = _per_block(eta, rows).transpose(2, 3) @ features.mT  # (R, M, nb, K, b)
-        return rows.unblocked(log_prob.transpose(2, 3).flatten(-2))
+        log_prob = features @ _per_block(eta, rows).permute(0, 1, 3, 4, 2)  # (R, M, nb, b, K)
+        return rows.unblocked(log_prob.permute(0, 1, 4, 2, 3).flatten(-2))
 
     def _expanded_moments(self, resp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``sum_n r x^_~`` (R, M, K, D) and ``sum_n r (x^_~ x^_~^T + C)`` (R, M, K, D, D) about the

@@ -72,7 +72,7 @@ def pattern_conditionals(covariance: torch.Tensor, patterns: torch.Tensor
     half_logdet = -lower.diagonal(dim1=-2, dim2=-1).contiguous().log_().sum(-1)
     # Sigma Lambda_o is the identity on the observed block and the regression Sigma_mo Sigma_oo^-1
     # below it; as Lambda_o Sigma (its transpose) every product has Sigma on the right.
-    completion = torch.mul(_times_component(precision, shared).mT, missing.unsqueeze(-1), out=torch.empty_like(precision))
+    completion = _times_component(precision, shared).mT.contiguous().mul_(missing.unsqueeze(-1))
     completion.diagonal(dim1=-2, dim2=-1).add_(observed)  # e = A d
     # On the missing block Sigma - A Sigma = Sigma_mm - Sigma_mo Sigma_oo^-1 Sigma_om (symmetric up to
     # rounding: its users read one triangle, the Cholesky factor of a draw and the packed statistics).

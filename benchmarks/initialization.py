@@ -10,9 +10,10 @@ x covariance type (full, tied, diag, spherical) x seed 0..9, ``torch_em.Gaussian
 covariance_type=..., seed=s, dtype=float64)`` and ``sklearn.mixture.GaussianMixture(K,
 covariance_type=..., random_state=s)`` are fitted with their defaults (``reg_covar`` 1e-6, ``tol``
 1e-3 both); recorded: the final total log-likelihood ``score(X) * N`` and the ARI against the
-classes. torch_em runs twice: with its default (``"k-means++"``: the best of
-``initialization.N_SEEDINGS`` batched seedings, each with 5 Lloyd iterations) and with one
-seeding (``N_SEEDINGS = 1``: the former default), in the same run.
+classes. torch_em runs twice: with its default (``"k-means++"``: of
+``initialization.N_SEEDINGS`` batched seedings, each with 5 Lloyd iterations, the one whose
+first M-step gives the data the highest log-likelihood) and with one seeding
+(``N_SEEDINGS = 1``: the default before that), in the same run.
 
 Table per cell: median and worst log-likelihood over the seeds (default, one seeding,
 scikit-learn), median ARI, and the median initialisation time (``initialize``: data preparation,
@@ -159,7 +160,7 @@ def main() -> None:
                f"{counts['one seeding', threshold, 'better', statistic]})"
                for statistic in ("worst", "median") for threshold in thresholds]
     lines = [f"# Initialisation with n_init=1, {len(seeds)} seeds, torch_em default init_params={default!r} "
-             f"(best of {n_seedings} seedings), float64 (`{command}`)", "", *summary,
+             f"(the most likely of {n_seedings} seedings), float64 (`{command}`)", "", *summary,
              "- initialisation (median over seeds, summed over cells): "
              + ", ".join(f"{v} {1e3 * s:.0f} ms" for v, s in init_seconds.items()),
              f"- total fit time ({n_cells * len(seeds)} fits each): "

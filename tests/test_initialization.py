@@ -1,11 +1,13 @@
-"""The default initialisation (the best of several batched k-means++ seedings) against a single
-seeding: separated clusters are found from every seed; the seeding kept is the one of least
-inertia. (That near-ties do not depend on the chunking is tested by the streamed fit of
+"""The default initialisation (the most likely of several batched k-means++ seedings) against a
+single seeding: separated clusters are found from every seed; the seeding kept is the one whose
+first M-step gives the data the highest log-likelihood (best_of_seedings keeps the one of least
+inertia). (That near-ties do not depend on the chunking is tested by the streamed fit of
 test_batch_forms, which starts where the in-memory fit starts.)"""
 from __future__ import annotations
 
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from sklearn.metrics import adjusted_rand_score
@@ -128,3 +130,42 @@ def test_random_responsibilities_are_a_function_of_the_rows():
     for first, second, alone in zip(*twice, once):
         assert torch.equal(first, second) and torch.equal(first, alone)
     assert torch.equal(next_once, next_twice)
+
+
+def hard_partition_log_likelihood(X: np.ndarray, labels: np.ndarray, K: int, reg_covar: float = 1e-6) -> float:
+    """Total log-likelihood of X under the full-covariance mixture fitted (one M-step) to a hard
+    partition, computed independently with scipy."""
+    from scipy.special import logsumexp
+    from scipy.stats import multivariate_normal
+
+    log_joint = []
+    for k in range(K):
+        members = X[labels == k]
+        cov = np.cov(members.T, bias=True) + reg_covar * np.eye(X.shape[1])
+        log_joint.append(np.log(len(members) / len(X)) + multivariate_normal(members.mean(0), cov).logpdf(X))
+    return float(logsumexp(np.stack(log_joint), axis=0).sum())
+
+
+def test_the_default_keeps_the_most_likely_of_its_seedings():
+    """Of its N_SEEDINGS k-means++ seedings (the same draws as :func:`seedings`), the default
+    initialisation keeps the one whose first M-step gives the data the highest log-likelihood
+    (not the least inertia), checked against scipy for several seeds."""
+    g = torch.Generator().manual_seed(4)
+    X = torch.cat([torch.randn(60, 2, generator=g, dtype=F64) * torch.tensor([3.0, 0.3], dtype=F64),
+                   torch.randn(60, 2, generator=g, dtype=F64) * torch.tensor([0.3, 3.0], dtype=F64) + 2,
+                   torch.randn(60, 2, generator=g, dtype=F64) + 5])
+    K, S = 4, initialization.N_SEEDINGS
+    centred = X - X.mean(0)
+    not_by_inertia = 0
+    for seed in range(6):
+        model = torch_em.GaussianMixture(K, seed=seed, dtype=F64).initialize(X)
+        streams = initialization.RestartStreams(seed, range(1), "cpu")
+        tol = initialization.relative_tolerance(centred, 1e-4)
+        _, labels, inertia = initialization.seedings(centred, 1, K, streams, 64, None, None, tol, S)
+        scores = [hard_partition_log_likelihood(X.numpy(), labels[0, 0, s].numpy(), K) for s in range(S)]
+        best = next(s for s, score in enumerate(scores) if score >= max(scores) - 1e-6 * abs(max(scores)))  # first near-best
+        members = labels[0, 0, best]
+        expected_means = torch.stack([X[members == k].mean(0) for k in range(K)])
+        torch.testing.assert_close(model.means, expected_means, rtol=1e-10, atol=1e-12)
+        not_by_inertia += best != int(inertia[0, 0].argmin())
+    assert not_by_inertia > 0  # the likelihood chose otherwise than the inertia would have, somewhere

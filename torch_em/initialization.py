@@ -9,14 +9,14 @@ many restarts run. Sample weights, where a function takes them, are ``(N,)`` or 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, cast
 
 import torch
 
 from ._random import RestartStreams
 from .data import Data
 from .em import (
-    Failures, Params, invalid_component_reason, m_step, record_failures, refiner, reseed_empty,
+    Failures, Params, e_step, invalid_component_reason, m_step, record_failures, refiner, reseed_empty,
     statistics_from_responsibilities,
 )
 from .families.base import ComponentFamily, Theta
@@ -140,11 +140,35 @@ def best_of_seedings(
     components: torch.Tensor | None, tol: torch.Tensor, n_seedings: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Centres (R, M, K, D) and the labels (R, M, N) of the points' nearest centres: per restart
-    and model the best of ``n_seedings`` (default
-    N_SEEDINGS for data shared by the models, X (N, D); 1 for a dataset per model) greedy k-means++ seedings, each followed by SEEDING_LLOYD_ITERATIONS Lloyd
-    iterations, by weighted inertia ``sum_n w_n min_k |x_n - c_k|^2``. (One seeding with 5 Lloyd
-    iterations leaves a heavy tail of poor optima; a full Lloyd run from one seeding does not
-    remove it: the best of several seedings does.)
+    and model the one of the :func:`seedings` with the least weighted inertia ``sum_n w_n
+    min_k |x_n - c_k|^2`` (the first within NEAR_TIE of the least)."""
+    centres, labels, inertia = seedings(X, M, K, streams, chunk_size, weights, components, tol, n_seedings)
+    best = first_near_best(-inertia, NEAR_TIE)  # (R, M)
+    return (centres.gather(2, best[:, :, None, None, None].expand(*best.shape, 1, *centres.shape[-2:])).squeeze(2),
+            labels.gather(2, best[:, :, None, None].expand(*best.shape, 1, labels.shape[-1])).squeeze(2))
+
+
+def first_near_best(scores: torch.Tensor, near_tie: float) -> torch.Tensor:
+    """The index of the first of S candidates (R, M, S) whose score is within ``near_tie``
+    (relative) of the best (the highest; -inf or NaN: never chosen unless all are): (R, M).
+    Candidates that reach one result (e.g. one partition with the clusters in another order)
+    tie up to rounding, which depends on the chunking and the dtype: the first of them wins."""
+    scores = scores.nan_to_num(nan=-math.inf)
+    best = scores.amax(-1, keepdim=True)
+    near = scores >= best - near_tie * best.abs()
+    return near.to(torch.uint8).argmax(-1)
+
+
+def seedings(
+    X: torch.Tensor, M: int, K: int, streams: RestartStreams, chunk_size: int, weights: torch.Tensor | None,
+    components: torch.Tensor | None, tol: torch.Tensor, n_seedings: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per restart and model ``n_seedings`` (default N_SEEDINGS for data shared by the models, X
+    (N, D); 1 for a dataset per model) greedy k-means++ seedings, each followed by
+    SEEDING_LLOYD_ITERATIONS Lloyd iterations: centres (R, M, S, K, D), the labels of the points'
+    nearest centres (R, M, S, N) and the weighted inertias (R, M, S) in the accumulator dtype.
+    (One seeding with 5 Lloyd iterations leaves a heavy tail of poor optima; a full Lloyd run
+    from one seeding does not remove it: a choice among several seedings does.)
 
     The seedings are one batch: models ``(M, S)`` flattened to ``M * S`` on the model axis (data
     of one model per row ``(M, N, D)`` are repeated S times), so S seedings cost about one where
@@ -180,23 +204,18 @@ def best_of_seedings(
                    weights=many_weights, components=many_components, nearest_start=start)
     distances = result.distances.to(accumulator_dtype(X.device))
     inertia = weighted_total(distances, many_weights).view(R, M, S)
-    # Seedings that reach one partition (often with the clusters in another order) tie up to
-    # rounding, which depends on the chunking and the dtype: the first within NEAR_TIE of the least wins.
-    least = inertia.amin(-1, keepdim=True)
-    near = inertia <= least * (1 + NEAR_TIE)
-    best = near.to(torch.uint8).argmax(-1)  # (R, M): the first near-least seeding
-    centres = result.centres.view(R, M, S, K, -1)
-    labels = result.labels.view(R, M, S, -1)
-    return (centres.gather(2, best[:, :, None, None, None].expand(R, M, 1, K, centres.shape[-1])).squeeze(2),
-            labels.gather(2, best[:, :, None, None].expand(R, M, 1, labels.shape[-1])).squeeze(2))
+    return result.centres.view(R, M, S, K, -1), result.labels.view(R, M, S, -1), inertia
 
 
 def initial_responsibilities(
     method: str, X: torch.Tensor, M: int, K: int, streams: RestartStreams, chunk_size: int,
     centres: torch.Tensor | None = None, weights: torch.Tensor | None = None, components: torch.Tensor | None = None,
+    n_candidates: int = 1,
 ) -> Callable[[int, int], torch.Tensor]:
     """Initial responsibilities as a function ``resp(start, stop) -> (R, M, K, stop - start)``
     (generated chunk by chunk, so N x K is never materialised for random responsibilities).
+    ``n_candidates`` > 1 ("k-means++" without ``centres`` only): every one of that many
+    :func:`seedings` of each model, as (R, M * S, K, n) (model-major), for the caller to choose.
 
     ``centres`` (R, M, K, D), when given (e.g. ``means_init``), replace the seeding: points are
     assigned to the nearest given centre. ``weights`` (N,) or (M, N) of the points weight the
@@ -234,15 +253,17 @@ def initial_responsibilities(
             centres = random_points(X, M, K, streams, weights)
         else:
             tol = relative_tolerance(X, 1e-4)
-            if method == "k-means++":
+            if method == "k-means++" and n_candidates > 1:
+                labels = seedings(X, M, K, streams, chunk_size, weights, components, tol, n_candidates)[1].flatten(1, 2)
+            elif method == "k-means++":
                 centres, labels = best_of_seedings(X, M, K, streams, chunk_size, weights, components, tol)
             else:
                 centres = kmeans_plusplus(X, M, K, streams, chunk_size, weights)
                 result = lloyd(X, centres, max_iter=300, tol=tol, chunk_size=chunk_size, weights=weights,
                                components=components)
                 centres, labels = result.centres, result.labels
-    if labels is None:
-        labels = nearest(X, centres, chunk_size, components=components)[0]
+    if labels is None:  # the user's centres, or random data points
+        labels = nearest(X, cast(torch.Tensor, centres), chunk_size, components=components)[0]
     chosen = labels
 
     def hard_resp(start: int, stop: int) -> torch.Tensor:  # one-hot (R, M, K, n), points last in memory
@@ -296,11 +317,24 @@ def initial_parameters(
     ``responsibilities``: given initial responsibilities ``resp(start, stop) -> (1 or R, M, K,
     stop - start)`` of the data's points, which replace those of ``method``. ``shared``: the
     clustering of fits whose clustering inputs are the same (:class:`SharedClustering`)."""
-    R, M, K = len(restarts), layout.n_models, n_components
+    R, K = len(restarts), n_components
     X, reference = data.X, data.reference
     latent_names = set(latent.parameter_names)
     if set(user_parameters) == {*latent_names, *family.event_shapes(1, 1)}:  # everything given: no clustering needed
         return _with_user_values(Params({}, {}), user_parameters, latent_names, layout, R)
+    # The default seeds several candidates per model and keeps the most likely (see LIKELIHOOD_TIE)
+    # where the models share the data and their weights (the candidates are more models of them).
+    shared_data = X.dim() == 2 and (data.weights is None or data.weights.dim() == 1)
+    S = N_SEEDINGS if (method == "k-means++" and shared_data and user_centres is None and responsibilities is None
+                       and not user_parameters and not softening) else 1
+    M = layout.n_models
+    MS = M * S  # the candidates of a model are consecutive on the model axis: models of their own
+    candidate_latent, candidate_family, candidate_prior, candidate_components = latent, family, prior, components
+    if S > 1:
+        of_model = torch.arange(M, device=X.device).repeat_interleave(S)  # (M * S,) the model of each candidate
+        candidate_latent, candidate_family = latent.select_models(of_model), family.select_models(of_model)
+        candidate_prior = None if prior is None else prior.models(of_model)
+        candidate_components = None if components is None else components.repeat_interleave(S, 1)
     streams = RestartStreams(seed, restarts, X.device)
     if user_centres is not None:
         user_centres = family.embedding(layout.restarts(user_centres, R), reference)
@@ -308,12 +342,12 @@ def initial_parameters(
     clustered = method != "random" or user_centres is not None  # (random responsibilities are drawn as used)
     if responsibilities is not None:
         def resp(start: int, stop: int) -> torch.Tensor:
-            return responsibilities(start, stop).expand(R, M, K, stop - start)
+            return responsibilities(start, stop).expand(R, MS, K, stop - start)
     elif shared is not None and clustered and restarts in shared.clusterings:
         resp = shared.reuse(restarts, streams)
     else:
         resp = initial_responsibilities(method, family.embedding(X, reference), M, K, streams, chunk_size,
-                                        user_centres, data.weights, components)
+                                        user_centres, data.weights, components, S)
         if shared is not None and clustered:
             shared.keep(restarts, resp, streams)
     if softening:
@@ -321,23 +355,61 @@ def initial_parameters(
 
         def resp(start: int, stop: int) -> torch.Tensor:
             return hard(start, stop) * (1 - softening) + softening / K
-    every_model = torch.ones(R, M, dtype=torch.bool, device=X.device)
+    every_model = torch.ones(R, MS, dtype=torch.bool, device=X.device)
 
     def random_candidates(k: int) -> torch.Tensor:
-        return family.features(random_points(X, M, k, streams, data.weights), reference)[0]
+        return family.features(random_points(X, MS, k, streams, data.weights), reference)[0]
 
     def reseeded_statistics(own: OwnReference | None = None) -> Statistics:
-        return reseed_empty(family, statistics_from_responsibilities(data, resp, own), random_candidates, every_model,
-                            reference, components)
+        return reseed_empty(candidate_family, statistics_from_responsibilities(data, resp, own), random_candidates,
+                            every_model, reference, candidate_components)
 
-    params, invalid = m_step(latent, family, reseeded_statistics(), reference, every_model,
-                             refine=refiner(family, None, reseeded_statistics), prior=prior, components=components)
+    params, invalid = m_step(candidate_latent, candidate_family, reseeded_statistics(), reference, every_model,
+                             refine=refiner(candidate_family, None, reseeded_statistics), prior=candidate_prior,
+                             components=candidate_components)
+    if S > 1:
+        params, invalid = _most_likely_candidates(candidate_latent, candidate_family, data, params, invalid, S,
+                                                  candidate_prior)
     record_failures(failures, invalid.any(-1), invalid_component_reason(family, "initialisation", invalid))
     if failures is not None and bool(failures.failed.any()):
         default = Params(latent.default_parameters((R, M), K, X), family.default_parameters(
             (R, M), K, X.shape[-1], generator(), X.device, X.dtype))
         params = default.where(failures.failed, params)
     return _with_user_values(params, user_parameters, latent_names, layout, R)
+
+
+#: The default initialisation keeps, of a model's N_SEEDINGS candidate seedings (each an M-step
+#: from its k-means partition), the one whose parameters give the data the highest
+#: log-likelihood (where the models share the data and their weights, without user values or
+#: softening; otherwise the seeding of least inertia, :func:`best_of_seedings`; with a prior the
+#: first M-step is MAP-EM's, the choice still by the likelihood): the first within this relative gap of the highest (candidates that reach one
+#: partition tie up to rounding, which depends on the chunking and the dtype). The mixture's own
+#: objective chooses better than the k-means inertia, which can prefer a partition that leads EM
+#: to a worse optimum (benchmarks/initialization.py).
+LIKELIHOOD_TIE = 1e-6
+
+
+def _most_likely_candidates(
+    latent: LatentStructure, family: ComponentFamily, data: Data, params: Params, invalid: torch.Tensor, S: int,
+    prior: ModelPrior | None = None,
+) -> tuple[Params, torch.Tensor]:
+    """Of the initial parameters of S candidates per model, (R, M * S, ...) model-major, and their
+    invalid components (R, M * S, K), those of the candidate with the highest log-likelihood
+    of ``data`` (one E-step), plus the log ``prior`` of its parameters under MAP-EM (a candidate
+    with an invalid component is chosen only if all are): (R, M, ...), (R, M, K)."""
+    R, MS = invalid.shape[:2]
+    objective = e_step(latent, family, params, data).log_likelihood
+    if prior is not None:
+        objective = objective + prior.log_prob(params)
+    objective = objective.to(accumulator_dtype(invalid.device)).masked_fill(invalid.any(-1), -math.inf)
+    best = first_near_best(objective.view(R, MS // S, S), LIKELIHOOD_TIE)  # (R, M)
+
+    def chosen(value: torch.Tensor) -> torch.Tensor:
+        per_candidate = value.view(R, MS // S, S, *value.shape[2:])
+        index = best.view(R, MS // S, 1, *[1] * (value.dim() - 2)).expand(R, MS // S, 1, *value.shape[2:])
+        return per_candidate.gather(2, index).squeeze(2)
+
+    return params.map(chosen), chosen(invalid)
 
 
 def _with_user_values(

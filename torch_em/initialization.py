@@ -304,7 +304,9 @@ def initial_parameters(
     responsibilities: Callable[[int, int], torch.Tensor] | None = None, shared: SharedClustering | None = None,
 ) -> Params:
     """Working initial parameters (R, M, ...) of the given R ``restarts``: an M-step from the
-    initial responsibilities of ``method`` (weighted by the data's weights), then overridden by
+    initial responsibilities of ``method`` (weighted by the data's weights; the default
+    "k-means++" takes it from each of N_SEEDINGS seedings and keeps the most likely, see
+    LIKELIHOOD_TIE), then overridden by
     what the user supplied (``user_parameters`` in module layout (*batch_shape, ...) under
     their working names: the family's and the latent structure's, e.g. ``"log_weights"``;
     ``user_centres`` (*batch_shape, K, D) replace the seeding). Given ``failures``,

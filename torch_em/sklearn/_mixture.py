@@ -46,7 +46,7 @@ class GaussianMixture(TorchModuleMixin, DensityMixin, BaseEstimator):
 
     - ``init_params`` keeps its names. ``"kmeans"``: k-means++ seeding and Lloyd's iterations to
       convergence, then hard responsibilities. ``"k-means++"``: of 4 seedings, each with 5 Lloyd
-      iterations (one batch), the one of least inertia.
+      iterations and an M-step (one batch), the one that gives the data the highest likelihood.
       ``"random"``: random responsibilities. ``"random_from_data"``: K random points as centres,
       each point assigned to the nearest (scikit-learn puts only those K points in the
       components; here every point counts, so the first M-step has proper covariances).

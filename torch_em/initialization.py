@@ -382,12 +382,15 @@ def initial_parameters(
 
 #: The default initialisation keeps, of a model's N_SEEDINGS candidate seedings (each an M-step
 #: from its k-means partition), the one whose parameters give the data the highest
-#: log-likelihood (where the models share the data and their weights, without user values or
-#: softening; otherwise the seeding of least inertia, :func:`best_of_seedings`; with a prior the
-#: first M-step is MAP-EM's, the choice still by the likelihood): the first within this relative gap of the highest (candidates that reach one
-#: partition tie up to rounding, which depends on the chunking and the dtype). The mixture's own
-#: objective chooses better than the k-means inertia, which can prefer a partition that leads EM
-#: to a worse optimum (benchmarks/initialization.py).
+#: log-likelihood (with a prior: plus the log prior, MAP-EM's objective), the first within this
+#: relative gap of the highest (candidates that reach one partition tie up to rounding). That is
+#: where the models share the data and their weights, without user values or softening;
+#: otherwise the seeding of least inertia (:func:`best_of_seedings`). The mixture's own objective
+#: chooses better than the k-means inertia, which can prefer a partition that leads EM to a worse
+#: optimum (benchmarks/initialization.py). It is also more sensitive to a point moving between
+#: partitions: where five Lloyd iterations in float32 and in float64 end in slightly different
+#: partitions (integer-valued data with exact distance ties, e.g. digits: 4 of 140 fits), the two
+#: dtypes can keep different seedings.
 LIKELIHOOD_TIE = 1e-6
 
 

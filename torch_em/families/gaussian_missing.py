@@ -55,8 +55,8 @@ def pattern_conditionals(covariance: torch.Tensor, patterns: torch.Tensor
     """
     dtype = covariance.dtype
     work = torch.promote_types(dtype, torch.float64)
-    shared = covariance.to(work)  # (R, M, K', D, D)
-    cov = shared.unsqueeze(-3)  # (R, M, K', 1, D, D)
+    sigma = covariance.to(work)  # (R, M, K', D, D)
+    cov = sigma.unsqueeze(-3)  # (R, M, K', 1, D, D)
     observed = patterns.to(work)  # (P, D)
     missing = 1 - observed
     both_observed = observed.unsqueeze(-1) * observed.unsqueeze(-2)  # (P, D, D)
@@ -72,19 +72,19 @@ def pattern_conditionals(covariance: torch.Tensor, patterns: torch.Tensor
     half_logdet = -lower.diagonal(dim1=-2, dim2=-1).contiguous().log_().sum(-1)
     # Sigma Lambda_o is the identity on the observed block and the regression Sigma_mo Sigma_oo^-1
     # below it; as Lambda_o Sigma (its transpose) every product has Sigma on the right.
-    completion = _times_component(precision, shared).mT.contiguous().mul_(missing.unsqueeze(-1))
+    completion = _times_component(precision, sigma).mT.contiguous().mul_(missing.unsqueeze(-1))
     completion.diagonal(dim1=-2, dim2=-1).add_(observed)  # e = A d
     # On the missing block Sigma - A Sigma = Sigma_mm - Sigma_mo Sigma_oo^-1 Sigma_om (symmetric up to
     # rounding: its users read one triangle, the Cholesky factor of a draw and the packed statistics).
-    conditional = _times_component(completion, shared).neg_().add_(cov).mul_(missing.unsqueeze(-1) * missing.unsqueeze(-2))
+    conditional = _times_component(completion, sigma).neg_().add_(cov).mul_(missing.unsqueeze(-1) * missing.unsqueeze(-2))
     return half_logdet.to(dtype), precision.to(dtype), completion.to(dtype), conditional.to(dtype)
 
 
-def _times_component(per_pattern: torch.Tensor, shared: torch.Tensor) -> torch.Tensor:
+def _times_component(per_pattern: torch.Tensor, component: torch.Tensor) -> torch.Tensor:
     """``X_p S`` for every pattern's matrix ``X_p`` (R, M, K', P, D, D) and the component's ``S``
     (R, M, K', D, D): one (P D) x D by D x D product per component, not P small ones."""
     stacked = per_pattern.flatten(-3, -2)  # (R, M, K', P * D, D)
-    return (stacked @ shared).view_as(per_pattern)
+    return (stacked @ component).view_as(per_pattern)
 
 
 def statistics_about(family: "Gaussian", first: torch.Tensor, second: torch.Tensor, counts: torch.Tensor,

@@ -15,7 +15,7 @@ import torch
 import torch_em
 from torch_em import em
 from torch_em.data import Chunk, Data
-from torch_em.families import gaussian_missing_precision
+from torch_em.families import gaussian_missing, gaussian_missing_precision
 from torch_em.missing import MissingRows
 
 from conftest import COVARIANCE_TYPES, blobs
@@ -573,6 +573,21 @@ def test_float32_components_far_from_the_reference_take_their_own_in_a_fit_with_
     torch.testing.assert_close(single.means.double(), double.means, rtol=0, atol=1e-3)
     torch.testing.assert_close(single.covariances.double(), double.covariances, rtol=2e-3, atol=1e-4)
     torch.testing.assert_close(single.lower_bound_.double(), double.lower_bound_, rtol=0, atol=1e-5)
+
+
+def test_float32_pattern_blocks_that_fail_to_factorise_are_factorised_in_float64():
+    # The 9 x 9 Hilbert matrix rounded to float32 is positive definite, but float32's Cholesky
+    # fails on it (condition number ~5e11) while float64's succeeds on the same values: the
+    # conditionals of a float32 model are then float64's, rounded (not NaN).
+    n = 9
+    hilbert = torch.tensor([[1.0 / (i + j + 1) for j in range(n)] for i in range(n)], dtype=torch.float32)
+    assert int(torch.linalg.cholesky_ex(hilbert)[1]) > 0 and int(torch.linalg.cholesky_ex(hilbert.double())[1]) == 0
+    patterns = torch.ones(2, n, dtype=torch.bool)
+    patterns[1, 0] = False  # the second pattern misses the first coordinate
+    single = gaussian_missing.pattern_conditionals(hilbert[None, None, None], patterns)
+    double = gaussian_missing.pattern_conditionals(hilbert.double()[None, None, None], patterns)
+    for low, high in zip(single, double):
+        torch.testing.assert_close(low, high.float())
 
 
 def test_blocks_factorised_by_width_equal_their_inverses_and_log_determinants():

@@ -9,7 +9,7 @@ Sigma) gives (Ghahramani & Jordan 1994)
 
 Full and tied covariances: per (pattern, component, model), the padded matrix ``O Sigma O + (I - O)``
 (``O`` the diagonal 0/1 matrix of the observed coordinates: the identity in the missing block) is
-factorised once (in float64 where the data are in a lower precision: a few small matrices); its
+factorised once (in the model's precision; all in float64 where one fails to below it); its
 inverse restricted to the observed block is ``Lambda_o`` (zero elsewhere), and
 ``Sigma Lambda_o`` is the identity on the observed coordinates and the regression
 ``Sigma_mo Sigma_oo^-1`` below them. With the masked offset ``d = O (x - mu)`` of a row, one
@@ -53,17 +53,21 @@ def pattern_conditionals(covariance: torch.Tensor, patterns: torch.Tensor
         covariance: (R, M, K', D, D) (K' = 1 when tied); patterns: (P, D) bool
         -> (R, M, K', P), then (R, M, K', P, D, D) each
     """
-    dtype = covariance.dtype
-    work = torch.promote_types(dtype, torch.float64)
-    sigma = covariance.to(work)  # (R, M, K', D, D)
+    sigma = covariance  # (R, M, K', D, D)
     cov = sigma.unsqueeze(-3)  # (R, M, K', 1, D, D)
-    observed = patterns.to(work)  # (P, D)
+    observed = patterns.to(sigma.dtype)  # (P, D)
     missing = 1 - observed
     both_observed = observed.unsqueeze(-1) * observed.unsqueeze(-2)  # (P, D, D)
     padded = cov * both_observed
     padded.diagonal(dim1=-2, dim2=-1).add_(missing)  # the identity in the missing block
-    lower, _ = torch.linalg.cholesky_ex(padded)
-    eye = torch.eye(lower.shape[-1], dtype=work, device=lower.device)
+    lower, info = torch.linalg.cholesky_ex(padded)
+    if sigma.dtype != torch.float64 and bool((info > 0).any()):
+        # A block that fails to factorise in a lower precision (a sub-block of a valid covariance can
+        # round to indefinite): all of them in float64, rounded back, as a component's own
+        # covariance is factorised then.
+        half_logdet, precision, completion, conditional = pattern_conditionals(sigma.double(), patterns)
+        return half_logdet.to(sigma.dtype), precision.to(sigma.dtype), completion.to(sigma.dtype), conditional.to(sigma.dtype)
+    eye = torch.eye(lower.shape[-1], dtype=sigma.dtype, device=lower.device)
     inverse = torch.linalg.solve_triangular(lower, eye.expand_as(lower), upper=False)  # L^-1
     # L^-1 is exactly the identity on the missing block and 0 between the blocks, so is
     # L^-T L^-1 but for the identity in the missing block, which is taken off.
@@ -77,7 +81,7 @@ def pattern_conditionals(covariance: torch.Tensor, patterns: torch.Tensor
     # On the missing block Sigma - A Sigma = Sigma_mm - Sigma_mo Sigma_oo^-1 Sigma_om (symmetric up to
     # rounding: its users read one triangle, the Cholesky factor of a draw and the packed statistics).
     conditional = _times_component(completion, sigma).neg_().add_(cov).mul_(missing.unsqueeze(-1) * missing.unsqueeze(-2))
-    return half_logdet.to(dtype), precision.to(dtype), completion.to(dtype), conditional.to(dtype)
+    return half_logdet, precision, completion, conditional
 
 
 def _times_component(per_pattern: torch.Tensor, component: torch.Tensor) -> torch.Tensor:

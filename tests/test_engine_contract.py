@@ -91,6 +91,20 @@ def test_statistics_add_over_chunks_and_batches(latent, family):
 
 @pytest.mark.parametrize("latent", LATENT)
 @pytest.mark.parametrize("family", FAMILIES)
+def test_the_log_likelihood_alone_is_the_e_steps(latent, family):
+    # em.log_likelihood forms no posteriors or statistics (the mixture skips the normalising
+    # pass): the same number as the E-step's, bit for bit, chunked, weighted and streamed.
+    X, params = problem(family, n_models=2, latent=latent)
+    unit = 1 if latent is MIXTURE else STEPS
+    weights = torch.as_tensor(np.random.default_rng(1).random(X.shape[-2] // unit), dtype=F64).repeat_interleave(unit)
+    reference = family.reference(X)
+    for data in (data_of(family, X, 1000, latent=latent), data_of(family, X, 13 * unit, weights, latent, reference)):
+        alone = em.log_likelihood(latent, family, params, data)
+        assert alone.shape == (1, 2) and torch.equal(alone, em.e_step(latent, family, params, data).log_likelihood)
+
+
+@pytest.mark.parametrize("latent", LATENT)
+@pytest.mark.parametrize("family", FAMILIES)
 def test_weights_equal_repeated_points(latent, family):
     X, params = problem(family, latent=latent)
     unit = 1 if latent is MIXTURE else STEPS  # a sequence's steps share its weight

@@ -7,6 +7,7 @@ streamed). Parameters travel as one tree, :class:`Params` (the latent structure'
 family's), in the working layout ``(R, M, ...)``: ``R`` restarts times ``M`` independent models.
 
     e_step(latent, family, params, data) -> Statistics     one pass: sums over the points
+    log_likelihood(latent, family, params, data) -> (R, M) the E-step's log-likelihood alone
     m_step(latent, family, stats, ...)   -> Params, invalid components
     EMMap(latent, family, data)(params)  -> EMStep: new params and the objective of the old
 
@@ -39,7 +40,7 @@ from .data import Chunk, Data, StreamData, default_chunk_size  # noqa: F401  (th
 from .failures import (  # noqa: F401  (the engine's failure records)
     NOT_FINITE_ADVICE, Failure, Failures, ModelFailed, invalid_component_reason, record_failures,
 )
-from .families.base import ComponentFamily, Theta
+from .families.base import ComponentFamily, Marginal, Theta
 from .latent import LatentStructure
 from .missing import MissingRows  # noqa: F401  (rows with missing entries, as chunks carry them)
 from .normalize import log_normalize
@@ -149,35 +150,60 @@ def e_step(
     about = None  # the points the statistics of rows with missing entries are taken about
     for part in data.parts():
         for chunk in part.chunks():
-            if chunk.missing is not None:  # rows with missing entries: marginal densities
-                # Expanded about the shared reference as complete rows are, unless some components need their own.
-                marginal = family.marginal(chunk.missing, params.emission, data.reference if own is None else None)
-                log_joint = marginal_log_joint(latent, params, marginal.log_prob, scale)
-            else:
-                T = cast(torch.Tensor, chunk.T)  # rows without missing entries have their features
-                h = chunk.h if chunk.h is None or scale == 1.0 else chunk.h * scale
-                log_joint = emission_log_prob(T, h, eta, const)  # (R, M, K, n)
-                if own is not None:
-                    groups = own.groups(chunk.X, log_joint.shape[-2], log_joint.shape[1])
-                    own.write_log_prob(groups, log_joint, scale)
-            resp, log_likelihood, latent_stats = latent.posterior(log_joint, params.latent, chunk.weights, chunk.lengths,
-                                                                  **tempered)
+            log_joint, marginal, groups = _chunk_log_joint(latent, family, params, data, chunk, eta, const, scale, own)
+            resp, evidence, latent_stats = latent.posterior(log_joint, params.latent, chunk.weights, chunk.lengths,
+                                                            **tempered)
             if pseudo_count:
                 resp = resp + _pseudo_responsibility(pseudo_count, chunk, data.total_weight, resp)
-            if chunk.missing is not None:
+            if marginal is not None:  # rows with missing entries
                 if about is None and family.uses_reference:
                     about = statistics_reference(family, own, data.reference, params.emission)
                 sums = marginal.statistics(resp, about)
             else:
-                sums = weighted_statistics(T, resp)
-                if own is not None:
-                    own.write_statistics(groups, resp, sums)
-            stats = Statistics(resp.sum(-1), sums, log_likelihood, latent_stats)
+                sums = weighted_statistics(cast(torch.Tensor, chunk.T), resp)
+                if groups is not None:
+                    cast(OwnReference, own).write_statistics(groups, resp, sums)
+            stats = Statistics(resp.sum(-1), sums, evidence, latent_stats)
             total = stats if total is None else total + stats
     result = cast(Statistics, total)  # the data have at least one chunk
     if own is not None:
         own.attach_reference(result, data.reference)
     return result
+
+
+def log_likelihood(latent: LatentStructure, family: ComponentFamily, params: Params, data: Data | StreamData) -> torch.Tensor:
+    """The total (weighted) log-likelihood (R, M) of ``params`` on the data that :func:`e_step`
+    returns (the same number, this rank's), alone: no posteriors or statistics are formed."""
+    scale = latent.log_joint_scale
+    eta, const = joint_parameters(latent, family, params, data.reference, scale)
+    total = None
+    for part in data.parts():
+        for chunk in part.chunks():
+            log_joint = _chunk_log_joint(latent, family, params, data, chunk, eta, const, scale, None)[0]
+            evidence = latent.log_evidence(log_joint, params.latent, chunk.weights, chunk.lengths)
+            total = evidence if total is None else total + evidence
+    return cast(torch.Tensor, total)  # the data have at least one chunk
+
+
+def _chunk_log_joint(
+    latent: LatentStructure, family: ComponentFamily, params: Params, data: Data | StreamData, chunk: Chunk,
+    eta: torch.Tensor, const: torch.Tensor, scale: float, own: OwnReference | None,
+) -> tuple[torch.Tensor, Marginal | None, list[tuple[slice, torch.Tensor]] | None]:
+    """The log joint (R, M, K, n) of a chunk in units of ``scale`` per nat (from the joint
+    parameters ``eta``, ``const``), with what its statistics need: the rows' marginal where
+    entries are missing, the ``own`` groups where components are evaluated about their own point."""
+    if chunk.missing is not None:  # rows with missing entries: marginal densities
+        # Expanded about the shared reference as complete rows are, unless some components need their own.
+        marginal = family.marginal(chunk.missing, params.emission, data.reference if own is None else None)
+        return marginal_log_joint(latent, params, marginal.log_prob, scale), marginal, None
+    T = cast(torch.Tensor, chunk.T)  # rows without missing entries have their features
+    h = chunk.h if chunk.h is None or scale == 1.0 else chunk.h * scale
+    log_joint = emission_log_prob(T, h, eta, const)  # (R, M, K, n)
+    groups = None
+    if own is not None:
+        groups = own.groups(chunk.X, log_joint.shape[-2], log_joint.shape[1])
+        own.write_log_prob(groups, log_joint, scale)
+    return log_joint, None, groups
 
 
 def marginal_log_joint(latent: LatentStructure, params: Params, log_prob: torch.Tensor, scale: float = 1.0) -> torch.Tensor:

@@ -16,7 +16,7 @@ import torch
 from ._random import RestartStreams
 from .data import Data
 from .em import (
-    Failures, Params, e_step, invalid_component_reason, m_step, record_failures, refiner, reseed_empty,
+    Failures, Params, invalid_component_reason, log_likelihood, m_step, record_failures, refiner, reseed_empty,
     statistics_from_responsibilities,
 )
 from .families.base import ComponentFamily, Theta
@@ -403,7 +403,7 @@ def _most_likely_candidates(
     of ``data`` (one E-step), plus the log ``prior`` of its parameters under MAP-EM (a candidate
     with an invalid component is chosen only if all are): (R, M, ...), (R, M, K)."""
     R, MS = invalid.shape[:2]
-    objective = e_step(latent, family, params, data).log_likelihood
+    objective = log_likelihood(latent, family, params, data)
     if prior is not None:
         objective = objective + prior.log_prob(params)
     objective = objective.to(accumulator_dtype(invalid.device)).masked_fill(invalid.any(-1), -math.inf)

@@ -54,19 +54,34 @@ def log_normalize_total(
         total log-evidence (...)
     """
     resp, peak, total = _normalize_bits(log_joint, -2, inplace, scale)
+    return resp, _total_log_evidence(peak, total, weights, log_joint.shape[-2])
+
+
+def log_evidence_total(
+    log_joint: torch.Tensor, weights: torch.Tensor | None = None, inplace: bool = False, scale: float = 1.0,
+) -> torch.Tensor:
+    """The total log-evidence of :func:`log_normalize_total` alone (the same number, bit for bit),
+    without forming the posteriors (a pass fewer): (...) from log_joint (..., K, n)."""
+    _, peak, total = _normalize_bits(log_joint, -2, inplace, scale, posteriors=False)
+    return _total_log_evidence(peak, total, weights, log_joint.shape[-2])
+
+
+def _total_log_evidence(peak: torch.Tensor, total: torch.Tensor, weights: torch.Tensor | None, n_states: int) -> torch.Tensor:
+    """``sum_n w_n logsumexp_k`` (nats) from the peaks (bits) and totals (..., 1, n) of :func:`_normalize_bits`."""
     peak, total = peak.squeeze(-2), total.squeeze(-2)  # (..., n), in bits
     if weights is not None:
-        return resp, ((peak + total.log2()) * weights).sum(-1) * LN_2
-    return resp, (peak.sum(-1) + _sum_log2(total, bound=log_joint.shape[-2])) * LN_2
+        return ((peak + total.log2()) * weights).sum(-1) * LN_2
+    return (peak.sum(-1) + _sum_log2(total, bound=n_states)) * LN_2
 
 
 def _normalize_bits(
-    log_joint: torch.Tensor, dim: int, inplace: bool, scale: float = 1.0
+    log_joint: torch.Tensor, dim: int, inplace: bool, scale: float = 1.0, posteriors: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """resp, the peak (bits) and the total (in [1, K]) with ``dim`` kept as size 1:
     ``logsumexp = (peak + log2(total)) ln 2``. Written out (to bits, max, shifted exp2, normalise) rather
     than ``softmax``/``logsumexp``: one exp2 per entry, several times faster over a short axis.
-    The maximum is subtracted after the change of base, so the largest entry is exactly 0."""
+    The maximum is subtracted after the change of base, so the largest entry is exactly 0.
+    Without ``posteriors`` the shifted exponentials are returned in place of resp, not normalised."""
     if scale == BITS:
         bits = log_joint
     else:
@@ -78,11 +93,13 @@ def _normalize_bits(
     if inplace:
         resp = bits.sub_(peak).clamp_min_(floor).exp2_()
         total = resp.sum(dim, keepdim=True)
-        resp = resp.div_(total)
+        if posteriors:
+            resp = resp.div_(total)
     else:
         resp = (bits - peak).clamp_min(floor).exp2()
         total = resp.sum(dim, keepdim=True)
-        resp = resp / total
+        if posteriors:
+            resp = resp / total
     return resp, peak, total
 
 

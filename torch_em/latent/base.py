@@ -65,6 +65,15 @@ class LatentStructure:
         """
         raise NotImplementedError
 
+    def log_evidence(
+        self, log_joint: torch.Tensor, latent: LatentParams, weights: torch.Tensor | None,
+        lengths: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The weighted log-evidence (R, M) of a chunk that :meth:`posterior` returns, alone (the
+        same number; ``log_joint`` may be overwritten). Default: from :meth:`posterior`; a
+        structure may skip forming the posteriors."""
+        return self.posterior(log_joint, latent, weights, lengths)[1]
+
     def m_step(self, stats: Statistics, fixed: LatentParams) -> LatentParams:
         """Closed-form maximiser given summed statistics; ``fixed`` parameters are kept."""
         raise NotImplementedError

@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from ..normalize import BITS, log_normalize_total
+from ..normalize import BITS, log_evidence_total, log_normalize_total
 from ..statistics import Statistics, floored_counts
 from .base import LatentParams, LatentStructure
 
@@ -45,6 +45,12 @@ class IndependentCategorical(LatentStructure):
         if weights is not None:
             resp = resp.mul_(weights.unsqueeze(-2)) if inplace else resp * weights.unsqueeze(-2)
         return resp, log_evidence, {}
+
+    def log_evidence(
+        self, log_joint: torch.Tensor, latent: LatentParams, weights: torch.Tensor | None,
+        lengths: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        return log_evidence_total(log_joint, weights, not log_joint.requires_grad, self.log_joint_scale)
 
     def m_step(self, stats: Statistics, fixed: LatentParams) -> LatentParams:
         if "log_weights" in fixed:

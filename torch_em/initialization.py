@@ -400,8 +400,9 @@ def _most_likely_candidates(
 ) -> tuple[Params, torch.Tensor]:
     """Of the initial parameters of S candidates per model, (R, M * S, ...) model-major, and their
     invalid components (R, M * S, K), those of the candidate with the highest log-likelihood
-    of ``data`` (one E-step), plus the log ``prior`` of its parameters under MAP-EM (a candidate
-    with an invalid component is chosen only if all are): (R, M, ...), (R, M, K)."""
+    of ``data`` (:func:`~torch_em.em.log_likelihood`: one pass, no statistics), plus the log
+    ``prior`` of its parameters under MAP-EM (a candidate with an invalid component is chosen
+    only if all are): (R, M, ...), (R, M, K)."""
     R, MS = invalid.shape[:2]
     objective = log_likelihood(latent, family, params, data)
     if prior is not None:

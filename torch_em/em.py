@@ -171,7 +171,9 @@ def e_step(
     return result
 
 
-def log_likelihood(latent: LatentStructure, family: ComponentFamily, params: Params, data: Data | StreamData) -> torch.Tensor:
+def log_likelihood(
+    latent: LatentStructure, family: ComponentFamily, params: Params, data: Data | StreamData,
+) -> torch.Tensor:
     """The total (weighted) log-likelihood (R, M) of ``params`` on the data that :func:`e_step`
     returns (the same number, this rank's), alone: no posteriors or statistics are formed."""
     scale = latent.log_joint_scale

@@ -66,7 +66,9 @@ def log_evidence_total(
     return _total_log_evidence(peak, total, weights, log_joint.shape[-2])
 
 
-def _total_log_evidence(peak: torch.Tensor, total: torch.Tensor, weights: torch.Tensor | None, n_states: int) -> torch.Tensor:
+def _total_log_evidence(
+    peak: torch.Tensor, total: torch.Tensor, weights: torch.Tensor | None, n_states: int,
+) -> torch.Tensor:
     """``sum_n w_n logsumexp_k`` (nats) from the peaks (bits) and totals (..., 1, n) of :func:`_normalize_bits`."""
     peak, total = peak.squeeze(-2), total.squeeze(-2)  # (..., n), in bits
     if weights is not None:

@@ -65,8 +65,9 @@ def pattern_conditionals(covariance: torch.Tensor, patterns: torch.Tensor
         # A block that fails to factorise in a lower precision (a sub-block of a valid covariance can
         # round to indefinite): all of them in float64, rounded back, as a component's own
         # covariance is factorised then.
-        half_logdet, precision, completion, conditional = pattern_conditionals(sigma.double(), patterns)
-        return half_logdet.to(sigma.dtype), precision.to(sigma.dtype), completion.to(sigma.dtype), conditional.to(sigma.dtype)
+        half_logdet, precision, completion, conditional = (
+            value.to(sigma.dtype) for value in pattern_conditionals(sigma.double(), patterns))
+        return half_logdet, precision, completion, conditional
     eye = torch.eye(lower.shape[-1], dtype=sigma.dtype, device=lower.device)
     inverse = torch.linalg.solve_triangular(lower, eye.expand_as(lower), upper=False)  # L^-1
     # L^-1 is exactly the identity on the missing block and 0 between the blocks, so is

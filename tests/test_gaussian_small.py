@@ -61,3 +61,22 @@ def test_failed_small_factorisation_falls_back_to_the_general_path():
     theta, valid = family.m_step(counts, T, None)
     assert not bool(valid.any())
     assert bool(torch.isfinite(theta["raw_precision_cholesky"]).all())
+
+
+@pytest.mark.parametrize("n_features", [1, 3, 8, 17])
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_full_features_are_the_rows_and_their_packed_outer_products(n_features, dtype):
+    # The features of full and tied covariances, written into one buffer, against the upper
+    # triangle of x x^T gathered by index (the order of the packed parameters), bit for bit;
+    # with a gradient flowing they are the same values and differentiable.
+    X = torch.randn(2, 40, n_features, dtype=dtype, generator=torch.Generator().manual_seed(n_features))
+    rows, cols = torch.triu_indices(n_features, n_features)
+    expected = torch.cat([X, X[..., rows] * X[..., cols]], -1)
+    for covariance_type in ("full", "tied"):
+        T, _ = Gaussian(covariance_type).features(X, None)
+        assert torch.equal(T, expected)
+    leaf = X.clone().requires_grad_(True)
+    T, _ = Gaussian("full").features(leaf, None)
+    assert torch.equal(T.detach(), expected)
+    T.sum().backward()  # d/dx_i of sum_i x_i + sum_{i <= j} x_i x_j = 1 + sum_j x_j + x_i
+    torch.testing.assert_close(leaf.grad, 1 + X.sum(-1, keepdim=True) + X)

@@ -32,7 +32,7 @@ from typing import Any, Mapping, cast
 
 import torch
 
-from .._tracing import cached_unless_traced
+from .._tracing import cached_unless_traced, is_traced
 from .._validation import check_magnitude, check_positive, initial_tensor
 from .base import ComponentFamily, Marginal, Theta
 from .gaussian_missing import GaussianMarginal
@@ -53,11 +53,23 @@ def _triu_pairs(n_features: int) -> list[tuple[int, int]]:
     return [(i, j) for i in range(n_features) for j in range(i, n_features)]
 
 
-def packed_outer(centred: torch.Tensor) -> torch.Tensor:
-    """The packed upper triangle of ``x x^T`` per row: (..., D) -> (..., D (D + 1) / 2), in the
-    order of :func:`_triu_indices`. Row by row of the triangle (D contiguous products, one
-    concatenation): several times faster than gathering both factors by index, same values."""
-    return torch.cat([centred[..., i:i + 1] * centred[..., i:] for i in range(centred.shape[-1])], -1)
+def with_packed_outer(centred: torch.Tensor) -> torch.Tensor:
+    """Every row followed by the packed upper triangle of its ``x x^T``: (..., D) -> (..., D + D (D
+    + 1) / 2), the triangle in the order of :func:`_triu_indices`. Row by row of the triangle (D
+    contiguous products, several times faster than gathering both factors by index), written
+    straight into the result: 1.5-3.5x faster than concatenating the products (a copy of every
+    feature, twice), the same values. Where a gradient flows or the code is traced (``out=``
+    takes no part in either) the products are concatenated."""
+    D = centred.shape[-1]
+    if (centred.requires_grad and torch.is_grad_enabled()) or is_traced(centred):
+        return torch.cat([centred, *(centred[..., i:i + 1] * centred[..., i:] for i in range(D))], -1)
+    result = centred.new_empty(*centred.shape[:-1], D + D * (D + 1) // 2)
+    result[..., :D] = centred
+    start = D
+    for i in range(D):
+        torch.mul(centred[..., i:i + 1], centred[..., i:], out=result[..., start:start + D - i])
+        start += D - i
+    return result
 
 
 @cached_unless_traced
@@ -422,12 +434,12 @@ class Gaussian(ComponentFamily):
 
     def features(self, X: torch.Tensor, reference: torch.Tensor | None) -> tuple[torch.Tensor, None]:
         centred = X if reference is None else X - reference
+        if self.covariance_type in ("full", "tied"):
+            return with_packed_outer(centred), None
         if self.covariance_type == "diag":
             second = centred.square()
-        elif self.covariance_type == "spherical":
-            second = centred.square().sum(-1, keepdim=True)
         else:
-            second = packed_outer(centred)
+            second = centred.square().sum(-1, keepdim=True)
         return torch.cat([centred, second], dim=-1), None
 
     # --- constrained views -------------------------------------------------------------------

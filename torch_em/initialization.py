@@ -144,8 +144,14 @@ def best_of_seedings(
     min_k |x_n - c_k|^2`` (the first within NEAR_TIE of the least)."""
     centres, labels, inertia = seedings(X, M, K, streams, chunk_size, weights, components, tol, n_seedings)
     best = first_near_best(-inertia, NEAR_TIE)  # (R, M)
-    return (centres.gather(2, best[:, :, None, None, None].expand(*best.shape, 1, *centres.shape[-2:])).squeeze(2),
-            labels.gather(2, best[:, :, None, None].expand(*best.shape, 1, labels.shape[-1])).squeeze(2))
+    return chosen_candidate(centres, best), chosen_candidate(labels, best)
+
+
+def chosen_candidate(values: torch.Tensor, best: torch.Tensor) -> torch.Tensor:
+    """The values (R, M, S, ...) of S candidates per model -> those of candidate ``best`` (R, M)
+    of each model: (R, M, ...)."""
+    index = best.view(*best.shape, 1, *[1] * (values.dim() - 3)).expand(*best.shape, 1, *values.shape[3:])
+    return values.gather(2, index).squeeze(2)
 
 
 def first_near_best(scores: torch.Tensor, near_tie: float) -> torch.Tensor:
@@ -410,10 +416,8 @@ def _most_likely_candidates(
     objective = objective.to(accumulator_dtype(invalid.device)).masked_fill(invalid.any(-1), -math.inf)
     best = first_near_best(objective.view(R, MS // S, S), LIKELIHOOD_TIE)  # (R, M)
 
-    def chosen(value: torch.Tensor) -> torch.Tensor:
-        per_candidate = value.view(R, MS // S, S, *value.shape[2:])
-        index = best.view(R, MS // S, 1, *[1] * (value.dim() - 2)).expand(R, MS // S, 1, *value.shape[2:])
-        return per_candidate.gather(2, index).squeeze(2)
+    def chosen(value: torch.Tensor) -> torch.Tensor:  # (R, M * S, ...) -> (R, M, ...)
+        return chosen_candidate(value.view(R, MS // S, S, *value.shape[2:]), best)
 
     return params.map(chosen), chosen(invalid)
 

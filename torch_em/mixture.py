@@ -46,8 +46,9 @@ class Mixture(LatentModel):
         max_iter: EM iterations at most.
         n_init: restarts per model, run as an extra batch dimension; the best lower bound wins.
         init_params: ``"k-means++"`` (of 4 batched greedy seedings, each with 5 Lloyd
-            iterations and an M-step, the one that gives the data the highest likelihood), ``"kmeans"`` (one seeding, Lloyd to convergence),
-            ``"random"`` (random responsibilities) or ``"random_from_data"``.
+            iterations and an M-step, the one that gives the data the highest likelihood),
+            ``"kmeans"`` (one seeding, Lloyd to convergence), ``"random"`` (random
+            responsibilities) or ``"random_from_data"``.
         weights_init: initial mixing weights ``(K,)`` or ``(*batch_shape, K)``.
         seed: seed of all randomness; the same seed gives the same fit (and the same sequence of
             ``sample`` draws).

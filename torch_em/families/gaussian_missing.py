@@ -81,7 +81,8 @@ def pattern_conditionals(covariance: torch.Tensor, patterns: torch.Tensor
     completion.diagonal(dim1=-2, dim2=-1).add_(observed)  # e = A d
     # On the missing block Sigma - A Sigma = Sigma_mm - Sigma_mo Sigma_oo^-1 Sigma_om (symmetric up to
     # rounding: its users read one triangle, the Cholesky factor of a draw and the packed statistics).
-    conditional = _times_component(completion, sigma).neg_().add_(cov).mul_(missing.unsqueeze(-1) * missing.unsqueeze(-2))
+    conditional = _times_component(completion, sigma).neg_().add_(cov)
+    conditional.mul_(missing.unsqueeze(-1) * missing.unsqueeze(-2))
     return half_logdet, precision, completion, conditional
 
 

@@ -383,3 +383,40 @@ def test_transition_counts_by_blocked_product_equal_the_plain_product(monkeypatc
     assert calls == [1]
     assert_close(result.transitions, plain.transitions, atol=1e-9, rtol=1e-12)
     assert_close(result.transitions.sum(), torch.tensor(S * (T - 1), dtype=DTYPE))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_reused_buffers_give_the_fresh_results_and_never_alias_them(method):
+    """Within ``reused_buffers`` (as in a fit) a pass rewrites the previous pass's working
+    buffers: its results equal those of fresh buffers, bit for bit, and the results of the
+    earlier pass are untouched (nothing returned is one of those buffers)."""
+    from torch_em import _workspace
+
+    lengths = torch.tensor([9, 4, 1])
+    first_problem = random_problem(2, 3, 9, 3, seed=11)
+    second_problem = random_problem(2, 3, 9, 3, seed=12)
+    fresh = [mi.forward_backward(*problem, lengths, method=method) for problem in (first_problem, second_problem)]
+    with _workspace.reused_buffers():
+        first = mi.forward_backward(*first_problem, lengths, method=method)
+        kept = [x.clone() for x in first]
+        second = mi.forward_backward(*second_problem, lengths, method=method)
+        assert _workspace._local.buffers  # the scope holds the buffers
+    assert _workspace._local.buffers is None  # and releases them at its end
+    for result, reference in ((first, fresh[0]), (second, fresh[1])):
+        assert all(torch.equal(a, b) for a, b in zip(result, reference))
+    assert all(torch.equal(a, b) for a, b in zip(first, kept))
+
+
+def test_reused_buffers_leave_the_gradient_path_alone():
+    """autograd keeps the forward pass for backward: a pass in between must not overwrite it."""
+    from torch_em import _workspace
+
+    log_emission, log_startprob, log_transmat = random_problem(1, 2, 12, 3, seed=13)
+    lengths = torch.tensor([12, 5])
+    reference = mi.forward_backward(log_emission, log_startprob, log_transmat, lengths)
+    with _workspace.reused_buffers():
+        emission = log_emission.clone().requires_grad_()
+        log_z = mi.log_likelihood(emission, log_startprob, log_transmat, lengths)
+        mi.forward_backward(*random_problem(1, 2, 12, 3, seed=14), lengths)  # same shapes, other values
+        log_z.sum().backward()
+    assert_close(emission.grad, reference.posteriors)

@@ -22,7 +22,7 @@ from . import em
 from ._random import resolve_seed
 from ._precision import keeps_dtype_when_rejected, without_autocast
 from ._tracing import is_traced
-from . import distributed
+from . import _workspace, distributed
 from ._validation import (
     as_float_tensor, check_family, check_int, check_sample_weight, data_dtype,
 )
@@ -174,7 +174,7 @@ class HMM(LatentModel):
         torch.distributed group whose ranks hold the other sequences (None: the default group
         when one is initialised; False: this rank's sequences alone).
         """
-        with distributed.using(process_group, f"{type(self).__name__}.fit"):
+        with distributed.using(process_group, f"{type(self).__name__}.fit"), _workspace.reused_buffers():
             return self._fit(self._fit_data(X, lengths, mask, sample_weight), verbose, self.max_iter)
 
     @keeps_dtype_when_rejected

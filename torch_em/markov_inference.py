@@ -62,6 +62,7 @@ from typing import Callable, Literal, NamedTuple
 import torch
 from torch import Tensor
 
+from . import _workspace
 from ._products import blocked_product, uses_blocks
 from ._tracing import is_traced
 
@@ -304,6 +305,8 @@ class _Steps(NamedTuple):
         length: T, the unpadded number of steps.
         masked: whether a sequence is shorter than T (the padding of the blocked schedule beyond T
             alone does not count: the blocked forward-backward handles it by itself).
+        reusable: whether the working buffers of the pass die with it, so that the next pass may
+            rewrite them (:mod:`torch_em._workspace`); not when autograd keeps them for backward.
     """
 
     emission: Tensor
@@ -312,9 +315,16 @@ class _Steps(NamedTuple):
     last: Tensor
     length: int
     masked: bool
+    reusable: bool
+
+    def buffer(self, name: str, shape: tuple[int, ...]) -> Tensor:
+        """An uninitialised working buffer of the pass, in the emissions' dtype and device."""
+        return _workspace.empty(name, shape, self.emission) if self.reusable else self.emission.new_empty(shape)
 
 
-def _prepare(log_emission: Tensor, lengths: Tensor | None, padded_length: int, log_space: bool = False) -> _Steps:
+def _prepare(
+    log_emission: Tensor, lengths: Tensor | None, padded_length: int, log_space: bool = False, reusable: bool = False
+) -> _Steps:
     """Mask padded steps (their values never reach a result) and bring the emissions to the working layout."""
     G, S, T, K = log_emission.shape
     device = log_emission.device
@@ -326,7 +336,8 @@ def _prepare(log_emission: Tensor, lengths: Tensor | None, padded_length: int, l
     valid = time[None, :, None] <= last[:, None, :]  # (G, T_pad, S)
     # Sequences all of length T need no mask (traced, where that is data-dependent, they keep it).
     short = lengths is not None and (is_traced(lengths) or bool((last < T - 1).any()))
-    emission = log_emission.new_empty(G, padded_length, S, K)
+    shape = (G, padded_length, S, K)
+    emission = _workspace.empty("emission", shape, log_emission) if reusable else log_emission.new_empty(shape)
     emission[:, T:] = 0.0
     if not short:
         emission[:, :T].copy_(log_emission.transpose(1, 2))
@@ -334,11 +345,11 @@ def _prepare(log_emission: Tensor, lengths: Tensor | None, padded_length: int, l
         torch.where(valid[:, :T, :, None], log_emission.transpose(1, 2), emission.new_zeros(()), out=emission[:, :T])
     if log_space:
         no_scale = torch.zeros(G, padded_length, S, dtype=torch.float64, device=device)
-        return _Steps(emission, no_scale, valid, last, T, short)
+        return _Steps(emission, no_scale, valid, last, T, short, reusable)
     log_scale = emission.amax(-1, keepdim=True)  # (G, T_pad, S, 1); 0 at padded steps
     log_scale.clamp_min_(torch.finfo(log_scale.dtype).min)  # a step impossible in every state: e = 0, c_t = 0
     emission.sub_(log_scale).exp_()
-    return _Steps(emission, log_scale.squeeze(-1).double(), valid, last, T, short)
+    return _Steps(emission, log_scale.squeeze(-1).double(), valid, last, T, short, reusable)
 
 
 def _per_sequence(weights: Tensor | None, G: int, S: int, like: Tensor) -> Tensor:
@@ -406,10 +417,11 @@ def _blocks(steps: _Steps, transmat: Tensor, L: int | None) -> _Blocks | None:
         return None
     G, T_pad, S, K = e.shape
     B = (T_pad - 1) // L
-    emission = _in_blocks(e, L).permute(0, 2, 4, 1, 3).contiguous()  # (G, L, K, B, S)
+    emission = steps.buffer("block emission", (G, L, K, B, S))
+    emission.copy_(_in_blocks(e, L).permute(0, 2, 4, 1, 3))
     keep = _in_blocks(steps.valid, L).transpose(1, 2).to(e.dtype).contiguous() if steps.masked else None
     tail = L if steps.masked else steps.length - 1 - (B - 1) * L
-    totals, log_scales = _block_totals(emission, transmat, keep, tail)
+    totals, log_scales = _block_totals(steps, emission, transmat, keep, tail)
     return _Blocks(emission, keep, tail, totals, log_scales)
 
 
@@ -434,7 +446,7 @@ class _Filtered(NamedTuple):
 def _filter(steps: _Steps, startprob: Tensor, transmat: Tensor, blocks: _Blocks | None) -> _Filtered:
     """The normalised filter, its step normalisers and the log-evidence of every sequence."""
     e = steps.emission
-    alpha = torch.empty_like(e)
+    alpha = steps.buffer("alpha", tuple(e.shape))
     alpha[:, 0] = startprob[:, None, :] * e[:, 0]
     log_norm0 = _normalise_rows(alpha[:, 0]).squeeze(-1).log().double()  # (G, S)
     if blocks is None:
@@ -446,15 +458,21 @@ def _filter(steps: _Steps, startprob: Tensor, transmat: Tensor, blocks: _Blocks 
 
 def _filter_sequential(steps: _Steps, alpha: Tensor, log_norm0: Tensor, transmat: Tensor) -> tuple[Tensor, Tensor]:
     """The plain recursion, writing ``alpha`` in place; returns the normalisers ``c_t`` (G, T, S, 1)
-    and ``sum_{t<len} log c_t`` (G, S) float64."""
+    and ``sum_{t<len} log c_t`` (G, S) float64.
+
+    The loop costs dispatch, not arithmetic, for most shapes: the time slices are taken once
+    (``unbind``) and every product goes into a contiguous buffer (a strided ``out=`` costs bmm a
+    copy), about half the time of indexing and allocating at every step."""
     e = steps.emission
     G, T, S, K = e.shape
     norms = e.new_empty(T, G, S, 1)
     ones = e.new_ones(K, 1)
+    step = e.new_empty(G, S, K)
+    alphas, emissions, step_norms = alpha.unbind(1), e.unbind(1), norms.unbind(0)
     for t in range(1, T):
-        step = torch.bmm(alpha[:, t - 1], transmat).mul_(e[:, t])  # (G, S, K)
-        torch.matmul(step, ones, out=norms[t])
-        torch.div(step, norms[t], out=alpha[:, t])
+        torch.bmm(alphas[t - 1], transmat, out=step).mul_(emissions[t])
+        torch.matmul(step, ones, out=step_norms[t])
+        torch.div(step, step_norms[t], out=alphas[t])
     log_norms = norms.squeeze(-1).transpose(0, 1).log().double()  # (G, T, S)
     log_norms[:, 0] = log_norm0
     if steps.masked:
@@ -472,13 +490,15 @@ class _ForwardPass(NamedTuple):
 
 
 def _forward_pass(
-    log_emission: Tensor, log_startprob: Tensor, log_transmat: Tensor, lengths: Tensor | None, method: str
+    log_emission: Tensor, log_startprob: Tensor, log_transmat: Tensor, lengths: Tensor | None, method: str,
+    reusable: bool = True,
 ) -> _ForwardPass:
-    """Choose the schedule, prepare the steps, and run the filter (and the block products)."""
+    """Choose the schedule, prepare the steps, and run the filter (and the block products).
+    ``reusable``: the working buffers may be those of the previous pass (see :class:`_Steps`)."""
     G, S, T, K = log_emission.shape
     schedule = _resolve_method(method, G, S, T, K)
     L = _forward_backward_block_length(G, S, T, K) if schedule == "blocked" and T > 1 else None
-    steps = _prepare(log_emission, lengths, _padded_length(T, L))
+    steps = _prepare(log_emission, lengths, _padded_length(T, L), reusable=reusable)
     transmat = log_transmat.exp()
     blocks = _blocks(steps, transmat, L)
     return _ForwardPass(steps, transmat, blocks, _filter(steps, log_startprob.exp(), transmat, blocks))
@@ -514,20 +534,23 @@ def _scale_smoother(step: Tensor, norm: Tensor, cap: float) -> Tensor:
 
 def _smooth_sequential(steps: _Steps, transmat: Tensor, norms: Tensor) -> Tensor:
     """``beta_{t-1} = A (e_t * beta_t)``, scaled by :func:`_scale_smoother`, at valid ``t``;
-    ``beta_{t-1} = beta_t`` (= 1) after the end."""
+    ``beta_{t-1} = beta_t`` (= 1) after the end. Slices and buffers as in :func:`_filter_sequential`."""
     e = steps.emission
-    T = e.shape[1]
-    beta = torch.empty_like(e)
+    G, T, S, K = e.shape
+    beta = steps.buffer("beta", tuple(e.shape))
     beta[:, T - 1] = 1.0
     backward = transmat.transpose(1, 2)
-    keep = steps.valid.to(e.dtype)
     cap = _smoother_cap(e.dtype)
+    arriving, step = e.new_empty(G, S, K), e.new_empty(G, S, K)
+    betas, emissions, step_norms = beta.unbind(1), e.unbind(1), norms.unbind(1)
+    keeps = steps.valid.to(e.dtype).unsqueeze(-1).unbind(1) if steps.masked else None
     for t in range(T - 1, 0, -1):
-        previous = beta[:, t - 1]
-        step = torch.bmm(e[:, t] * beta[:, t], backward, out=None if steps.masked else previous)  # (G, S, K)
-        _scale_smoother(step, norms[:, t], cap)
-        if steps.masked:
-            _identity_where_invalid(step, beta[:, t], keep[:, t, :, None], out=previous)
+        torch.bmm(torch.mul(emissions[t], betas[t], out=arriving), backward, out=step)  # (G, S, K)
+        _scale_smoother(step, step_norms[t], cap)
+        if keeps is not None:
+            _identity_where_invalid(step, betas[t], keeps[t], out=betas[t - 1])
+        else:
+            betas[t - 1].copy_(step)
     return beta
 
 
@@ -586,7 +609,9 @@ def _in_blocks(x: Tensor, L: int) -> Tensor:
     return x[:, 1:].view(G, (T_pad - 1) // L, L, *x.shape[2:])
 
 
-def _block_totals(emission: Tensor, transmat: Tensor, keep: Tensor | None, tail: int) -> tuple[Tensor, Tensor]:
+def _block_totals(
+    steps: _Steps, emission: Tensor, transmat: Tensor, keep: Tensor | None, tail: int
+) -> tuple[Tensor, Tensor]:
     """Running product ``P_j = P_{j-1} A diag(e_j)`` over the L steps of all blocks at once, every
     row normalised by its sum each step (its log-scale kept per row); an invalid step is the
     identity (``keep`` 0, or past the ``tail`` valid steps of the last block).
@@ -596,25 +621,29 @@ def _block_totals(emission: Tensor, transmat: Tensor, keep: Tensor | None, tail:
     sums of P are sums over Q's first axis (on CPU about twice as fast as the row-major layout).
 
     Shape:
-        emission: (G, L, K, B, S); transmat: (G, K, K); keep: (G, L, B, S) or None.
-        Returns the row-normalised totals (G, B, S, K, K) and their log row scales (G, B, S, K) float64.
+        emission: (G, L, K, B, S); transmat: (G, K, K); keep: (G, L, B, S) or None; ``steps`` gives
+        the buffers. Returns the row-normalised totals (G, B, S, K, K) and their log row scales (G, B, S, K) float64.
     """
     G, L, K, B, S = emission.shape
-    sums = emission.new_empty(L, G, 1, B, S, K)
+    sums = steps.buffer("block sums", (L, G, 1, B, S, K))
     tiny = torch.finfo(emission.dtype).tiny  # a row that is all zero stays zero (scale log tiny)
     ones = emission.new_ones(G, 1, K)
     forward = transmat.transpose(1, 2)  # (G, K, K): A^T
     transposed = torch.eye(K, dtype=emission.dtype, device=emission.device)[:, None, None, :].expand(G, K, B, S, K)
+    buffers = steps.buffer("block products", (2, G, K, B, S, K)).unbind(0)  # the products alternate between the two
+    emissions, step_sums = emission[..., None].unbind(1), sums.unbind(0)  # (G, K, B, S, 1), (G, 1, B, S, K)
+    keeps = keep[:, :, None, :, :, None].unbind(1) if keep is not None else None
     last_total = None
     for j in range(L):
+        step = buffers[j % 2]
         if j == 0:  # A diag(e) itself
-            step = forward[:, :, None, None, :] * emission[:, 0, :, :, :, None]  # (G, K, B, S, K)
+            torch.mul(forward[:, :, None, None, :], emissions[0], out=step)  # (G, K, B, S, K)
         else:
-            step = torch.bmm(forward, transposed.view(G, K, B * S * K)).view(G, K, B, S, K)
-            step.mul_(emission[:, j, :, :, :, None])
-        torch.bmm(ones, step.view(G, K, B * S * K), out=sums[j].view(G, 1, B * S * K)).clamp_min_(tiny)
-        step.mul_(sums[j].reciprocal())
-        transposed = step if keep is None else _identity_where_invalid(step, transposed, keep[:, j, None, :, :, None])
+            torch.bmm(forward, transposed.view(G, K, B * S * K), out=step.view(G, K, B * S * K))
+            step.mul_(emissions[j])
+        torch.bmm(ones, step.view(G, K, B * S * K), out=step_sums[j].view(G, 1, B * S * K)).clamp_min_(tiny)
+        step.mul_(step_sums[j].reciprocal())
+        transposed = step if keeps is None else _identity_where_invalid(step, transposed, keeps[j], out=step)
         if j == tail - 1 and tail < L:  # the last block ends here: later steps are padding
             last_total = transposed[:, :, B - 1].clone()
     if last_total is not None:
@@ -709,16 +738,16 @@ def _filter_blocked(
     # log of the filter after block b: logsumexp_k initial_k + r_bk + log Pn_b[k, :]
     ends = torch.logsumexp((initial.unsqueeze(1) + scales).unsqueeze(-1) + products.log(), -2)  # (G, B, S, K)
     starts = torch.cat([initial.unsqueeze(1), ends[:, : B - 1]], 1)  # at time b L
-    inside = e.new_empty(L + 1, G, K, B * S)  # alpha at time b L + j, transposed
+    inside = steps.buffer("block alpha", (L + 1, G, K, B * S))  # alpha at time b L + j, transposed
     inside[0] = _state_first(_start_vectors(starts, e.dtype))
     forward = transmat.transpose(1, 2)
     norms = e.new_empty(L, G, 1, B * S)
     ones = e.new_ones(G, 1, K)
+    vectors, emissions, step_norms = inside.unbind(0), e.view(G, L, K, B * S).unbind(1), norms.unbind(0)
     for j in range(L):  # alpha_t^T = normalise(e_t * (A^T alpha_{t-1}^T)), t = 1 + b L + j
-        torch.bmm(forward, inside[j], out=inside[j + 1])
-        inside[j + 1].mul_(e[:, j].view(G, K, B * S))
-        torch.bmm(ones, inside[j + 1], out=norms[j])
-        inside[j + 1].div_(norms[j])
+        torch.bmm(forward, vectors[j], out=vectors[j + 1]).mul_(emissions[j])
+        torch.bmm(ones, vectors[j + 1], out=step_norms[j])
+        vectors[j + 1].div_(step_norms[j])
     _in_blocks(alpha, L).copy_(inside[1:].view(L, G, K, B, S).permute(1, 3, 0, 4, 2))
     all_norms = e.new_ones(G, 1 + B * L, S, 1)
     _in_blocks(all_norms, L).copy_(norms.view(L, G, 1, B, S).permute(1, 3, 0, 4, 2))
@@ -741,16 +770,19 @@ def _smooth_blocked(steps: _Steps, transmat: Tensor, blocks: _Blocks, filtered: 
     shift = torch.logsumexp(log_starts + alpha[L].double().log(), 1, keepdim=True)
     starts = (log_starts - shift).exp_().to(e.dtype).clamp_max_(cap)
     previous = starts
-    inside = e.new_empty(L, G, K, B * S)  # beta at time b L + j, transposed
+    inside = steps.buffer("block beta", (L, G, K, B * S))  # beta at time b L + j, transposed
+    arriving = e.new_empty(G, K, B * S)
+    vectors, emissions, step_norms = inside.unbind(0), e.view(G, L, K, B * S).unbind(1), norms.unbind(0)
+    keeps = blocks.keep.view(G, L, 1, B * S).unbind(1) if blocks.keep is not None else None
     for j in range(L - 1, -1, -1):  # the transition at time 1 + b L + j of every block
-        torch.bmm(transmat, e[:, j].view(G, K, B * S) * previous, out=inside[j])  # A (e_t * beta_t)
-        _scale_smoother(inside[j], norms[j], cap)
-        if blocks.keep is not None:
-            _identity_where_invalid(inside[j], previous, blocks.keep[:, j].view(G, 1, B * S), out=inside[j])
+        torch.bmm(transmat, torch.mul(emissions[j], previous, out=arriving), out=vectors[j])  # A (e_t * beta_t)
+        _scale_smoother(vectors[j], step_norms[j], cap)
+        if keeps is not None:
+            _identity_where_invalid(vectors[j], previous, keeps[j], out=vectors[j])
         elif j == blocks.tail:  # time T - 1 = (B - 1) L + tail: the smoother restarts at 1
-            inside[j].view(G, K, B, S)[:, :, B - 1] = starts.view(G, K, B, S)[:, :, B - 1]
-        previous = inside[j]
-    beta = e.new_empty(G, 1 + B * L, S, K)
+            vectors[j].view(G, K, B, S)[:, :, B - 1] = starts.view(G, K, B, S)[:, :, B - 1]
+        previous = vectors[j]
+    beta = steps.buffer("beta", (G, 1 + B * L, S, K))
     beta[:, :-1].view(G, B, L, S, K).copy_(inside.view(L, G, K, B, S).permute(1, 3, 0, 4, 2))
     beta[:, -1] = 1.0
     return beta
@@ -867,7 +899,7 @@ class _LogLikelihood(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, log_emission, log_startprob, log_transmat, lengths, method):  # type: ignore[override]
-        ctx.forward_pass = _forward_pass(log_emission, log_startprob, log_transmat, lengths, method)
+        ctx.forward_pass = _forward_pass(log_emission, log_startprob, log_transmat, lengths, method, reusable=False)
         return ctx.forward_pass.filtered.log_evidence.to(log_emission.dtype)
 
     @staticmethod
